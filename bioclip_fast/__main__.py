@@ -1,0 +1,5 @@
+import sys
+
+from bioclip_fast.cli import main
+
+sys.exit(main())
