@@ -1,0 +1,319 @@
+"""Zero-shot classification the way BioCLIP / BioCLIP 2 evaluate it.
+
+A class's text embedding is the normalized mean of the embeddings of ``template.format(name)`` over the templates
+(open_clip's 80 OpenAI ImageNet templates by default, as BioCLIP's evaluation uses) and over the requested text types
+(``taxonomic``, ``scientific``, ``common``, ``scientific_common``, ``taxonomic_common``).  Images are scored by cosine
+similarity against these class embeddings; top-1 / top-5 and per-class accuracy are reported as fractions in [0, 1].
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+TEXT_TYPES = ("taxonomic", "scientific", "common", "scientific_common", "taxonomic_common")
+RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+
+
+def _openai_templates() -> list[str]:
+    # open_clip stores them as lambdas; formatting with "{}" turns them back into str.format templates
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+TEMPLATE_SETS: dict[str, Any] = {
+    "openai": _openai_templates,  # 80 templates (CLIP, BioCLIP evaluation)
+    "simple": lambda: ["a photo of {}."],  # the single template BioCLIP trains with
+    "none": lambda: ["{}"],
+}
+DEFAULT_TEMPLATES = "openai"
+
+
+def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
+    """A template set name (``openai``, ``simple``, ``none``) or an explicit list of ``{}`` format strings."""
+    if templates is None:
+        templates = DEFAULT_TEMPLATES
+    if isinstance(templates, str):
+        if templates in TEMPLATE_SETS:
+            return list(TEMPLATE_SETS[templates]())
+        if "{}" in templates:
+            return [templates]
+        raise ValueError(f"templates={templates!r}: not one of {sorted(TEMPLATE_SETS)} and has no '{{}}' placeholder")
+    out = list(templates)
+    if not out:
+        raise ValueError("templates is empty")
+    bad = [t for t in out if not isinstance(t, str) or "{}" not in t]
+    if bad:
+        raise ValueError(f"templates must be str.format strings with one '{{}}' placeholder; bad: {bad[:3]}")
+    return out
+
+
+def resolve_text_types(text_types: str | Sequence[str] | None) -> list[str]:
+    if text_types is None:
+        return ["taxonomic_common"]
+    if isinstance(text_types, str):
+        text_types = ["all"] if text_types == "all" else [t.strip() for t in text_types.split(",") if t.strip()]
+    out = list(text_types)
+    if out == ["all"]:
+        return list(TEXT_TYPES)
+    bad = [t for t in out if t not in TEXT_TYPES]
+    if bad or not out:
+        raise ValueError(f"text_types={text_types!r}: unknown {bad}; choose from {TEXT_TYPES} or 'all'")
+    return out
+
+
+def _get(cls: Any, key: str) -> str:
+    if isinstance(cls, dict):
+        val = cls.get(key, cls.get("cls") if key == "class" else None)
+    else:
+        val = getattr(cls, "cls" if key == "class" else key, None)
+    return "" if val is None else str(val).strip()
+
+
+def _species_epithet(cls: Any) -> str:
+    # `species` may hold the epithet ("plexippus") or the binomial ("Danaus plexippus"); normalize to the epithet
+    genus, species = _get(cls, "genus"), _get(cls, "species")
+    if genus and species.startswith(genus + " "):
+        return species[len(genus) + 1 :]
+    return species
+
+
+def class_text(cls: Any, text_type: str) -> str:
+    """The bare name (no template) of a class for one text type, in BioCLIP's formats.
+
+    ``cls`` is a :class:`bioclip_fast.taxonomy.Taxon`, a metadata row (dict with rank columns, ``common_name``,
+    ``scientific_name``) or a plain string (used as is for every text type: custom labels).
+    """
+    if text_type not in TEXT_TYPES:
+        raise ValueError(f"text_type={text_type!r}; choose from {TEXT_TYPES}")
+    if isinstance(cls, str):
+        if not cls.strip():
+            raise ValueError("empty class name")
+        return cls.strip()
+    if hasattr(cls, "text") and callable(cls.text) and not isinstance(cls, dict):
+        return str(cls.text(text_type, template=False))
+    genus, epithet = _get(cls, "genus"), _species_epithet(cls)
+    scientific = " ".join(p for p in (genus, epithet) if p) or _get(cls, "scientific_name")
+    common = _get(cls, "common_name")
+    taxonomic = " ".join(p for p in (*(_get(cls, r) for r in RANKS[:-2]), scientific) if p)
+    if text_type == "taxonomic":
+        name = taxonomic
+    elif text_type == "scientific":
+        name = scientific
+    elif text_type == "common":
+        name = common or scientific  # no common name: fall back like BioCLIP does
+    elif text_type == "scientific_common":
+        name = f"{scientific} with common name {common}" if common else scientific
+    else:
+        name = f"{taxonomic} with common name {common}" if common else taxonomic
+    if not name:
+        raise ValueError(f"class {cls!r} has no names for text type {text_type!r}")
+    return name
+
+
+def class_name(cls: Any) -> str:
+    """A short display name: the label of a Taxon, the scientific name of a row, or the string itself."""
+    if isinstance(cls, str):
+        return cls
+    label = getattr(cls, "label", None)
+    if isinstance(label, str) and label:
+        return label
+    sci = _get(cls, "scientific_name")
+    if sci:
+        return sci
+    return class_text(cls, "scientific")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: nn.Module, tokenizer, texts: Sequence[str], *, device: str | torch.device = "cpu", batch_size: int = 256
+) -> torch.Tensor:
+    """L2-normalized text features (N x D, float32, on ``device``)."""
+    device = torch.device(device)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[i : i + batch_size])).to(device)
+        with _autocast(device):
+            feats = model.encode_text(tokens)
+        out.append(nn.functional.normalize(feats.float(), dim=-1))
+    return torch.cat(out) if out else torch.empty(0, 0, device=device)
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model: nn.Module,
+    tokenizer,
+    classes: Sequence[Any],
+    *,
+    text_types: str | Sequence[str] | None = None,
+    templates: str | Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Class weights (D x C): per class, the normalized mean over text types x templates of the text embeddings."""
+    if len(classes) == 0:
+        raise ValueError("classes is empty")
+    types = resolve_text_types(text_types)
+    temps = resolve_templates(templates)
+    weights = None
+    for tt in types:
+        names = [class_text(c, tt) for c in classes]
+        acc = None
+        for temp in temps:
+            f = encode_texts(model, tokenizer, [temp.format(n) for n in names], device=device, batch_size=batch_size)
+            acc = f if acc is None else acc + f
+        per_type = nn.functional.normalize(acc, dim=-1)
+        weights = per_type if weights is None else weights + per_type
+    return nn.functional.normalize(weights, dim=-1).T.contiguous()
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    *,
+    device: str | torch.device = "cpu",
+    desc: str = "encode images",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the image tower over a loader; returns {"features": N x D normalized float32 (cpu), "labels": N int64
+    (or None), "keys": list (or None)}. Batches are dicts with "image" and optionally "label" and "key"."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    feats, labels, keys = [], [], []
+    has_label = has_key = True
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(loader, desc=desc, total=total, disable=not progress, leave=False):
+        if not isinstance(batch, dict) or "image" not in batch:
+            raise ValueError("loader must yield dicts with an 'image' tensor")
+        images = batch["image"].to(device, non_blocking=True)
+        with _autocast(device):
+            f = model.encode_image(images)
+        feats.append(nn.functional.normalize(f.float(), dim=-1).cpu())
+        if has_label and batch.get("label") is not None:
+            labels.append(torch.as_tensor(batch["label"]).reshape(-1).long().cpu())
+        else:
+            has_label = False
+        if has_key and batch.get("key") is not None:
+            keys.extend(list(batch["key"]))
+        else:
+            has_key = False
+    if not feats:
+        raise ValueError("loader yielded no batches")
+    return {
+        "features": torch.cat(feats),
+        "labels": torch.cat(labels) if has_label and labels else None,
+        "keys": keys if has_key else None,
+    }
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of rows whose label is among the k highest logits (k clipped to the number of classes)."""
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hit = top.eq(labels[:, None])
+    return {k: hit[:, : min(k, maxk)].any(dim=1).float().mean().item() for k in ks}
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[Any]) -> dict[str, Any]:
+    """top1 / top5 / per-class accuracy (fractions) / n / mean per-class accuracy."""
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"labels out of range for {len(classes)} classes: [{labels.min()}, {labels.max()}]")
+    acc = topk_accuracy(logits, labels, (1, 5))
+    pred = logits.argmax(dim=1)
+    per_class = {}
+    for c, cls in enumerate(classes):
+        mask = labels == c
+        if mask.any():
+            per_class[class_name(cls)] = (pred[mask] == c).float().mean().item()
+    return {
+        "top1": acc[1],
+        "top5": acc[5],
+        "mean_per_class": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+        "per_class": per_class,
+        "n": int(labels.numel()),
+    }
+
+
+@torch.no_grad()
+def zero_shot_logits(
+    model: nn.Module,
+    tokenizer,
+    loader: Iterable[dict[str, Any]],
+    classes: Sequence[Any],
+    *,
+    text_types: str | Sequence[str] | None = None,
+    templates: str | Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Image features, labels and per-text-type plus combined cosine-similarity logits (N x C, cpu)."""
+    was_training = model.training
+    model.eval()
+    try:
+        enc = encode_images(model, loader, device=device, desc="zero-shot: images", progress=progress)
+        if enc["labels"] is None:
+            raise ValueError("zero-shot evaluation needs a 'label' in every batch")
+        types = resolve_text_types(text_types)
+        per_type = {
+            tt: zero_shot_classifier(model, tokenizer, classes, text_types=[tt], templates=templates, device=device).cpu()
+            for tt in types
+        }
+    finally:
+        model.train(was_training)
+    feats = enc["features"]
+    combined = nn.functional.normalize(sum(w.T for w in per_type.values()), dim=-1).T
+    return {
+        **enc,
+        "logits": feats @ combined,
+        "logits_by_text_type": {tt: feats @ w for tt, w in per_type.items()},
+    }
+
+
+def zero_shot_eval(
+    model: nn.Module,
+    tokenizer,
+    loader: Iterable[dict[str, Any]],
+    classes: Sequence[Any],
+    *,
+    text_types: str | Sequence[str] | None = None,
+    templates: str | Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot accuracy of ``model`` on ``loader`` (batches with "image" normalized tensors and "label" indices into
+    ``classes``).
+
+    ``text_types``: one or several of :data:`TEXT_TYPES` (default ``taxonomic_common``), or ``"all"``; with several,
+    class embeddings are averaged over them (an ensemble) and each type is also scored alone under ``by_text_type``.
+    ``templates``: a set name (``openai`` — the default, ``simple``, ``none``) or a list of ``{}`` format strings.
+
+    Returns ``{"top1", "top5", "mean_per_class", "per_class": {name: acc}, "n", "text_types", "n_templates",
+    "by_text_type": {type: {"top1", "top5"}}}`` with accuracies as fractions in [0, 1].
+    """
+    out = zero_shot_logits(
+        model, tokenizer, loader, classes, text_types=text_types, templates=templates, device=device, progress=progress
+    )
+    labels = out["labels"]
+    result = classification_metrics(out["logits"], labels, classes)
+    result["text_types"] = list(out["logits_by_text_type"])
+    result["n_templates"] = len(resolve_templates(templates))
+    result["by_text_type"] = {
+        tt: {k: v for k, v in classification_metrics(lg, labels, classes).items() if k in ("top1", "top5")}
+        for tt, lg in out["logits_by_text_type"].items()
+    }
+    return result
