@@ -1,0 +1,118 @@
+"""Few-shot classification with SimpleShot (Wang et al., 2019), as in the BioCLIP papers.
+
+CL2N normalization: subtract the mean of the support features, then L2-normalize every feature; classify a query by
+its nearest class centroid (Euclidean) among the normalized support features. Reported over several seeded folds,
+each drawing a fresh k-shot support set.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _as_2d(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty N x D array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return a
+
+
+def _as_labels(y: Any, n: int, name: str) -> np.ndarray:
+    a = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"{name} must be a 1-D array of {n} labels, got shape {a.shape}")
+    return a
+
+
+def cl2n(features: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Center by ``mean`` (the support mean), then L2-normalize each row."""
+    x = features - mean
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def simpleshot_predict(support: Any, support_labels: Any, query: Any) -> np.ndarray:
+    """Predict a label for each query row: nearest CL2N-normalized centroid of the support classes.
+
+    Returns labels drawn from ``support_labels`` (any hashable/sortable values).
+    """
+    s = _as_2d(support, "support")
+    q = _as_2d(query, "query")
+    if s.shape[1] != q.shape[1]:
+        raise ValueError(f"support has dim {s.shape[1]} but query has dim {q.shape[1]}")
+    y = _as_labels(support_labels, s.shape[0], "support_labels")
+    mean = s.mean(axis=0)
+    s, q = cl2n(s, mean), cl2n(q, mean)
+    classes = np.unique(y)
+    centroids = np.stack([s[y == c].mean(axis=0) for c in classes])
+    # squared Euclidean distance via the expansion; argmin picks the nearest centroid
+    d = (q**2).sum(1, keepdims=True) - 2 * q @ centroids.T + (centroids**2).sum(1)[None]
+    return classes[d.argmin(axis=1)]
+
+
+def sample_support(labels: np.ndarray, shots: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``shots`` examples per class (all of a class's examples when it has fewer)."""
+    idx = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        idx.extend(rng.choice(members, size=min(shots, len(members)), replace=False).tolist())
+    return np.sort(np.asarray(idx, dtype=np.int64))
+
+
+def few_shot_eval(
+    features: Any,
+    labels: Any,
+    query_features: Any | None = None,
+    query_labels: Any | None = None,
+    *,
+    shots: Sequence[int] = (1, 5),
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """SimpleShot accuracy for each k in ``shots``, mean and std over ``folds`` seeded draws of the support set.
+
+    The support set is drawn from (``features``, ``labels``). Queries are (``query_features``, ``query_labels``) when
+    given; otherwise every example of ``features`` not in the fold's support set (so each class needs > k examples).
+    Returns ``{"1-shot": {"top1": mean, "std": std, "folds": [...], "n_query": [...]}, ...}`` (fractions).
+    """
+    x = _as_2d(features, "features")
+    y = _as_labels(labels, x.shape[0], "labels")
+    if (query_features is None) != (query_labels is None):
+        raise ValueError("pass both query_features and query_labels, or neither")
+    if query_features is not None:
+        xq = _as_2d(query_features, "query_features")
+        yq = _as_labels(query_labels, xq.shape[0], "query_labels")
+        if xq.shape[1] != x.shape[1]:
+            raise ValueError(f"features have dim {x.shape[1]} but query_features have dim {xq.shape[1]}")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    shots = [int(k) for k in shots]
+    if not shots or min(shots) < 1:
+        raise ValueError(f"shots must be positive integers, got {shots}")
+    if len(np.unique(y)) < 2:
+        raise ValueError("few-shot evaluation needs at least 2 classes in labels")
+
+    out: dict[str, Any] = {}
+    for k in shots:
+        accs, nq = [], []
+        for fold in range(folds):
+            # one independent stream per (k, fold): results do not depend on which other k values were asked for
+            rng = np.random.default_rng([seed, k, fold])
+            sup = sample_support(y, k, rng)
+            if query_features is None:
+                mask = np.ones(len(y), dtype=bool)
+                mask[sup] = False
+                if not mask.any():
+                    raise ValueError(f"{k}-shot: no examples left to query; pass query_features or lower shots")
+                qx, qy = x[mask], y[mask]
+            else:
+                qx, qy = xq, yq
+            pred = simpleshot_predict(x[sup], y[sup], qx)
+            accs.append(float((pred == qy).mean()))
+            nq.append(int(len(qy)))
+        out[f"{k}-shot"] = {"top1": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs, "n_query": nq}
+    return out
