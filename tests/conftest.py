@@ -5,7 +5,6 @@ TRITON_INTERPRET must be set before triton is first imported, so the Triton kern
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.environ.get("CUDA_VISIBLE_DEVICES") else os.environ.get("DS_ACCELERATOR", "cuda"))
 
 import pytest  # noqa: E402
 
