@@ -1,10 +1,14 @@
 """Shared test setup.
 
-TRITON_INTERPRET must be set before triton is first imported, so the Triton kernels run on CPU tensors in CI.
+Without a GPU, TRITON_INTERPRET=1 is set before triton is first imported, so the Triton kernels run on CPU tensors
+(CI). With a GPU the real kernels run and the `gpu`-marked tests are enabled.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
@@ -23,8 +27,6 @@ def pytest_collection_finish(session):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
