@@ -1,0 +1,78 @@
+"""torch.distributed helpers for the losses: rank/world queries and feature all-gathers with open_clip semantics."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group=None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def get_world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def _check(t: torch.Tensor, name: str, world_size: int) -> None:
+    if not is_initialized():
+        raise RuntimeError(f"gathering {name} across world_size={world_size} needs torch.distributed initialized")
+    actual = dist.get_world_size()
+    if actual != world_size:
+        raise ValueError(f"world_size={world_size} but the default process group has {actual} ranks")
+
+
+def all_gather_with_grad(t: torch.Tensor, *, name: str = "tensor", world_size: int | None = None) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0; backward reduce-scatters (sums) the gradient back to each
+    rank's slice (``torch.distributed.nn.functional.all_gather``), as open_clip's ``gather_with_grad=True``."""
+    world_size = get_world_size() if world_size is None else world_size
+    if world_size == 1:
+        return t
+    _check(t, name, world_size)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()), dim=0)
+
+
+def all_gather_no_grad(
+    t: torch.Tensor, *, rank: int, world_size: int, keep_local_grad: bool = True, name: str = "tensor"
+) -> torch.Tensor:
+    """Concatenate ``t`` from every rank without autograd through the collective.
+
+    With ``keep_local_grad`` the local slice is the input tensor itself, so gradients still reach this rank's own
+    features (open_clip's ``gather_with_grad=False`` without ``local_loss``); otherwise the whole result is
+    detached (open_clip's ``gather_with_grad=False`` with ``local_loss``).
+    """
+    if world_size == 1:
+        return t
+    _check(t, name, world_size)
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(parts, t.detach().contiguous())
+    if keep_local_grad:
+        parts[rank] = t
+    return torch.cat(parts, dim=0)
+
+
+def gather_features(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    local_loss: bool,
+    gather_with_grad: bool,
+    rank: int,
+    world_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``gather_features`` (torch.distributed flavour), same gradient semantics."""
+    if gather_with_grad:
+        return (
+            all_gather_with_grad(image_features, name="image_features", world_size=world_size),
+            all_gather_with_grad(text_features, name="text_features", world_size=world_size),
+        )
+    keep = not local_loss
+    return (
+        all_gather_no_grad(image_features, rank=rank, world_size=world_size, keep_local_grad=keep, name="image_features"),
+        all_gather_no_grad(text_features, rank=rank, world_size=world_size, keep_local_grad=keep, name="text_features"),
+    )

@@ -1,0 +1,175 @@
+"""CLIP (InfoNCE) loss ops: ``torch.library.custom_op`` wrappers with fake impls and autograd.
+
+``bioclip_fast::clip_sym_fwd`` / ``clip_sym_bwd`` (square batch, both directions from one sweep) and
+``bioclip_fast::clip_dir_fwd`` / ``clip_dir_bwd`` (one direction, rows vs a wider set of columns, positives at
+``i + offset``). The ops are opaque to ``torch.compile`` (``fullgraph=True`` works) and dispatch at run time to
+Triton / C++ / the torch reference (see ``dispatch.py``). Inputs reach the ops as given dtype features and fp32
+scale/bias tensors; the public helpers below do the conversion and validation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from bioclip_fast.ops import dispatch
+from bioclip_fast.ops.validate import as_scalar_tensor, check_features, check_finite, check_offset
+
+
+def _impl(backend: str, device: torch.device):
+    return dispatch.get(dispatch.resolve(backend, device))
+
+
+def _dbias_out(dbias: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    # custom_op outputs cannot be None: without a bias, return zeros (autograd drops them).
+    return torch.zeros_like(scale) if dbias is None else dbias
+
+
+# ------------------------------------------------------------------------------------------------ symmetric
+@torch.library.custom_op("bioclip_fast::clip_sym_fwd", mutates_args=())
+def clip_sym_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, lse_row, lse_col = _impl(backend, q.device).clip_sym_fwd(q.contiguous(), k.contiguous(), scale, bias)
+    return loss.reshape(()), lse_row, lse_col
+
+
+@clip_sym_fwd_op.register_fake
+def _(q, k, scale, bias, backend):
+    B = q.shape[0]
+    return q.new_empty((), dtype=torch.float32), q.new_empty(B, dtype=torch.float32), q.new_empty(B, dtype=torch.float32)
+
+
+@torch.library.custom_op("bioclip_fast::clip_sym_bwd", mutates_args=())
+def clip_sym_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lse_row: torch.Tensor,
+    lse_col: torch.Tensor,
+    grad_loss: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, ds, db = _impl(backend, q.device).clip_sym_bwd(
+        q.contiguous(), k.contiguous(), scale, bias, lse_row, lse_col, grad_loss.float()
+    )
+    return dq, dk, ds, _dbias_out(db, scale)
+
+
+@clip_sym_bwd_op.register_fake
+def _(q, k, scale, bias, lse_row, lse_col, grad_loss, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(scale if bias is None else bias)
+
+
+def _sym_setup(ctx, inputs, output):
+    q, k, scale, bias, backend = inputs
+    _, lse_row, lse_col = output
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(q, k, scale, bias, lse_row, lse_col)
+
+
+def _sym_backward(ctx, grad_loss, _grad_lse_row, _grad_lse_col):
+    q, k, scale, bias, lse_row, lse_col = ctx.saved_tensors
+    dq, dk, ds, db = clip_sym_bwd_op(q, k, scale, bias, lse_row, lse_col, grad_loss, ctx.backend)
+    return dq, dk, ds, (db if ctx.has_bias else None), None
+
+
+clip_sym_fwd_op.register_autograd(_sym_backward, setup_context=_sym_setup)
+
+
+# ------------------------------------------------------------------------------------------------ one direction
+@torch.library.custom_op("bioclip_fast::clip_dir_fwd", mutates_args=())
+def clip_dir_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, lse = _impl(backend, q.device).clip_dir_fwd(q.contiguous(), k.contiguous(), scale, bias, offset)
+    return loss.reshape(()), lse
+
+
+@clip_dir_fwd_op.register_fake
+def _(q, k, scale, bias, offset, backend):
+    return q.new_empty((), dtype=torch.float32), q.new_empty(q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("bioclip_fast::clip_dir_bwd", mutates_args=())
+def clip_dir_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    offset: int,
+    grad_loss: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, ds, db = _impl(backend, q.device).clip_dir_bwd(
+        q.contiguous(), k.contiguous(), scale, bias, lse, offset, grad_loss.float()
+    )
+    return dq, dk, ds, _dbias_out(db, scale)
+
+
+@clip_dir_bwd_op.register_fake
+def _(q, k, scale, bias, lse, offset, grad_loss, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(scale if bias is None else bias)
+
+
+def _dir_setup(ctx, inputs, output):
+    q, k, scale, bias, offset, backend = inputs
+    ctx.backend, ctx.offset, ctx.has_bias = backend, offset, bias is not None
+    ctx.save_for_backward(q, k, scale, bias, output[1])
+
+
+def _dir_backward(ctx, grad_loss, _grad_lse):
+    q, k, scale, bias, lse = ctx.saved_tensors
+    dq, dk, ds, db = clip_dir_bwd_op(q, k, scale, bias, lse, ctx.offset, grad_loss, ctx.backend)
+    return dq, dk, ds, (db if ctx.has_bias else None), None, None
+
+
+clip_dir_fwd_op.register_autograd(_dir_backward, setup_context=_dir_setup)
+
+
+# ------------------------------------------------------------------------------------------------ public helpers
+def clip_sym_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale,
+    bias=None,
+    *,
+    backend: str = "auto",
+    check_finite_inputs: bool = True,
+    q_name: str = "image_features",
+    k_name: str = "text_features",
+) -> torch.Tensor:
+    """½(CE(S, diag) + CE(Sᵀ, diag)) with S = scale·q@kᵀ + bias, never materializing S. Differentiable in all."""
+    dispatch.check_backend(backend)
+    check_features(q, k, q_name=q_name, k_name=k_name, same_batch=True)
+    scale_t = as_scalar_tensor(scale, "logit_scale", q)
+    bias_t = as_scalar_tensor(bias, "logit_bias", q, optional=True)
+    if check_finite_inputs:
+        check_finite(**{q_name: q, k_name: k, "logit_scale": scale_t, "logit_bias": bias_t})
+    return clip_sym_fwd_op(q, k, scale_t, bias_t, backend)[0]
+
+
+def clip_dir_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale,
+    bias=None,
+    offset: int = 0,
+    *,
+    backend: str = "auto",
+    check_finite_inputs: bool = True,
+    q_name: str = "q",
+    k_name: str = "k",
+) -> torch.Tensor:
+    """mean_i CE(S_i, i+offset) with S = scale·q@kᵀ + bias (q: local rows, k: e.g. all-gathered columns)."""
+    dispatch.check_backend(backend)
+    check_features(q, k, q_name=q_name, k_name=k_name, same_batch=False)
+    offset = check_offset(offset, q.shape[0], k.shape[0], need_all_positives=True)
+    scale_t = as_scalar_tensor(scale, "logit_scale", q)
+    bias_t = as_scalar_tensor(bias, "logit_bias", q, optional=True)
+    if check_finite_inputs:
+        check_finite(**{q_name: q, k_name: k, "logit_scale": scale_t, "logit_bias": bias_t})
+    return clip_dir_fwd_op(q, k, scale_t, bias_t, offset, backend)[0]

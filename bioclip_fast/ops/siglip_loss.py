@@ -1,0 +1,89 @@
+"""SigLIP (sigmoid) loss ops: ``bioclip_fast::siglip_fwd`` / ``siglip_bwd`` custom ops with fake impls and autograd.
+
+Rows ``q`` against columns ``k`` with the positive of row i at column ``i + offset`` (an offset ≥ ``k.shape[0]``
+makes every pair a negative, which is how open_clip scores the other ranks' text chunks). Elementwise in S, so no
+LSE is saved: backward recomputes S tile by tile.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from bioclip_fast.ops import dispatch
+from bioclip_fast.ops.validate import as_scalar_tensor, check_features, check_finite, check_offset
+
+
+def _impl(backend: str, device: torch.device):
+    return dispatch.get(dispatch.resolve(backend, device))
+
+
+@torch.library.custom_op("bioclip_fast::siglip_fwd", mutates_args=())
+def siglip_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str
+) -> torch.Tensor:
+    return _impl(backend, q.device).siglip_fwd(q.contiguous(), k.contiguous(), scale, bias, offset).reshape(())
+
+
+@siglip_fwd_op.register_fake
+def _(q, k, scale, bias, offset, backend):
+    return q.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("bioclip_fast::siglip_bwd", mutates_args=())
+def siglip_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    offset: int,
+    grad_loss: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, ds, db = _impl(backend, q.device).siglip_bwd(
+        q.contiguous(), k.contiguous(), scale, bias, offset, grad_loss.float()
+    )
+    return dq, dk, ds, (torch.zeros_like(scale) if db is None else db)
+
+
+@siglip_bwd_op.register_fake
+def _(q, k, scale, bias, offset, grad_loss, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(scale if bias is None else bias)
+
+
+def _setup(ctx, inputs, output):
+    q, k, scale, bias, offset, backend = inputs
+    ctx.backend, ctx.offset, ctx.has_bias = backend, offset, bias is not None
+    ctx.save_for_backward(q, k, scale, bias)
+
+
+def _backward(ctx, grad_loss):
+    q, k, scale, bias = ctx.saved_tensors
+    dq, dk, ds, db = siglip_bwd_op(q, k, scale, bias, ctx.offset, grad_loss, ctx.backend)
+    return dq, dk, ds, (db if ctx.has_bias else None), None, None
+
+
+siglip_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def siglip_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale,
+    bias=None,
+    offset: int = 0,
+    *,
+    backend: str = "auto",
+    check_finite_inputs: bool = True,
+    q_name: str = "image_features",
+    k_name: str = "text_features",
+) -> torch.Tensor:
+    """−(1/Bq)·Σ_ij logsigmoid(z_ij·(scale·q_i·k_j + bias)), z = +1 iff j == i + offset; never materializes S."""
+    dispatch.check_backend(backend)
+    check_features(q, k, q_name=q_name, k_name=k_name, same_batch=False)
+    offset = check_offset(offset, q.shape[0], k.shape[0], need_all_positives=False)
+    scale_t = as_scalar_tensor(scale, "logit_scale", q)
+    bias_t = as_scalar_tensor(bias, "logit_bias", q, optional=True)
+    if check_finite_inputs:
+        check_finite(**{q_name: q, k_name: k, "logit_scale": scale_t, "logit_bias": bias_t})
+    return siglip_fwd_op(q, k, scale_t, bias_t, offset, backend)
