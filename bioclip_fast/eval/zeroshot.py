@@ -116,16 +116,11 @@ def class_text(cls: Any, text_type: str) -> str:
 
 
 def class_name(cls: Any) -> str:
-    """A short display name: the label of a Taxon, the scientific name of a row, or the string itself."""
+    """A short display name: the scientific name of a Taxon or row, or the string itself."""
     if isinstance(cls, str):
         return cls
-    label = getattr(cls, "label", None)
-    if isinstance(label, str) and label:
-        return label
     sci = _get(cls, "scientific_name")
-    if sci:
-        return sci
-    return class_text(cls, "scientific")
+    return sci or class_text(cls, "scientific")
 
 
 def _autocast(device: torch.device):

@@ -1,0 +1,212 @@
+"""`bioclip-fast eval`: zero-shot, few-shot (SimpleShot) and linear-probe evaluation of one or more checkpoints.
+
+Writes ``results.json`` (everything, per model), ``results.md`` (one table row per model) and a confusion-matrix PNG
+per model (zero-shot) into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TASKS = ("zeroshot", "fewshot", "linear")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
+    if multiple:
+        parser.add_argument("--checkpoint", "--model", dest="checkpoints", action="append", required=True,
+                            metavar="PATH", help="our checkpoint or an open_clip state dict (repeat to compare models)")
+    else:
+        parser.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="PATH",
+                            help="our checkpoint (model.pt or a run dir) or an open_clip state dict")
+    parser.add_argument("--model-name", default=None,
+                        help="open_clip architecture for plain state dicts (e.g. ViT-L-14); ours describe themselves")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="butterflies",
+                        help="'butterflies' (bundled), a metadata CSV, an ImageFolder dir, or shards (*.tar / dir)")
+    parser.add_argument("--split", default="val", choices=("train", "val", "all"),
+                        help="split of the bundled butterflies (default val: held out from training)")
+    parser.add_argument("--root", default=None, help="image root for a CSV (default: the CSV's folder)")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default=None, help="class column (default: scientific_name / species / label)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, multiple=True)
+    add_data_arguments(parser)
+    parser.add_argument("--train-data", default=None,
+                        help="support / training images for few-shot and linear probe (default: the butterflies' "
+                             "train split for --data butterflies, else a seeded stratified half of --data)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    parser.add_argument("--text-types", default="taxonomic_common",
+                        help="zero-shot text types: comma list of taxonomic, scientific, common, scientific_common, "
+                             "taxonomic_common, or 'all' (averaged; each is also scored alone)")
+    parser.add_argument("--templates", default="openai", help="template set: openai (80), simple, none")
+    parser.add_argument("--shots", default="1,5", help="few-shot k values")
+    parser.add_argument("--folds", type=int, default=5, help="seeded few-shot folds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="eval_results", help="output directory")
+
+
+def resolve_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for name in ("model.pt", "checkpoint.pt", "final.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"{p} is a directory without model.pt")
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    return p
+
+
+def model_label(path: Path) -> str:
+    return path.parent.name if path.name in ("model.pt", "checkpoint.pt", "final.pt") else path.stem
+
+
+def _split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified 50/50 split of indices (train, test); singleton classes go to train."""
+    rng = np.random.default_rng(seed)
+    tr, te = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        h = (len(idx) + 1) // 2
+        tr.extend(idx[:h])
+        te.extend(idx[h:])
+    return np.sort(np.array(tr, dtype=np.int64)), np.sort(np.array(te, dtype=np.int64))
+
+
+def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], device: str) -> dict[str, Any]:
+    from bioclip_fast.eval.datasets import load_eval_data
+    from bioclip_fast.eval.fewshot import few_shot_eval
+    from bioclip_fast.eval.linear_probe import linear_probe
+    from bioclip_fast.eval.zeroshot import class_name, classification_metrics, encode_images, zero_shot_logits
+    from bioclip_fast.model import load_model
+
+    model, preprocess, tokenizer, meta = load_model(ckpt, model_name=args.model_name, device=device)
+    common = dict(preprocess=preprocess, model=model, tokenizer=tokenizer, batch_size=args.batch_size,
+                  root=args.root, image_column=args.image_column, label_column=args.label_column,
+                  num_workers=args.workers, device=device)
+    data = load_eval_data(args.data, split=args.split, **common)
+    names = [class_name(c) for c in data.classes]
+    result: dict[str, Any] = {"checkpoint": str(ckpt), "data": data.description, "n_classes": len(names)}
+    if "zeroshot" in tasks:
+        zs = zero_shot_logits(model, tokenizer, data.loader, data.classes, text_types=args.text_types,
+                              templates=args.templates, device=device)
+        enc = zs
+        metrics = classification_metrics(zs["logits"], zs["labels"], data.classes)
+        metrics["by_text_type"] = {
+            tt: {k: v for k, v in classification_metrics(lg, zs["labels"], data.classes).items() if k in ("top1", "top5")}
+            for tt, lg in zs["logits_by_text_type"].items()
+        }
+        metrics["text_types"] = list(zs["logits_by_text_type"])
+        metrics["templates"] = args.templates
+        result["zeroshot"] = metrics
+        result["_confusion"] = (zs["logits"].argmax(1).numpy(), zs["labels"].numpy(), names)
+    else:
+        enc = encode_images(model, data.loader, device=device, desc="eval: images")
+    if enc["labels"] is None:
+        raise ValueError(f"{args.data}: the loader yields no labels")
+    feats = enc["features"].numpy()
+    labels = np.array([names[i] for i in enc["labels"].tolist()], dtype=object)
+
+    if "fewshot" in tasks or "linear" in tasks:
+        if args.train_data or args.data == "butterflies":
+            src = args.train_data or "butterflies"
+            tdata = load_eval_data(src, split="train", **common)
+            tenc = encode_images(model, tdata.loader, device=device, desc="eval: support images")
+            tnames = [class_name(c) for c in tdata.classes]
+            tr_x = tenc["features"].numpy()
+            tr_y = np.array([tnames[i] for i in tenc["labels"].tolist()], dtype=object)
+            te_x, te_y = feats, labels
+            result["train_data"] = tdata.description
+        else:
+            tr, te = _split_half(labels.astype(str), args.seed)
+            tr_x, tr_y, te_x, te_y = feats[tr], labels[tr], feats[te], labels[te]
+            result["train_data"] = f"stratified half of {data.description} (seed {args.seed})"
+        shared = np.isin(te_y.astype(str), np.unique(tr_y.astype(str)))
+        if not shared.all():
+            print(f"warning: {int((~shared).sum())} test images of classes absent from the training data are "
+                  "left out of few-shot / linear probe", file=sys.stderr)
+        te_x, te_y = te_x[shared], te_y[shared]
+        tr_y, te_y = tr_y.astype(str), te_y.astype(str)
+        if "fewshot" in tasks:
+            shots = [int(s) for s in str(args.shots).split(",") if s.strip()]
+            result["fewshot"] = few_shot_eval(tr_x, tr_y, te_x, te_y, shots=shots, folds=args.folds, seed=args.seed)
+        if "linear" in tasks:
+            lp = linear_probe(tr_x, tr_y, te_x, te_y, seed=args.seed)
+            result["linear"] = {k: v for k, v in lp.items() if k not in ("probabilities", "classes")}
+    return result
+
+
+def summary_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "classes": r.get("n_classes")}
+    if "zeroshot" in r:
+        row.update({"zero-shot top-1": r["zeroshot"]["top1"], "zero-shot top-5": r["zeroshot"]["top5"],
+                    "n": r["zeroshot"]["n"]})
+    for k, v in r.get("fewshot", {}).items():
+        row[f"{k} top-1"] = v["top1"]
+    if "linear" in r:
+        row["linear probe top-1"] = r["linear"]["top1"]
+    return row
+
+
+def run(args: argparse.Namespace) -> int:
+    from bioclip_fast.eval.report import confusion_matrix, markdown_table, plot_confusion, write_json
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise SystemExit(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}")
+    device = args.device or default_device()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = [resolve_checkpoint(c) for c in args.checkpoints]
+    labels = [model_label(c) for c in ckpts]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
+    results: dict[str, Any] = {}
+    rows = []
+    t0 = time.time()
+    for name, ckpt in zip(labels, ckpts):
+        r = evaluate_checkpoint(ckpt, args, tasks, device)
+        conf = r.pop("_confusion", None)
+        if conf is not None:
+            pred, true, names = conf
+            cm = confusion_matrix(pred, true, len(names))
+            png = plot_confusion(cm, names, out / f"confusion_{name.replace(':', '_')}.png",
+                                 title=f"{name}: zero-shot ({r['zeroshot']['top1'] * 100:.1f}% top-1)")
+            r["zeroshot"]["confusion_png"] = png.name
+            r["zeroshot"]["confusion"] = cm if len(names) <= 200 else None
+        results[name] = r
+        rows.append(summary_row(name, r))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    pct = [c for c in columns if "top-" in c]
+    table = markdown_table(rows, columns, pct_columns=pct)
+    meta = {"tasks": tasks, "device": device, "seconds": round(time.time() - t0, 2), "args": vars(args)}
+    write_json(out / "results.json", {"meta": meta, "results": results})
+    md = [f"# Evaluation on {results[labels[0]]['data']}", "", "Accuracies in %.", "", table]
+    for name, r in results.items():
+        if "zeroshot" in r and len(r["zeroshot"].get("by_text_type", {})) > 1:
+            md += [f"## {name}: zero-shot by text type", "",
+                   markdown_table([{"text type": t, **v} for t, v in r["zeroshot"]["by_text_type"].items()],
+                                  ["text type", "top1", "top5"], pct_columns=["top1", "top5"])]
+    (out / "results.md").write_text("\n".join(md))
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+    return 0
