@@ -1,0 +1,390 @@
+"""Shared pieces of the pairwise-loss Triton kernels (CLIP softmax losses and the SigLIP sigmoid loss).
+
+Everything here works on two row-major feature matrices, ``Q`` [Bq, D] ("rows") and ``K`` [Bk, D] ("columns"),
+and the logits ``S = scale * Q @ K^T + bias`` that are never materialized: kernels compute ``BLOCK x BLOCK`` tiles
+of ``Q @ K^T`` with fp32 accumulation (looping over D in ``BLOCK_D`` chunks), use them, and drop them.
+
+The backward kernel is shared by all three losses. It is launched twice per loss: once with the Q rows as its
+fixed "outer" block (streaming K, giving dQ) and once with the K rows as the outer block (streaming Q, giving dK).
+Each program owns its output rows, so there are no atomics and results are deterministic. The output width D is
+covered by ``NUM_ACC`` register accumulators of ``BLOCK_DO`` columns; when D is wider than ``NUM_ACC * BLOCK_DO``
+the grid gets a second axis over D slices and each slice recomputes the logits tile (the autotuner weighs that
+recompute against register pressure for wide D; see ``bwd_configs``).
+
+Written for triton >= 3.0 (tested on 3.6 API surface: tl.dot(input_precision=), tl.debug_barrier, autotune with
+restore_value and early_config_prune(configs, named_args, **kwargs)).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# MODE values of the shared backward kernel.
+MODE_CLIP_SYM = 0  # G = (0.5 * (P_row + P_col) - onehot)        (single-GPU symmetric CLIP)
+MODE_CLIP_DIR = 1  # G = P_row - onehot                          (one direction, multi-GPU local loss)
+MODE_SIGLIP = 2  # G = -z * sigmoid(-z * S), z = +1 on positives else -1
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (CPU tensors, numpy semantics, slow: use tiny tiles)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Tile configuration used under the interpreter instead of autotuning. Tests may change these dicts (e.g. to
+# exercise the multi-slice backward path); keys are the kernels' constexpr meta-parameters.
+INTERPRET_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32}
+INTERPRET_BWD_CONFIG = {"BLOCK_X": 32, "BLOCK_Y": 32, "BLOCK_D": 32, "BLOCK_DO": 32, "NUM_ACC": 2}
+# Programs a sweep aims for under the interpreter (small, but > 1 so the multi-program reductions are exercised).
+INTERPRET_TARGET_PROGRAMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a multi-block sweep should launch: a few waves of the GPU's SMs."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRET_TARGET_PROGRAMS
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def size_bucket(n: int) -> int:
+    """Autotune key for a batch size: its power-of-two bucket (tile choice depends on the order of magnitude)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _d_block(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def fwd_configs(D: int) -> list[triton.Config]:
+    """Forward (logits-tile + reduction) configs for feature width D: a GEMM main loop plus an epilogue.
+
+    D <= 128 keeps the whole Q block in registers/SMEM (one BLOCK_D chunk); wider D streams 64- or 128-wide
+    chunks through the software pipeline like a GEMM's K loop.
+    """
+    if D <= 128:
+        bds = [_d_block(D)]
+    else:
+        bds = [64, 128]
+    out = []
+    for bd in bds:
+        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4)):
+            if bd == 128 and stages > 3:
+                stages = 3  # (BM + BN) * 128 * 2 B per stage: keep SMEM under Hopper's 228 KB
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps,
+                                     num_stages=stages))
+    return out
+
+
+def bwd_configs(D: int) -> list[triton.Config]:
+    """Backward configs: logits tile recompute, then ``acc[BLOCK_X, NUM_ACC*BLOCK_DO] += G @ Y[:, slice]``.
+
+    For D <= 256 the whole dX row block stays in registers. For wider D two strategies compete: all of D in
+    registers with BLOCK_X = 64 (no recompute, high register pressure) versus 2-4 D slices with BLOCK_X = 128
+    (the logits tile is recomputed once per slice).
+    """
+    out = []
+    if D <= 128:
+        bd = _d_block(D)
+        for bx, by, warps, stages in ((128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2)):
+            out.append(triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": bd, "BLOCK_DO": bd, "NUM_ACC": 1},
+                                     num_warps=warps, num_stages=stages))
+        return out
+    bdo = 128 if D <= 512 else 256
+    n_all = triton.cdiv(D, bdo)
+    if n_all <= 4:
+        # Everything in registers: BLOCK_X * D fp32 accumulators.
+        for bx, by, warps in ((64, 64, 8), (64, 128, 8)):
+            out.append(triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": 64, "BLOCK_DO": bdo,
+                                      "NUM_ACC": n_all}, num_warps=warps, num_stages=2))
+    # Sliced: one 128- or 256-wide accumulator per program, logits recomputed per slice.
+    for bx, by, bdo_s, warps in ((128, 64, 256, 8), (128, 128, 128, 8), (64, 64, 256, 4)):
+        if bdo_s > triton.next_power_of_2(D):
+            continue
+        out.append(triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": 64, "BLOCK_DO": bdo_s, "NUM_ACC": 1},
+                                 num_warps=warps, num_stages=2))
+    return out
+
+
+def prune_fwd(configs, named_args, **kwargs):
+    return fwd_configs(int(named_args["D"]))
+
+
+def prune_bwd(configs, named_args, **kwargs):
+    return bwd_configs(int(named_args["D"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JIT helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs: exact fp32 products (no tf32) so fp32 results match a float64 reference to ~1e-6.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_rows(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``offs_r`` x columns ``d0 : d0 + BLOCK_D`` of a row-major [*, D] matrix, zero-padded."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    ptrs = ptr + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :]
+    if D % BLOCK_D == 0:
+        return tl.load(ptrs, mask=mask_r[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=mask_r[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
+             BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 tile ``X[offs_x] @ Y[offs_y]^T`` [BLOCK_X, BLOCK_Y], looping over D in BLOCK_D chunks."""
+    acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_rows(X, offs_x, mask_x, d0, D, BLOCK_D)
+        y = _load_rows(Y, offs_y, mask_y, d0, D, BLOCK_D)
+        acc = _mma(x, tl.trans(y), acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+    y = _load_rows(Y, offs_y, mask_y, d0, D, BLOCK_DO)
+    return _mma(g.to(y.dtype), y, acc, IEEE)
+
+
+@triton.jit
+def _store_slice(DX, acc, offs_x, mask_x, d0, factor, D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    offs_d = d0 + tl.arange(0, BLOCK_DO)
+    ptrs = DX + offs_x.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, (acc * factor).to(DX.dtype.element_ty), mask=mask_x[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _pairwise_bwd_kernel(
+    X, Y, SCALE, BIAS, LSE_X, LSE_Y, GRAD, DX, DS_PART, DB_PART,
+    Bx, By, offset, inv_n,
+    B_BUCKET,  # autotune key only
+    D: tl.constexpr, MODE: tl.constexpr, X_IS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALAR_GRADS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    NUM_ACC: tl.constexpr,
+):
+    """dX for one BLOCK_X row block of X (and one D slice), streaming all rows of Y.
+
+    The logits tile is computed as ``X @ Y^T``; when X holds the loss's rows (X_IS_ROWS) element (a, b) is
+    S[a, b], otherwise it is S[b, a]. ``LSE_X``/``LSE_Y`` are the log-sum-exp vectors indexed by X's / Y's rows.
+    The gradient tile is kept as ``G / coef`` (values in [-1, 1], safe to round to bf16/fp16 for the tensor-core
+    product) and ``coef = grad_loss * inv_n`` is applied once at the end.
+    """
+    pid_x = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    mask_x = offs_x < Bx
+
+    scale = tl.load(SCALE).to(tl.float32)
+    scale2 = scale * 1.4426950408889634
+    if HAS_BIAS:
+        bias2 = tl.load(BIAS).to(tl.float32) * 1.4426950408889634
+    else:
+        bias2 = 0.0
+    coef = tl.load(GRAD).to(tl.float32) * inv_n
+
+    # Log-sum-exp of X's rows, in log2 units (row LSE when X holds rows; column LSE for the symmetric loss).
+    if MODE == 0:
+        lx2 = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0) * 1.4426950408889634
+    elif MODE == 1:
+        if X_IS_ROWS:
+            lx2 = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0) * 1.4426950408889634
+
+    SINGLE_D: tl.constexpr = D <= BLOCK_D
+    REUSE_Y: tl.constexpr = SINGLE_D and (BLOCK_DO == BLOCK_D) and (NUM_ACC == 1)
+    if SINGLE_D:
+        x_tile = _load_rows(X, offs_x, mask_x, 0, D, BLOCK_D)
+    d_base = pid_s * (NUM_ACC * BLOCK_DO)
+
+    acc0 = tl.zeros([BLOCK_X, BLOCK_DO], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_X, BLOCK_DO], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_X, BLOCK_DO], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_X, BLOCK_DO], dtype=tl.float32)
+    ds_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
+
+    for y0 in range(0, By, BLOCK_Y):
+        offs_y = y0 + tl.arange(0, BLOCK_Y)
+        mask_y = offs_y < By
+        if SINGLE_D:
+            y_tile = _load_rows(Y, offs_y, mask_y, 0, D, BLOCK_D)
+            t = _mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), IEEE)
+        else:
+            t = tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, IEEE)
+        s2 = t * scale2 + bias2
+
+        if X_IS_ROWS:
+            is_pos = offs_y[None, :] == (offs_x[:, None] + offset)
+        else:
+            is_pos = offs_x[:, None] == (offs_y[None, :] + offset)
+        onehot = tl.where(is_pos, 1.0, 0.0)
+
+        if MODE == 0:
+            ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
+            g = 0.5 * (tl.exp2(s2 - lx2[:, None]) + tl.exp2(s2 - ly2[None, :])) - onehot
+        elif MODE == 1:
+            if X_IS_ROWS:
+                g = tl.exp2(s2 - lx2[:, None]) - onehot
+            else:
+                ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
+                g = tl.exp2(s2 - ly2[None, :]) - onehot
+        else:
+            # d/dS of -logsigmoid(z*S) = -z * sigmoid(-z*S): sigmoid(S) on negatives, -sigmoid(-S) on positives.
+            zs2 = tl.where(is_pos, s2, -s2)
+            g = (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2))
+        g = tl.where(mask_x[:, None] & mask_y[None, :], g, 0.0)
+
+        if SCALAR_GRADS:
+            ds_acc += tl.sum(g * t, 1)
+            db_acc += tl.sum(g, 1)
+
+        if REUSE_Y:
+            acc0 = _mma(g.to(y_tile.dtype), y_tile, acc0, IEEE)
+        else:
+            acc0 = _acc_slice(acc0, g, Y, offs_y, mask_y, d_base, D, BLOCK_DO, IEEE)
+            if NUM_ACC > 1:
+                acc1 = _acc_slice(acc1, g, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, IEEE)
+            if NUM_ACC > 2:
+                acc2 = _acc_slice(acc2, g, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, IEEE)
+            if NUM_ACC > 3:
+                acc3 = _acc_slice(acc3, g, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, IEEE)
+
+    factor = scale * coef
+    _store_slice(DX, acc0, offs_x, mask_x, d_base, factor, D, BLOCK_DO)
+    if NUM_ACC > 1:
+        _store_slice(DX, acc1, offs_x, mask_x, d_base + BLOCK_DO, factor, D, BLOCK_DO)
+    if NUM_ACC > 2:
+        _store_slice(DX, acc2, offs_x, mask_x, d_base + 2 * BLOCK_DO, factor, D, BLOCK_DO)
+    if NUM_ACC > 3:
+        _store_slice(DX, acc3, offs_x, mask_x, d_base + 3 * BLOCK_DO, factor, D, BLOCK_DO)
+    if SCALAR_GRADS:
+        if pid_s == 0:
+            tl.store(DS_PART + pid_x, tl.sum(ds_acc, 0) * coef)
+            tl.store(DB_PART + pid_x, tl.sum(db_acc, 0) * coef)
+
+
+_pairwise_bwd_tuned = triton.autotune(
+    configs=bwd_configs(64),  # placeholder: prune_bwd builds the list for the call's D
+    key=["B_BUCKET", "D", "MODE", "X_IS_ROWS"],
+    prune_configs_by={"early_config_prune": prune_bwd},
+)(_pairwise_bwd_kernel)
+
+
+def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 lse_x: torch.Tensor | None, lse_y: torch.Tensor | None, grad: torch.Tensor, *, offset: int,
+                 inv_n: float, mode: int, x_is_rows: bool, scalar_grads: bool):
+    """dX (input dtype) and, if ``scalar_grads``, (dscale, dbias) partial sums for one side of a pairwise loss."""
+    Bx, D = X.shape
+    By = Y.shape[0]
+    dx = torch.empty_like(X)
+    n_part = triton.cdiv(Bx, 16)  # >= the number of X row blocks for every config (smallest BLOCK_X is 16)
+    ds_part = torch.zeros(n_part if scalar_grads else 1, device=X.device, dtype=torch.float32)
+    db_part = torch.zeros_like(ds_part)
+    dummy = ds_part
+    args = (X, Y, scale, bias if bias is not None else dummy, lse_x if lse_x is not None else dummy,
+            lse_y if lse_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
+            size_bucket(max(Bx, By)))
+    meta = dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=bias is not None, SCALAR_GRADS=scalar_grads,
+                IEEE=X.dtype == torch.float32)
+
+    def grid(META):
+        return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))
+
+    if interpreting():
+        _pairwise_bwd_kernel[grid](*args, **meta, **INTERPRET_BWD_CONFIG)
+    else:
+        _pairwise_bwd_tuned[grid](*args, **meta)
+    if scalar_grads:
+        return dx, ds_part.sum(), db_part.sum()
+    return dx, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host-side validation shared by the launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_features(q: torch.Tensor, k: torch.Tensor, q_name: str = "q", k_name: str = "k"):
+    """Cheap checks (no device sync); returns contiguous views."""
+    for name, t in ((q_name, q), (k_name, k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"feature dims differ: {q_name} has D={q.shape[1]}, {k_name} has D={k.shape[1]}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"dtypes differ: {q_name} is {q.dtype}, {k_name} is {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"devices differ: {q_name} on {q.device}, {k_name} on {k.device}")
+    return q.contiguous(), k.contiguous()
+
+
+def check_scalar(t: torch.Tensor | None, name: str, device: torch.device, optional: bool = False):
+    """``scale`` / ``bias`` / ``grad_loss``: a one-element tensor on the features' device, returned as fp32."""
+    if t is None:
+        if optional:
+            return None
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [] or [1], got {type(t).__name__}")
+    if t.numel() != 1 or t.ndim > 1:
+        raise ValueError(f"{name} must have shape [] or [1], got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {device}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t.detach().to(torch.float32).contiguous()
+
+
+def check_vector(t: torch.Tensor, name: str, n: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != n:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 1-D tensor of length {n}, got {shape}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {device}")
+    return t.detach().to(torch.float32).contiguous()
+
+
+def reduce_lse(part: torch.Tensor) -> torch.Tensor:
+    """Combine per-split natural-log LSE partials [S, N] into the final [N] vector."""
+    if part.shape[0] == 1:
+        return part[0].clone()
+    return torch.logsumexp(part, dim=0)
+
+
+def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:
+    """Model FLOPs of a fused pairwise loss, the count the benchmarks report: forward 2*Bq*Bk*D (the logits
+    GEMM); forward + backward 8*Bq*Bk*D (logits, the backward's recompute, dQ, dK).
+
+    The kernels execute 2*Bq*Bk*D forward and 8*Bq*Bk*D backward (the dQ and dK kernels each recompute the
+    logits tile), i.e. 10*Bq*Bk*D in all, more when the backward splits a wide D into slices.
+    """
+    return (8 if backward else 2) * Bq * Bk * D
