@@ -1,0 +1,101 @@
+"""CPU image path: JPEG header checks, crop boxes, and PIL decode with DCT-domain downscaling.
+
+Crop boxes are computed on the host from per-slot uniforms (torchvision's RandomResizedCrop algorithm), so the CPU
+and DALI backends apply the same crop to the same sample and a resumed run repeats the augmentation exactly.
+Boxes are (x, y, w, h) in pixels of the original image.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+# open_clip's training defaults (open_clip.transform: RandomResizedCrop(scale=(0.9, 1.0)), ratio 3/4..4/3)
+DEFAULT_SCALE = (0.9, 1.0)
+DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+N_ATTEMPTS = 10
+UNIFORMS_PER_SLOT = N_ATTEMPTS * 4
+
+
+class CorruptImage(ValueError):
+    """Raised for bytes that are not a decodable JPEG/PNG image."""
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header, after cheap structural checks.
+
+    A JPEG must start with SOI (FF D8 FF) and end with EOI (FF D9, trailing padding allowed): this catches garbage
+    bytes and truncated files before they reach a GPU decoder that would fail the whole batch.
+    """
+    from PIL import Image
+
+    if len(data) < 16:
+        raise CorruptImage(f"only {len(data)} bytes")
+    if data[:3] == b"\xff\xd8\xff":
+        if b"\xff\xd9" not in data[-64:]:
+            raise CorruptImage("JPEG without end-of-image marker (truncated)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception as e:  # noqa: BLE001
+        raise CorruptImage(f"{type(e).__name__}: {e}") from None
+    if w < 1 or h < 1:
+        raise CorruptImage(f"invalid size {w}x{h}")
+    return w, h
+
+
+def random_resized_crop_box(
+    w: int, h: int, u: np.ndarray, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, driven by `u` (UNIFORMS_PER_SLOT uniforms in [0, 1))."""
+    area = w * h
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    u = u.reshape(N_ATTEMPTS, 4)
+    for a in range(N_ATTEMPTS):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[a, 0])
+        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[a, 1])
+        cw = int(round(math.sqrt(target_area * aspect)))
+        ch = int(round(math.sqrt(target_area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x = min(int(u[a, 2] * (w - cw + 1)), w - cw)
+            y = min(int(u[a, 3] * (h - ch + 1)), h - ch)
+            return x, y, cw, ch
+    # fallback: central crop with the ratio clamped into range
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
+    """Resize-shorter-side + center-crop, expressed as a crop of the original: the centered square."""
+    s = min(w, h)
+    return (w - s) // 2, (h - s) // 2, s, s
+
+
+def decode_crop_resize(data: bytes, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Decode `data`, crop `box` (x, y, w, h in original pixels) and resize to size x size: uint8 [size, size, 3].
+
+    JPEG `draft` makes libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop is still >= `size` afterwards, which
+    is most of the CPU speed-up for small training resolutions.
+    """
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        w0, h0 = img.size
+        x, y, cw, ch = box
+        if img.format == "JPEG":
+            f = max(1.0, min(cw, ch) / size)  # allowed reduction keeping the crop >= size
+            img.draft("RGB", (max(1, math.ceil(w0 / f)), max(1, math.ceil(h0 / f))))
+        img = img.convert("RGB")
+        sx, sy = img.size[0] / w0, img.size[1] / h0
+        out = img.resize((size, size), Image.Resampling.BICUBIC, box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
+        return np.asarray(out, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+        raise CorruptImage(f"{type(e).__name__}: {e}") from None

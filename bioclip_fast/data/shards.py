@@ -1,0 +1,493 @@
+"""Write and read TreeOfLife-200M-layout webdataset shards.
+
+Output of `make_shards(image_root, csv, out_dir)`:
+
+    shard-000000.tar    samples `<key>.jpg` + the ten TreeOfLife text members (`<key>.sci.txt`, ...)
+    shard-000000.idx    DALI `wds2idx` index (v1.2): per sample "ext offset size name ..." for random access
+    shard-000000.json   our sidecar: keys, class index per sample (into the manifest's classes), skipped images
+    manifest.json       counts per shard, classes (taxa) with counts, skipped images, the build config
+
+A shard is a fixed chunk of `samples_per_shard` CSV rows, so a rerun with `resume=True` rebuilds only the shards
+whose sidecar is missing (the sidecar is renamed into place last). Unreadable images are skipped and listed.
+"""
+from __future__ import annotations
+
+import csv as csv_module
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon
+
+FORMAT = "bioclip_fast/shards/1"
+MANIFEST = "manifest.json"
+IDX_VERSION = "v1.2"
+REQUIRED_COLUMNS = ("image",)
+TAXON_COLUMNS = RANKS + ("scientific_name",)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metadata CSV
+# ---------------------------------------------------------------------------------------------------------------------
+def read_metadata(csv_path: str | os.PathLike) -> list[dict[str, str]]:
+    """Read and validate a metadata CSV (`image` + taxonomy columns, as the bundled `metadata.csv`).
+
+    Every row must have as many fields as the header, a non-empty `image`, and at least one rank or a
+    `scientific_name`. Errors name the file, the line and the problem.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata CSV not found: {path}")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv_module.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise ValueError(f"{path}: empty file, expected a header row with an 'image' column") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{path}: header {header} lacks required column(s) {missing}")
+        if not any(c in header for c in TAXON_COLUMNS):
+            raise ValueError(f"{path}: header {header} has none of the taxonomy columns {TAXON_COLUMNS}")
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise ValueError(f"{path}: duplicate column(s) {dupes} in header")
+        rows = []
+        for line_no, fields in enumerate(reader, start=2):
+            if not fields or all(not x.strip() for x in fields):
+                continue  # blank line
+            if len(fields) != len(header):
+                raise ValueError(
+                    f"{path}: line {line_no} has {len(fields)} fields, the header has {len(header)} "
+                    f"({', '.join(header)}): {fields!r}"
+                )
+            row = {h: v.strip() for h, v in zip(header, fields)}
+            if not row["image"]:
+                raise ValueError(f"{path}: line {line_no} has an empty 'image' field: {fields!r}")
+            try:
+                Taxon.from_row(row)
+            except ValueError:
+                raise ValueError(
+                    f"{path}: line {line_no} ({row['image']}) has no taxonomy: all of {TAXON_COLUMNS} are empty"
+                ) from None
+            row["_line"] = str(line_no)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    return rows
+
+
+def sample_key(image: str) -> str:
+    """Webdataset key of an image path: the path without extension, with '/' and '.' made '_' (webdataset splits
+    member names at the first dot of the basename)."""
+    stem = os.path.splitext(image.replace("\\", "/"))[0].lstrip("./")
+    key = re.sub(r"[^A-Za-z0-9_\-]", "_", stem.replace("/", "_"))
+    if not key:
+        raise ValueError(f"cannot make a sample key from image path {image!r}")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# image encoding (runs in worker processes)
+# ---------------------------------------------------------------------------------------------------------------------
+def encode_image(path: str, image_size: int, resize: str = "shorter", quality: int = 95) -> tuple[bytes | None, str]:
+    """Read an image, resize it (shorter side -> image_size, or squash to a square), and return JPEG bytes.
+
+    Returns (None, reason) for missing/unreadable/corrupt files. A JPEG that already has the target size is
+    copied byte for byte (after a full decode to prove it is intact), so re-sharding never recompresses.
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    try:
+        img = Image.open(io.BytesIO(raw))
+        w, h = img.size
+        if resize == "square":
+            target = (image_size, image_size)
+        else:
+            s = image_size / min(w, h)
+            target = (max(1, round(w * s)), max(1, round(h * s)))
+        if img.format == "JPEG" and (w, h) == target and img.mode == "RGB":
+            img.load()  # raises on truncated/corrupt data
+            return raw, ""
+        if img.format == "JPEG":
+            img.draft("RGB", target)  # DCT-domain downscale: decode at 1/2, 1/4, 1/8 when the target is small
+        img = img.convert("RGB")
+        if img.size != target:
+            img = img.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=quality)
+        return out.getvalue(), ""
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this image"
+        return None, f"corrupt: {type(e).__name__}: {e}"
+
+
+def _encode_task(args: tuple[str, int, str, int]) -> tuple[bytes | None, str]:
+    return encode_image(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tar + index writing
+# ---------------------------------------------------------------------------------------------------------------------
+def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible archives: same input -> same bytes
+    info.mode = 0o644
+    tf.addfile(info, io.BytesIO(data))
+
+
+def index_tar(tar_path: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
+    """[(key, [(ext, data offset, size, member name), ...]), ...] in archive order (what `wds2idx` records)."""
+    samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            if not m.isreg():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            dot = base.find(".")
+            if dot <= 0:
+                continue  # hidden or extension-less files are not samples (as in webdataset)
+            prefix = m.name[: len(m.name) - len(base)]
+            key, ext = prefix + base[:dot], base[dot + 1 :]
+            if not samples or samples[-1][0] != key:
+                samples.append((key, []))
+            samples[-1][1].append((ext, m.offset_data, m.size, m.name))
+    return samples
+
+
+def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> Path:
+    """Write the DALI `fn.readers.webdataset` index (same format as DALI's `wds2idx`) for a tar shard."""
+    tar_path = Path(tar_path)
+    idx_path = Path(idx_path) if idx_path is not None else tar_path.with_suffix(".idx")
+    samples = index_tar(tar_path)
+    if not samples:
+        raise ValueError(f"{tar_path}: no samples; DALI cannot index an empty shard")
+    lines = [f"{IDX_VERSION} {len(samples)}"]
+    for _, members in samples:
+        if any(" " in name for *_, name in members):
+            raise ValueError(f"{tar_path}: member names with spaces cannot be indexed: {members[0][3]!r}")
+        lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in members))
+    _atomic_write_text(idx_path, "\n".join(lines) + "\n")
+    return idx_path
+
+
+def read_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Parse a DALI webdataset index: [(key, {ext: (offset, size)}), ...]."""
+    idx_path = Path(idx_path)
+    with idx_path.open() as f:
+        head = f.readline().split()
+        if len(head) != 2 or not head[0].startswith("v1."):
+            raise ValueError(f"{idx_path}: not a DALI webdataset index (first line {' '.join(head)!r})")
+        out = []
+        for line_no, line in enumerate(f, start=2):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) % 4:
+                raise ValueError(f"{idx_path}: line {line_no} is malformed (expected 'ext offset size name' groups)")
+            members = {}
+            key = None
+            for i in range(0, len(parts), 4):
+                ext, off, size, name = parts[i : i + 4]
+                members[ext] = (int(off), int(size))
+                key = key or name[: len(name) - len(ext) - 1]
+            out.append((key, members))
+    if len(out) != int(head[1]):
+        raise ValueError(f"{idx_path}: header says {head[1]} samples, found {len(out)} (truncated index?)")
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# make_shards
+# ---------------------------------------------------------------------------------------------------------------------
+def _fingerprint(rows: Sequence[Mapping[str, str]], **config: Any) -> str:
+    h = hashlib.sha1()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for r in rows:
+        h.update(json.dumps({k: v for k, v in r.items() if k != "_line"}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def make_shards(
+    image_root: str | os.PathLike,
+    csv: str | os.PathLike | Sequence[Mapping[str, str]],
+    out_dir: str | os.PathLike,
+    samples_per_shard: int = 10000,
+    workers: int | None = None,
+    image_size: int = 224,
+    resume: bool = True,
+    *,
+    resize: str = "shorter",
+    quality: int = 95,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build TreeOfLife-200M-layout shards from images + metadata; returns the manifest (also in `manifest.json`).
+
+    `csv` is a metadata CSV path or already-validated rows (`read_metadata` output, e.g. one split). Image paths are
+    relative to `image_root` (or absolute). `resize`: "shorter" keeps the aspect ratio with the shorter side at
+    `image_size`; "square" squashes to image_size x image_size as BioCLIP's `make_wds.py` does.
+    """
+    from tqdm import tqdm
+
+    image_root = Path(image_root)
+    out_dir = Path(out_dir)
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    if resize not in ("shorter", "square"):
+        raise ValueError(f"resize must be 'shorter' or 'square', got {resize!r}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality!r}")
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image_root is not a directory: {image_root}")
+    if isinstance(csv, (str, os.PathLike)):
+        source = str(csv)
+        rows = read_metadata(csv)
+    else:
+        source = "<rows>"
+        rows = [dict(r) for r in csv]
+        if not rows:
+            raise ValueError("csv: no rows given")
+    workers = max(1, int(workers if workers is not None else min(8, os.cpu_count() or 1)))
+
+    # keys must be unique: they are the sample ids everywhere downstream (eval, embeddings)
+    # keys are file stems ("0010001") unless two images share a stem, then the whole relative path
+    stems = [sample_key(os.path.basename(r["image"])) for r in rows]
+    use_stems = len(set(stems)) == len(stems)
+    keys: list[str] = []
+    seen: dict[str, str] = {}
+    for r, stem in zip(rows, stems):
+        k = stem if use_stems else sample_key(r["image"])
+        if k in seen:
+            raise ValueError(
+                f"{source}: line {r.get('_line', '?')} ({r['image']}) has the same sample key {k!r} as "
+                f"line {seen[k]}; image paths must be unique"
+            )
+        seen[k] = r.get("_line", "?")
+        keys.append(k)
+    taxa = [Taxon.from_row(r) for r in rows]
+    classes: dict[str, Taxon] = {}
+    for t in taxa:
+        classes.setdefault(t.label, t)
+    class_labels = sorted(classes)
+    class_index = {lab: i for i, lab in enumerate(class_labels)}
+
+    config = {"format": FORMAT, "samples_per_shard": samples_per_shard, "image_size": image_size,
+              "resize": resize, "quality": int(quality)}
+    fp = _fingerprint(rows, image_root=str(image_root.resolve()), **config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(rows) + samples_per_shard - 1) // samples_per_shard
+
+    def sidecar(i: int) -> Path:
+        return out_dir / f"shard-{i:06d}.json"
+
+    pending = []
+    for i in range(n_shards):
+        sc = sidecar(i)
+        if resume and sc.exists():
+            try:
+                meta = json.loads(sc.read_text())
+            except (OSError, json.JSONDecodeError):
+                meta = {}
+            tar_ok = meta.get("count", 0) == 0 or (out_dir / f"shard-{i:06d}.tar").exists()
+            if meta.get("fingerprint") == fp and tar_ok and (meta.get("count", 0) == 0 or
+                                                            (out_dir / f"shard-{i:06d}.idx").exists()):
+                continue
+            if meta.get("fingerprint") not in (None, fp):
+                raise ValueError(
+                    f"{out_dir} holds shards built from different input or settings (fingerprint "
+                    f"{meta.get('fingerprint')} != {fp}); use a new out_dir or resume=False"
+                )
+        pending.append(i)
+
+    t0 = time.time()
+    pbar = tqdm(total=len(rows), desc="make-shards", unit="img", disable=not progress)
+    pbar.update(len(rows) - sum(min(samples_per_shard, len(rows) - i * samples_per_shard) for i in pending))
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for i in pending:
+            lo, hi = i * samples_per_shard, min(len(rows), (i + 1) * samples_per_shard)
+            tasks = [
+                (str(Path(rows[j]["image"]) if os.path.isabs(rows[j]["image"]) else image_root / rows[j]["image"]),
+                 image_size, resize, int(quality))
+                for j in range(lo, hi)
+            ]
+            results = pool.map(_encode_task, tasks, chunksize=8) if pool else map(_encode_task, tasks)
+            tar_path = out_dir / f"shard-{i:06d}.tar"
+            fd, tmp_tar = tempfile.mkstemp(dir=out_dir, prefix=f".{tar_path.name}.", suffix=".tmp")
+            os.close(fd)
+            written_keys, labels, skipped = [], [], []
+            try:
+                with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+                    for j, (data, err) in zip(range(lo, hi), results):
+                        pbar.update(1)
+                        if data is None:
+                            skipped.append({"image": rows[j]["image"], "line": rows[j].get("_line"), "error": err})
+                            continue
+                        _add_member(tf, f"{keys[j]}.jpg", data)
+                        for member, text in taxa[j].shard_texts().items():
+                            _add_member(tf, f"{keys[j]}.{member}", text.encode())
+                        written_keys.append(keys[j])
+                        labels.append(class_index[taxa[j].label])
+                if written_keys:
+                    os.replace(tmp_tar, tar_path)
+                    write_index(tar_path)
+                else:
+                    for p in (tar_path, tar_path.with_suffix(".idx")):
+                        p.unlink(missing_ok=True)
+            finally:
+                if os.path.exists(tmp_tar):
+                    os.unlink(tmp_tar)
+            meta = {"format": FORMAT, "fingerprint": fp, "count": len(written_keys), "keys": written_keys,
+                    "labels": labels, "skipped": skipped}
+            _atomic_write_text(sidecar(i), json.dumps(meta))  # last: marks the shard complete for resume
+    finally:
+        pbar.close()
+        if pool:
+            pool.shutdown()
+
+    shards, skipped_all = [], []
+    class_counts = [0] * len(class_labels)
+    for i in range(n_shards):
+        meta = json.loads(sidecar(i).read_text())
+        skipped_all.extend(meta["skipped"])
+        for lab in meta["labels"]:
+            class_counts[lab] += 1
+        shards.append({"name": f"shard-{i:06d}.tar", "count": meta["count"], "skipped": len(meta["skipped"])})
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "source": source,
+        "image_root": str(image_root),
+        **{k: v for k, v in config.items() if k != "format"},
+        "num_samples": sum(s["count"] for s in shards),
+        "num_skipped": len(skipped_all),
+        "num_classes": len(class_labels),
+        "text_keys": list(SHARD_TEXT_KEYS),
+        "shards": shards,
+        "classes": [{"label": lab, "count": c, **classes[lab].to_dict()} for lab, c in zip(class_labels, class_counts)],
+        "skipped": skipped_all,
+        "seconds": round(time.time() - t0, 2),
+    }
+    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------------------------------
+def resolve_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Shard paths from a directory, a file, a glob, a brace pattern ("shard-{000000..000009}.tar") or a list."""
+    if isinstance(shards, (str, os.PathLike)):
+        spec = str(shards)
+        if os.path.isdir(spec):
+            out = sorted(glob.glob(os.path.join(spec, "*.tar")))
+            if not out:
+                raise FileNotFoundError(f"no .tar shards in directory {spec}")
+            return out
+        if "{" in spec:
+            import braceexpand
+
+            out = list(braceexpand.braceexpand(spec))
+        elif any(c in spec for c in "*?["):
+            out = sorted(glob.glob(spec))
+        else:
+            out = [spec]
+    else:
+        out = [str(s) for s in shards]
+    if not out:
+        raise FileNotFoundError(f"no shards match {shards!r}")
+    missing = [s for s in out if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}")
+    return out
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def taxon_from_texts(texts: Mapping[str, str]) -> Taxon | None:
+    """Recover the Taxon of a sample from its text members (taxonTag + common name), or None."""
+    common = texts.get("common_name.txt", "")
+    tagged = texts.get("taxonTag.txt") or texts.get("taxonTag_com.txt")
+    try:
+        if tagged:
+            taxon = Taxon.from_tagged(tagged, common_name=common)
+        elif texts.get("scientific_name.txt"):
+            taxon = Taxon.from_row({"scientific_name": texts["scientific_name.txt"], "common_name": common})
+        else:
+            return None
+    except ValueError:
+        return None
+    if taxon.common_name == taxon.scientific_name:
+        taxon = dataclasses.replace(taxon, common_name="")  # ToL stores the scientific name as fallback common name
+    return taxon
+
+
+def iter_shard_samples(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
+    """Stream samples in archive order: {"key", "jpg" (bytes), "texts" {member: str}, "taxon" (Taxon|None),
+    "shard"}. Members other than jpg/txt are under "extra". Reads any webdataset tar, not only ours."""
+    for shard in resolve_shards(shards):
+        current: dict[str, Any] | None = None
+        with tarfile.open(shard, "r:") as tf:
+            for m in tf:
+                if not m.isreg():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                dot = base.find(".")
+                if dot <= 0:
+                    continue
+                key, ext = m.name[: len(m.name) - len(base)] + base[:dot], base[dot + 1 :]
+                if current is None or current["key"] != key:
+                    if current is not None:
+                        yield _finish_sample(current)
+                    current = {"key": key, "jpg": None, "texts": {}, "extra": {}, "shard": shard}
+                data = tf.extractfile(m).read()
+                if ext in ("jpg", "jpeg"):
+                    current["jpg"] = data
+                elif ext.endswith("txt"):
+                    current["texts"][ext] = data.decode("utf-8", errors="replace")
+                else:
+                    current["extra"][ext] = data
+        if current is not None:
+            yield _finish_sample(current)
+
+
+def _finish_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    sample["taxon"] = taxon_from_texts(sample["texts"])
+    return sample
