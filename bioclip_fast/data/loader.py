@@ -563,14 +563,20 @@ class Loader:
         else:
             batches = (self._finish_cpu(raw) for raw in self._raw_batches())
         for batch in batches:
-            self._consumed += 1
+            self._consumed += batch.pop("_advance", 1)
+            skipped = batch.pop("skipped")
+            self.stats["skipped_corrupt"] += len(skipped)
+            self.skipped_keys.extend(s.split(":", 1)[0] for s in skipped)
+            if "replay" in batch:
+                self.stats["skipped_corrupt"] += len(batch["replay"].pop("skipped"))
+            if not batch["key"]:
+                continue  # eval batch whose samples were all corrupt
             self.stats["batches"] += 1
             self.stats["samples"] += len(batch["key"])
-            self.stats["skipped_corrupt"] += len(batch.pop("skipped"))
             if "replay" in batch:
                 self.stats["replay_samples"] += len(batch["replay"]["key"])
-                self.stats["skipped_corrupt"] += len(batch["replay"].pop("skipped"))
             yield batch
+        self._consumed = self._len  # ran to the end (trailing all-corrupt batches included)
 
     def normalize(self, image_u8: torch.Tensor) -> torch.Tensor:
         x = image_u8.to(self.device, non_blocking=True).float()
