@@ -1,0 +1,284 @@
+// CPU OpenMP kernels of the CLIP (InfoNCE) loss primitives: clip_sym_fwd/bwd and clip_dir_fwd/bwd.
+// Same math and memory bound as the Triton kernels (see bioclip_fast/ops/reference.py for the readable version):
+// tiles of S = s*Q K^T + b with an online log-sum-exp over rows (per row block) and columns (per-thread partials
+// merged at the end); backward recomputes S per tile, forms G and feeds two GEMMs (dQ += G K, dK += G^T Q).
+// Extra memory: packed/padded copies of Q and K plus one dK partial per thread, all O(B*D); never B x B.
+#include <pybind11/pybind11.h>
+
+#include "loss_common.h"
+
+namespace py = pybind11;
+using namespace bf;
+
+namespace {
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Forward sweep over all (row block, column block) tiles. `epi(tid, i0, mb, j0, nb, tile, ld)` consumes the
+// dot-product tile (row stride ld).
+template <class Epi>
+void forward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D, int nthreads, Epi epi) {
+  const Tiles t = choose_tiles(D);
+  const std::vector<float> kt = pack_panels(k, Bk, D, nthreads);
+  const i64 nrb = (Bq + t.MB - 1) / t.MB;
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num();
+    std::vector<float> tile((size_t)(t.MB * t.NB));
+#pragma omp for schedule(dynamic, 1)
+    for (i64 rb = 0; rb < nrb; ++rb) {
+      const i64 i0 = rb * t.MB, mb = std::min(t.MB, Bq - i0);
+      for (i64 j0 = 0; j0 < Bk; j0 += t.NB) {
+        const i64 nb = std::min(t.NB, Bk - j0);
+        gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
+                    tile.data(), t.NB, false);
+        epi(tid, i0, mb, j0, nb, tile.data(), t.NB);
+      }
+    }
+  }
+}
+
+// Online LSE update of one row of a tile: (m, l) hold the running max and sum of exp(S - m).
+inline void row_lse_update(const float* d, i64 nb, const Affine& aff, float& m, float& l) {
+  V mv = V::set1(NEG_INF);
+  i64 j = 0;
+  for (; j + 8 <= nb; j += 8) mv = vmax(mv, aff(V::load(d + j)));
+  float mt = hmax(mv);
+  for (; j < nb; ++j) mt = std::max(mt, aff(d[j]));
+  const float M = std::max(m, mt);
+  const V Mv = V::set1(M);
+  V sv = V::zero();
+  for (j = 0; j + 8 <= nb; j += 8) sv = sv + vexp(aff(V::load(d + j)) - Mv);
+  float s = hsum(sv);
+  for (; j < nb; ++j) s += sexp(aff(d[j]) - M);
+  l = l * sexp(m - M) + s;
+  m = M;
+}
+
+// Online LSE update of the tile's columns into this thread's column partials (cm, cl: running max and sum).
+inline void col_lse_update(const float* tile, i64 ld, i64 mb, i64 nb, const Affine& aff, float* cm, float* cl) {
+  i64 j = 0;
+  for (; j + 8 <= nb; j += 8) {
+    V mv = V::set1(NEG_INF);
+    for (i64 r = 0; r < mb; ++r) mv = vmax(mv, aff(V::load(tile + r * ld + j)));
+    const V mold = V::load(cm + j);
+    const V M = vmax(mold, mv);
+    V sv = V::load(cl + j) * vexp(mold - M);  // vexp(-inf) == 0 for untouched columns
+    for (i64 r = 0; r < mb; ++r) sv = sv + vexp(aff(V::load(tile + r * ld + j)) - M);
+    M.store(cm + j);
+    sv.store(cl + j);
+  }
+  for (; j < nb; ++j) {
+    float mt = NEG_INF;
+    for (i64 r = 0; r < mb; ++r) mt = std::max(mt, aff(tile[r * ld + j]));
+    const float M = std::max(cm[j], mt);
+    float s = cl[j] * sexp(cm[j] - M);
+    for (i64 r = 0; r < mb; ++r) s += sexp(aff(tile[r * ld + j]) - M);
+    cm[j] = M;
+    cl[j] = s;
+  }
+}
+
+double clip_sym_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D, double scale, double bias,
+                    std::uintptr_t lse_row_ptr, std::uintptr_t lse_col_ptr, int nthreads) {
+  nthreads = resolve_threads(nthreads);
+  const float* q = reinterpret_cast<const float*>(q_ptr);
+  const float* k = reinterpret_cast<const float*>(k_ptr);
+  float* lse_row = reinterpret_cast<float*>(lse_row_ptr);
+  float* lse_col = reinterpret_cast<float*>(lse_col_ptr);
+  const Affine aff((float)scale, (float)bias);
+  std::vector<float> rm((size_t)B, NEG_INF), rl((size_t)B, 0.f);
+  std::vector<float> cm((size_t)(nthreads * B), NEG_INF), cl((size_t)(nthreads * B), 0.f);
+  forward_sweep(q, k, B, B, D, nthreads, [&](int tid, i64 i0, i64 mb, i64 j0, i64 nb, const float* tile, i64 ld) {
+    for (i64 r = 0; r < mb; ++r) row_lse_update(tile + r * ld, nb, aff, rm[i0 + r], rl[i0 + r]);
+    col_lse_update(tile, ld, mb, nb, aff, cm.data() + tid * B + j0, cl.data() + tid * B + j0);
+  });
+  double total = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : total) schedule(static)
+  for (i64 i = 0; i < B; ++i) {
+    lse_row[i] = rm[i] + std::log(rl[i]);
+    float M = NEG_INF;
+    for (int t = 0; t < nthreads; ++t) M = std::max(M, cm[t * B + i]);
+    double s = 0;
+    for (int t = 0; t < nthreads; ++t) s += (double)cl[t * B + i] * std::exp((double)cm[t * B + i] - M);
+    lse_col[i] = (float)(M + std::log(s));
+    const double diag = scale * dot_d(q + i * D, k + i * D, D) + bias;
+    total += (double)lse_row[i] + (double)lse_col[i] - 2.0 * diag;
+  }
+  return 0.5 * total / (double)B;
+}
+
+py::tuple clip_sym_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D, double scale, double bias,
+                       std::uintptr_t lse_row_ptr, std::uintptr_t lse_col_ptr, double grad, std::uintptr_t dq_ptr,
+                       std::uintptr_t dk_ptr, int nthreads) {
+  double ds, db;
+  {
+    py::gil_scoped_release release;
+    nthreads = resolve_threads(nthreads);
+    const float* q = reinterpret_cast<const float*>(q_ptr);
+    const float* k = reinterpret_cast<const float*>(k_ptr);
+    const float* lse_row = reinterpret_cast<const float*>(lse_row_ptr);
+    const float* lse_col = reinterpret_cast<const float*>(lse_col_ptr);
+    float* dq = reinterpret_cast<float*>(dq_ptr);
+    float* dk = reinterpret_cast<float*>(dk_ptr);
+    const Affine aff((float)scale, (float)bias);
+    std::vector<float> dq_acc, dk_acc;
+    double sum_gdot = 0, sum_g = 0;
+    // G (without the global factor) = softmax over the row + softmax over the column.
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld) {
+      V gd = V::zero(), gs = V::zero();
+      float gd_t = 0, gs_t = 0;
+      for (i64 r = 0; r < mb; ++r) {
+        float* d = tile + r * ld;
+        const float lr = lse_row[i0 + r];
+        const V lrv = V::set1(lr);
+        const float* lc = lse_col + j0;
+        i64 j = 0;
+        for (; j + 8 <= nb; j += 8) {
+          const V dot = V::load(d + j), S = aff(dot);
+          const V g = vexp(S - lrv) + vexp(S - V::load(lc + j));
+          gd = fmadd(g, dot, gd);
+          gs = gs + g;
+          g.store(d + j);
+        }
+        for (; j < nb; ++j) {
+          const float dot = d[j], S = aff(dot);
+          const float g = sexp(S - lr) + sexp(S - lc[j]);
+          gd_t += g * dot;
+          gs_t += g;
+          d[j] = g;
+        }
+      }
+      return std::make_pair((double)hsum(gd) + gd_t, (double)hsum(gs) + gs_t);
+    };
+    backward_sweep(q, k, B, B, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
+    const i64 Dp = round_up(D, NR);
+    const double coef = 0.5 * grad / (double)B, pos = grad / (double)B;
+    const float cs = (float)(coef * scale), ps = (float)(pos * scale);
+    double diag_dot = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : diag_dot) schedule(static)
+    for (i64 i = 0; i < B; ++i) {
+      const float *qi = q + i * D, *ki = k + i * D, *a = dq_acc.data() + i * Dp, *c = dk_acc.data() + i * Dp;
+      float *dqi = dq + i * D, *dki = dk + i * D;
+      for (i64 d = 0; d < D; ++d) {
+        dqi[d] = cs * a[d] - ps * ki[d];
+        dki[d] = cs * c[d] - ps * qi[d];
+      }
+      diag_dot += dot_d(qi, ki, D);
+    }
+    ds = coef * sum_gdot - pos * diag_dot;
+    db = coef * sum_g - grad;
+  }
+  return py::make_tuple(ds, db);
+}
+
+double clip_dir_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i64 D, double scale, double bias,
+                    i64 offset, std::uintptr_t lse_ptr, int nthreads) {
+  nthreads = resolve_threads(nthreads);
+  const float* q = reinterpret_cast<const float*>(q_ptr);
+  const float* k = reinterpret_cast<const float*>(k_ptr);
+  float* lse = reinterpret_cast<float*>(lse_ptr);
+  const Affine aff((float)scale, (float)bias);
+  std::vector<float> rm((size_t)Bq, NEG_INF), rl((size_t)Bq, 0.f);
+  forward_sweep(q, k, Bq, Bk, D, nthreads, [&](int, i64 i0, i64 mb, i64, i64 nb, const float* tile, i64 ld) {
+    for (i64 r = 0; r < mb; ++r) row_lse_update(tile + r * ld, nb, aff, rm[i0 + r], rl[i0 + r]);
+  });
+  double total = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : total) schedule(static)
+  for (i64 i = 0; i < Bq; ++i) {
+    lse[i] = rm[i] + std::log(rl[i]);
+    total += (double)lse[i] - (scale * dot_d(q + i * D, k + (i + offset) * D, D) + bias);
+  }
+  return total / (double)Bq;
+}
+
+py::tuple clip_dir_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i64 D, double scale, double bias,
+                       std::uintptr_t lse_ptr, i64 offset, double grad, std::uintptr_t dq_ptr, std::uintptr_t dk_ptr,
+                       int nthreads) {
+  double ds, db;
+  {
+    py::gil_scoped_release release;
+    nthreads = resolve_threads(nthreads);
+    const float* q = reinterpret_cast<const float*>(q_ptr);
+    const float* k = reinterpret_cast<const float*>(k_ptr);
+    const float* lse = reinterpret_cast<const float*>(lse_ptr);
+    float* dq = reinterpret_cast<float*>(dq_ptr);
+    float* dk = reinterpret_cast<float*>(dk_ptr);
+    const Affine aff((float)scale, (float)bias);
+    std::vector<float> dq_acc, dk_acc;
+    double sum_gdot = 0, sum_g = 0;
+    auto epi = [&](i64 i0, i64 mb, i64, i64 nb, float* tile, i64 ld) {
+      V gd = V::zero(), gs = V::zero();
+      float gd_t = 0, gs_t = 0;
+      for (i64 r = 0; r < mb; ++r) {
+        float* d = tile + r * ld;
+        const float lr = lse[i0 + r];
+        const V lrv = V::set1(lr);
+        i64 j = 0;
+        for (; j + 8 <= nb; j += 8) {
+          const V dot = V::load(d + j);
+          const V g = vexp(aff(dot) - lrv);
+          gd = fmadd(g, dot, gd);
+          gs = gs + g;
+          g.store(d + j);
+        }
+        for (; j < nb; ++j) {
+          const float dot = d[j], g = sexp(aff(dot) - lr);
+          gd_t += g * dot;
+          gs_t += g;
+          d[j] = g;
+        }
+      }
+      return std::make_pair((double)hsum(gd) + gd_t, (double)hsum(gs) + gs_t);
+    };
+    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
+    const i64 Dp = round_up(D, NR);
+    const double coef = grad / (double)Bq;
+    const float cs = (float)(coef * scale);
+    double pos_dot = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : pos_dot) schedule(static)
+    for (i64 i = 0; i < Bq; ++i) {
+      const float *qi = q + i * D, *kp = k + (i + offset) * D, *a = dq_acc.data() + i * Dp;
+      float* dqi = dq + i * D;
+      for (i64 d = 0; d < D; ++d) dqi[d] = cs * (a[d] - kp[d]);
+      pos_dot += dot_d(qi, kp, D);
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 j = 0; j < Bk; ++j) {
+      const float* c = dk_acc.data() + j * Dp;
+      float* dkj = dk + j * D;
+      const i64 i = j - offset;  // the row whose positive is column j, if any
+      if (i >= 0 && i < Bq) {
+        const float* qi = q + i * D;
+        for (i64 d = 0; d < D; ++d) dkj[d] = cs * (c[d] - qi[d]);
+      } else {
+        for (i64 d = 0; d < D; ++d) dkj[d] = cs * c[d];
+      }
+    }
+    ds = coef * (sum_gdot - pos_dot);
+    db = coef * (sum_g - (double)Bq);
+  }
+  return py::make_tuple(ds, db);
+}
+
+}  // namespace
+
+void register_clip_loss(py::module_& m) {
+  m.def("clip_sym_fwd", &clip_sym_fwd, py::call_guard<py::gil_scoped_release>(),
+        "clip_sym_fwd(q, k, B, D, scale, bias, lse_row, lse_col, nthreads) -> loss; fp32 buffers by data_ptr",
+        py::arg("q"), py::arg("k"), py::arg("B"), py::arg("D"), py::arg("scale"), py::arg("bias"),
+        py::arg("lse_row"), py::arg("lse_col"), py::arg("nthreads") = 0);
+  m.def("clip_sym_bwd", &clip_sym_bwd,
+        "clip_sym_bwd(q, k, B, D, scale, bias, lse_row, lse_col, grad, dq, dk, nthreads) -> (dscale, dbias)",
+        py::arg("q"), py::arg("k"), py::arg("B"), py::arg("D"), py::arg("scale"), py::arg("bias"),
+        py::arg("lse_row"), py::arg("lse_col"), py::arg("grad"), py::arg("dq"), py::arg("dk"),
+        py::arg("nthreads") = 0);
+  m.def("clip_dir_fwd", &clip_dir_fwd, py::call_guard<py::gil_scoped_release>(),
+        "clip_dir_fwd(q, k, Bq, Bk, D, scale, bias, offset, lse, nthreads) -> loss", py::arg("q"), py::arg("k"),
+        py::arg("Bq"), py::arg("Bk"), py::arg("D"), py::arg("scale"), py::arg("bias"), py::arg("offset"),
+        py::arg("lse"), py::arg("nthreads") = 0);
+  m.def("clip_dir_bwd", &clip_dir_bwd,
+        "clip_dir_bwd(q, k, Bq, Bk, D, scale, bias, lse, offset, grad, dq, dk, nthreads) -> (dscale, dbias)",
+        py::arg("q"), py::arg("k"), py::arg("Bq"), py::arg("Bk"), py::arg("D"), py::arg("scale"), py::arg("bias"),
+        py::arg("lse"), py::arg("offset"), py::arg("grad"), py::arg("dq"), py::arg("dk"), py::arg("nthreads") = 0);
+}

@@ -1,0 +1,136 @@
+// CPU OpenMP kernels of the SigLIP loss primitives: siglip_fwd/bwd.
+// loss = (1/Bq) * (sum_ij softplus(S_ij) - sum_{positives} S_i,i+offset)   [= -(1/Bq) sum logsigmoid(z*S)]
+// G    = (g/Bq) * (sigmoid(S) - delta)                                    [the delta part applied per row at the end]
+// Elementwise in S: one tiled sweep forward, one backward (recompute), no B x B buffer.
+#include <pybind11/pybind11.h>
+
+#include "loss_common.h"
+
+namespace py = pybind11;
+using namespace bf;
+
+namespace {
+
+double siglip_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i64 D, double scale, double bias,
+                  i64 offset, int nthreads) {
+  nthreads = resolve_threads(nthreads);
+  const float* q = reinterpret_cast<const float*>(q_ptr);
+  const float* k = reinterpret_cast<const float*>(k_ptr);
+  const Affine aff((float)scale, (float)bias);
+  const Tiles t = choose_tiles(D);
+  const std::vector<float> kt = pack_panels(k, Bk, D, nthreads);
+  const i64 nrb = (Bq + t.MB - 1) / t.MB;
+  double total = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+  {
+    std::vector<float> tile((size_t)(t.MB * t.NB));
+#pragma omp for schedule(dynamic, 1)
+    for (i64 rb = 0; rb < nrb; ++rb) {
+      const i64 i0 = rb * t.MB, mb = std::min(t.MB, Bq - i0);
+      for (i64 j0 = 0; j0 < Bk; j0 += t.NB) {
+        const i64 nb = std::min(t.NB, Bk - j0);
+        gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
+                    tile.data(), t.NB, false);
+        V acc = V::zero();
+        float tail = 0;
+        for (i64 r = 0; r < mb; ++r) {
+          const float* d = tile.data() + r * t.NB;
+          i64 j = 0;
+          for (; j + 8 <= nb; j += 8) acc = acc + softplus_v(aff(V::load(d + j)));
+          for (; j < nb; ++j) tail += softplus_s(aff(d[j]));
+        }
+        total += (double)hsum(acc) + tail;  // per-tile fp32 partial, summed in double
+      }
+    }
+  }
+  double pos = 0;
+  const i64 i_end = std::min(Bq, Bk - offset);  // rows whose positive column exists
+#pragma omp parallel for num_threads(nthreads) reduction(+ : pos) schedule(static)
+  for (i64 i = 0; i < std::max<i64>(i_end, 0); ++i) pos += scale * dot_d(q + i * D, k + (i + offset) * D, D) + bias;
+  return (total - pos) / (double)Bq;
+}
+
+py::tuple siglip_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i64 D, double scale, double bias,
+                     i64 offset, double grad, std::uintptr_t dq_ptr, std::uintptr_t dk_ptr, int nthreads) {
+  double ds, db;
+  {
+    py::gil_scoped_release release;
+    nthreads = resolve_threads(nthreads);
+    const float* q = reinterpret_cast<const float*>(q_ptr);
+    const float* k = reinterpret_cast<const float*>(k_ptr);
+    float* dq = reinterpret_cast<float*>(dq_ptr);
+    float* dk = reinterpret_cast<float*>(dk_ptr);
+    const Affine aff((float)scale, (float)bias);
+    std::vector<float> dq_acc, dk_acc;
+    double sum_gdot = 0, sum_g = 0;
+    auto epi = [&](i64, i64 mb, i64, i64 nb, float* tile, i64 ld) {
+      V gd = V::zero(), gs = V::zero();
+      float gd_t = 0, gs_t = 0;
+      for (i64 r = 0; r < mb; ++r) {
+        float* d = tile + r * ld;
+        i64 j = 0;
+        for (; j + 8 <= nb; j += 8) {
+          const V dot = V::load(d + j), g = sigmoid_v(aff(dot));
+          gd = fmadd(g, dot, gd);
+          gs = gs + g;
+          g.store(d + j);
+        }
+        for (; j < nb; ++j) {
+          const float dot = d[j], g = sigmoid_s(aff(dot));
+          gd_t += g * dot;
+          gs_t += g;
+          d[j] = g;
+        }
+      }
+      return std::make_pair((double)hsum(gd) + gd_t, (double)hsum(gs) + gs_t);
+    };
+    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
+    const i64 Dp = round_up(D, NR);
+    const double coef = grad / (double)Bq;
+    const float cs = (float)(coef * scale);
+    double pos_dot = 0;
+    i64 npos = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : pos_dot, npos) schedule(static)
+    for (i64 i = 0; i < Bq; ++i) {
+      const float* a = dq_acc.data() + i * Dp;
+      float* dqi = dq + i * D;
+      const i64 j = i + offset;
+      if (j < Bk) {
+        const float* kj = k + j * D;
+        for (i64 d = 0; d < D; ++d) dqi[d] = cs * (a[d] - kj[d]);
+        pos_dot += dot_d(q + i * D, kj, D);
+        npos += 1;
+      } else {
+        for (i64 d = 0; d < D; ++d) dqi[d] = cs * a[d];
+      }
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (i64 j = 0; j < Bk; ++j) {
+      const float* c = dk_acc.data() + j * Dp;
+      float* dkj = dk + j * D;
+      const i64 i = j - offset;
+      if (i >= 0 && i < Bq) {
+        const float* qi = q + i * D;
+        for (i64 d = 0; d < D; ++d) dkj[d] = cs * (c[d] - qi[d]);
+      } else {
+        for (i64 d = 0; d < D; ++d) dkj[d] = cs * c[d];
+      }
+    }
+    ds = coef * (sum_gdot - pos_dot);
+    db = coef * (sum_g - (double)npos);
+  }
+  return py::make_tuple(ds, db);
+}
+
+}  // namespace
+
+void register_siglip_loss(py::module_& m) {
+  m.def("siglip_fwd", &siglip_fwd, py::call_guard<py::gil_scoped_release>(),
+        "siglip_fwd(q, k, Bq, Bk, D, scale, bias, offset, nthreads) -> loss; fp32 buffers by data_ptr", py::arg("q"),
+        py::arg("k"), py::arg("Bq"), py::arg("Bk"), py::arg("D"), py::arg("scale"), py::arg("bias"),
+        py::arg("offset"), py::arg("nthreads") = 0);
+  m.def("siglip_bwd", &siglip_bwd,
+        "siglip_bwd(q, k, Bq, Bk, D, scale, bias, offset, grad, dq, dk, nthreads) -> (dscale, dbias)", py::arg("q"),
+        py::arg("k"), py::arg("Bq"), py::arg("Bk"), py::arg("D"), py::arg("scale"), py::arg("bias"),
+        py::arg("offset"), py::arg("grad"), py::arg("dq"), py::arg("dk"), py::arg("nthreads") = 0);
+}
