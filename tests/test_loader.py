@@ -1,0 +1,284 @@
+import io
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from bioclip_fast.data import bundled, make_loader
+from bioclip_fast.data.loader import _dali_import_error
+from bioclip_fast.data.replay import build_bundled_replay
+from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_index, read_metadata
+from bioclip_fast.taxonomy import TEXT_TYPES, Taxon
+
+ROOT = bundled.butterflies_root()
+S = 32  # small images keep the suite fast on 2 cores
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
+needs_dali = pytest.mark.skipif(_dali_import_error() is not None, reason=f"DALI unavailable: {_dali_import_error()}")
+
+
+def _rows(n_per_species):
+    seen = Counter()
+    out = []
+    for r in read_metadata(ROOT / "metadata.csv"):
+        if seen[r["species"]] < n_per_species:
+            seen[r["species"]] += 1
+            out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loader")
+    rows = _rows(6)  # 60 images, 10 species
+    make_shards(ROOT, rows, tmp / "bio", samples_per_shard=16, workers=1, progress=False)
+    shards = sorted(str(p) for p in (tmp / "bio").glob("shard-*.tar"))
+    keys = [s["key"] for s in iter_shard_samples(shards)]
+    taxa = {Path(r["image"]).stem: Taxon.from_row(r) for r in rows}
+    build_bundled_replay(tmp / "replay", samples_per_shard=300)
+    replay = sorted(str(p) for p in (tmp / "replay").glob("*.tar"))
+    return {"tmp": tmp, "shards": shards, "keys": keys, "taxa": taxa, "replay": replay}
+
+
+@pytest.fixture(scope="module")
+def corrupt(data):
+    """A copy of the shards with garbage bytes in one JPEG and a truncated-in-place JPEG in another (the sidecar
+    and .idx stay valid), plus a foreign shard (no manifest, no index) with garbage, truncated and missing JPEGs."""
+    d = data["tmp"] / "corrupt"
+    shutil.copytree(Path(data["shards"][0]).parent, d)
+    tar = d / "shard-000001.tar"
+    idx = read_index(tar.with_suffix(".idx"))
+    buf = bytearray(tar.read_bytes())
+    bad = []
+    for j, mode in ((2, "garbage"), (9, "truncated")):
+        key, members = idx[j]
+        off, size = members["jpg"]
+        if mode == "garbage":
+            buf[off:off + size] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+        else:
+            buf[off + size // 2:off + size] = bytes(size - size // 2)
+        bad.append(key)
+    tar.write_bytes(bytes(buf))
+
+    foreign = data["tmp"] / "foreign"
+    foreign.mkdir()
+    good = []
+    with tarfile.open(foreign / "laion-like-000000.tar", "w") as tf:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+        for i, s in enumerate(iter_shard_samples(data["shards"][:1])):
+            if i >= 10:
+                break
+            jpg = s["jpg"]
+            if i == 3:
+                jpg = b"GARBAGE" * 200
+            elif i == 5:
+                jpg = jpg[: len(jpg) // 2]  # a really truncated file
+            else:
+                good.append(s["key"])
+            if i != 7:
+                add(f"{s['key']}.jpg", jpg)
+            else:
+                good.remove(s["key"])  # sample without an image member
+            for k, v in s["texts"].items():
+                add(f"{s['key']}.{k}", v.encode())
+    return {"shards": sorted(str(p) for p in d.glob("*.tar")), "bad": bad,
+            "foreign": [str(foreign / "laion-like-000000.tar")], "foreign_good": good}
+
+
+def _collect(loader, n=None):
+    out = []
+    for i, b in enumerate(loader):
+        out.append(b)
+        if n is not None and i + 1 == n:
+            break
+    return out
+
+
+def _keys(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def test_batch_contents(data):
+    loader = make_loader(data["shards"], 8, image_size=S, num_workers=0, backend="cpu")
+    assert loader.backend == "cpu" and len(loader) == 60 // 8
+    assert [t.label for t in loader.classes] == sorted({t.label for t in data["taxa"].values()})
+    batches = _collect(loader)
+    b = batches[0]
+    assert b["image"].shape == (8, 3, S, S) and b["image"].dtype == torch.float32
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    pixels = b["image"] * std + mean
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4 and pixels.std() > 0.05
+    assert set(b["text"]) == set(TEXT_TYPES)
+    for i, key in enumerate(b["key"]):
+        taxon = data["taxa"][key]
+        assert loader.classes[int(b["label"][i])].label == taxon.label
+        for tt in TEXT_TYPES:
+            assert torch.equal(b["text"][tt][i], TOKENIZER([taxon.text(tt)])[0])
+    assert loader.stats["samples"] == 56 and loader.stats["skipped_corrupt"] == 0
+
+
+def test_eval_order_covers_every_sample_once(data):
+    loader = make_loader(data["shards"], 7, image_size=S, num_workers=0, train=False, drop_last=False)
+    batches = _collect(loader)
+    assert _keys(batches) == data["keys"]  # no shuffle: archive order
+    assert [len(b["key"]) for b in batches] == [7] * 8 + [4]
+    # eval crops are deterministic: the center crop of the image
+    again = _collect(make_loader(data["shards"], 7, image_size=S, num_workers=0, train=False, drop_last=False))
+    assert torch.equal(batches[3]["image"], again[3]["image"])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_sharding_covers_each_sample_once(data, world_size):
+    per_rank = [_keys(_collect(make_loader(data["shards"], 4, image_size=S, num_workers=0, train=False,
+                                           drop_last=False, rank=r, world_size=world_size)))
+                for r in range(world_size)]
+    assert sorted(k for ks in per_rank for k in ks) == sorted(data["keys"])
+    assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+    # training: shuffled, equal batch counts on every rank, still disjoint
+    loaders = [make_loader(data["shards"], 4, image_size=S, num_workers=0, rank=r, world_size=world_size, seed=5)
+               for r in range(world_size)]
+    assert len({len(ld) for ld in loaders}) == 1
+    train_keys = [_keys(_collect(ld)) for ld in loaders]
+    flat = [k for ks in train_keys for k in ks]
+    assert len(flat) == len(set(flat)) == world_size * len(loaders[0]) * 4
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch(data):
+    def run(seed, epoch):
+        ld = make_loader(data["shards"], 6, image_size=S, num_workers=0, seed=seed, drop_last=False,
+                         shuffle_buffer=20)
+        ld.set_epoch(epoch)
+        return _collect(ld)
+
+    a, b = run(0, 0), run(0, 0)
+    assert _keys(a) == _keys(b) and all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert sorted(_keys(a)) == sorted(data["keys"])
+    assert _keys(a) != data["keys"]
+    assert _keys(run(1, 0)) != _keys(a)
+    assert _keys(run(0, 1)) != _keys(a)
+
+
+def test_resume_mid_epoch_gives_exactly_the_remaining_samples(data):
+    kw = dict(image_size=S, seed=3, shuffle_buffer=24, replay_shards=data["replay"], replay_batch_size=3)
+    ref = make_loader(data["shards"], 8, num_workers=0, **kw)
+    epoch0, epoch1 = _collect(ref), _collect(ref)
+    assert ref.epoch == 1 and _keys(epoch0) != _keys(epoch1)
+
+    first = make_loader(data["shards"], 8, num_workers=2, **kw)  # worker processes must not change the order
+    head = _collect(first, 3)
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["batches_consumed"] == 3
+
+    resumed = make_loader(data["shards"], 8, num_workers=2, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)  # a training loop calls this each epoch; a no-op for the restored epoch
+    tail = _collect(resumed)
+    assert _keys(head) + _keys(tail) == _keys(epoch0)
+    for x, y in zip(head + tail, epoch0):
+        assert torch.equal(x["image"], y["image"])
+        assert x["replay"]["key"] == y["replay"]["key"]
+        assert torch.equal(x["replay"]["image"], y["replay"]["image"])
+    assert _keys(_collect(resumed)) == _keys(epoch1)  # and the next epoch continues the same sequence
+    # the interrupted loader itself also continues where it stopped
+    assert _keys(_collect(first)) == _keys(epoch0)[24:]
+
+    other = make_loader(data["shards"], 4, num_workers=0, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_corrupt_samples_are_skipped_and_counted(data, corrupt):
+    good = [k for k in data["keys"] if k not in corrupt["bad"]]
+    ev = make_loader(corrupt["shards"], 5, image_size=S, num_workers=0, train=False, drop_last=False)
+    assert _keys(_collect(ev)) == good
+    assert ev.stats["skipped_corrupt"] == 2 and sorted(ev.skipped_keys) == sorted(corrupt["bad"])
+
+    tr = make_loader(corrupt["shards"], 5, image_size=S, num_workers=2, seed=1, drop_last=False)
+    batches = _collect(tr)
+    assert all(len(b["key"]) == 5 for b in batches)  # replacements keep the batch size fixed
+    keys = _keys(batches)
+    assert set(keys) == set(good) and not set(keys) & set(corrupt["bad"])
+    assert tr.stats["skipped_corrupt"] >= 2
+
+    fg = make_loader(corrupt["foreign"], 4, image_size=S, num_workers=0, train=False, drop_last=False)
+    assert _keys(_collect(fg)) == corrupt["foreign_good"]
+    assert fg.stats["skipped_corrupt"] == 3
+    assert {t.label for t in fg.classes} <= {t.label for t in data["taxa"].values()}
+
+
+def test_replay_part(data):
+    ld = make_loader(data["shards"], 8, image_size=S, num_workers=0, replay_shards=data["replay"],
+                     replay_batch_size=5, seed=2)
+    batches = _collect(ld)
+    captions = {s["key"]: s["texts"]["txt"] for s in iter_shard_samples(data["replay"])}
+    seen = []
+    for b in batches:
+        r = b["replay"]
+        assert r["image"].shape == (5, 3, S, S) and r["text"].shape == (5, 77) and len(r["key"]) == 5
+        for i, k in enumerate(r["key"]):
+            assert torch.equal(r["text"][i], TOKENIZER([captions[k]])[0])
+        seen += r["key"]
+    assert len(set(seen)) == len(seen)  # one replay stream, no repeats within its epoch
+    assert ld.stats["replay_samples"] == 5 * len(batches)
+    with pytest.raises(ValueError, match="replay needs both"):
+        make_loader(data["shards"], 8, replay_shards=data["replay"])
+
+
+def test_argument_errors(data):
+    with pytest.raises(ValueError, match="backend"):
+        make_loader(data["shards"], 8, backend="tpu")
+    with pytest.raises(ValueError, match="rank"):
+        make_loader(data["shards"], 8, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make_loader(data["shards"], 100)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        make_loader([data["shards"][0] + ".nope"], 8)
+    with pytest.raises(ValueError, match="unknown text types"):
+        make_loader(data["shards"], 8, text_types=("latin",))
+
+
+@needs_dali
+def test_dali_cpu_matches_cpu_backend(data, corrupt):
+    kw = dict(image_size=S, num_workers=1, seed=4, replay_shards=data["replay"], replay_batch_size=4,
+              device="cpu")
+    dali = make_loader(data["shards"], 8, backend="dali", **kw)
+    cpu = make_loader(data["shards"], 8, backend="cpu", **kw)
+    assert dali.backend == "dali"
+    a, b = _collect(dali), _collect(cpu)
+    assert len(a) == len(b) == len(dali)
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"] and torch.equal(x["label"], y["label"])
+        assert x["image"].shape == y["image"].shape == (8, 3, S, S)
+        # same crop boxes; only the two resamplers differ
+        assert (x["image"] - y["image"]).abs().mean() < 0.08
+        for tt in TEXT_TYPES:
+            assert torch.equal(x["text"][tt], y["text"][tt])
+        assert x["replay"]["key"] == y["replay"]["key"]
+        assert (x["replay"]["image"] - y["replay"]["image"]).abs().mean() < 0.08
+
+    ev = make_loader(corrupt["shards"], 5, image_size=S, num_workers=0, train=False, drop_last=False,
+                     backend="dali")
+    assert _keys(_collect(ev)) == [k for k in data["keys"] if k not in corrupt["bad"]]
+    assert ev.stats["skipped_corrupt"] == 2
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_dali_mixed_on_gpu_matches_cpu(data):
+    gpu = make_loader(data["shards"], 8, image_size=S, num_workers=1, device="cuda", seed=6)
+    assert gpu.backend == "dali"
+    cpu = make_loader(data["shards"], 8, image_size=S, num_workers=1, backend="cpu", seed=6)
+    for x, y in zip(_collect(gpu), _collect(cpu)):
+        assert x["image"].is_cuda and x["text"]["taxonomic"].is_cuda
+        assert x["key"] == y["key"]
+        assert (x["image"].cpu() - y["image"]).abs().mean() < 0.08
