@@ -1,0 +1,368 @@
+"""Training configuration: one dataclass, every field a CLI flag (`--lr`, `--zero-stage`, ...) and a YAML/JSON key.
+
+Precedence (later wins): dataclass defaults (= the BioCLIP 2 recipe) < preset < `--config FILE` < explicit CLI flags.
+
+Presets:
+- ``bioclip2``: the dataclass defaults — ViT-L/14, AdamW (0.9, 0.98), eps 1e-6, wd 0.2 (not on gains, biases,
+  logit_scale), lr 1e-4, 1,875 warmup steps then cosine, bf16, logit_scale clamped to ln(100), DeepSpeed ZeRO-2.
+- ``butterflies``: the no-argument CPU run — `bioclip-tiny` on the bundled butterfly shards, fp32 (bf16 autocast is
+  slower on most CPUs), plain torch AdamW (DeepSpeed adds nothing on one process), lr 2e-3 with a short warmup, and a
+  cosine schedule that follows the wall clock so the run anneals exactly within its `max_minutes` budget.
+  Chosen automatically when no `--data` is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+import types
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+BUNDLED = "bundled"  # `data` value meaning the package's bundled butterfly shards
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message names the offending key."""
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if flag is not None:
+        meta["flag"] = flag
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    model: str = _f("ViT-L-14", "open_clip model name or a bioclip_fast config (bioclip-tiny, bioclip-micro)")
+    pretrained: str | None = _f(None, "initialize from a local open_clip / bioclip_fast checkpoint file")
+    grad_checkpointing: bool = _f(False, "recompute transformer blocks in backward (less memory, ~1.33x compute)")
+    continual_proj: bool | None = _f(None, "add visual.continual_proj for replay images (default: on iff replay data)")
+    init_logit_scale: float = _f(math.log(1 / 0.07), "initial logit_scale (log of the inverse temperature)")
+    logit_scale_max: float = _f(math.log(100), "clamp logit_scale to at most this after every step (ln 100)")
+    # --- data
+    data: list[str] = _f([BUNDLED], "training shards: files, directories, globs or brace patterns; 'bundled'")
+    val_data: list[str] | None = _f(None, "held-out shards for zero-shot eval (default: bundled val if data is bundled)")
+    replay_data: list[str] | None = _f(None, "experience-replay shards (e.g. LAION), projected with continual_proj")
+    replay_batch_size: int | None = _f(None, "global replay batch (default: batch_size when replay_data is set)")
+    replay_weight: float = _f(1.0, "weight of the replay CLIP loss added to the biology loss")
+    text_types: list[str] | None = _f(None, "caption types to draw per step (default: all taxonomy.TEXT_TYPES)")
+    data_backend: str = _f("auto", "loader backend", choices=("auto", "dali", "cpu"))
+    num_workers: int = _f(4, "data loader worker processes per rank")
+    shuffle_buffer: int = _f(5000, "webdataset shuffle buffer (samples)")
+    # --- optimization
+    batch_size: int = _f(32768, "GLOBAL batch size (all ranks); BioCLIP used 32,768")
+    epochs: int = _f(30, "passes over the training data")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs for the schedule)")
+    max_minutes: float | None = _f(None, "wall-clock budget for the training loop (minutes)")
+    schedule_clock: str = _f("steps", "schedule progress by optimizer steps or by elapsed/max_minutes",
+                             choices=("steps", "time"))
+    lr: float = _f(1e-4, "peak learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+    warmup_steps: int = _f(1875, "linear warmup steps")
+    schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "const"))
+    weight_decay: float = _f(0.2, "AdamW weight decay (not applied to 1-D params, biases, logit_scale/bias)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.98, "AdamW beta2")
+    eps: float = _f(1e-6, "AdamW epsilon")
+    grad_clip: float | None = _f(None, "clip the global grad norm to this (default: no clipping)")
+    precision: str = _f("bf16", "bf16 (autocast / DeepSpeed bf16 with fp32 master weights) or fp32",
+                        choices=("bf16", "fp32"))
+    # --- loss
+    loss: str = _f("fused", "contrastive loss implementation (open_clip = reference ClipLoss)",
+                   choices=("fused", "open_clip"))
+    local_loss: bool = _f(True, "each rank computes loss rows for its own samples only")
+    gather_with_grad: bool = _f(True, "all-gather features with gradient (needed for exact local loss)")
+    grad_cache_chunk: int = _f(0, "GradCache: encode the per-rank batch in chunks of this many samples (0 = off)")
+    dedup_text: bool = _f(True, "encode each distinct caption once per step (exact; captions repeat per species)")
+    # --- engine
+    engine: str = _f("auto", "deepspeed, torch (plain AdamW), or auto (deepspeed when >1 process or on GPU)",
+                     choices=("auto", "deepspeed", "torch"))
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    deepspeed_config: str | None = _f(None, "DeepSpeed JSON to start from (batch/optimizer keys are checked)")
+    # --- runtime
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    threads: int | None = _f(None, "torch CPU threads (default: all cores)")
+    channels_last: bool = _f(False, "channels_last memory format for images")
+    seed: int = _f(0, "seed for init, data order, augmentation and caption types")
+    out: str | None = _f(None, "run directory (default: runs/<timestamp>)")
+    resume: str | None = _f(None, "'auto' (latest in --out if any), a run dir, or a checkpoint dir")
+    save_every: int = _f(1000, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "keep this many most recent checkpoints")
+    log_every: int = _f(1, "log a JSONL record every N steps")
+    nonfinite: str = _f("error", "non-finite loss: stop with an error, or skip the step", choices=("error", "skip"))
+    max_nonfinite_skips: int = _f(10, "with nonfinite=skip: consecutive skipped steps before giving up")
+    eval_at_end: bool = _f(True, "zero-shot top-1/top-5 on val_data at the end (results.json)")
+    eval_every: int = _f(0, "also run the zero-shot eval every N steps (0 = only at the end)")
+    peak_tflops: float | None = _f(None, "peak dense bf16 TFLOP/s per device for MFU (default: by GPU name)")
+    progress: bool = _f(True, "tqdm progress bar")
+    preset: str | None = _f(None, "bioclip2 (the recipe, = defaults) or butterflies (the no-argument CPU run)",
+                            choices=("bioclip2", "butterflies"))
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        cfg = cls()
+        cfg.update(d, source=source)
+        return cfg
+
+    def update(self, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        names = {f.name for f in fields(self)}
+        hints = get_type_hints(type(self))
+        for key, value in d.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                close = [n for n in names if n.split("_")[0] == name.split("_")[0]]
+                hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+            setattr(self, name, _coerce(name, value, hints[name], source))
+        return self
+
+    @property
+    def uses_bundled_data(self) -> bool:
+        return list(self.data) == [BUNDLED]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "bioclip2": {},
+    "butterflies": {
+        "model": "bioclip-tiny",
+        "data": [BUNDLED],
+        "batch_size": 64,
+        "epochs": 1000,  # bounded by max_minutes
+        "max_minutes": 3.5,
+        "schedule_clock": "time",
+        "lr": 2e-3,
+        "warmup_steps": 30,
+        "weight_decay": 0.1,
+        "precision": "fp32",
+        "engine": "torch",
+        "num_workers": 0,
+        "shuffle_buffer": 1000,
+        "save_every": 0,
+        "keep_checkpoints": 1,
+    },
+}
+
+
+def unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); `X` -> (X, False)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(get_args(hint))
+    return hint, False
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Coerce a YAML/JSON/CLI value to the field's annotated type, or raise ConfigError naming the key."""
+    base, optional = unwrap_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} cannot be null")
+    origin = get_origin(base)
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [str(v) for v in value]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{source}: {name}={value!r} is not a valid {getattr(base, '__name__', base)}")
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict of TrainConfig keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def resolve_config(
+    cli: dict[str, Any] | None = None, *, config_file: str | os.PathLike | None = None
+) -> TrainConfig:
+    """Build the effective config: defaults < preset < config file < CLI (only explicitly given flags)."""
+    cli = dict(cli or {})
+    file_values = load_config_file(config_file) if config_file else {}
+    preset = cli.get("preset") or file_values.get("preset")
+    if preset is None:
+        data_given = "data" in cli or "data" in file_values
+        preset = "bioclip2" if data_given else "butterflies"
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = TrainConfig()
+    cfg.update(PRESETS[preset], source=f"preset {preset}")
+    cfg.update(file_values, source=str(config_file))
+    cfg.update(cli, source="command line")
+    cfg.preset = preset
+    return cfg
+
+
+def validate_static(cfg: TrainConfig) -> None:
+    """Checks that need no data, devices or processes: run before any work starts."""
+    def bad(msg: str):
+        raise ConfigError(msg)
+
+    from bioclip_fast.model import get_model_config
+
+    try:
+        get_model_config(cfg.model)
+    except ValueError as e:
+        bad(f"model: {e}")
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        bad(f"pretrained: checkpoint file not found: {cfg.pretrained}")
+    if cfg.batch_size <= 0:
+        bad(f"batch_size must be positive, got {cfg.batch_size}")
+    if cfg.epochs <= 0:
+        bad(f"epochs must be positive, got {cfg.epochs}")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        bad(f"max_steps must be positive, got {cfg.max_steps}")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        bad(f"max_minutes must be positive, got {cfg.max_minutes}")
+    if cfg.schedule_clock == "time" and cfg.max_minutes is None:
+        bad("schedule_clock=time needs max_minutes (the schedule runs over that budget)")
+    for name in ("lr", "eps"):
+        if not getattr(cfg, name) > 0:
+            bad(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        bad(f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
+    if cfg.warmup_steps < 0:
+        bad(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.weight_decay < 0:
+        bad(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        bad(f"grad_clip must be positive, got {cfg.grad_clip}")
+    if cfg.grad_cache_chunk < 0:
+        bad(f"grad_cache_chunk must be >= 0, got {cfg.grad_cache_chunk}")
+    if cfg.save_every < 0 or cfg.log_every <= 0 or cfg.keep_checkpoints <= 0 or cfg.eval_every < 0:
+        bad("save_every/eval_every must be >= 0, log_every and keep_checkpoints > 0")
+    if cfg.num_workers < 0:
+        bad(f"num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.threads is not None and cfg.threads <= 0:
+        bad(f"threads must be positive, got {cfg.threads}")
+    if cfg.replay_batch_size is not None and cfg.replay_batch_size <= 0:
+        bad(f"replay_batch_size must be positive, got {cfg.replay_batch_size}")
+    if cfg.replay_batch_size is not None and not cfg.replay_data:
+        bad("replay_batch_size is set but replay_data is not")
+    if cfg.continual_proj is False and cfg.replay_data:
+        bad("replay_data needs continual_proj (replay images are projected with visual.continual_proj)")
+    if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
+        bad(f"deepspeed_config: file not found: {cfg.deepspeed_config}")
+    if cfg.deepspeed_config is not None and cfg.engine == "torch":
+        bad("deepspeed_config is set but engine=torch")
+    if cfg.text_types:
+        from bioclip_fast.taxonomy import TEXT_TYPES
+
+        unknown = [t for t in cfg.text_types if t not in TEXT_TYPES]
+        if unknown:
+            bad(f"text_types: unknown {unknown}; choose from {list(TEXT_TYPES)}")
+    for name in ("data", "val_data", "replay_data"):
+        _check_paths(name, getattr(cfg, name))
+    if not cfg.data:
+        bad("data: no training shards given")
+
+
+def _check_paths(name: str, specs: list[str] | None) -> None:
+    if not specs:
+        return
+    import glob
+
+    for spec in specs:
+        if spec == BUNDLED or "::" in spec or spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+            continue
+        if "{" in spec:  # webdataset brace pattern: check its directory
+            parent = Path(spec.split("{", 1)[0]).parent
+            if not parent.is_dir():
+                raise ConfigError(f"{name}: directory of shard pattern {spec!r} not found: {parent}")
+            continue
+        if any(c in spec for c in "*?[") and not glob.glob(spec):
+            raise ConfigError(f"{name}: no files match {spec!r}")
+        if not any(c in spec for c in "*?[") and not Path(spec).exists():
+            raise ConfigError(f"{name}: data path not found: {spec}")
+
+
+def validate_runtime(cfg: TrainConfig, *, world_size: int, per_rank_batch_min: int = 1) -> None:
+    """Checks that depend on the launch (world size)."""
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not divisible by the world size {world_size} "
+            f"(each rank takes batch_size / world_size samples)"
+        )
+    local = cfg.batch_size // world_size
+    if local < per_rank_batch_min:
+        raise ConfigError(f"batch_size={cfg.batch_size} gives {local} samples per rank; need >= {per_rank_batch_min}")
+    if cfg.grad_cache_chunk and local % cfg.grad_cache_chunk:
+        raise ConfigError(
+            f"per-rank batch {local} (batch_size {cfg.batch_size} / world size {world_size}) is not divisible by "
+            f"grad_cache_chunk={cfg.grad_cache_chunk}"
+        )
+    if cfg.replay_data:
+        rb = cfg.replay_batch_size or cfg.batch_size
+        if rb % world_size:
+            raise ConfigError(f"replay_batch_size={rb} is not divisible by the world size {world_size}")
+        if cfg.grad_cache_chunk and (rb // world_size) % cfg.grad_cache_chunk:
+            raise ConfigError(
+                f"per-rank replay batch {rb // world_size} is not divisible by grad_cache_chunk={cfg.grad_cache_chunk}"
+            )
+    if world_size > 1 and cfg.engine == "torch" and cfg.zero_stage:
+        pass  # the torch engine all-reduces gradients itself; ZeRO settings are simply unused
+
+
+def field_specs() -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """(name, type hint, default, metadata) for every config field: the CLI builds its flags from this."""
+    hints = get_type_hints(TrainConfig)
+    out = []
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f.name, hints[f.name], default, dict(f.metadata)))
+    return out

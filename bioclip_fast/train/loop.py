@@ -1,0 +1,503 @@
+"""The training loop: data -> ClipTrainModule -> fused CLIP loss (+ replay loss) -> engine step, with logging,
+atomic checkpoints, exact resume, wall-clock budgets, and a zero-shot evaluation at the end.
+
+    trainer = Trainer(cfg)        # validates the config, builds model, data, engine; resumes if asked
+    summary = trainer.fit()       # trains; writes metrics.jsonl, loss.png, model.pt, results.json in the run dir
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bioclip_fast.train import checkpoint as ckpt
+from bioclip_fast.train.config import ConfigError, TrainConfig, validate_runtime, validate_static
+from bioclip_fast.train.engine import (
+    ClipTrainModule,
+    DistInfo,
+    build_engine,
+    dist_info_from_env,
+    init_distributed,
+    resolve_device,
+    resolve_engine_kind,
+)
+from bioclip_fast.train.gradcache import grad_cache_step
+from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_memory_gb, peak_tflops_for
+
+log = logging.getLogger("bioclip_fast.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; raised before any optimizer step or checkpoint uses it."""
+
+
+def make_loss(cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
+    kw = dict(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
+              rank=info.rank, world_size=info.world_size)
+    if cfg.loss == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss(**kw)
+    from bioclip_fast.loss import FusedClipLoss
+
+    # the trainer checks the loss itself (and may skip the step), so no per-input finiteness reduction here
+    return FusedClipLoss(**kw, check_finite=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _broadcast_str(value: str | None, info: DistInfo) -> str | None:
+    if not info.distributed:
+        return value
+    obj = [value]
+    torch.distributed.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def _params_finite(module: torch.nn.Module) -> bool:
+    for p in module.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, info: DistInfo | None = None, build_data: bool = True):
+        self.cfg = cfg
+        self.info = info or dist_info_from_env()
+        validate_static(cfg)
+        validate_runtime(cfg, world_size=self.info.world_size)
+        self.device = resolve_device(cfg.device, self.info)
+        self.engine_kind = resolve_engine_kind(cfg, self.info, self.device)
+        if self.device.type == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+        init_distributed(self.info, self.device, self.engine_kind == "deepspeed")
+        self.local_batch = cfg.batch_size // self.info.world_size
+        replay_global = (cfg.replay_batch_size or cfg.batch_size) if cfg.replay_data else 0
+        self.local_replay = replay_global // self.info.world_size
+
+        self.run_dir = self._make_run_dir()
+        seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+        from bioclip_fast.model import create_model, get_tokenizer, image_mean_std
+
+        continual = cfg.continual_proj if cfg.continual_proj is not None else bool(cfg.replay_data)
+        self.clip = create_model(cfg.model, pretrained=cfg.pretrained, continual_proj=continual,
+                                 grad_checkpointing=cfg.grad_checkpointing, init_logit_scale=cfg.init_logit_scale)
+        if cfg.channels_last:
+            self.clip = self.clip.to(memory_format=torch.channels_last)
+        self.tokenizer = get_tokenizer(self.clip)
+        self.mean, self.std = image_mean_std(self.clip)
+        size = self.clip.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.text_types = tuple(cfg.text_types) if cfg.text_types else None
+
+        self.loader = self._make_train_loader() if build_data else None
+        self.steps_per_epoch = len(self.loader) if self.loader is not None else None
+        if cfg.max_steps is not None:
+            self.total_steps = cfg.max_steps
+        elif self.steps_per_epoch is not None:
+            self.total_steps = cfg.epochs * self.steps_per_epoch
+        else:
+            self.total_steps = None
+        self.module = ClipTrainModule(self.clip, logit_scale_max=cfg.logit_scale_max, dedup_text=cfg.dedup_text)
+        self.engine = build_engine(self.module, cfg, kind=self.engine_kind, device=self.device, info=self.info,
+                                   total_steps=self.total_steps, local_batch=self.local_batch,
+                                   local_replay_batch=self.local_replay)
+        self.loss_fn = make_loss(cfg, self.info)
+        self.flops = model_flops(self.clip.model_cfg)
+        peak = cfg.peak_tflops
+        if peak is None and self.device.type == "cuda":
+            peak = peak_tflops_for(torch.cuda.get_device_name(self.device))
+        self.meter = ThroughputMeter(self.flops, global_batch=cfg.batch_size, world_size=self.info.world_size,
+                                     peak_tflops=peak, grad_checkpointing=cfg.grad_checkpointing,
+                                     grad_cache=bool(cfg.grad_cache_chunk))
+        self.step = 0
+        self.elapsed_before = 0.0  # training seconds spent before a resume (time-clocked schedules)
+        self.consecutive_skips = 0
+        self.skipped_steps = 0
+        self.last_saved_step = -1
+        self.history: list[dict[str, Any]] = []
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _make_run_dir(self) -> Path:
+        out = self.cfg.out
+        if out is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            out = _broadcast_str(str(Path("runs") / stamp), self.info)
+        run_dir = Path(out)
+        if self.info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        return run_dir
+
+    def _shards(self, specs: list[str] | None, split: str) -> list[str] | None:
+        if not specs:
+            return None
+        out: list[str] = []
+        for s in specs:
+            if s == "bundled":
+                from bioclip_fast.data.bundled import default_shards
+
+                out.extend(default_shards(split))
+            else:
+                out.append(s)
+        return out
+
+    def _make_train_loader(self):
+        from bioclip_fast.data import loader as data_loader
+
+        cfg = self.cfg
+        return data_loader.make_loader(
+            self._shards(cfg.data, "train"), self.local_batch, image_size=self.image_size, mean=self.mean,
+            std=self.std, tokenizer=self.tokenizer,
+            text_types=self.text_types or data_loader.TEXT_TYPES, train=True, backend=cfg.data_backend,
+            device=self.device, rank=self.info.rank, world_size=self.info.world_size, seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, drop_last=True,
+            replay_shards=self._shards(cfg.replay_data, "train"), replay_batch_size=self.local_replay,
+        )
+
+    def _val_specs(self) -> list[str] | None:
+        if self.cfg.val_data:
+            return self._shards(self.cfg.val_data, "val")
+        if self.cfg.uses_bundled_data:
+            return self._shards(["bundled"], "val")
+        return None
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def loss_from_features(self, f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scale = f["logit_scale"].float().exp()
+        bias = f.get("logit_bias")
+        bias = bias.float() if bias is not None else None
+        bio = self.loss_fn(f["image"].float(), f["text"].float(), scale, bias)
+        parts = {"loss_bio": bio.detach()}
+        total = bio
+        if "replay_image" in f:
+            rep = self.loss_fn(f["replay_image"].float(), f["replay_text"].float(), scale, bias)
+            parts["loss_replay"] = rep.detach()
+            total = total + self.cfg.replay_weight * rep
+        return total, parts
+
+    def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().reshape(1).clone()
+        if self.info.distributed:
+            torch.distributed.all_reduce(t)
+            t /= self.info.world_size
+        return t
+
+    def _loss_ok(self, loss: torch.Tensor) -> bool:
+        # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
+        self._last_loss = float(self._global_mean(loss))
+        return math.isfinite(self._last_loss)
+
+    def train_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step on per-rank inputs {image, text[, replay_image, replay_text]}.
+
+        Returns {"loss": global mean loss, parts..., "skipped": bool}. Raises NonFiniteLossError (nonfinite=error).
+        """
+        cfg, engine = self.cfg, self.engine
+        if cfg.grad_cache_chunk:
+            loss, parts, ok = grad_cache_step(engine, self.loss_from_features, inputs, cfg.grad_cache_chunk,
+                                              check_loss=self._loss_ok)
+        else:
+            feats = engine.forward(**inputs)
+            loss, parts = self.loss_from_features(feats)
+            ok = self._loss_ok(loss)
+            if ok:
+                engine.backward(loss)
+        if not ok:
+            return self._handle_nonfinite(parts)
+        engine.step()
+        self.consecutive_skips = 0
+        out: dict[str, Any] = {"loss": self._last_loss, "skipped": False}
+        for k, v in parts.items():
+            out[k] = float(self._global_mean(v))
+        return out
+
+    def _handle_nonfinite(self, parts) -> dict[str, Any]:
+        msg = (f"non-finite loss ({self._last_loss}) at step {self.step}; no optimizer step was taken and no "
+               f"checkpoint is written from this state")
+        if self.cfg.nonfinite == "error":
+            raise NonFiniteLossError(msg + ". Lower --lr, enable --grad-clip, or use --nonfinite skip.")
+        self.engine.skip_step()
+        self.consecutive_skips += 1
+        self.skipped_steps += 1
+        log.warning("%s; skipping (%d in a row)", msg, self.consecutive_skips)
+        if self.consecutive_skips > self.cfg.max_nonfinite_skips:
+            raise NonFiniteLossError(f"{self.consecutive_skips} consecutive non-finite losses (last at step "
+                                     f"{self.step}); giving up")
+        return {"loss": self._last_loss, "skipped": True}
+
+    def batch_inputs(self, batch: dict[str, Any], step: int) -> tuple[dict[str, torch.Tensor], str]:
+        from bioclip_fast.taxonomy import TEXT_TYPES, text_type_for_step
+
+        tt = text_type_for_step(step, self.cfg.seed, self.text_types or TEXT_TYPES)
+        image = batch["image"]
+        if self.cfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        inputs = {"image": image, "text": batch["text"][tt]}
+        if "replay" in batch:
+            inputs["replay_image"] = batch["replay"]["image"]
+            inputs["replay_text"] = batch["replay"]["text"]
+        return inputs, tt
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        if not _params_finite(self.engine.module):
+            raise NonFiniteLossError(f"parameters are not finite at step {self.step}; refusing to write a checkpoint")
+        trainer_state = {
+            "step": self.step,
+            "loader": self.loader.state_dict() if self.loader is not None else None,
+            "elapsed_s": self._elapsed(),
+            "skipped_steps": self.skipped_steps,
+        }
+        meta = {"config": self.cfg.to_dict(), "time": datetime.now(timezone.utc).isoformat()}
+        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.engine, step=self.step,
+                                    trainer_state=trainer_state, meta=meta, keep=self.cfg.keep_checkpoints)
+        self.last_saved_step = self.step
+        return path
+
+    def _resume(self, spec: str) -> None:
+        where = self.run_dir if spec == "auto" else Path(spec)
+        found = ckpt.find_checkpoint(where)
+        if found is None:
+            if spec == "auto":
+                return  # nothing to resume: a fresh run
+            raise ConfigError(f"resume: no complete checkpoint under {spec}")
+        state = ckpt.load_checkpoint(found, self.engine)
+        self.step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.last_saved_step = self.step
+        if self.loader is not None and state.get("loader") is not None:
+            self.loader.load_state_dict(state["loader"])
+        if self.info.is_main:
+            log.info("resumed from %s at step %d", found, self.step)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _elapsed(self) -> float:
+        start = getattr(self, "_t_start", None)
+        return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
+
+    def _should_stop(self, budget_s: float | None) -> bool:
+        if self.step >= (self.total_steps or math.inf):
+            return True
+        if budget_s is None:
+            return False
+        flag = torch.tensor([1.0 if self._elapsed() >= budget_s else 0.0])
+        if self.info.distributed:  # rank 0's clock decides for everyone
+            flag = flag.to(self.device)
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _time_progress(self, budget_s: float) -> float:
+        p = torch.tensor([min(self._elapsed() / budget_s, 1.0)], dtype=torch.float64)
+        if self.info.distributed:
+            p = p.to(self.device)
+            torch.distributed.broadcast(p, src=0)
+        return float(p.item())
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, info = self.cfg, self.info
+        if self.loader is None:
+            raise RuntimeError("Trainer was built with build_data=False; call train_step() directly")
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+        jsonl = self.run_dir / "metrics.jsonl"
+        bar = tqdm(total=self.total_steps if self.total_steps and self.total_steps < 10**8 else None,
+                   initial=self.step, disable=not (info.is_main and cfg.progress), desc="train", unit="step",
+                   dynamic_ncols=True)
+        self._t_start = time.perf_counter()
+        it = iter(self.loader)
+        if info.is_main:
+            log.info("training %s on %s (%d per rank x %d ranks), %s engine, run dir %s", cfg.model, self.device,
+                     self.local_batch, info.world_size, self.engine.kind, self.run_dir)
+        while not self._should_stop(budget):
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:  # epoch done: the loader moves on to the next epoch
+                it = iter(self.loader)
+                batch = next(it)
+            t1 = time.perf_counter()
+            if cfg.schedule_clock == "time":
+                self.engine.scheduler.set_time_progress(self._time_progress(budget))
+            lr = self.engine.lr
+            inputs, tt = self.batch_inputs(batch, self.step)
+            res = self.train_step(inputs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
+            self.step += 1
+            rates = self.meter.record(t1 - t0, t2 - t1, self.module.last_text_fraction)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                rec = self._record(res, rates, lr, tt, t2 - t1 + t1 - t0)
+                if info.is_main:
+                    with jsonl.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                self.history.append(rec)
+                bar.set_postfix(loss=f"{res['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rates['img_s']:.0f}",
+                                refresh=False)
+            bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate(tag=f"step{self.step}")
+        bar.close()
+        train_seconds = self._elapsed()
+        if self.last_saved_step != self.step:
+            self.save()
+        return self._finish(train_seconds)
+
+    def _record(self, res, rates, lr, tt, step_s) -> dict[str, Any]:
+        mem, mem_kind = peak_memory_gb(self.device)
+        rec = {
+            "step": self.step,
+            "epoch": self.loader.epoch if self.loader is not None else None,
+            "loss": res["loss"],
+            **{k: v for k, v in res.items() if k.startswith("loss_")},
+            "skipped": res["skipped"],
+            "lr": lr,
+            "logit_scale": math.exp(self.engine.logit_scale_value()),
+            "text_type": tt,
+            "step_time_s": step_s,
+            **rates,
+            "peak_mem_gb": mem,
+            "peak_mem_kind": mem_kind,
+            "elapsed_s": self._elapsed(),
+        }
+        if self.engine.last_grad_norm is not None:
+            rec["grad_norm"] = self.engine.last_grad_norm
+        return rec
+
+    # ------------------------------------------------------------------------------------------------ the end
+    def export_model(self) -> Path | None:
+        """model.pt (bioclip_fast.model.save_model format) with the class list in meta."""
+        from bioclip_fast.model import create_model, save_model
+
+        state = self.engine.export_state_dict()
+        if not self.info.is_main:
+            return None
+        if self.engine.kind == "torch":
+            model = self.clip
+        else:
+            model = create_model(self.cfg.model, model_cfg=self.clip.model_cfg,
+                                 continual_proj=getattr(self.clip.visual, "continual_proj", None) is not None)
+            model.load_state_dict(state)
+        classes = self.loader.classes if self.loader is not None else []
+        meta = {
+            "classes": [c.to_dict() if hasattr(c, "to_dict") else str(c) for c in classes],
+            "class_names": [getattr(c, "scientific_name", str(c)) for c in classes],
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "text_types": list(self.text_types or ()),
+        }
+        self.export_module = model
+        return save_model(self.run_dir / "model.pt", model, meta=meta)
+
+    def evaluate(self, tag: str = "final") -> dict[str, Any] | None:
+        """Zero-shot top-1/top-5 on the held-out shards (rank 0); None when there is no val data."""
+        specs = self._val_specs()
+        if not specs or not self.info.is_main:
+            return None
+        from bioclip_fast.data.loader import make_loader
+
+        model = getattr(self, "export_module", None) if self.engine.kind != "torch" else self.clip
+        if model is None:
+            return None
+        val = make_loader(specs, min(256, max(self.local_batch, 32)), image_size=self.image_size, mean=self.mean,
+                          std=self.std, tokenizer=self.tokenizer, train=False, drop_last=False,
+                          backend=self.cfg.data_backend, device=self.device, num_workers=0)
+        was_training = model.training
+        model.eval()
+        model.to(self.device)
+        try:
+            from bioclip_fast.eval.zeroshot import zero_shot_eval
+
+            res = zero_shot_eval(model, self.tokenizer, val, val.classes, device=self.device, progress=False)
+        finally:
+            model.train(was_training)
+        res = {k: v for k, v in res.items()}
+        res["tag"], res["step"] = tag, self.step
+        if tag != "final":
+            with (self.run_dir / "evals.jsonl").open("a") as f:
+                f.write(json.dumps({k: v for k, v in res.items() if k != "per_class"}) + "\n")
+        return res
+
+    def _finish(self, train_seconds: float) -> dict[str, Any]:
+        from bioclip_fast.train.plots import plot_metrics
+
+        model_path = self.export_model()
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "train_seconds": train_seconds,
+            "skipped_steps": self.skipped_steps,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "engine": self.engine.kind,
+            "world_size": self.info.world_size,
+            "device": str(self.device),
+            "model": self.cfg.model,
+            "model_path": str(model_path) if model_path else None,
+            "loader_stats": dict(self.loader.stats) if self.loader is not None else None,
+        }
+        if self.history:
+            tail = self.history[-min(len(self.history), 20):]
+            summary["img_s"] = sum(r["img_s"] for r in tail) / len(tail)
+            summary["data_wait_frac"] = self.meter.total_data_wait / max(self.meter.total_time, 1e-9)
+        if self.cfg.eval_at_end:
+            t = time.perf_counter()
+            ev = self.evaluate("final")
+            if ev is not None:
+                summary["zero_shot"] = ev
+                summary["eval_seconds"] = time.perf_counter() - t
+        if self.info.is_main:
+            records = _read_jsonl(self.run_dir / "metrics.jsonl")
+            if records:
+                summary["plot"] = str(plot_metrics(records, self.run_dir / "loss.png",
+                                                   title=f"{self.cfg.model} · {self.engine.kind} · "
+                                                         f"{self.info.world_size} rank(s)"))
+            (self.run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+        if self.info.distributed:
+            torch.distributed.barrier()
+        return summary
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Metrics records, keeping the last record per step (a resumed run re-logs the steps after its checkpoint)."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        by_step[int(rec["step"])] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Build a Trainer and run it; returns the summary (also written to <run dir>/results.json)."""
+    return Trainer(cfg).fit()
