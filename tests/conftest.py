@@ -33,3 +33,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- trained model shared by the eval/analysis/predict tests (owned by the training tests) -------------------------
+TRAINED_MODEL_MINUTES = 1.0  # wall-clock training budget; the schedule anneals within it
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory):
+    """Run dir of a short `bioclip-fast train` default run (tiny model, bundled butterflies, ~1 min on 2 cores).
+
+    Contains `model.pt` (bioclip_fast.model.save_model format; meta["classes"] = the class list as dicts,
+    meta["class_names"] = scientific names), `results.json` (with zero-shot top-1 on the val split),
+    `metrics.jsonl`, `loss.png` and `checkpoints/`. Stable API: returns a pathlib.Path.
+    """
+    from bioclip_fast.train.config import resolve_config
+    from bioclip_fast.train.loop import Trainer
+
+    out = tmp_path_factory.mktemp("trained_model")
+    cfg = resolve_config({"out": str(out), "max_minutes": TRAINED_MODEL_MINUTES, "progress": False})
+    Trainer(cfg).fit()
+    assert (out / "model.pt").is_file()
+    return out
