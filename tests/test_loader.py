@@ -282,3 +282,14 @@ def test_dali_mixed_on_gpu_matches_cpu(data):
         assert x["image"].is_cuda and x["text"]["taxonomic"].is_cuda
         assert x["key"] == y["key"]
         assert (x["image"].cpu() - y["image"]).abs().mean() < 0.08
+
+
+def test_jpeg_structure_check(data):
+    from bioclip_fast.data.cpu import CorruptImage, image_size
+
+    jpg = next(iter_shard_samples(data["shards"][:1]))["jpg"]
+    assert image_size(jpg) == Image.open(io.BytesIO(jpg)).size
+    assert image_size(jpg + b"\x00camera-trailer" * 100) == Image.open(io.BytesIO(jpg)).size  # data after EOI
+    for bad in (jpg[: len(jpg) * 2 // 3], b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, jpg[:10]):
+        with pytest.raises(CorruptImage):
+            image_size(bad)

@@ -25,15 +25,17 @@ class CorruptImage(ValueError):
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the image header, after cheap structural checks.
 
-    A JPEG must start with SOI (FF D8 FF) and end with EOI (FF D9, trailing padding allowed): this catches garbage
-    bytes and truncated files before they reach a GPU decoder that would fail the whole batch.
+    A JPEG must have an EOI (FF D9) after its last scan: with the header parse this catches garbage bytes and
+    truncated files before they reach a GPU decoder that would fail the whole batch.
     """
     from PIL import Image
 
     if len(data) < 16:
         raise CorruptImage(f"only {len(data)} bytes")
-    if data[:3] == b"\xff\xd8\xff":
-        if b"\xff\xd9" not in data[-64:]:
+    if data[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in data[-64:]:
+        # Camera trailers may follow EOI; entropy-coded data cannot contain FF D9 / FF DA (0xFF is byte-stuffed),
+        # so a complete image has an EOI after its last start-of-scan marker.
+        if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda") or data.rfind(b"\xff\xda") < 0:
             raise CorruptImage("JPEG without end-of-image marker (truncated)")
     try:
         with Image.open(io.BytesIO(data)) as img:

@@ -13,6 +13,7 @@ decoded), resize, normalize. `benchmarks/bench_decode.py` also measures the plai
 from __future__ import annotations
 
 import collections
+import os
 from typing import Any
 
 import numpy as np
@@ -133,8 +134,11 @@ class DaliDecoder:
     def _pipelines(self):
         if self._pipes is None:
             ld = self.loader
+            # host threads: Huffman decoding of what the hardware JPEG engine does not take, resize on CPU
+            threads = ld.dali_threads or (max(2, min(8, (os.cpu_count() or 2) // 2)) if self.device_id is not None
+                                          else max(1, min(4, ld.num_workers or 1)))
             kw = dict(size=ld.image_size, mean=ld.mean, std=ld.std, device_id=self.device_id,
-                      num_threads=max(1, min(4, ld.num_workers or 1)), seed=ld.seed)
+                      num_threads=threads, seed=ld.seed)
             bio = _build_pipeline(_Source(self, "bio"), batch_size=ld.batch_size, **kw)
             rep = (_build_pipeline(_Source(self, "replay"), batch_size=ld.replay_batch_size, **kw)
                    if ld.replay_batch_size else None)

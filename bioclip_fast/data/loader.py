@@ -428,7 +428,8 @@ class Loader:
                  shuffle_buffer: int = 1000, num_workers: int = 2, drop_last: bool = True,
                  replay_shards=None, replay_batch_size: int = 0, shuffle: bool | None = None,
                  crop_scale: tuple[float, float] = cpu_ops.DEFAULT_SCALE,
-                 crop_ratio: tuple[float, float] = cpu_ops.DEFAULT_RATIO, progress: bool = False):
+                 crop_ratio: tuple[float, float] = cpu_ops.DEFAULT_RATIO, dali_threads: int | None = None,
+                 progress: bool = False):
         import open_clip
 
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -458,7 +459,7 @@ class Loader:
         self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer("ViT-B-32")
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
-        self.num_workers, self.drop_last = num_workers, drop_last
+        self.num_workers, self.drop_last, self.dali_threads = num_workers, drop_last, dali_threads
         self.shuffle = train if shuffle is None else bool(shuffle)
 
         self.source = ShardSet(shards, kind="bio", progress=progress)
@@ -612,8 +613,11 @@ class Loader:
         return batch
 
     def close(self) -> None:
-        self._dataloader = None  # persistent workers exit when the DataLoader is collected
-        self._dali = None
+        """Stop the worker processes now (they also stop when the loader is garbage collected)."""
+        dl, self._dataloader, self._dali = self._dataloader, None, None
+        it = getattr(dl, "_iterator", None) if dl is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def __repr__(self) -> str:
         return (f"Loader(backend={self.backend!r}, samples={self.source.num_samples}, shards={len(self.source)}, "
@@ -659,7 +663,8 @@ def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, st
     type, pre-tokenized per class); `key` list[str]; `label` LongTensor [B] indexing `loader.classes`; and
     `replay` {"image": [R,3,S,S], "text": [R, L], "key": [...]} when `replay_shards` and `replay_batch_size` are
     given. `backend="auto"` uses DALI (GPU decode) on a CUDA device and the PIL backend otherwise; `backend="dali"`
-    with `device="cpu"` runs DALI's CPU operators. Extra keywords: `shuffle`, `crop_scale`, `crop_ratio`.
+    with `device="cpu"` runs DALI's CPU operators. Extra keywords: `shuffle` (default: `train`), `crop_scale`
+    (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`.
     """
     return Loader(shards, batch_size, image_size=image_size, mean=mean, std=std, tokenizer=tokenizer,
                   text_types=text_types, train=train, backend=backend, device=device, rank=rank,
