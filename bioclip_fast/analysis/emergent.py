@@ -97,7 +97,9 @@ def _fdr(z: np.ndarray, groups: np.ndarray) -> float:
         mg = zg.mean(axis=0)
         sb += len(zg) * float(((mg - mean) ** 2).sum())
         sw += float(((zg - mg) ** 2).sum())
-    return sb / sw if sw > 0 else float("inf")
+    if sw > 0:
+        return sb / sw
+    return float("inf") if sb > 0 else float("nan")  # perfectly separated / no variation at all
 
 
 def intra_species_metrics(
