@@ -293,3 +293,11 @@ def test_jpeg_structure_check(data):
     for bad in (jpg[: len(jpg) * 2 // 3], b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, jpg[:10]):
         with pytest.raises(CorruptImage):
             image_size(bad)
+
+
+def test_eval_keeps_last_batch_by_default_and_replay_needs_captions(data):
+    ev = make_loader(data["shards"], 8, image_size=S, num_workers=0, train=False)
+    assert ev.drop_last is False and len(ev) == 8 and len(_keys(_collect(ev))) == 60
+    assert make_loader(data["shards"], 8, image_size=S, num_workers=0).drop_last is True
+    with pytest.raises(ValueError, match="no '.txt' caption member"):
+        make_loader(data["shards"], 8, replay_shards=data["shards"], replay_batch_size=2)

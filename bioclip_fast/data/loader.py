@@ -134,6 +134,14 @@ class ShardSet:
             raise ValueError(f"the shards hold no samples: {self.paths[:3]}{'...' if len(self.paths) > 3 else ''}")
         self._cache: OrderedDict[int, ShardEntries] = OrderedDict()
         self._lock = threading.Lock()
+        if kind == "caption":  # fail at construction, not inside a worker, when the shards have no captions
+            first = next(i for i, c in enumerate(self.counts) if c > 0)
+            members = self.entries(first).members[0]
+            if "txt" not in members:
+                raise ValueError(
+                    f"replay shard {self.paths[first]} has no '.txt' caption member (members: {sorted(members)}); "
+                    "replay needs LAION-style .jpg+.txt shards, e.g. bioclip_fast.data.bundled.replay_shards()"
+                )
 
     @staticmethod
     def _scan_taxa(path: str) -> list[Taxon | None]:
@@ -425,7 +433,7 @@ class Loader:
     def __init__(self, shards, batch_size: int, *, image_size: int = 224, mean=None, std=None, tokenizer=None,
                  text_types: Sequence[str] = TEXT_TYPES, train: bool = True, backend: str = "auto",
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, num_workers: int = 2, drop_last: bool = True,
+                 shuffle_buffer: int = 1000, num_workers: int = 2, drop_last: bool | None = None,
                  replay_shards=None, replay_batch_size: int = 0, shuffle: bool | None = None,
                  crop_scale: tuple[float, float] = cpu_ops.DEFAULT_SCALE,
                  crop_ratio: tuple[float, float] = cpu_ops.DEFAULT_RATIO, dali_threads: int | None = None,
@@ -459,6 +467,7 @@ class Loader:
         self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer("ViT-B-32")
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        drop_last = train if drop_last is None else bool(drop_last)
         self.num_workers, self.drop_last, self.dali_threads = num_workers, drop_last, dali_threads
         self.shuffle = train if shuffle is None else bool(shuffle)
 
@@ -655,7 +664,7 @@ def _dali_available() -> bool:
 def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, std=None, tokenizer=None,
                 text_types: Sequence[str] = TEXT_TYPES, train: bool = True, backend: str = "auto",
                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
-                shuffle_buffer: int = 1000, num_workers: int = 2, drop_last: bool = True, replay_shards=None,
+                shuffle_buffer: int = 1000, num_workers: int = 2, drop_last: bool | None = None, replay_shards=None,
                 replay_batch_size: int = 0, **kwargs) -> Loader:
     """Batches from TreeOfLife-layout shards.
 
@@ -665,6 +674,9 @@ def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, st
     given. `backend="auto"` uses DALI (GPU decode) on a CUDA device and the PIL backend otherwise; `backend="dali"`
     with `device="cpu"` runs DALI's CPU operators. Extra keywords: `shuffle` (default: `train`), `crop_scale`
     (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`.
+
+    `drop_last` defaults to `train`: training drops the incomplete last batch (equal batches on every rank), eval
+    keeps it so every sample is seen exactly once.
     """
     return Loader(shards, batch_size, image_size=image_size, mean=mean, std=std, tokenizer=tokenizer,
                   text_types=text_types, train=train, backend=backend, device=device, rank=rank,
