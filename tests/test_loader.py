@@ -47,21 +47,24 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corrupt(data):
-    """A copy of the shards with garbage bytes in one JPEG and a truncated-in-place JPEG in another (the sidecar
-    and .idx stay valid), plus a foreign shard (no manifest, no index) with garbage, truncated and missing JPEGs."""
+    """A copy of the shards with garbage bytes in one JPEG, a truncated-in-place JPEG and one whose scan header is
+    invalid (only a full decode notices), the sidecar and .idx still valid; plus a foreign shard (no manifest, no index) with garbage, truncated and missing JPEGs."""
     d = data["tmp"] / "corrupt"
     shutil.copytree(Path(data["shards"][0]).parent, d)
     tar = d / "shard-000001.tar"
     idx = read_index(tar.with_suffix(".idx"))
     buf = bytearray(tar.read_bytes())
     bad = []
-    for j, mode in ((2, "garbage"), (9, "truncated")):
+    for j, mode in ((2, "garbage"), (9, "truncated"), (5, "bad-scan")):
         key, members = idx[j]
         off, size = members["jpg"]
         if mode == "garbage":
             buf[off:off + size] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
-        else:
+        elif mode == "truncated":
             buf[off + size // 2:off + size] = bytes(size - size // 2)
+        else:  # structurally fine (header parses, EOI present) but the decoder rejects it
+            sos = bytes(buf[off:off + size]).find(b"\xff\xda")
+            buf[off + sos + 5] = 9  # the scan names a component the frame does not have
         bad.append(key)
     tar.write_bytes(bytes(buf))
 
@@ -201,14 +204,14 @@ def test_corrupt_samples_are_skipped_and_counted(data, corrupt):
     good = [k for k in data["keys"] if k not in corrupt["bad"]]
     ev = make_loader(corrupt["shards"], 5, image_size=S, num_workers=0, train=False, drop_last=False)
     assert _keys(_collect(ev)) == good
-    assert ev.stats["skipped_corrupt"] == 2 and sorted(ev.skipped_keys) == sorted(corrupt["bad"])
+    assert ev.stats["skipped_corrupt"] == 3 and sorted(ev.skipped_keys) == sorted(corrupt["bad"])
 
     tr = make_loader(corrupt["shards"], 5, image_size=S, num_workers=2, seed=1, drop_last=False)
     batches = _collect(tr)
     assert all(len(b["key"]) == 5 for b in batches)  # replacements keep the batch size fixed
     keys = _keys(batches)
     assert set(keys) == set(good) and not set(keys) & set(corrupt["bad"])
-    assert tr.stats["skipped_corrupt"] >= 2
+    assert tr.stats["skipped_corrupt"] >= 3
 
     fg = make_loader(corrupt["foreign"], 4, image_size=S, num_workers=0, train=False, drop_last=False)
     assert _keys(_collect(fg)) == corrupt["foreign_good"]
@@ -266,10 +269,11 @@ def test_dali_cpu_matches_cpu_backend(data, corrupt):
         assert x["replay"]["key"] == y["replay"]["key"]
         assert (x["replay"]["image"] - y["replay"]["image"]).abs().mean() < 0.08
 
+    # host checks catch garbage/truncation; the bad scan fails inside DALI -> that batch is decoded on the CPU
     ev = make_loader(corrupt["shards"], 5, image_size=S, num_workers=0, train=False, drop_last=False,
                      backend="dali")
     assert _keys(_collect(ev)) == [k for k in data["keys"] if k not in corrupt["bad"]]
-    assert ev.stats["skipped_corrupt"] == 2
+    assert ev.stats["skipped_corrupt"] == 3 and ev.stats["dali_fallback_batches"] == 1
 
 
 @pytest.mark.gpu

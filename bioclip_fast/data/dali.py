@@ -13,11 +13,14 @@ decoded), resize, normalize. `benchmarks/bench_decode.py` also measures the plai
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _build_pipeline(source, *, batch_size: int, size: int, mean, std, device_id: int | None, num_threads: int,
@@ -84,14 +87,16 @@ class _Demux:
             self.pending_skipped += raw["skipped"]
             if not raw["key"]:
                 continue
-            self.bio.append(_inputs(raw))
+            bio_in = _inputs(raw)
+            self.bio.append(bio_in)
             meta = {"key": raw["key"], "label": raw["label"], "skipped": self.pending_skipped,
-                    "_advance": self.pending_advance}
+                    "_advance": self.pending_advance, "inputs": bio_in}
             self.pending_advance, self.pending_skipped = 0, []
             if self.with_replay:
                 r = raw["replay"]
-                self.replay.append(_inputs(r))
-                meta["replay"] = {"key": r["key"], "text": r["text"], "skipped": r["skipped"]}
+                rep_in = _inputs(r)
+                self.replay.append(rep_in)
+                meta["replay"] = {"key": r["key"], "text": r["text"], "skipped": r["skipped"], "inputs": rep_in}
             self.meta.append(meta)
             return True
 
@@ -145,6 +150,36 @@ class DaliDecoder:
             self._pipes = (bio, rep)
         return self._pipes
 
+    def _cpu_part(self, inputs, keys: list[str], skipped: list[str]):
+        from bioclip_fast.data.cpu import CorruptImage, decode_crop_resize
+
+        keep, images = [], []
+        for i, (jpeg, anchor, shape) in enumerate(zip(*inputs)):
+            box = (int(anchor[0]), int(anchor[1]), int(shape[0]), int(shape[1]))
+            try:
+                images.append(decode_crop_resize(jpeg.tobytes(), box, self.loader.image_size))
+                keep.append(i)
+            except CorruptImage as e:
+                skipped.append(f"{keys[i]}: {e}")
+        s = self.loader.image_size
+        arr = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)
+        return self.loader.normalize(torch.from_numpy(arr).permute(0, 3, 1, 2)), keep
+
+    def _cpu_batch(self, meta: dict[str, Any]) -> dict[str, Any]:
+        ld = self.loader
+        skipped = list(meta["skipped"])
+        image, keep = self._cpu_part(meta["inputs"], meta["key"], skipped)
+        label = meta["label"][keep]
+        batch = {"image": image, "text": ld.tokens(label), "key": [meta["key"][i] for i in keep],
+                 "label": label.to(self.device), "skipped": skipped, "_advance": meta["_advance"]}
+        if "replay" in meta:
+            r = meta["replay"]
+            rskipped = list(r["skipped"])
+            rimage, rkeep = self._cpu_part(r["inputs"], r["key"], rskipped)
+            batch["replay"] = {"image": rimage, "text": r["text"][rkeep].to(self.device),
+                               "key": [r["key"][i] for i in rkeep], "skipped": rskipped}
+        return batch
+
     def decode(self, raw_batches):
         # a fresh pipeline per pass: a pass abandoned mid-epoch leaves prefetched iterations inside DALI
         self._pipes = None
@@ -159,6 +194,23 @@ class DaliDecoder:
                 except StopIteration:
                     ld.stats["skipped_corrupt"] += len(self.demux.pending_skipped)  # trailing all-corrupt batches
                     return
+                except RuntimeError as err:
+                    # An image passed the host checks but the decoder rejected it. Decode this batch on the CPU
+                    # (dropping what fails there too), re-queue the prefetched batches, rebuild the pipelines.
+                    if not self.demux.meta:
+                        raise
+                    log.warning("DALI failed on a batch, decoding it on the CPU instead: %s",
+                                str(err).strip().splitlines()[-1][:200])
+                    meta = self.demux.meta.popleft()
+                    batch = self._cpu_batch(meta)
+                    self.demux.bio = collections.deque(m["inputs"] for m in self.demux.meta)
+                    self.demux.replay = collections.deque(m["replay"]["inputs"] for m in self.demux.meta
+                                                          if "replay" in m)
+                    self._pipes = None
+                    bio_pipe, rep_pipe = self._pipelines()
+                    ld.stats["dali_fallback_batches"] = ld.stats.get("dali_fallback_batches", 0) + 1
+                    yield batch
+                    continue
                 meta = self.demux.meta.popleft()
                 batch = {"image": _to_torch(images, self.device), "text": ld.tokens(meta["label"]),
                          "key": meta["key"], "label": meta["label"].to(self.device), "skipped": meta["skipped"],
