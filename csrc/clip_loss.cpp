@@ -39,7 +39,7 @@ void forward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D, int nt
 }
 
 // Online LSE update of one row of a tile: (m, l) hold the running max and sum of exp(S - m).
-inline void row_lse_update(const float* d, i64 nb, const Affine& aff, float& m, float& l) {
+inline void row_lse_update(const float* d, i64 nb, const Affine& aff, float& m, double& l) {
   V mv = V::set1(NEG_INF);
   i64 j = 0;
   for (; j + 8 <= nb; j += 8) mv = vmax(mv, aff(V::load(d + j)));
@@ -51,31 +51,36 @@ inline void row_lse_update(const float* d, i64 nb, const Affine& aff, float& m, 
   for (j = 0; j + 8 <= nb; j += 8) sv = sv + vexp(aff(V::load(d + j)) - Mv);
   float s = hsum(sv);
   for (; j < nb; ++j) s += sexp(aff(d[j]) - M);
-  l = l * sexp(m - M) + s;
+  l = l * std::exp((double)m - (double)M) + (double)s;  // double across tiles: B_k/NB terms
   m = M;
 }
 
-// Online LSE update of the tile's columns into this thread's column partials (cm, cl: running max and sum).
-inline void col_lse_update(const float* tile, i64 ld, i64 mb, i64 nb, const Affine& aff, float* cm, float* cl) {
+// Column LSE of one tile (max and sum of exp(S - max) over its rows, fp32 vectors), merged into this thread's
+// running column partials (cm: max, cl: sum in double, so thousands of row blocks do not drift).
+inline void col_lse_update(const float* tile, i64 ld, i64 mb, i64 nb, const Affine& aff, float* cm, double* cl) {
   i64 j = 0;
+  alignas(32) float tm[8], ts[8];
   for (; j + 8 <= nb; j += 8) {
     V mv = V::set1(NEG_INF);
     for (i64 r = 0; r < mb; ++r) mv = vmax(mv, aff(V::load(tile + r * ld + j)));
-    const V mold = V::load(cm + j);
-    const V M = vmax(mold, mv);
-    V sv = V::load(cl + j) * vexp(mold - M);  // vexp(-inf) == 0 for untouched columns
-    for (i64 r = 0; r < mb; ++r) sv = sv + vexp(aff(V::load(tile + r * ld + j)) - M);
-    M.store(cm + j);
-    sv.store(cl + j);
+    V sv = V::zero();
+    for (i64 r = 0; r < mb; ++r) sv = sv + vexp(aff(V::load(tile + r * ld + j)) - mv);
+    mv.store(tm);
+    sv.store(ts);
+    for (int e = 0; e < 8; ++e) {
+      const float M = std::max(cm[j + e], tm[e]);
+      cl[j + e] = cl[j + e] * std::exp((double)cm[j + e] - M) + (double)ts[e] * std::exp((double)tm[e] - M);
+      cm[j + e] = M;
+    }
   }
   for (; j < nb; ++j) {
     float mt = NEG_INF;
     for (i64 r = 0; r < mb; ++r) mt = std::max(mt, aff(tile[r * ld + j]));
+    float st = 0;
+    for (i64 r = 0; r < mb; ++r) st += sexp(aff(tile[r * ld + j]) - mt);
     const float M = std::max(cm[j], mt);
-    float s = cl[j] * sexp(cm[j] - M);
-    for (i64 r = 0; r < mb; ++r) s += sexp(aff(tile[r * ld + j]) - M);
+    cl[j] = cl[j] * std::exp((double)cm[j] - M) + (double)st * std::exp((double)mt - M);
     cm[j] = M;
-    cl[j] = s;
   }
 }
 
@@ -87,8 +92,8 @@ double clip_sym_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D, do
   float* lse_row = reinterpret_cast<float*>(lse_row_ptr);
   float* lse_col = reinterpret_cast<float*>(lse_col_ptr);
   const Affine aff((float)scale, (float)bias);
-  std::vector<float> rm((size_t)B, NEG_INF), rl((size_t)B, 0.f);
-  std::vector<float> cm((size_t)(nthreads * B), NEG_INF), cl((size_t)(nthreads * B), 0.f);
+  std::vector<float> rm((size_t)B, NEG_INF), cm((size_t)(nthreads * B), NEG_INF);
+  std::vector<double> rl((size_t)B, 0.0), cl((size_t)(nthreads * B), 0.0);
   forward_sweep(q, k, B, B, D, nthreads, [&](int tid, i64 i0, i64 mb, i64 j0, i64 nb, const float* tile, i64 ld) {
     for (i64 r = 0; r < mb; ++r) row_lse_update(tile + r * ld, nb, aff, rm[i0 + r], rl[i0 + r]);
     col_lse_update(tile, ld, mb, nb, aff, cm.data() + tid * B + j0, cl.data() + tid * B + j0);
@@ -96,11 +101,11 @@ double clip_sym_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D, do
   double total = 0;
 #pragma omp parallel for num_threads(nthreads) reduction(+ : total) schedule(static)
   for (i64 i = 0; i < B; ++i) {
-    lse_row[i] = rm[i] + std::log(rl[i]);
+    lse_row[i] = (float)(rm[i] + std::log(rl[i]));
     float M = NEG_INF;
     for (int t = 0; t < nthreads; ++t) M = std::max(M, cm[t * B + i]);
     double s = 0;
-    for (int t = 0; t < nthreads; ++t) s += (double)cl[t * B + i] * std::exp((double)cm[t * B + i] - M);
+    for (int t = 0; t < nthreads; ++t) s += cl[t * B + i] * std::exp((double)cm[t * B + i] - M);
     lse_col[i] = (float)(M + std::log(s));
     const double diag = scale * dot_d(q + i * D, k + i * D, D) + bias;
     total += (double)lse_row[i] + (double)lse_col[i] - 2.0 * diag;
@@ -123,51 +128,25 @@ py::tuple clip_sym_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D,
     float* dk = reinterpret_cast<float*>(dk_ptr);
     const Affine aff((float)scale, (float)bias);
     std::vector<float> dq_acc, dk_acc;
-    double sum_gdot = 0, sum_g = 0;
-    // G (without the global factor) = softmax over the row + softmax over the column.
+    // G / coef = softmax over the row + softmax over the column - 2*delta (both directions' positives).
     auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld) {
-      V gd = V::zero(), gs = V::zero();
-      float gd_t = 0, gs_t = 0;
-      for (i64 r = 0; r < mb; ++r) {
-        float* d = tile + r * ld;
-        const float lr = lse_row[i0 + r];
-        const V lrv = V::set1(lr);
-        const float* lc = lse_col + j0;
-        i64 j = 0;
-        for (; j + 8 <= nb; j += 8) {
-          const V dot = V::load(d + j), S = aff(dot);
-          const V g = vexp(S - lrv) + vexp(S - V::load(lc + j));
-          gd = fmadd(g, dot, gd);
-          gs = gs + g;
-          g.store(d + j);
-        }
-        for (; j < nb; ++j) {
-          const float dot = d[j], S = aff(dot);
-          const float g = sexp(S - lr) + sexp(S - lc[j]);
-          gd_t += g * dot;
-          gs_t += g;
-          d[j] = g;
-        }
-      }
-      return std::make_pair((double)hsum(gd) + gd_t, (double)hsum(gs) + gs_t);
+      return grad_tile(
+          i0, mb, j0, nb, tile, ld, 0, 2.f,
+          [&](i64 r, i64 j, V dot) {
+            const V S = aff(dot);
+            return vexp(S - V::set1(lse_row[i0 + r])) + vexp(S - V::load(lse_col + j0 + j));
+          },
+          [&](i64 r, i64 j, float dot) {
+            const float S = aff(dot);
+            return sexp(S - lse_row[i0 + r]) + sexp(S - lse_col[j0 + j]);
+          });
     };
+    double sum_gdot = 0, sum_g = 0;
     backward_sweep(q, k, B, B, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
-    const i64 Dp = round_up(D, NR);
-    const double coef = 0.5 * grad / (double)B, pos = grad / (double)B;
-    const float cs = (float)(coef * scale), ps = (float)(pos * scale);
-    double diag_dot = 0;
-#pragma omp parallel for num_threads(nthreads) reduction(+ : diag_dot) schedule(static)
-    for (i64 i = 0; i < B; ++i) {
-      const float *qi = q + i * D, *ki = k + i * D, *a = dq_acc.data() + i * Dp, *c = dk_acc.data() + i * Dp;
-      float *dqi = dq + i * D, *dki = dk + i * D;
-      for (i64 d = 0; d < D; ++d) {
-        dqi[d] = cs * a[d] - ps * ki[d];
-        dki[d] = cs * c[d] - ps * qi[d];
-      }
-      diag_dot += dot_d(qi, ki, D);
-    }
-    ds = coef * sum_gdot - pos * diag_dot;
-    db = coef * sum_g - grad;
+    const double coef = 0.5 * grad / (double)B;
+    write_grads(dq_acc, dk_acc, B, B, D, (float)(coef * scale), dq, dk, nthreads);
+    ds = coef * sum_gdot;
+    db = coef * sum_g;
   }
   return py::make_tuple(ds, db);
 }
@@ -179,14 +158,15 @@ double clip_dir_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, 
   const float* k = reinterpret_cast<const float*>(k_ptr);
   float* lse = reinterpret_cast<float*>(lse_ptr);
   const Affine aff((float)scale, (float)bias);
-  std::vector<float> rm((size_t)Bq, NEG_INF), rl((size_t)Bq, 0.f);
+  std::vector<float> rm((size_t)Bq, NEG_INF);
+  std::vector<double> rl((size_t)Bq, 0.0);
   forward_sweep(q, k, Bq, Bk, D, nthreads, [&](int, i64 i0, i64 mb, i64, i64 nb, const float* tile, i64 ld) {
     for (i64 r = 0; r < mb; ++r) row_lse_update(tile + r * ld, nb, aff, rm[i0 + r], rl[i0 + r]);
   });
   double total = 0;
 #pragma omp parallel for num_threads(nthreads) reduction(+ : total) schedule(static)
   for (i64 i = 0; i < Bq; ++i) {
-    lse[i] = rm[i] + std::log(rl[i]);
+    lse[i] = (float)(rm[i] + std::log(rl[i]));
     total += (double)lse[i] - (scale * dot_d(q + i * D, k + (i + offset) * D, D) + bias);
   }
   return total / (double)Bq;
@@ -207,56 +187,17 @@ py::tuple clip_dir_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 B
     const Affine aff((float)scale, (float)bias);
     std::vector<float> dq_acc, dk_acc;
     double sum_gdot = 0, sum_g = 0;
-    auto epi = [&](i64 i0, i64 mb, i64, i64 nb, float* tile, i64 ld) {
-      V gd = V::zero(), gs = V::zero();
-      float gd_t = 0, gs_t = 0;
-      for (i64 r = 0; r < mb; ++r) {
-        float* d = tile + r * ld;
-        const float lr = lse[i0 + r];
-        const V lrv = V::set1(lr);
-        i64 j = 0;
-        for (; j + 8 <= nb; j += 8) {
-          const V dot = V::load(d + j);
-          const V g = vexp(aff(dot) - lrv);
-          gd = fmadd(g, dot, gd);
-          gs = gs + g;
-          g.store(d + j);
-        }
-        for (; j < nb; ++j) {
-          const float dot = d[j], g = sexp(aff(dot) - lr);
-          gd_t += g * dot;
-          gs_t += g;
-          d[j] = g;
-        }
-      }
-      return std::make_pair((double)hsum(gd) + gd_t, (double)hsum(gs) + gs_t);
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld) {
+      return grad_tile(
+          i0, mb, j0, nb, tile, ld, offset, 1.f,
+          [&](i64 r, i64, V dot) { return vexp(aff(dot) - V::set1(lse[i0 + r])); },
+          [&](i64 r, i64, float dot) { return sexp(aff(dot) - lse[i0 + r]); });
     };
     backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
-    const i64 Dp = round_up(D, NR);
     const double coef = grad / (double)Bq;
-    const float cs = (float)(coef * scale);
-    double pos_dot = 0;
-#pragma omp parallel for num_threads(nthreads) reduction(+ : pos_dot) schedule(static)
-    for (i64 i = 0; i < Bq; ++i) {
-      const float *qi = q + i * D, *kp = k + (i + offset) * D, *a = dq_acc.data() + i * Dp;
-      float* dqi = dq + i * D;
-      for (i64 d = 0; d < D; ++d) dqi[d] = cs * (a[d] - kp[d]);
-      pos_dot += dot_d(qi, kp, D);
-    }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 j = 0; j < Bk; ++j) {
-      const float* c = dk_acc.data() + j * Dp;
-      float* dkj = dk + j * D;
-      const i64 i = j - offset;  // the row whose positive is column j, if any
-      if (i >= 0 && i < Bq) {
-        const float* qi = q + i * D;
-        for (i64 d = 0; d < D; ++d) dkj[d] = cs * (c[d] - qi[d]);
-      } else {
-        for (i64 d = 0; d < D; ++d) dkj[d] = cs * c[d];
-      }
-    }
-    ds = coef * (sum_gdot - pos_dot);
-    db = coef * (sum_g - (double)Bq);
+    write_grads(dq_acc, dk_acc, Bq, Bk, D, (float)(coef * scale), dq, dk, nthreads);
+    ds = coef * sum_gdot;
+    db = coef * sum_g;
   }
   return py::make_tuple(ds, db);
 }

@@ -337,6 +337,59 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
   sum_g = tot_g;
 }
 
+// Backward epilogue of one tile: replace the dot products by G = g(S) - delta*[j == i + offset] in place (the
+// positive's -delta is applied inside the tile, before any product, so no cancellation against a large
+// separately-computed term) and return (sum G*dot, sum G). Row sums are flushed to double per row.
+// gv(r, j, dot8) -> G for 8 columns of row r starting at j; gs(r, j, dot) -> G for one column.
+template <class GV, class GS>
+inline std::pair<double, double> grad_tile(i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, i64 offset,
+                                           float delta, GV gv, GS gs) {
+  double sum_gdot = 0, sum_g = 0;
+  for (i64 r = 0; r < mb; ++r) {
+    float* d = tile + r * ld;
+    const i64 jp = i0 + r + offset - j0;
+    const bool has_pos = jp >= 0 && jp < nb;
+    const float dot_pos = has_pos ? d[jp] : 0.f;
+    V a = V::zero(), b = V::zero();
+    float at = 0, bt = 0;
+    i64 j = 0;
+    for (; j + 8 <= nb; j += 8) {
+      const V dot = V::load(d + j), g = gv(r, j, dot);
+      a = fmadd(g, dot, a);
+      b = b + g;
+      g.store(d + j);
+    }
+    for (; j < nb; ++j) {
+      const float dot = d[j], g = gs(r, j, dot);
+      at += g * dot;
+      bt += g;
+      d[j] = g;
+    }
+    double rgd = (double)hsum(a) + at, rg = (double)hsum(b) + bt;
+    if (has_pos) {
+      d[jp] -= delta;
+      rgd -= (double)delta * dot_pos;
+      rg -= delta;
+    }
+    sum_gdot += rgd;
+    sum_g += rg;
+  }
+  return {sum_gdot, sum_g};
+}
+
+// Final pass of every backward: dq = cs * dq_acc, dk = cs * dk_acc (dropping the D padding).
+inline void write_grads(const std::vector<float>& dq_acc, const std::vector<float>& dk_acc, i64 Bq, i64 Bk, i64 D,
+                        float cs, float* dq, float* dk, int nthreads) {
+  const i64 Dp = round_up(D, NR);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (i64 i = 0; i < std::max(Bq, Bk); ++i) {
+    if (i < Bq)
+      for (i64 d = 0; d < D; ++d) dq[i * D + d] = cs * dq_acc[i * Dp + d];
+    if (i < Bk)
+      for (i64 d = 0; d < D; ++d) dk[i * D + d] = cs * dk_acc[i * Dp + d];
+  }
+}
+
 // Epilogue helper: S = s*dot + b for 8 values.
 struct Affine {
   float s, b;

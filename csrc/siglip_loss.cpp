@@ -31,15 +31,15 @@ double siglip_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i6
         const i64 nb = std::min(t.NB, Bk - j0);
         gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
                     tile.data(), t.NB, false);
-        V acc = V::zero();
-        float tail = 0;
         for (i64 r = 0; r < mb; ++r) {
           const float* d = tile.data() + r * t.NB;
+          V acc = V::zero();
+          float tail = 0;
           i64 j = 0;
           for (; j + 8 <= nb; j += 8) acc = acc + softplus_v(aff(V::load(d + j)));
           for (; j < nb; ++j) tail += softplus_s(aff(d[j]));
+          total += (double)hsum(acc) + tail;  // fp32 within a row of the tile, double across rows and tiles
         }
-        total += (double)hsum(acc) + tail;  // per-tile fp32 partial, summed in double
       }
     }
   }
@@ -63,61 +63,16 @@ py::tuple siglip_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk,
     const Affine aff((float)scale, (float)bias);
     std::vector<float> dq_acc, dk_acc;
     double sum_gdot = 0, sum_g = 0;
-    auto epi = [&](i64, i64 mb, i64, i64 nb, float* tile, i64 ld) {
-      V gd = V::zero(), gs = V::zero();
-      float gd_t = 0, gs_t = 0;
-      for (i64 r = 0; r < mb; ++r) {
-        float* d = tile + r * ld;
-        i64 j = 0;
-        for (; j + 8 <= nb; j += 8) {
-          const V dot = V::load(d + j), g = sigmoid_v(aff(dot));
-          gd = fmadd(g, dot, gd);
-          gs = gs + g;
-          g.store(d + j);
-        }
-        for (; j < nb; ++j) {
-          const float dot = d[j], g = sigmoid_s(aff(dot));
-          gd_t += g * dot;
-          gs_t += g;
-          d[j] = g;
-        }
-      }
-      return std::make_pair((double)hsum(gd) + gd_t, (double)hsum(gs) + gs_t);
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld) {
+      return grad_tile(
+          i0, mb, j0, nb, tile, ld, offset, 1.f, [&](i64, i64, V dot) { return sigmoid_v(aff(dot)); },
+          [&](i64, i64, float dot) { return sigmoid_s(aff(dot)); });
     };
     backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
-    const i64 Dp = round_up(D, NR);
     const double coef = grad / (double)Bq;
-    const float cs = (float)(coef * scale);
-    double pos_dot = 0;
-    i64 npos = 0;
-#pragma omp parallel for num_threads(nthreads) reduction(+ : pos_dot, npos) schedule(static)
-    for (i64 i = 0; i < Bq; ++i) {
-      const float* a = dq_acc.data() + i * Dp;
-      float* dqi = dq + i * D;
-      const i64 j = i + offset;
-      if (j < Bk) {
-        const float* kj = k + j * D;
-        for (i64 d = 0; d < D; ++d) dqi[d] = cs * (a[d] - kj[d]);
-        pos_dot += dot_d(q + i * D, kj, D);
-        npos += 1;
-      } else {
-        for (i64 d = 0; d < D; ++d) dqi[d] = cs * a[d];
-      }
-    }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (i64 j = 0; j < Bk; ++j) {
-      const float* c = dk_acc.data() + j * Dp;
-      float* dkj = dk + j * D;
-      const i64 i = j - offset;
-      if (i >= 0 && i < Bq) {
-        const float* qi = q + i * D;
-        for (i64 d = 0; d < D; ++d) dkj[d] = cs * (c[d] - qi[d]);
-      } else {
-        for (i64 d = 0; d < D; ++d) dkj[d] = cs * c[d];
-      }
-    }
-    ds = coef * (sum_gdot - pos_dot);
-    db = coef * (sum_g - (double)npos);
+    write_grads(dq_acc, dk_acc, Bq, Bk, D, (float)(coef * scale), dq, dk, nthreads);
+    ds = coef * sum_gdot;
+    db = coef * sum_g;
   }
   return py::make_tuple(ds, db);
 }

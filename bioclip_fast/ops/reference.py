@@ -18,7 +18,8 @@ Conventions shared by all backends (see DESIGN.md, "Fused CLIP loss: the math"):
 
 Backward recomputes S chunk by chunk. With ``G = ∂loss/∂S`` (never stored whole):
   dq = scale·G@k,  dk = scale·Gᵀ@q,  dscale = Σ G∘(q@kᵀ),  dbias = Σ G.
-The "−δ" part of G (the positives) is applied once, outside the chunk loop, as a rank-1-per-row correction.
+The "−δ" part of G (the positives) is subtracted inside each chunk before the products, as the kernels do: folding
+it in afterwards would cancel two large terms and lose accuracy when the positives dominate.
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def _positive_rows(n_rows: int, n_cols: int, offset: int, device) -> tuple[torch
     j = i + offset
     keep = (j >= 0) & (j < n_cols)
     return i[keep], j[keep]
+
+
+def _sub_positives(P: torch.Tensor, i0: int, offset: int, n_cols: int, delta: float) -> None:
+    """P[r, i0 + r + offset] −= delta for the rows of this chunk whose positive column exists."""
+    r = torch.arange(P.shape[0], device=P.device)
+    j = r + i0 + offset
+    keep = (j >= 0) & (j < n_cols)
+    P[r[keep], j[keep]] -= delta
 
 
 def _finish_grads(q, k, scale, bias, dq, dk, dscale, dbias):
@@ -101,17 +110,13 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, *, chunk: int |
         # softmax over the row + softmax over the column; the ½·g/B factor is applied once at the end.
         P = torch.exp(S - lse_row[i0:i0 + c, None])
         P += torch.exp(S - lse_col[None, :])
+        _sub_positives(P, i0, 0, B, 2.0)  # −δ in each direction
         ds += (P * dot).sum()
         db += P.sum()
         dq[i0:i0 + c] = P @ kf
         dk.addmm_(P.t(), qc)
     coef = 0.5 * g / B
-    # Positives: −δ_ij in each direction → −g/B on the diagonal of G.
-    dq = (coef * s) * dq - (g / B * s) * kf
-    dk = (coef * s) * dk - (g / B * s) * qf
-    ds = coef * ds - g / B * (qf * kf).sum()
-    db = coef * db - g
-    return _finish_grads(q, k, scale, bias, dq, dk, ds, db)
+    return _finish_grads(q, k, scale, bias, (coef * s) * dq, (coef * s) * dk, coef * ds, coef * db)
 
 
 # --------------------------------------------------------------------------------------------------- CLIP (dir)
@@ -148,18 +153,13 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, *, chunk: int |
         qc = qf[i0:i0 + c]
         dot, S = _logits(qc, kt, s, b)
         P = torch.exp(S - lse[i0:i0 + c, None])
+        _sub_positives(P, i0, offset, Bk, 1.0)
         ds += (P * dot).sum()
         db += P.sum()
         dq[i0:i0 + c] = P @ kf
         dk.addmm_(P.t(), qc)
     coef = g / Bq
-    kpos = kf[offset:offset + Bq]
-    dq = (coef * s) * (dq - kpos)
-    dk = (coef * s) * dk
-    dk[offset:offset + Bq] -= (coef * s) * qf
-    ds = coef * (ds - (qf * kpos).sum())
-    db = coef * (db - Bq)
-    return _finish_grads(q, k, scale, bias, dq, dk, ds, db)
+    return _finish_grads(q, k, scale, bias, (coef * s) * dq, (coef * s) * dk, coef * ds, coef * db)
 
 
 # --------------------------------------------------------------------------------------------------- SigLIP
@@ -203,17 +203,10 @@ def siglip_bwd(q, k, scale, bias, offset: int, grad_loss, *, chunk: int | None =
         qc = qf[i0:i0 + c]
         dot, S = _logits(qc, kt, s, b)
         P = torch.sigmoid_(S)
+        _sub_positives(P, i0, offset, Bk, 1.0)
         ds += (P * dot).sum()
         db += P.sum()
         dq[i0:i0 + c] = P @ kf
         dk.addmm_(P.t(), qc)
     coef = g / Bq
-    dq = (coef * s) * dq
-    dk = (coef * s) * dk
-    ip, jp = _positive_rows(Bq, Bk, offset, q.device)
-    if ip.numel():
-        dq.index_add_(0, ip, -(coef * s) * kf[jp])
-        dk.index_add_(0, jp, -(coef * s) * qf[ip])
-        ds = ds - (qf[ip] * kf[jp]).sum()
-        db = db - ip.numel()
-    return _finish_grads(q, k, scale, bias, dq, dk, coef * ds, coef * db)
+    return _finish_grads(q, k, scale, bias, (coef * s) * dq, (coef * s) * dk, coef * ds, coef * db)
