@@ -99,7 +99,9 @@ class ShardSet:
                 labels.setdefault(c["label"], Taxon.from_row(c))
         self._dir_class_labels = {d: [c["label"] for c in m["classes"]] for d, m in manifests.items() if m}
         foreign: dict[int, list[Taxon | None]] = {}
-        for i, p in enumerate(self.paths):
+        from tqdm import tqdm
+
+        for i, p in enumerate(tqdm(self.paths, desc="index shards", unit="shard", disable=not progress)):
             d = os.path.dirname(os.path.abspath(p))
             m = manifests[d]
             if m is not None:
@@ -521,7 +523,10 @@ class Loader:
             self.epoch, self._consumed = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "epoch": self.epoch, "batches_consumed": self._consumed, "seed": self.seed,
+        """Position (epoch, batches consumed) and settings; order and crops are functions of these, so no RNG state
+        needs saving. Restore with `load_state_dict` on a loader built with the same shards and settings."""
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "batches_consumed": self._consumed,
+                "samples_consumed": self._consumed * self.batch_size, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "replay_batch_size": self.replay_batch_size, "dataset": self.source.fingerprint(),
                 "stats": dict(self.stats)}
