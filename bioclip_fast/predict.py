@@ -271,7 +271,9 @@ class BaseClassifier:
         return zero_shot_classifier(self.model, self.tokenizer, classes, text_types=list(text_types),
                                     templates=self.templates, device=self.device)
 
+    @torch.no_grad()
     def probabilities(self, features: torch.Tensor, txt_features: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes of the model's scaled cosine similarities (as CLIP's logits)."""
         scale = self.model.logit_scale.exp().float().reshape(-1)[0] if hasattr(self.model, "logit_scale") else 100.0
         return torch.softmax(scale * features @ txt_features, dim=1)
 

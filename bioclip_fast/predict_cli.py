@@ -84,8 +84,8 @@ def parse_cls(value: str) -> list[str]:
 class ErrorLog:
     """Reports skipped images on stderr, by name, and counts them."""
 
-    def __init__(self, stream: TextIO = sys.stderr):
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr  # looked up now, not at import: sys.stderr may be redirected
         self.count = 0
         self.bar = None  # a tqdm bar: skipped files advance it too, and messages do not tear it
 
