@@ -305,3 +305,23 @@ def test_eval_keeps_last_batch_by_default_and_replay_needs_captions(data):
     assert make_loader(data["shards"], 8, image_size=S, num_workers=0).drop_last is True
     with pytest.raises(ValueError, match="no '.txt' caption member"):
         make_loader(data["shards"], 8, replay_shards=data["shards"], replay_batch_size=2)
+
+
+@pytest.mark.parametrize("counts", [[10] * 7 + [3], [5], [100, 1, 1, 50]])
+def test_epoch_plan_is_a_partition_and_mixes_shards(counts):
+    from bioclip_fast.data.loader import EpochPlan
+
+    for world_size in (1, 2, 3):
+        for drop_last in (True, False):
+            seen = []
+            for rank in range(world_size):
+                plan = EpochPlan(np.array(counts), seed=1, epoch=2, rank=rank, world_size=world_size, shuffle=True,
+                                 shuffle_buffer=7, drop_last=drop_last)
+                seen += plan.locate(range(plan.n))
+            assert len(set(seen)) == len(seen)
+            assert all(0 <= j < counts[s] for s, j in seen)
+            assert len(seen) == (sum(counts) if not drop_last else sum(counts) // world_size * world_size)
+    # class-sorted shards: the first 16 positions already come from all 8 shards
+    plan = EpochPlan(np.array([100] * 8), seed=0, epoch=0, rank=0, world_size=1, shuffle=True, shuffle_buffer=16,
+                     drop_last=True)
+    assert len({s for s, _ in plan.locate(range(16))}) == 8

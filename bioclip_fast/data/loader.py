@@ -4,7 +4,8 @@ Sample order is a pure function of (seed, epoch, rank, position), computed from 
 
 1. the shards are permuted per epoch, and their samples concatenated;
 2. rank r takes a contiguous slice (equal lengths when `drop_last`, so every rank has the same number of batches);
-3. within the slice, consecutive blocks of `shuffle_buffer` samples are permuted.
+3. the slice is read round-robin from 8 equal segments ("lanes", so nearby positions come from distant shards),
+   and consecutive blocks of `shuffle_buffer` positions are permuted.
 
 Workers read samples by byte offset (DALI `.idx` files), so any batch can be produced independently: the position
 in the epoch is the whole loader state, a resumed run sees exactly the remaining samples in the same order, and
@@ -188,7 +189,7 @@ class ShardSet:
         e = ShardEntries(keys, members, labels)
         with self._lock:
             self._cache[i] = e
-            while len(self._cache) > 8:  # a few shards: the active shuffle window
+            while len(self._cache) > 24:  # the shards of the active shuffle window (one or two per lane)
                 self._cache.popitem(last=False)
         return e
 
@@ -200,7 +201,7 @@ class EpochPlan:
     """Rank-local order of one epoch: position p in [0, n) -> (shard index, sample index in shard)."""
 
     def __init__(self, counts: np.ndarray, *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool,
-                 shuffle_buffer: int, drop_last: bool):
+                 shuffle_buffer: int, drop_last: bool, lanes: int = 8):
         counts = np.asarray(counts, dtype=np.int64)
         self.order = (np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(counts)) if shuffle
                       else np.arange(len(counts)))
@@ -216,6 +217,13 @@ class EpochPlan:
         self.block = max(1, int(shuffle_buffer)) if shuffle else 1
         self.seed, self.epoch, self.rank, self.shuffle = seed, epoch, rank, shuffle
         self._perm_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        # Lanes: the slice is cut into `lanes` segments read round-robin, so a shuffle block mixes samples from
+        # several distant shards (shards are often written in class order; one shard per block would make batches
+        # nearly single-class).
+        self.lanes = max(1, min(int(lanes), self.n)) if shuffle else 1
+        base, extra = divmod(self.n, self.lanes)
+        self._lane_base, self._lane_extra = base, extra
+        self._lane_start = [i * base + min(i, extra) for i in range(self.lanes)]
 
     def _block_perm(self, k: int) -> np.ndarray:
         if k not in self._perm_cache:
@@ -235,6 +243,10 @@ class EpochPlan:
             if self.block > 1:
                 k = p // self.block
                 p = k * self.block + int(self._block_perm(k)[p - k * self.block])
+            if self.lanes > 1:
+                full = self._lane_base * self.lanes
+                lane, k = (p % self.lanes, p // self.lanes) if p < full else (p - full, self._lane_base)
+                p = self._lane_start[lane] + k
             g = self.start + p
             s = int(np.searchsorted(self.cum, g, side="right"))
             within = g - (int(self.cum[s - 1]) if s else 0)
@@ -286,7 +298,7 @@ class BatchReader:
     def _file(self, i: int):
         if i not in self._files:
             self._files[i] = open(self.shards.paths[i], "rb")  # noqa: SIM115 - cached, closed on eviction
-            while len(self._files) > 16:
+            while len(self._files) > 24:
                 self._files.popitem(last=False)[1].close()
         return self._files[i]
 
