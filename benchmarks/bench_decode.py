@@ -189,6 +189,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown backends {unknown}; choose from {list(plan)}")
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
+    load_before = os.getloadavg()
     results = {}
     from tqdm import tqdm
 
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "note": args.note,
+        # other processes on the machine skew CPU numbers; the 1-minute load average says how much
+        "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "results": results,
     }
     out = Path(args.out)
