@@ -503,6 +503,10 @@ class Loader:
             rcfg = dataclasses.replace(cfg, batch_size=replay_batch_size, seed=self.seed + 1, drop_last=True,
                                        shuffle=True)
             self._replay = BatchReader(self.replay_source, rcfg, decode=decode)
+            n_replay = self._replay.plan(0).n
+            if n_replay < replay_batch_size:
+                raise ValueError(f"the replay shards give rank {rank} {n_replay} samples, fewer than "
+                                 f"replay_batch_size={replay_batch_size}")
         n = self._bio.plan(0).n
         self._len = num_batches(n, batch_size, drop_last)
         if self._len == 0:
