@@ -1,8 +1,8 @@
 import csv
 import io
 import json
-import multiprocessing as mp
-import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -186,22 +186,19 @@ def test_split_is_deterministic_and_stratified():
         bundled.split(rows, val_fraction=1.0)
 
 
-def _race(cache: str, q) -> None:
-    os.environ["BIOCLIP_FAST_CACHE"] = cache
-    q.put(bundled.default_shards("val", workers=1))
+RACE = "import json; from bioclip_fast.data.bundled import default_shards; print(json.dumps(default_shards('val')))"
 
 
 def test_default_shards_build_once_under_a_race(tmp_path, monkeypatch):
+    # two independent processes (as two ranks at start-up) build the same cache entry at once
     monkeypatch.setenv("BIOCLIP_FAST_CACHE", str(tmp_path))
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(str(tmp_path), q)) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = []
     for p in procs:
-        p.start()
-    results = [q.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
     assert results[0] == results[1] and len(results[0]) == 2
     manifest = json.loads((Path(results[0][0]).parent / "manifest.json").read_text())
     assert manifest["num_samples"] == 167

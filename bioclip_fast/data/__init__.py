@@ -1,6 +1,25 @@
 """Data pipeline: TreeOfLife-layout shards (`shards`), the bundled butterflies (`bundled`), batch loading on DALI
-or CPU (`loader`, `dali`, `cpu`) and experience replay (`replay`)."""
-from bioclip_fast.data.loader import Loader, make_loader
-from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_metadata
+or CPU (`loader`, `dali`, `cpu`) and experience replay (`replay`).
 
-__all__ = ["Loader", "make_loader", "make_shards", "iter_shard_samples", "read_metadata"]
+Names are resolved lazily so `make-shards` and the bundled-data helpers do not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Loader": "bioclip_fast.data.loader",
+    "make_loader": "bioclip_fast.data.loader",
+    "make_shards": "bioclip_fast.data.shards",
+    "iter_shard_samples": "bioclip_fast.data.shards",
+    "read_metadata": "bioclip_fast.data.shards",
+    "TEXT_TYPES": "bioclip_fast.taxonomy",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bioclip_fast.data' has no attribute {name!r}")
