@@ -57,7 +57,10 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
 
 def _inputs(part: dict[str, Any]):
     boxes = part["box"].astype(np.float32)
-    return part["jpeg"], [b[:2].copy() for b in boxes], [b[2:].copy() for b in boxes]
+    buf = part["jpeg"].numpy()
+    ends = np.cumsum(part["jpeg_sizes"])
+    jpegs = [buf[e - n:e] for e, n in zip(ends, part["jpeg_sizes"])]
+    return jpegs, [b[:2].copy() for b in boxes], [b[2:].copy() for b in boxes]
 
 
 class _Demux:

@@ -366,7 +366,7 @@ class BatchReader:
             if self.decode:
                 images.append(img)
             else:
-                jpegs.append(np.frombuffer(data, dtype=np.uint8))
+                jpegs.append(data)
         out: dict[str, Any] = {"key": keys, "label": torch.as_tensor(labels, dtype=torch.long),
                                "skipped": skipped, "box": np.asarray(boxes, dtype=np.int32).reshape(-1, 4)}
         if self.decode:
@@ -374,7 +374,10 @@ class BatchReader:
             arr = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)
             out["image_u8"] = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
         else:
-            out["jpeg"] = jpegs
+            # one tensor for the whole batch: DataLoader moves it through shared memory instead of pickling
+            out["jpeg"] = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else \
+                torch.empty(0, dtype=torch.uint8)
+            out["jpeg_sizes"] = np.asarray([len(d) for d in jpegs], dtype=np.int64)
         if self.shards.kind == "caption":
             out["caption"] = captions
         return out
@@ -429,7 +432,8 @@ class _BatchDataset(torch.utils.data.Dataset):
             if "image_u8" in out:
                 out["image_u8"] = torch.cat([out["image_u8"], p["image_u8"]])
             else:
-                out["jpeg"] += p["jpeg"]
+                out["jpeg"] = torch.cat([out["jpeg"], p["jpeg"]])
+                out["jpeg_sizes"] = np.concatenate([out["jpeg_sizes"], p["jpeg_sizes"]])
         out["text"] = self.tokenizer(out["caption"]).long()
         return out
 
