@@ -48,7 +48,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corrupt(data):
     """A copy of the shards with garbage bytes in one JPEG, a truncated-in-place JPEG and one whose scan header is
-    invalid (only a full decode notices), the sidecar and .idx still valid; plus a foreign shard (no manifest, no index) with garbage, truncated and missing JPEGs."""
+    invalid (only a full decode notices), the sidecar and .idx still valid; plus a foreign shard (no manifest, no
+    index) with garbage, truncated and missing JPEGs."""
     d = data["tmp"] / "corrupt"
     shutil.copytree(Path(data["shards"][0]).parent, d)
     tar = d / "shard-000001.tar"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import threading
 from collections import OrderedDict
