@@ -238,3 +238,22 @@ def test_eval_cli_writes_json_markdown_png(tmp_path, micro):
     assert "| run | 10 |" in md and "zero-shot top-1" in md
     assert (out / "confusion_run.png").read_bytes()[:4] == b"\x89PNG"
     assert all(math.isfinite(v) for v in res["zeroshot"]["per_class"].values())
+
+
+def test_eval_data_from_shards_matches_csv_source(tmp_path, micro):
+    """Our webdataset shards and the CSV they were built from give the same classes and the same zero-shot result."""
+    from bioclip_fast.data.bundled import butterflies_root, read_metadata
+    from bioclip_fast.data.shards import make_shards
+    from bioclip_fast.eval.datasets import load_eval_data
+    from bioclip_fast.eval.zeroshot import class_name
+
+    model, tok = micro
+    root = butterflies_root()
+    rows = read_metadata(root / "metadata.csv")[::40]  # 21 images over several species
+    make_shards(root, rows, tmp_path / "shards", samples_per_shard=8, workers=1, image_size=32, progress=False)
+    sh = load_eval_data(tmp_path / "shards", model=model, tokenizer=tok, batch_size=8)
+    res = zero_shot_eval(model, tok, sh.loader, sh.classes, templates="simple", progress=False)
+    species = {r["scientific_name"] for r in rows}
+    assert res["n"] == len(rows)
+    assert {class_name(c) for c in sh.classes} == species
+    assert set(res["per_class"]) == species

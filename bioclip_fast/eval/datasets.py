@@ -235,7 +235,7 @@ def load_eval_data(
         mean, std = image_mean_std(model)
         loader = make_loader(
             _shard_list(source), batch_size, image_size=size, mean=mean, std=std, tokenizer=tokenizer,
-            train=False, device=device,
+            train=False, device=device, num_workers=num_workers,
         )
         return EvalData(loader, list(loader.classes), None, f"shards {source}")
     elif Path(source).is_dir():
