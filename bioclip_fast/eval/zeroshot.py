@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-TEXT_TYPES = ("taxonomic", "scientific", "common", "scientific_common", "taxonomic_common")
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from bioclip_fast.taxonomy import RANKS, TEXT_TYPES
 
 
 def _openai_templates() -> list[str]:
