@@ -295,7 +295,14 @@ def test_jpeg_structure_check(data):
     jpg = next(iter_shard_samples(data["shards"][:1]))["jpg"]
     assert image_size(jpg) == Image.open(io.BytesIO(jpg)).size
     assert image_size(jpg + b"\x00camera-trailer" * 100) == Image.open(io.BytesIO(jpg)).size  # data after EOI
-    for bad in (jpg[: len(jpg) * 2 // 3], b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, jpg[:10]):
+    img = Image.open(io.BytesIO(jpg)).crop((0, 0, 150, 100))
+    for fmt, kw in (("JPEG", {"progressive": True}), ("JPEG", {"exif": Image.Exif(), "quality": 50}),
+                    ("PNG", {}), ("WEBP", {})):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        assert image_size(buf.getvalue()) == (150, 100), fmt
+    for bad in (jpg[: len(jpg) * 2 // 3], b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, jpg[:10],
+                jpg[:2] + b"\xff\xe0\xff\xff" + jpg[6:]):  # a segment length that overruns the file
         with pytest.raises(CorruptImage):
             image_size(bad)
 
