@@ -250,9 +250,10 @@ class BaseClassifier:
             images = [images]
         bs = batch_size or self.batch_size
         pin = self.device.type == "cuda"
-        # Chunk the input so a generator of millions of paths is never materialized; each chunk feeds a DataLoader
-        # (parallel decoding when num_workers > 0) of several batches.
-        for chunk in _chunks(images, bs * max(8, 4 * self.num_workers)):
+        # A list is served by one DataLoader (workers start once). Other iterables are chunked so a generator of
+        # millions of paths is never materialized; each chunk feeds a DataLoader of several batches.
+        chunks = [images] if isinstance(images, Sequence) else _chunks(images, bs * max(8, 4 * self.num_workers))
+        for chunk in chunks:
             loader = torch.utils.data.DataLoader(
                 _ImageList(chunk, self.preprocess), batch_size=bs, num_workers=self.num_workers,
                 collate_fn=_collate, pin_memory=pin,
