@@ -88,15 +88,15 @@ def random_resized_crop_box(
     """torchvision's RandomResizedCrop.get_params, driven by `u` (UNIFORMS_PER_SLOT uniforms in [0, 1))."""
     area = w * h
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    u = u.reshape(N_ATTEMPTS, 4)
-    for a in range(N_ATTEMPTS):
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[a, 0])
-        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[a, 1])
+    u = np.asarray(u, dtype=np.float64).reshape(N_ATTEMPTS, 4).tolist()  # Python floats: no numpy-scalar overhead
+    for u_area, u_ratio, u_x, u_y in u:
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u_ratio)
         cw = int(round(math.sqrt(target_area * aspect)))
         ch = int(round(math.sqrt(target_area / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
-            x = min(int(u[a, 2] * (w - cw + 1)), w - cw)
-            y = min(int(u[a, 3] * (h - ch + 1)), h - ch)
+            x = min(int(u_x * (w - cw + 1)), w - cw)
+            y = min(int(u_y * (h - ch + 1)), h - ch)
             return x, y, cw, ch
     # fallback: central crop with the ratio clamped into range
     in_ratio = w / h
