@@ -359,6 +359,12 @@ def _finish_ids(tmp: Path, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bioclip_fast.eval.cli import report_errors
+
+    return report_errors(_run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     if args.command == "predict":

@@ -168,7 +168,7 @@ def test_plots_write_pngs(tmp_path):
         assert p.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_analyze_cli_compares_two_checkpoints(tmp_path):
+def test_analyze_cli_compares_two_checkpoints(tmp_path, capsys):
     import torch
 
     from bioclip_fast.cli import main
@@ -206,6 +206,9 @@ def test_analyze_cli_compares_two_checkpoints(tmp_path):
     assert "| small |" in md and "| large |" in md and "FDR⊥ sex" in md
     for png in ("comparison.png", "projection_small_family.png", "projection_large_family.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="not in the data"):
-        main(["analyze", "--checkpoint", str(tmp_path / "small"), "--data", str(data),
-              "--inter-attribute", "habitat", "--out", str(out)])
+    capsys.readouterr()
+    rc = main(["analyze", "--checkpoint", str(tmp_path / "small"), "--data", str(data),
+               "--inter-attribute", "habitat", "--out", str(out)])
+    assert rc == 2 and "habitat" in capsys.readouterr().err
+    rc = main(["analyze", "--checkpoint", str(tmp_path / "absent"), "--out", str(out)])
+    assert rc == 2 and "absent" in capsys.readouterr().err

@@ -221,6 +221,11 @@ def test_embed_cli_npy_and_parquet(setup, capsys, tmp_path, tol):
     assert rc == 0 and table.column("id").to_pylist() == setup["good"]
     np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), emb, atol=1e-6)
 
+    rc = main(["predict", *setup["good"], "--checkpoint", str(tmp_path / "absent.pt"), "--no-progress"])
+    assert rc == 2 and "absent.pt" in capsys.readouterr().err
+    rc = main(["predict", *setup["good"], "--checkpoint", str(setup["ckpt"]), "--bins", str(tmp_path / "no.csv")])
+    assert rc == 2 and "no.csv" in capsys.readouterr().err
+
     rc = main(["embed", str(setup["dir"] / "notes.jpg"), "--checkpoint", str(setup["ckpt"]), "-o",
                str(tmp_path / "none.npy"), "--no-progress", "--ids", str(tmp_path / "none.json")])
     assert rc == 1 and not (tmp_path / "none.npy").exists() and not (tmp_path / "none.json").exists()

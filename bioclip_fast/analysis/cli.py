@@ -128,6 +128,12 @@ def summary_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bioclip_fast.eval.cli import report_errors
+
+    return report_errors(_run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
     from bioclip_fast.eval.cli import default_device, model_label, resolve_checkpoint
     from bioclip_fast.eval.report import markdown_table, write_json

@@ -166,7 +166,21 @@ def summary_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def report_errors(fn, args: argparse.Namespace) -> int:
+    """Run a subcommand; input errors (missing files, bad columns, bad values) become one line on stderr and exit
+    code 2 instead of a traceback. Other exceptions are bugs and keep their traceback."""
+    try:
+        return fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    return report_errors(_run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from bioclip_fast.eval.report import confusion_matrix, markdown_table, plot_confusion, write_json
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
