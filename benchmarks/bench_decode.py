@@ -249,14 +249,17 @@ def plot(record: dict, path: Path) -> None:
     vals = [record["results"][k]["img_per_s"] for k in names]
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(names))))
     ax.barh(names, vals, color=["tab:green" if "mixed" in n else "tab:blue" for n in names])
-    for y, v in enumerate(vals):
-        ax.text(v, y, f" {v:,.0f}", va="center")
+    for y, (name, v) in enumerate(zip(names, vals)):
+        per_core = record["results"][name].get("img_per_s_per_core")
+        ax.text(v, y, f" {v:,.0f}" + (f"  ({per_core:,.0f}/core)" if per_core else ""), va="center", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("images / s")
     dev = record["gpu"] or record["cpu"]
+    load = record["load_average_1m"]
     ax.set_title(f"decode + crop + normalize, {record['image_size']} px, batch {record['batch_size']}\n{dev}, "
-                 f"{record['workers']} workers, {record['date'][:10]}", fontsize=9)
-    ax.set_xlim(0, max(vals + [1]) * 1.2)
+                 f"{record['workers']} workers, {record['date'][:10]}, load avg {load['before']}-{load['after']}",
+                 fontsize=9)
+    ax.set_xlim(0, max(vals + [1]) * 1.45)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
