@@ -229,3 +229,25 @@ def test_embed_cli_npy_and_parquet(setup, capsys, tmp_path, tol):
     rc = main(["embed", str(setup["dir"] / "notes.jpg"), "--checkpoint", str(setup["ckpt"]), "-o",
                str(tmp_path / "none.npy"), "--no-progress", "--ids", str(tmp_path / "none.json")])
     assert rc == 1 and not (tmp_path / "none.npy").exists() and not (tmp_path / "none.json").exists()
+
+
+def test_plain_open_clip_state_dict_and_labels_csv(setup, tmp_path, tol):
+    """An open_clip state dict (no bioclip_fast metadata) loads with model_name=; a metadata CSV gives the labels."""
+    from bioclip_fast.model import load_model
+
+    model = load_model(setup["ckpt"])[0]
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    rows = "image,kingdom,phylum,class,order,family,genus,species,common_name\n" \
+           "a.jpg,Animalia,Arthropoda,Insecta,Lepidoptera,Pieridae,Pieris,rapae,Cabbage White\n" \
+           "b.jpg,Animalia,Arthropoda,Insecta,Lepidoptera,Pieridae,Pieris,rapae,Cabbage White\n" \
+           "c.jpg,Animalia,Arthropoda,Insecta,Lepidoptera,Nymphalidae,Danaus,plexippus,Monarch\n"
+    (tmp_path / "labels.csv").write_text(rows)
+    with pytest.raises(ValueError, match="model_name"):
+        TreeOfLifeClassifier(tmp_path / "plain.pt", labels_csv=tmp_path / "labels.csv", device="cpu")
+    clf = TreeOfLifeClassifier(tmp_path / "plain.pt", model_name="bioclip-micro", labels_csv=tmp_path / "labels.csv",
+                               device="cpu", templates="simple")
+    preds = clf.predict(setup["good"][0], k=5)
+    assert [p["species"] for p in preds] and {p["species"] for p in preds} == {"Pieris rapae", "Danaus plexippus"}
+    a = next(clf.iter_image_features(setup["good"][:2]))[1]
+    b = next(tol.iter_image_features(setup["good"][:2]))[1]
+    torch.testing.assert_close(a, b)
