@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--train-data", default=None,
                         help="support / training images for few-shot and linear probe (default: the butterflies' "
-                             "train split for --data butterflies, else a seeded stratified half of --data)")
+                             "train split for --data butterflies --split val, else a seeded stratified half of "
+                             "--data)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     parser.add_argument("--text-types", default="taxonomic_common",
                         help="zero-shot text types: comma list of taxonomic, scientific, common, scientific_common, "
@@ -126,7 +127,8 @@ def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], 
     labels = np.array([names[i] for i in enc["labels"].tolist()], dtype=object)
 
     if "fewshot" in tasks or "linear" in tasks:
-        if args.train_data or args.data == "butterflies":
+        # the bundled train split is disjoint from val only; other splits fall back to a held-out half
+        if args.train_data or (args.data == "butterflies" and args.split == "val"):
             src = args.train_data or "butterflies"
             tdata = load_eval_data(src, split="train", **common)
             tenc = encode_images(model, tdata.loader, device=device, desc="eval: support images")
