@@ -11,8 +11,8 @@ Backends (each: JPEG decode, random-resized-crop, resize to --image-size, normal
 - torchvision         webdataset + `torchvision.io.decode_jpeg` + `v2.RandomResizedCrop` + `Normalize` in workers
 
 CPU results are also reported per core (img/s divided by the cores used). Writes
-`benchmarks/results/decode_<tag>.json` and `.png`. Default data: the bundled butterfly shards (224 px JPEGs),
-repeated until --images images have been processed per backend.
+`benchmarks/results/decode_<tag>.json` and `.png`. Default data: the bundled butterfly shards (224 px JPEGs,
+listed --repeat-shards times), cycled until --images images have been processed per backend.
 
     python benchmarks/bench_decode.py --image-size 224 --batch-size 128 --images 4000
 """
@@ -157,6 +157,9 @@ def bench_torchvision(shards, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", default=None, help="shard dir/pattern (default: bundled train shards)")
+    ap.add_argument("--repeat-shards", type=int, default=8,
+                    help="list the shards this many times (the bundled set is small; longer epochs keep GPU "
+                         "pipelines from draining at every epoch boundary)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--images", type=int, default=4000, help="images per backend after the first batch")
@@ -173,6 +176,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     shards = resolve_shards(args.shards) if args.shards else default_shards("train", progress=True)
+    if args.repeat_shards < 1:
+        ap.error("--repeat-shards must be >= 1")
+    shards = shards * args.repeat_shards
     cuda = torch.cuda.is_available()
     dali_err = _dali_import_error()
     plan = {
@@ -223,6 +229,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "shards": len(shards),
+        "repeat_shards": args.repeat_shards,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "workers": args.workers,

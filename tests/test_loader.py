@@ -269,6 +269,12 @@ def test_dali_cpu_matches_cpu_backend(data, corrupt):
             assert torch.equal(x["text"][tt], y["text"][tt])
         assert x["replay"]["key"] == y["replay"]["key"]
         assert (x["replay"]["image"] - y["replay"]["image"]).abs().mean() < 0.08
+    # the next epoch reuses the reset pipelines and still follows the same plan
+    pipes = dali._dali._pipes
+    a2, b2 = _collect(dali), _collect(cpu)
+    assert dali._dali._pipes is pipes and dali.epoch == 1
+    assert _keys(a2) == _keys(b2) != _keys(a)
+    assert [x["replay"]["key"] for x in a2] == [y["replay"]["key"] for y in b2]
 
     # host checks catch garbage/truncation; the bad scan fails inside DALI -> that batch is decoded on the CPU
     ev = make_loader(corrupt["shards"], 5, image_size=S, num_workers=0, train=False, drop_last=False,

@@ -138,6 +138,7 @@ class DaliDecoder:
             if dev.type == "cuda" else None
         self.demux: _Demux | None = None
         self._pipes: tuple | None = None
+        self._reusable = False
 
     def _pipelines(self):
         if self._pipes is None:
@@ -184,8 +185,11 @@ class DaliDecoder:
         return batch
 
     def decode(self, raw_batches):
-        # a fresh pipeline per pass: a pass abandoned mid-epoch leaves prefetched iterations inside DALI
-        self._pipes = None
+        # Reuse the pipelines only after a pass that ran to its end (and was reset): an abandoned pass leaves
+        # prefetched iterations inside DALI.
+        if not self._reusable:
+            self._pipes = None
+        self._reusable = False
         self.demux = _Demux(iter(raw_batches), with_replay=self.loader.replay_batch_size > 0)
         bio_pipe, rep_pipe = self._pipelines()
         ld = self.loader
@@ -196,6 +200,7 @@ class DaliDecoder:
                     replay_images = rep_pipe.run()[0] if rep_pipe is not None else None
                 except StopIteration:
                     ld.stats["skipped_corrupt"] += len(self.demux.pending_skipped)  # trailing all-corrupt batches
+                    self._reusable = self._end_of_pass(bio_pipe, rep_pipe)
                     return
                 except RuntimeError as err:
                     # An image passed the host checks but the decoder rejected it. Decode this batch on the CPU
@@ -225,4 +230,15 @@ class DaliDecoder:
                 yield batch
         finally:
             self.demux = None
-            self._pipes = None
+
+    @staticmethod
+    def _end_of_pass(bio_pipe, rep_pipe) -> bool:
+        """Reset the pipelines for the next epoch; False if the replay pipeline is not at its end too."""
+        if rep_pipe is not None:
+            try:
+                rep_pipe.run()
+                return False
+            except StopIteration:
+                rep_pipe.reset()
+        bio_pipe.reset()
+        return True
