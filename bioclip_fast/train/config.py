@@ -57,7 +57,8 @@ class TrainConfig:
     text_types: list[str] | None = _f(None, "caption types to draw per step (default: all taxonomy.TEXT_TYPES)")
     data_backend: str = _f("auto", "loader backend", choices=("auto", "dali", "cpu"))
     num_workers: int = _f(4, "data loader worker processes per rank")
-    shuffle_buffer: int = _f(5000, "webdataset shuffle buffer (samples)")
+    shuffle_buffer: int = _f(5000, "shuffle block size (samples) within each rank's slice of an epoch")
+    crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop area range for training images (BioCLIP: 0.9 1.0)")
     # --- optimization
     batch_size: int = _f(32768, "GLOBAL batch size (all ranks); BioCLIP used 32,768")
     epochs: int = _f(30, "passes over the training data")
@@ -178,7 +179,8 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 value = [v for v in value.split(",") if v]
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return [str(v) for v in value]
+            item = (get_args(base) or (str,))[0]
+            return [item(v) for v in value]
         if base is bool:
             if isinstance(value, bool):
                 return value
@@ -310,6 +312,8 @@ def validate_static(cfg: TrainConfig) -> None:
         _check_paths(name, getattr(cfg, name))
     if not cfg.data:
         bad("data: no training shards given")
+    if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        bad(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
 
 
 def _check_paths(name: str, specs: list[str] | None) -> None:

@@ -172,6 +172,7 @@ class Trainer:
             device=self.device, rank=self.info.rank, world_size=self.info.world_size, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, drop_last=True,
             replay_shards=self._shards(cfg.replay_data, "train"), replay_batch_size=self.local_replay,
+            crop_scale=tuple(cfg.crop_scale),
         )
 
     def _val_specs(self) -> list[str] | None:
