@@ -1,0 +1,363 @@
+"""`bioclip-fast bench-loss`: forward+backward time, peak extra memory and TFLOP/s of the contrastive loss.
+
+Implementations: ``ours`` (FusedClipLoss, backend auto: Triton on CUDA, C++ on CPU), ``reference`` (our torch
+chunked reference), ``open_clip`` (open_clip.ClipLoss, dense B×B logits; skipped when its logits would not fit),
+``inf_cl`` (Inf-CL's ``cal_inf_loss`` called for both directions; CUDA only). FLOPs are counted as 8·B²·D (forward
+GEMM + backward recompute + dQ + dK) for every implementation, so TFLOP/s compares wall time on equal work.
+Peak extra memory: CUDA ``max_memory_allocated`` above the inputs; CPU peak RSS (VmHWM, reset through
+/proc/self/clear_refs) above the RSS before the call.
+
+Writes ``<out>/loss_<device>_<date>.json`` (device name, versions, every measurement) and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+IMPLS = ("ours", "reference", "open_clip", "inf_cl")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="B values (default: CUDA 4096..1048576 doubling until OOM; CPU 4096 8192)")
+    parser.add_argument("--dims", type=int, nargs="+", default=None, help="D values (default: CUDA 512 768 1024; CPU 512)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="default: CUDA bf16 fp32; CPU fp32")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd runs per point (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--max-dense-gb", type=float, default=None,
+                        help="skip open_clip when its B×B logits (x4 live copies) exceed this (default: 60%% of "
+                             "free GPU memory / 25%% of RAM)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="stop growing B for an implementation once one point took longer than this (s)")
+    parser.add_argument("--quick", action="store_true", help="small CPU sizes (~1 minute): B 1024 2048 4096, D 512")
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--tag", default="", help="suffix for the output file names")
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def _rss(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _fix_mmap_threshold() -> None:
+    """Make glibc serve every buffer >= 1 MiB with mmap and give it back on free: otherwise freed tensors stay
+    resident and later, smaller peaks are invisible to the RSS high-water mark."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also disables the dynamic threshold)
+
+
+def _reset_cpu_peak() -> bool:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _loss_fn(impl: str):
+    import torch
+
+    if impl == "ours":
+        from bioclip_fast.loss import FusedClipLoss
+
+        mod = FusedClipLoss(check_finite=False)
+        return lambda i, t, s: mod(i, t, s)
+    if impl == "reference":
+        from bioclip_fast.loss import FusedClipLoss
+
+        mod = FusedClipLoss(backend="torch", check_finite=False)
+        return lambda i, t, s: mod(i, t, s)
+    if impl == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        mod = ClipLoss()
+        return lambda i, t, s: mod(i, t, s)
+    if impl == "inf_cl":
+        from inf_cl import cal_inf_loss
+
+        def inf(i, t, s):
+            s = s.reshape(())
+            return 0.5 * (cal_inf_loss(i, t, scale=s) + cal_inf_loss(t, i, scale=s))
+
+        return inf
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def measure(impl: str, B: int, D: int, dtype_name: str, device, repeats: int, warmup: int) -> dict:
+    """Median fwd+bwd seconds and peak extra bytes of one implementation at one size."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype)
+    txt = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype)
+    img.requires_grad_()
+    txt.requires_grad_()
+    scale = torch.tensor(14.285, device=device, requires_grad=True)
+    fn = _loss_fn(impl)
+    cuda = device.type == "cuda"
+
+    def step():
+        img.grad = txt.grad = scale.grad = None
+        loss = fn(img, txt, scale)
+        loss.backward()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    times, peak = [], 0
+    loss_val = None
+    for _ in range(repeats):
+        img.grad = txt.grad = scale.grad = None
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            loss = step()
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+            peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
+        else:
+            reset = _reset_cpu_peak()
+            base = _rss("VmRSS")
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+            hwm = _rss("VmHWM")
+            if reset and base is not None and hwm is not None:
+                peak = max(peak, hwm - base)
+            else:
+                peak = None
+        loss_val = float(loss.detach())
+    t = statistics.median(times)
+    return {
+        "impl": impl, "B": B, "D": D, "dtype": dtype_name, "seconds": t, "seconds_all": times,
+        "tflops": 8 * B * B * D / t / 1e12, "peak_extra_bytes": peak, "loss": loss_val,
+    }
+
+
+def _fits_dense(B: int, D: int, dtype_name: str, device, max_gb: float | None) -> bool:
+    import torch
+
+    elem = 4 if dtype_name == "fp32" else 2
+    need = 4 * B * B * elem  # logits per image + per text + softmax grads (open_clip keeps ~4 live B×B copies)
+    if max_gb is not None:
+        return need <= max_gb * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need <= 0.6 * free
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return need <= 0.25 * total
+
+
+def environment(device) -> dict:
+    import torch
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        info["device_name"] = name
+        info["threads"] = torch.get_num_threads()
+        info["cpu_count"] = os.cpu_count()
+        try:
+            info["loadavg_before"] = os.getloadavg()
+        except OSError:
+            pass
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ plotting
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["measurements"] if "seconds" in r]
+    combos = sorted({(r["D"], r["dtype"]) for r in rows})
+    if not combos:
+        return
+    fig, axes = plt.subplots(2, len(combos), figsize=(5 * len(combos), 8), squeeze=False)
+    for col, (D, dt) in enumerate(combos):
+        for impl in IMPLS:
+            pts = sorted((r["B"], r["seconds"], r["peak_extra_bytes"]) for r in rows
+                         if r["impl"] == impl and r["D"] == D and r["dtype"] == dt)
+            if not pts:
+                continue
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
+            mem = [(p[0], p[2]) for p in pts if p[2] is not None]
+            if mem:
+                axes[1][col].plot([m[0] for m in mem], [max(m[1], 1) / 2**20 for m in mem], "o-", label=impl)
+        axes[0][col].set(xscale="log", yscale="log", title=f"fwd+bwd time, D={D} {dt}", xlabel="B", ylabel="s")
+        axes[1][col].set(xscale="log", yscale="log", title=f"peak extra memory, D={D} {dt}", xlabel="B",
+                         ylabel="MiB")
+        for ax in axes[:, col]:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    env = results["environment"]
+    fig.suptitle(f"contrastive loss fwd+bwd on {env['device_name']} ({env['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    dev_name = args.device
+    if dev_name == "auto":
+        dev_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev_name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but no CUDA device is available")
+    device = torch.device(dev_name)
+    cuda = device.type == "cuda"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if not cuda:
+        _fix_mmap_threshold()
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.quick:
+        sizes, dims, dtypes = [1024, 2048, 4096], [512], ["fp32"]
+    elif cuda:
+        sizes = [4096 * 2**i for i in range(9)]  # up to 1,048,576
+        dims, dtypes = [512, 768, 1024], ["bf16", "fp32"]
+    else:
+        sizes, dims, dtypes = [4096, 8192], [512], ["fp32"]
+    sizes = args.batch_sizes or sizes
+    dims = args.dims or dims
+    dtypes = args.dtypes or dtypes
+    impls = list(dict.fromkeys(args.impls))
+    notes = []
+    if not cuda and "inf_cl" in impls:
+        impls.remove("inf_cl")
+        notes.append("inf_cl skipped: Inf-CL's kernels need CUDA")
+    if not cuda and any(d != "fp32" for d in dtypes):
+        notes.append("CPU: bf16/fp16 inputs are upcast to fp32 by the C++ path; timing them measures the same kernels")
+
+    results = {"environment": environment(device), "notes": notes, "measurements": []}
+    points = [(D, dt, impl, B) for D in dims for dt in dtypes for impl in impls for B in sorted(sizes)]
+    stopped: set[tuple] = set()
+    for D, dt, impl, B in tqdm(points, desc="bench-loss", unit="pt"):
+        key = (D, dt, impl)
+        row = {"impl": impl, "B": B, "D": D, "dtype": dt}
+        if key in stopped:
+            row["skipped"] = "a smaller B already failed or exceeded the time budget"
+        elif impl == "open_clip" and not _fits_dense(B, D, dt, device, args.max_dense_gb):
+            row["skipped"] = "dense B×B logits would not fit"
+        else:
+            try:
+                row = measure(impl, B, D, dt, device, args.repeats, args.warmup)
+                if args.time_budget is not None and row["seconds"] > args.time_budget:
+                    stopped.add(key)
+            except torch.cuda.OutOfMemoryError as exc:  # noqa: PERF203
+                row["skipped"] = f"out of memory: {str(exc).splitlines()[0]}"
+                stopped.add(key)
+            except (RuntimeError, ImportError) as exc:
+                row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                stopped.add(key)
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+        results["measurements"].append(row)
+        if "seconds" in row:
+            mem = row["peak_extra_bytes"]
+            tqdm.write(f"{impl:>10} B={B:>8} D={D:>5} {dt}: {row['seconds'] * 1e3:10.1f} ms  "
+                       f"{row['tflops']:7.3f} TFLOP/s  peak extra "
+                       f"{'n/a' if mem is None else f'{mem / 2**20:.1f} MiB'}")
+        else:
+            tqdm.write(f"{impl:>10} B={B:>8} D={D:>5} {dt}: skipped ({row['skipped']})")
+
+    # Speedups of ours over every other implementation at the same point.
+    by_key = {(r["impl"], r["B"], r["D"], r["dtype"]): r for r in results["measurements"] if "seconds" in r}
+    speedups = []
+    for (impl, B, D, dt), r in by_key.items():
+        if impl == "ours":
+            continue
+        ours = by_key.get(("ours", B, D, dt))
+        if ours:
+            speedups.append({"vs": impl, "B": B, "D": D, "dtype": dt, "speedup": r["seconds"] / ours["seconds"]})
+    results["speedup_of_ours"] = speedups
+    for s in speedups:
+        tqdm.write(f"ours vs {s['vs']:>10} B={s['B']} D={s['D']} {s['dtype']}: {s['speedup']:.2f}x")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    date = results["environment"]["date"][:10]
+    stem = f"loss_{device.type}_{date}{('_' + args.tag) if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / f"{stem}.png")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench-loss", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
