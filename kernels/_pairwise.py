@@ -70,49 +70,51 @@ def fwd_configs(D: int) -> list[triton.Config]:
     """Forward (logits-tile + reduction) configs for feature width D: a GEMM main loop plus an epilogue.
 
     D <= 128 keeps the whole Q block in registers/SMEM (one BLOCK_D chunk); wider D streams 64- or 128-wide
-    chunks through the software pipeline like a GEMM's K loop.
+    chunks through the software pipeline like a GEMM's K loop. (128 x 128 tiles need 8 warps: with 4 the
+    column-statistics epilogue spills, per ptxas on sm_90a.)
     """
     if D <= 128:
-        bds = [_d_block(D)]
+        bd = _d_block(D)
+        shapes = ((128, 128, bd, 8, 3), (128, 64, bd, 4, 3), (64, 128, bd, 4, 3), (64, 64, bd, 4, 4))
     else:
-        bds = [64, 128]
-    out = []
-    for bd in bds:
-        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4)):
-            if bd == 128 and stages > 3:
-                stages = 3  # (BM + BN) * 128 * 2 B per stage: keep SMEM under Hopper's 228 KB
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps,
-                                     num_stages=stages))
-    return out
+        shapes = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                  (128, 128, 128, 8, 2))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bm, bn, bd, w, st in shapes]
 
 
 def bwd_configs(D: int) -> list[triton.Config]:
     """Backward configs: logits tile recompute, then ``acc[BLOCK_X, NUM_ACC*BLOCK_DO] += G @ Y[:, slice]``.
 
-    For D <= 256 the whole dX row block stays in registers. For wider D two strategies compete: all of D in
-    registers with BLOCK_X = 64 (no recompute, high register pressure) versus 2-4 D slices with BLOCK_X = 128
-    (the logits tile is recomputed once per slice).
+    For D <= 128 the whole dX row block stays in registers. For wider D three strategies compete:
+    all of D in registers with BLOCK_X = 64 (no recompute; spills a little at D = 768), two D slices with
+    BLOCK_X = 64 (logits recomputed twice, no spills), and 128-row blocks with 128/256-wide slices (the largest
+    MMA tiles, logits recomputed D / BLOCK_DO times).
     """
-    out = []
+    def cfg(bx, by, bd, bdo, nacc, warps, stages):
+        return triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": bd, "BLOCK_DO": bdo, "NUM_ACC": nacc},
+                             num_warps=warps, num_stages=stages)
+
     if D <= 128:
         bd = _d_block(D)
-        for bx, by, warps, stages in ((128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2)):
-            out.append(triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": bd, "BLOCK_DO": bd, "NUM_ACC": 1},
-                                     num_warps=warps, num_stages=stages))
-        return out
-    bdo = 128 if D <= 512 else 256
-    n_all = triton.cdiv(D, bdo)
-    if n_all <= 4:
-        # Everything in registers: BLOCK_X * D fp32 accumulators.
-        for bx, by, warps in ((64, 64, 8), (64, 128, 8)):
-            out.append(triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": 64, "BLOCK_DO": bdo,
-                                      "NUM_ACC": n_all}, num_warps=warps, num_stages=2))
-    # Sliced: one 128- or 256-wide accumulator per program, logits recomputed per slice.
-    for bx, by, bdo_s, warps in ((128, 64, 256, 8), (128, 128, 128, 8), (64, 64, 256, 4)):
-        if bdo_s > triton.next_power_of_2(D):
-            continue
-        out.append(triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": 64, "BLOCK_DO": bdo_s, "NUM_ACC": 1},
-                                 num_warps=warps, num_stages=2))
+        return [cfg(128, 64, bd, bd, 1, 8, 2), cfg(64, 64, bd, bd, 1, 4, 3), cfg(128, 128, bd, bd, 1, 8, 2),
+                cfg(64, 128, bd, bd, 1, 8, 2)]
+    out = []
+    n128 = triton.cdiv(D, 128)
+    if n128 <= 4:  # D <= 512: everything in registers with 128-wide accumulators
+        out.append(cfg(64, 64, 64, 128, n128, 8, 2))
+        # 128-row blocks: all of D in registers up to 256, else two 256-wide slices.
+        out.append(cfg(128, 64, 64, 128, n128, 8, 2) if D <= 256 else cfg(128, 64, 64, 256, 1, 8, 2))
+    else:
+        n256 = triton.cdiv(D, 256)
+        if n256 <= 4:  # D <= 1024: all of D in registers, 64-row blocks
+            out.append(cfg(64, 64, 64, 256, n256, 8, 2))
+        half = triton.cdiv(triton.cdiv(D, 2), 128)
+        if half <= 4:  # two slices
+            out.append(cfg(64, 64, 64, 128, half, 8, 2))
+        out += [cfg(128, 64, 64, 256, 1, 8, 2), cfg(128, 128, 64, 128, 1, 8, 2)]
+    if not out or triton.cdiv(D, 256) > 4:  # very wide D: sliced only
+        out.append(cfg(64, 64, 64, 256, 1, 4, 2))
     return out
 
 

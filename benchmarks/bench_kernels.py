@@ -1,0 +1,222 @@
+"""Kernel-level timing of the fused loss kernels on a CUDA GPU (the loss-level comparison with open_clip and Inf-CL
+is ``bioclip-fast bench-loss``).
+
+    python benchmarks/bench_kernels.py --B 4096 16384 32768 --D 768 --dtype bf16 --kinds sym dir siglip
+
+For each (kind, B, D, dtype): forward, backward and forward+backward medians (``triton.testing.do_bench``, CUDA
+events, autotuning and compilation excluded), TFLOP/s in the reported convention (8*B^2*D for fwd+bwd, 2*B^2*D for
+fwd) and in executed FLOPs (10*B^2*D: the dQ and dK kernels each recompute the logits), the same-shape bf16/fp32
+``q @ k^T`` matmul rate as the ceiling to compare with, extra peak memory beyond inputs and gradients, the
+autotuner's picks, and a float64 spot check of the loss. Writes JSON + PNG under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _dtype(name):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _inputs(kind, B, D, dtype, gen):
+    Bq = B if kind == "sym" else B // 2
+    offset = 0 if kind == "sym" else B - Bq
+    q = F.normalize(torch.randn(Bq, D, device="cuda", generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(B, D, device="cuda", generator=gen), dim=-1).to(dtype)
+    return q, k, offset
+
+
+def _fns(kind, q, k, scale, bias, offset):
+    from bioclip_fast.kernels import clip_loss as CL
+    from bioclip_fast.kernels import siglip_loss as SL
+
+    if kind == "sym":
+        def fwd():
+            return CL.clip_sym_fwd(q, k, scale, bias)
+        saved = fwd()
+
+        def bwd():
+            return CL.clip_sym_bwd(q, k, scale, bias, saved[1], saved[2], 1.0)
+    elif kind == "dir":
+        def fwd():
+            return CL.clip_dir_fwd(q, k, scale, bias, offset)
+        saved = fwd()
+
+        def bwd():
+            return CL.clip_dir_bwd(q, k, scale, bias, saved[1], offset, 1.0)
+    else:
+        def fwd():
+            return SL.siglip_fwd(q, k, scale, bias, offset)
+        saved = fwd()
+
+        def bwd():
+            return SL.siglip_bwd(q, k, scale, bias, offset, 1.0)
+    return fwd, bwd, saved
+
+
+def _loss64(kind, q, k, scale, bias, offset, chunk=1024):
+    """float64 loss in chunks of 1024 rows / columns (no B x B allocation)."""
+    q64, k64 = q.double(), k.double()
+    s, b = scale.double(), (bias.double() if bias is not None else 0.0)
+    Bq, Bk = q.shape[0], k.shape[0]
+    total = 0.0
+    for r0 in range(0, Bq, chunk):
+        S = s * q64[r0:r0 + chunk] @ k64.T + b
+        rows = torch.arange(r0, min(r0 + chunk, Bq), device=q.device)
+        cols = rows + offset
+        if kind == "siglip":
+            z = -torch.ones_like(S)
+            ok = (cols >= 0) & (cols < Bk)
+            z[(rows - r0)[ok], cols[ok]] = 1
+            total += (-F.logsigmoid(z * S)).sum().item()
+        else:
+            total += (S.logsumexp(1) - S[rows - r0, cols]).sum().item()
+    loss = total / Bq
+    if kind == "sym":  # text -> image direction: column log-sum-exp
+        col = 0.0
+        for c0 in range(0, Bk, chunk):
+            S = s * q64 @ k64[c0:c0 + chunk].T + b
+            idx = torch.arange(c0, min(c0 + chunk, Bk), device=q.device)
+            col += (S.logsumexp(0) - S[idx, idx - c0]).sum().item()
+        loss = 0.5 * (loss + col / Bk)
+    return loss
+
+
+def run_case(kind, B, D, dtype_name, args):
+    import triton.testing
+
+    from bioclip_fast.kernels import _pairwise, clip_loss, siglip_loss
+
+    dtype = _dtype(dtype_name)
+    gen = torch.Generator(device="cuda").manual_seed(B * 7 + D)
+    q, k, offset = _inputs(kind, B, D, dtype, gen)
+    scale = torch.tensor(14.3, device="cuda")
+    bias = torch.tensor(-10.0, device="cuda") if kind == "siglip" else None
+    t0 = time.perf_counter()
+    fwd, bwd, saved = _fns(kind, q, k, scale, bias, offset)
+    bwd()
+    torch.cuda.synchronize()
+    tune_s = time.perf_counter() - t0
+
+    def both():
+        fwd()
+        bwd()
+
+    t_fwd = triton.testing.do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
+    t_bwd = triton.testing.do_bench(bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
+    t_all = triton.testing.do_bench(both, warmup=args.warmup, rep=args.rep, return_mode="median")
+    Bq, Bk = q.shape[0], k.shape[0]
+    mm_a, mm_b = q, k.T
+    t_mm = triton.testing.do_bench(lambda: mm_a @ mm_b, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = bwd()
+    torch.cuda.synchronize()
+    grads = out[0].nbytes + out[1].nbytes
+    extra_bwd = torch.cuda.max_memory_allocated() - base - grads
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd()
+    torch.cuda.synchronize()
+    extra_fwd = torch.cuda.max_memory_allocated() - base
+
+    flop_fwd = 2 * Bq * Bk * D
+    loss = saved[0] if isinstance(saved, tuple) else saved
+    rec = {
+        "kind": kind, "B": B, "Bq": Bq, "Bk": Bk, "D": D, "dtype": dtype_name,
+        "fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_bwd_ms": t_all, "matmul_ms": t_mm,
+        "tflops_fwd": flop_fwd / t_fwd * 1e-9,
+        "tflops_fwd_bwd_reported": 4 * flop_fwd / t_all * 1e-9,
+        "tflops_fwd_bwd_executed": 5 * flop_fwd / t_all * 1e-9,
+        "tflops_matmul": flop_fwd / t_mm * 1e-9,
+        "extra_mem_fwd_mb": extra_fwd / 2**20, "extra_mem_bwd_mb": extra_bwd / 2**20,
+        "autotune_and_compile_s": tune_s,
+        "fwd_config": str(getattr(clip_loss._clip_fwd_tuned if kind != "siglip" else siglip_loss._siglip_fwd_tuned,
+                                  "best_config", None)),
+        "bwd_configs": sorted({str(c) for c in _pairwise._pairwise_bwd_tuned.cache.values()}),
+        "loss": float(loss),
+    }
+    if B <= args.check_max_b:
+        ref = _loss64(kind, q, k, scale, bias, offset)
+        rec["loss_ref_fp64"] = ref
+        rec["loss_rel_err"] = abs(float(loss) - ref) / max(abs(ref), 1e-12)
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--B", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--D", type=int, nargs="+", default=[768])
+    ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--kinds", nargs="+", default=["sym"], choices=["sym", "dir", "siglip"])
+    ap.add_argument("--warmup", type=int, default=25, help="ms (do_bench)")
+    ap.add_argument("--rep", type=int, default=200, help="ms (do_bench)")
+    ap.add_argument("--check-max-b", type=int, default=16384, help="float64 loss check up to this B")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    cases = [(kd, B, D, dt) for kd in args.kinds for D in args.D for dt in args.dtype for B in args.B]
+    rows = []
+    for case in tqdm(cases, desc="bench kernels"):
+        try:
+            rows.append(run_case(*case, args))
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append({"kind": case[0], "B": case[1], "D": case[2], "dtype": case[3], "error": f"OOM: {exc}"})
+            torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "python": platform.python_version()}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_kernels.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    print(f"\n{meta['device']}  {meta['date_utc']}  -> {path}")
+    print(f"{'kind':6s} {'dtype':5s} {'B':>7s} {'D':>5s} {'fwd ms':>8s} {'bwd ms':>8s} {'f+b ms':>8s} "
+          f"{'TF/s rep':>8s} {'TF/s exe':>8s} {'mm TF/s':>8s} {'xMB f/b':>12s} {'relerr':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kind']:6s} {r['dtype']:5s} {r['B']:7d} {r['D']:5d}  {r['error'][:60]}")
+            continue
+        print(f"{r['kind']:6s} {r['dtype']:5s} {r['B']:7d} {r['D']:5d} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} "
+              f"{r['fwd_bwd_ms']:8.3f} {r['tflops_fwd_bwd_reported']:8.1f} {r['tflops_fwd_bwd_executed']:8.1f} "
+              f"{r['tflops_matmul']:8.1f} {r['extra_mem_fwd_mb']:5.1f}/{r['extra_mem_bwd_mb']:5.1f} "
+              f"{r.get('loss_rel_err', float('nan')):8.1e}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in sorted({(r["kind"], r["D"], r["dtype"]) for r in rows if "error" not in r}):
+            sel = [r for r in rows if "error" not in r and (r["kind"], r["D"], r["dtype"]) == key]
+            ax.plot([r["B"] for r in sel], [r["tflops_fwd_bwd_reported"] for r in sel], "o-",
+                    label=f"{key[0]} D={key[1]} {key[2]}")
+            ax.plot([r["B"] for r in sel], [r["tflops_matmul"] for r in sel], "k:", alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch B")
+        ax.set_ylabel("TFLOP/s (8·B²·D per fwd+bwd); dotted: q@kᵀ matmul")
+        ax.set_title(f"fused loss kernels, {meta['device']}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "bench_kernels.png"), dpi=120)
+    except Exception as exc:  # noqa: BLE001 - the JSON is the result; the plot is a convenience
+        print(f"plot skipped: {exc!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
