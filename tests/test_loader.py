@@ -49,7 +49,7 @@ def data(tmp_path_factory):
 def corrupt(data):
     """A copy of the shards with garbage bytes in one JPEG, a truncated-in-place JPEG and one whose scan header is
     invalid (only a full decode notices), the sidecar and .idx still valid; plus a foreign shard (no manifest, no
-    index) with garbage, truncated and missing JPEGs."""
+    index) with garbage, truncated and missing JPEGs and a sample without taxonomy."""
     d = data["tmp"] / "corrupt"
     shutil.copytree(Path(data["shards"][0]).parent, d)
     tar = d / "shard-000001.tar"
@@ -92,7 +92,10 @@ def corrupt(data):
                 add(f"{s['key']}.jpg", jpg)
             else:
                 good.remove(s["key"])  # sample without an image member
-            for k, v in s["texts"].items():
+            texts = s["texts"] if i != 8 else {"txt": "a photo of something."}
+            if i == 8:
+                good.remove(s["key"])  # no taxonomy: cannot be labelled
+            for k, v in texts.items():
                 add(f"{s['key']}.{k}", v.encode())
     return {"shards": sorted(str(p) for p in d.glob("*.tar")), "bad": bad,
             "foreign": [str(foreign / "laion-like-000000.tar")], "foreign_good": good}
@@ -216,7 +219,7 @@ def test_corrupt_samples_are_skipped_and_counted(data, corrupt):
 
     fg = make_loader(corrupt["foreign"], 4, image_size=S, num_workers=0, train=False, drop_last=False)
     assert _keys(_collect(fg)) == corrupt["foreign_good"]
-    assert fg.stats["skipped_corrupt"] == 3
+    assert fg.stats["skipped_corrupt"] == 4
     assert {t.label for t in fg.classes} <= {t.label for t in data["taxa"].values()}
 
 

@@ -338,6 +338,8 @@ class BatchReader:
             while True:
                 key, data, label, caption = self._read(plan, cand)
                 try:
+                    if self.shards.kind == "bio" and label < 0:
+                        raise cpu_ops.CorruptImage("no taxonomy in the sample's text members")
                     img, box = self._prepare(data, uniforms[slot])
                     break
                 except cpu_ops.CorruptImage as err:
