@@ -67,7 +67,8 @@ def analyze_checkpoint(ckpt: Path, args: argparse.Namespace, out: Path, name: st
     data = load_eval_data(args.data, split=args.split, preprocess=preprocess, model=model, tokenizer=tokenizer,
                           batch_size=args.batch_size, root=args.root, image_column=args.image_column,
                           label_column=args.label_column, num_workers=args.workers, device=device)
-    enc = encode_images(model, data.loader, device=device, desc=f"analyze {name}: images")
+    enc = encode_images(model, data.loader, device=device, desc=f"analyze {name}: images",
+                        progress=not args.no_progress)
     if enc["labels"] is None:
         raise ValueError(f"{args.data}: no species labels")
     names = [class_name(c) for c in data.classes]

@@ -44,6 +44,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +109,7 @@ def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], 
     result: dict[str, Any] = {"checkpoint": str(ckpt), "data": data.description, "n_classes": len(names)}
     if "zeroshot" in tasks:
         zs = zero_shot_logits(model, tokenizer, data.loader, data.classes, text_types=args.text_types,
-                              templates=args.templates, device=device)
+                              templates=args.templates, device=device, progress=not args.no_progress)
         enc = zs
         metrics = classification_metrics(zs["logits"], zs["labels"], data.classes)
         metrics["by_text_type"] = {
@@ -120,7 +121,7 @@ def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], 
         result["zeroshot"] = metrics
         result["_confusion"] = (zs["logits"].argmax(1).numpy(), zs["labels"].numpy(), names)
     else:
-        enc = encode_images(model, data.loader, device=device, desc="eval: images")
+        enc = encode_images(model, data.loader, device=device, desc="eval: images", progress=not args.no_progress)
     if enc["labels"] is None:
         raise ValueError(f"{args.data}: the loader yields no labels")
     feats = enc["features"].numpy()
@@ -131,7 +132,8 @@ def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], 
         if args.train_data or (args.data == "butterflies" and args.split == "val"):
             src = args.train_data or "butterflies"
             tdata = load_eval_data(src, split="train", **common)
-            tenc = encode_images(model, tdata.loader, device=device, desc="eval: support images")
+            tenc = encode_images(model, tdata.loader, device=device, desc="eval: support images",
+                                 progress=not args.no_progress)
             tnames = [class_name(c) for c in tdata.classes]
             tr_x = tenc["features"].numpy()
             tr_y = np.array([tnames[i] for i in tenc["labels"].tolist()], dtype=object)
