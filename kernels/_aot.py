@@ -82,20 +82,20 @@ def compile_one(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages
 
 def kernel_cases(D: int, dtype: str, all_configs: bool):
     """(label, kernel, constexprs, num_warps, num_stages) for every kernel variant a launcher can pick."""
-    ieee = dtype == "fp32"
+    prec = "ieee" if dtype == "fp32" else ""
     fwd = P.fwd_configs(D) if all_configs else P.fwd_configs(D)[:1]
     bwd = P.bwd_configs(D) if all_configs else P.bwd_configs(D)[:1]
     for cfg in fwd:
         for col in (True, False):
             yield (f"clip_fwd col_stats={col} {cfg}", C._clip_fwd_kernel,
-                   dict(D=D, HAS_BIAS=True, COL_STATS=col, IEEE=ieee, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
-        yield (f"siglip_fwd {cfg}", S._siglip_fwd_kernel, dict(D=D, HAS_BIAS=True, IEEE=ieee, **cfg.kwargs),
+                   dict(D=D, HAS_BIAS=True, COL_STATS=col, PREC=prec, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        yield (f"siglip_fwd {cfg}", S._siglip_fwd_kernel, dict(D=D, HAS_BIAS=True, PREC=prec, **cfg.kwargs),
                cfg.num_warps, cfg.num_stages)
     for cfg in bwd:
         for mode, x_is_rows in ((P.MODE_CLIP_SYM, True), (P.MODE_CLIP_SYM, False), (P.MODE_CLIP_DIR, True),
                                 (P.MODE_CLIP_DIR, False), (P.MODE_SIGLIP, True)):
             yield (f"bwd mode={mode} x_is_rows={x_is_rows} {cfg}", P._pairwise_bwd_kernel,
-                   dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=True, SCALAR_GRADS=x_is_rows, IEEE=ieee,
+                   dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=True, SCALAR_GRADS=x_is_rows, PREC=prec,
                         **cfg.kwargs), cfg.num_warps, cfg.num_stages)
 
 

@@ -32,6 +32,15 @@ MODE_CLIP_DIR = 1  # G = P_row - onehot                          (one direction,
 MODE_SIGLIP = 2  # G = -z * sigmoid(-z * S), z = +1 on positives else -1
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """Tensor-core mode of the kernels' fp32 products, following ``torch.set_float32_matmul_precision`` like
+    torch's own fp32 matmuls: "highest" (torch's default) -> exact fp32 ("ieee", CUDA cores), "high" -> 3xTF32
+    (about fp32 accuracy on tensor cores), "medium" -> TF32. "" for bf16/fp16 (always tensor cores)."""
+    if dtype != torch.float32:
+        return ""
+    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+
+
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1`` (CPU tensors, numpy semantics, slow: use tiny tiles)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -132,12 +141,12 @@ def prune_bwd(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr):
-    # fp32 inputs: exact fp32 products (no tf32) so fp32 results match a float64 reference to ~1e-6.
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
+def mma(a, b, acc, PREC: tl.constexpr):
+    # PREC: "" for bf16/fp16 operands, else the fp32 input precision ("ieee" = exact fp32 products).
+    if PREC == "":
         return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -153,20 +162,20 @@ def _load_rows(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
-             BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+             BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """fp32 tile ``X[offs_x] @ Y[offs_y]^T`` [BLOCK_X, BLOCK_Y], looping over D in BLOCK_D chunks."""
     acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_rows(X, offs_x, mask_x, d0, D, BLOCK_D)
         y = _load_rows(Y, offs_y, mask_y, d0, D, BLOCK_D)
-        acc = _mma(x, tl.trans(y), acc, IEEE)
+        acc = mma(x, tl.trans(y), acc, PREC)
     return acc
 
 
 @triton.jit
-def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, IEEE: tl.constexpr):
+def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
     y = _load_rows(Y, offs_y, mask_y, d0, D, BLOCK_DO)
-    return _mma(g.to(y.dtype), y, acc, IEEE)
+    return mma(g.to(y.dtype), y, acc, PREC)
 
 
 @triton.jit
@@ -182,7 +191,7 @@ def _pairwise_bwd_kernel(
     Bx, By, offset, inv_n,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, X_IS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GRADS: tl.constexpr, IEEE: tl.constexpr,
+    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     NUM_ACC: tl.constexpr,
 ):
@@ -231,9 +240,9 @@ def _pairwise_bwd_kernel(
         mask_y = offs_y < By
         if SINGLE_D:
             y_tile = _load_rows(Y, offs_y, mask_y, 0, D, BLOCK_D)
-            t = _mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), IEEE)
+            t = mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), PREC)
         else:
-            t = tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, IEEE)
+            t = tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, PREC)
         s2 = t * scale2 + bias2
 
         if X_IS_ROWS:
@@ -253,7 +262,8 @@ def _pairwise_bwd_kernel(
                 g = tl.exp2(s2 - ly2[None, :]) - onehot
         else:
             # d/dS of -logsigmoid(z*S) = -z * sigmoid(-z*S): sigmoid(S) on negatives, -sigmoid(-S) on positives.
-            zs2 = tl.where(is_pos, s2, -s2)
+            # Clamp so exp2 stays finite (2^126 -> sigmoid ~1e-38, i.e. 0 to fp32 working precision).
+            zs2 = tl.minimum(tl.where(is_pos, s2, -s2), 126.0)
             g = (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2))
         g = tl.where(mask_x[:, None] & mask_y[None, :], g, 0.0)
 
@@ -262,15 +272,15 @@ def _pairwise_bwd_kernel(
             db_acc += tl.sum(g, 1)
 
         if REUSE_Y:
-            acc0 = _mma(g.to(y_tile.dtype), y_tile, acc0, IEEE)
+            acc0 = mma(g.to(y_tile.dtype), y_tile, acc0, PREC)
         else:
-            acc0 = _acc_slice(acc0, g, Y, offs_y, mask_y, d_base, D, BLOCK_DO, IEEE)
+            acc0 = _acc_slice(acc0, g, Y, offs_y, mask_y, d_base, D, BLOCK_DO, PREC)
             if NUM_ACC > 1:
-                acc1 = _acc_slice(acc1, g, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, IEEE)
+                acc1 = _acc_slice(acc1, g, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, PREC)
             if NUM_ACC > 2:
-                acc2 = _acc_slice(acc2, g, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, IEEE)
+                acc2 = _acc_slice(acc2, g, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, PREC)
             if NUM_ACC > 3:
-                acc3 = _acc_slice(acc3, g, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, IEEE)
+                acc3 = _acc_slice(acc3, g, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC)
 
     factor = scale * coef
     _store_slice(DX, acc0, offs_x, mask_x, d_base, factor, D, BLOCK_DO)
@@ -288,7 +298,7 @@ def _pairwise_bwd_kernel(
 
 _pairwise_bwd_tuned = triton.autotune(
     configs=bwd_configs(64),  # placeholder: prune_bwd builds the list for the call's D
-    key=["B_BUCKET", "D", "MODE", "X_IS_ROWS"],
+    key=["B_BUCKET", "D", "MODE", "X_IS_ROWS", "PREC"],
     prune_configs_by={"early_config_prune": prune_bwd},
 )(_pairwise_bwd_kernel)
 
@@ -308,7 +318,7 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
             lse_y if lse_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
             size_bucket(max(Bx, By)))
     meta = dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=bias is not None, SCALAR_GRADS=scalar_grads,
-                IEEE=X.dtype == torch.float32)
+                PREC=dot_precision(X.dtype))
 
     def grid(META):
         return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))

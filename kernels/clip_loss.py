@@ -29,8 +29,10 @@ from bioclip_fast.kernels._pairwise import (
     check_features,
     check_scalar,
     check_vector,
+    dot_precision,
     fwd_configs,
     interpreting,
+    mma,
     pairwise_bwd,
     pairwise_flops,
     prune_fwd,
@@ -50,7 +52,7 @@ def _clip_fwd_kernel(
     Q, K, SCALE, BIAS, ROW_PART, COL_M, COL_L, POS,
     Bq, Bk, offset, n_groups, n_splits,
     B_BUCKET,  # autotune key only
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, COL_STATS: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, COL_STATS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
@@ -90,12 +92,9 @@ def _clip_fwd_kernel(
             if D <= BLOCK_D:
                 k_tile = tl.load(K + offs_n.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
                                  mask=mask_n[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
-                if IEEE:
-                    t = tl.dot(q_tile, tl.trans(k_tile), input_precision="ieee")
-                else:
-                    t = tl.dot(q_tile, tl.trans(k_tile))
+                t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
             else:
-                t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
+                t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
             s2 = t * scale2 + bias2
 
             # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
@@ -130,7 +129,7 @@ def _clip_fwd_kernel(
 
 _clip_fwd_tuned = triton.autotune(
     configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
-    key=["B_BUCKET", "D", "COL_STATS"],
+    key=["B_BUCKET", "D", "COL_STATS", "PREC"],
     prune_configs_by={"early_config_prune": prune_fwd},
     restore_value=["COL_M", "COL_L"],  # read-modify-write buffers: benchmarking runs must not accumulate
 )(_clip_fwd_kernel)
@@ -160,7 +159,7 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
         col_m = col_l = pos  # unused
     args = (q, k, scale, bias if bias is not None else scale, row_part, col_m, col_l, pos, Bq, Bk, int(offset),
             max(G, 1), H, size_bucket(max(Bq, Bk)))
-    meta = dict(D=D, HAS_BIAS=bias is not None, COL_STATS=col_stats, IEEE=q.dtype == torch.float32)
+    meta = dict(D=D, HAS_BIAS=bias is not None, COL_STATS=col_stats, PREC=dot_precision(q.dtype))
 
     def grid(META):
         return (G if col_stats else triton.cdiv(Bq, META["BLOCK_M"]), H)

@@ -21,8 +21,10 @@ from bioclip_fast.kernels._pairwise import (
     MODE_SIGLIP,
     check_features,
     check_scalar,
+    dot_precision,
     fwd_configs,
     interpreting,
+    mma,
     pairwise_bwd,
     pairwise_flops,
     prune_fwd,
@@ -39,7 +41,7 @@ def _siglip_fwd_kernel(
     Q, K, SCALE, BIAS, PART,
     Bq, Bk, offset, n_splits,
     B_BUCKET,  # autotune key only
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row block m, column split h) writes sum over its tiles of -logsigmoid(z * S) to PART[m, h]."""
@@ -68,12 +70,9 @@ def _siglip_fwd_kernel(
         if D <= BLOCK_D:
             k_tile = tl.load(K + offs_n.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
                              mask=mask_n[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
-            if IEEE:
-                t = tl.dot(q_tile, tl.trans(k_tile), input_precision="ieee")
-            else:
-                t = tl.dot(q_tile, tl.trans(k_tile))
+            t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
         else:
-            t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
+            t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
         s2 = t * scale2 + bias2
         # -logsigmoid(x) = softplus(-x) = max(-x, 0) + log(1 + exp(-|x|)), x = z * S (log2 units for exp2).
         x2 = tl.where(offs_n[None, :] == tgt[:, None], s2, -s2)
@@ -87,7 +86,7 @@ def _siglip_fwd_kernel(
 
 _siglip_fwd_tuned = triton.autotune(
     configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
-    key=["B_BUCKET", "D"],
+    key=["B_BUCKET", "D", "PREC"],
     prune_configs_by={"early_config_prune": prune_fwd},
 )(_siglip_fwd_kernel)
 
@@ -118,7 +117,7 @@ def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torc
     part = torch.zeros((triton.cdiv(Bq, min_bm), H), device=dev, dtype=torch.float32)
     args = (q, k, scale32, bias32 if bias32 is not None else scale32, part, Bq, Bk, int(offset), H,
             size_bucket(max(Bq, Bk)))
-    meta = dict(D=D, HAS_BIAS=bias32 is not None, IEEE=q.dtype == torch.float32)
+    meta = dict(D=D, HAS_BIAS=bias32 is not None, PREC=dot_precision(q.dtype))
 
     def grid(META):
         return (triton.cdiv(Bq, META["BLOCK_M"]), H)

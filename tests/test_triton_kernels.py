@@ -398,14 +398,14 @@ from bioclip_fast.kernels import _aot, _pairwise as P, clip_loss as C, siglip_lo
 out = []
 f, b = P.fwd_configs(768)[0], P.bwd_configs(768)[0]
 cases = [
-    ("clip_fwd_sym", C._clip_fwd_kernel, "bf16", dict(D=768, HAS_BIAS=True, COL_STATS=True, IEEE=False, **f.kwargs), f),
-    ("siglip_fwd", S._siglip_fwd_kernel, "bf16", dict(D=768, HAS_BIAS=True, IEEE=False, **f.kwargs), f),
+    ("clip_fwd_sym", C._clip_fwd_kernel, "bf16", dict(D=768, HAS_BIAS=True, COL_STATS=True, PREC="", **f.kwargs), f),
+    ("siglip_fwd", S._siglip_fwd_kernel, "bf16", dict(D=768, HAS_BIAS=True, PREC="", **f.kwargs), f),
     ("bwd_sym_dk", P._pairwise_bwd_kernel, "bf16", dict(D=768, MODE=0, X_IS_ROWS=False, HAS_BIAS=False,
-        SCALAR_GRADS=False, IEEE=False, **b.kwargs), b),
+        SCALAR_GRADS=False, PREC="", **b.kwargs), b),
 ]
 b64 = P.bwd_configs(64)[0]
 cases.append(("bwd_siglip_fp32", P._pairwise_bwd_kernel, "fp32", dict(D=64, MODE=2, X_IS_ROWS=True, HAS_BIAS=True,
-    SCALAR_GRADS=True, IEEE=True, **b64.kwargs), b64))
+    SCALAR_GRADS=True, PREC="ieee", **b64.kwargs), b64))
 for name, kern, dt, consts, cfg in cases:
     rep = _aot.compile_one(kern, dt, consts, cfg.num_warps, cfg.num_stages, arch=90)
     out.append(dict(name=name, dtype=dt, **rep))
