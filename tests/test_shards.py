@@ -169,6 +169,10 @@ def test_resume_rebuilds_only_missing_shards(tmp_path):
     # different settings into the same directory are refused instead of mixing shards
     with pytest.raises(ValueError, match="different input or settings"):
         make_shards(ROOT, csv_path, out, samples_per_shard=6, image_size=128, workers=1, progress=False)
+    # a rebuild without resume replaces everything, including shards numbered beyond the new build
+    m3 = make_shards(ROOT, csv_path, out, samples_per_shard=10, workers=1, resume=False, progress=False)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert m3["num_samples"] == 20 and not (out / "shard-000003.json").exists()
 
 
 def test_split_is_deterministic_and_stratified():

@@ -317,9 +317,9 @@ def make_shards(
                 meta = json.loads(sc.read_text())
             except (OSError, json.JSONDecodeError):
                 meta = {}
-            tar_ok = meta.get("count", 0) == 0 or (out_dir / f"shard-{i:06d}.tar").exists()
-            if meta.get("fingerprint") == fp and tar_ok and (meta.get("count", 0) == 0 or
-                                                            (out_dir / f"shard-{i:06d}.idx").exists()):
+            files_ok = meta.get("count", 0) == 0 or all(
+                (out_dir / f"shard-{i:06d}.{ext}").exists() for ext in ("tar", "idx"))
+            if meta.get("fingerprint") == fp and files_ok:
                 continue
             if meta.get("fingerprint") not in (None, fp):
                 raise ValueError(
@@ -327,6 +327,12 @@ def make_shards(
                     f"{meta.get('fingerprint')} != {fp}); use a new out_dir or resume=False"
                 )
         pending.append(i)
+
+    # shards numbered beyond this build (left by an earlier, larger build) would be picked up by directory globs
+    for stale in out_dir.glob("shard-*.*"):
+        m = re.fullmatch(r"shard-(\d{6})\.(tar|idx|json)", stale.name)
+        if m and int(m.group(1)) >= n_shards:
+            stale.unlink()
 
     t0 = time.time()
     pbar = tqdm(total=len(rows), desc="make-shards", unit="img", disable=not progress)
