@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
