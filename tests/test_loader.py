@@ -351,16 +351,25 @@ def test_crop_boxes_follow_torchvision_random_resized_crop():
 
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    for w, h, scale in ((224, 224, (0.9, 1.0)), (320, 240, (0.5, 1.0))):
-        ours = np.array([random_resized_crop_box(w, h, rng.random(40), scale) for _ in range(3000)])
-        ref = np.array([RandomResizedCrop.get_params(torch.zeros(3, h, w), scale, (3 / 4, 4 / 3))
-                        for _ in range(3000)])[:, [1, 0, 3, 2]]  # (i, j, h, w) -> (x, y, w, h)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny torch ops: thread wake-ups dominate on a busy machine
+    try:
+        samples = {}
+        for w, h, scale in ((224, 224, (0.9, 1.0)), (320, 240, (0.5, 1.0))):
+            samples[w, h, scale] = (
+                np.array([random_resized_crop_box(w, h, rng.random(40), scale) for _ in range(1000)]),
+                np.array([RandomResizedCrop.get_params(torch.zeros(3, h, w), scale, (3 / 4, 4 / 3))
+                          for _ in range(1000)])[:, [1, 0, 3, 2]],  # (i, j, h, w) -> (x, y, w, h)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for (w, h, scale), (ours, ref) in samples.items():
         assert (ours[:, 0] >= 0).all() and (ours[:, 0] + ours[:, 2] <= w).all()
         assert (ours[:, 1] >= 0).all() and (ours[:, 1] + ours[:, 3] <= h).all()
         for a in (ours, ref):
             a_area = a[:, 2] * a[:, 3] / (w * h)
             assert a_area.min() >= scale[0] - 0.01
         area = lambda a: (a[:, 2] * a[:, 3] / (w * h)).mean()  # noqa: E731
-        assert abs(area(ours) - area(ref)) < 0.01
-        assert abs(np.log(ours[:, 2] / ours[:, 3]).mean() - np.log(ref[:, 2] / ref[:, 3]).mean()) < 0.02
+        assert abs(area(ours) - area(ref)) < 0.025  # > 3 standard errors; a wrong scale range is off by > 0.1
+        assert abs(np.log(ours[:, 2] / ours[:, 3]).mean() - np.log(ref[:, 2] / ref[:, 3]).mean()) < 0.03
     assert center_crop_box(300, 200) == (50, 0, 200, 200)
