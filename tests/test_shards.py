@@ -212,3 +212,15 @@ def test_default_shards_build_once_under_a_race(tmp_path, monkeypatch):
                 and p.is_dir()]
     with pytest.raises(ValueError, match="split must be one of"):
         bundled.default_shards("test")
+
+
+def test_square_resize_like_bioclip_make_wds(tmp_path):
+    src = tmp_path / "wide.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(src)
+    row = dict(read_metadata(ROOT / "metadata.csv")[0], image=str(src))
+    for mode, size in (("square", (96, 96)), ("shorter", (160, 96))):
+        make_shards(tmp_path, [row], tmp_path / mode, image_size=96, resize=mode, workers=1, progress=False)
+        (sample,) = iter_shard_samples(tmp_path / mode)
+        assert Image.open(io.BytesIO(sample["jpg"])).size == size
+    with pytest.raises(ValueError, match="resize must be"):
+        make_shards(tmp_path, [row], tmp_path / "x", resize="crop")
