@@ -28,7 +28,11 @@ from bioclip_fast.kernels import _pairwise as P  # noqa: E402
 from bioclip_fast.kernels import clip_loss as C  # noqa: E402
 from bioclip_fast.kernels import siglip_loss as S  # noqa: E402
 
-_INT_ARGS_DIV16 = ("Bq", "Bk", "Bx", "By")
+_INT_ARGS_DIV16 = ("Bq", "Bk", "Bx", "By", "C")
+
+
+_INT_ARGS = {"Bq", "Bk", "Bx", "By", "offset", "n_groups", "n_splits", "B_BUCKET", "c0", "C"}
+_FEATURE_PTRS = {"Q", "K", "X", "Y", "DX", "W"}  # in the features' dtype; every other pointer is fp32
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -36,16 +40,12 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("Q", "K", "X", "Y", "DX"):
-            sig[name] = "*" + dtype
-        elif name == "B_BUCKET":
+        elif name in _INT_ARGS:
             sig[name] = "i32"
-        elif name.isupper():
-            sig[name] = "*fp32"
         elif name == "inv_n":
             sig[name] = "fp32"
         else:
-            sig[name] = "i32"
+            sig[name] = "*" + dtype if name in _FEATURE_PTRS else "*fp32"
     return sig
 
 
@@ -91,6 +91,10 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
                    dict(D=D, HAS_BIAS=True, COL_STATS=col, PREC=prec, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
         yield (f"siglip_fwd {cfg}", S._siglip_fwd_kernel, dict(D=D, HAS_BIAS=True, PREC=prec, **cfg.kwargs),
                cfg.num_warps, cfg.num_stages)
+    for cfg in fwd:
+        for mode in (P.MODE_CLIP_SYM, P.MODE_CLIP_DIR, P.MODE_SIGLIP):
+            yield (f"grad_tile mode={mode} {cfg}", P._grad_tile_kernel,
+                   dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
     for cfg in bwd:
         for mode, x_is_rows in ((P.MODE_CLIP_SYM, True), (P.MODE_CLIP_SYM, False), (P.MODE_CLIP_DIR, True),
                                 (P.MODE_CLIP_DIR, False), (P.MODE_SIGLIP, True)):

@@ -13,6 +13,15 @@ column blocks; per row block it writes one row-LSE partial ``row_part[h, rows]``
 merges the tile's column (max, sum-exp) into ``col_m/col_l[g, cols]``, a slice that only it touches (no atomics).
 A tiny torch log-sum-exp over H (rows) and G (columns) finishes the vectors. Extra memory is
 ``(H*Bq + 2*G*Bk) * 4`` bytes with G, H ~ sqrt(4 * #SMs); about 9 MB at B = 32k on an H100.
+
+Backward (``_pairwise.pairwise_bwd_both``), two strategies, ``BIOCLIP_FAST_BWD=auto|fused|gemm``:
+- ``fused``: a dQ kernel over q row blocks streaming k and a dK kernel over k row blocks streaming q; each
+  recomputes the logits tile, forms G in registers and accumulates ``G @ k`` / ``G^T @ q`` in fp32 registers.
+  No atomics, deterministic, O(B) extra memory. For D > 256 a row block of dQ no longer fits in registers and the
+  autotuner chooses between 64-row blocks (all of D) and D slices (logits recomputed per slice).
+- ``gemm`` (``auto`` on CUDA for D > 256): a Triton kernel writes G for a chunk of columns into a 64 MiB workspace
+  and cuBLAS computes ``dQ += G k_c`` (fp32 accumulator) and ``dK_c = G^T q``: 6*B^2*D FLOPs instead of 8+,
+  two thirds of them in cuBLAS; extra memory = workspace + 4*Bq*D bytes.
 """
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ from bioclip_fast.kernels._pairwise import (
     fwd_configs,
     interpreting,
     mma,
-    pairwise_bwd,
+    pairwise_bwd_both,
     pairwise_flops,
     prune_fwd,
     reduce_lse,
@@ -225,10 +234,8 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss):
     lse_row = check_vector(lse_row, "lse_row", B, q.device)
     lse_col = check_vector(lse_col, "lse_col", B, q.device)
     g = _grad_tensor(grad_loss, q.device)
-    dq, ds, db = pairwise_bwd(q, k, scale32, bias32, lse_row, lse_col, g, offset=0, inv_n=1.0 / B,
-                              mode=MODE_CLIP_SYM, x_is_rows=True, scalar_grads=True)
-    dk, _, _ = pairwise_bwd(k, q, scale32, bias32, lse_col, lse_row, g, offset=0, inv_n=1.0 / B,
-                            mode=MODE_CLIP_SYM, x_is_rows=False, scalar_grads=False)
+    dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse_row, lse_col, g, offset=0, inv_n=1.0 / B,
+                                       mode=MODE_CLIP_SYM)
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 
@@ -259,10 +266,8 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss):
     _check_offset(offset, Bq, Bk)
     lse = check_vector(lse, "lse", Bq, q.device)
     g = _grad_tensor(grad_loss, q.device)
-    dq, ds, db = pairwise_bwd(q, k, scale32, bias32, lse, None, g, offset=offset, inv_n=1.0 / Bq,
-                              mode=MODE_CLIP_DIR, x_is_rows=True, scalar_grads=True)
-    dk, _, _ = pairwise_bwd(k, q, scale32, bias32, None, lse, g, offset=offset, inv_n=1.0 / Bq,
-                            mode=MODE_CLIP_DIR, x_is_rows=False, scalar_grads=False)
+    dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse, None, g, offset=offset, inv_n=1.0 / Bq,
+                                       mode=MODE_CLIP_DIR)
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 

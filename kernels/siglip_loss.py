@@ -25,7 +25,7 @@ from bioclip_fast.kernels._pairwise import (
     fwd_configs,
     interpreting,
     mma,
-    pairwise_bwd,
+    pairwise_bwd_both,
     pairwise_flops,
     prune_fwd,
     size_bucket,
@@ -140,10 +140,8 @@ def siglip_bwd(q, k, scale, bias, offset: int, grad_loss):
         g = check_scalar(grad_loss, "grad_loss", q.device)
     else:
         g = torch.tensor(float(grad_loss), device=q.device, dtype=torch.float32)
-    dq, ds, db = pairwise_bwd(q, k, scale32, bias32, None, None, g, offset=offset, inv_n=1.0 / Bq,
-                              mode=MODE_SIGLIP, x_is_rows=True, scalar_grads=True)
-    dk, _, _ = pairwise_bwd(k, q, scale32, bias32, None, None, g, offset=offset, inv_n=1.0 / Bq,
-                            mode=MODE_SIGLIP, x_is_rows=False, scalar_grads=False)
+    dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, None, None, g, offset=offset, inv_n=1.0 / Bq,
+                                       mode=MODE_SIGLIP)
     dscale = ds.reshape(scale.shape).to(torch.float32)
     dbias = db.reshape(bias.shape).to(torch.float32) if bias is not None else None
     return dq, dk, dscale, dbias

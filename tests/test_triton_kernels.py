@@ -245,6 +245,57 @@ def test_results_are_deterministic_and_inputs_untouched():
     _check("dk", runs[0][4].cpu(), ref["dk"])
 
 
+@pytest.fixture
+def gemm_backward(monkeypatch):
+    """The GEMM-assisted backward with 16-column chunks (several chunks and a ragged last one)."""
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm")
+    monkeypatch.setattr(_pairwise, "GEMM_WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(_pairwise, "_MIN_CHUNK", 16)
+
+
+@needs_interpreter_or_gpu
+@pytest.mark.parametrize("kind", ["sym", "dir", "siglip"])
+def test_gemm_backward_matches_float64(kind, gemm_backward):
+    gen = torch.Generator().manual_seed(11)
+    Bq, Bk, D = (45, 45, 40) if kind == "sym" else (23, 69, 40)
+    offset = 0 if kind == "sym" else 46
+    q, k = _features(Bq, D, gen), _features(Bk, D, gen)
+    scale = torch.tensor(14.3)
+    bias = torch.tensor([-3.0]) if kind != "dir" else None
+    dev = _device()
+    args = [t.to(dev) if t is not None else None for t in (q, k, scale, bias)]
+    if kind == "sym":
+        _, lr, lc = CL.clip_sym_fwd(*args)
+        dq, dk, ds, db = CL.clip_sym_bwd(*args, lr, lc, torch.tensor(0.5, device=dev))
+        ref = ref_clip_sym(q, k, scale, bias, grad=0.5)
+    elif kind == "dir":
+        _, lse = CL.clip_dir_fwd(*args, offset)
+        dq, dk, ds, db = CL.clip_dir_bwd(*args, lse, offset, torch.tensor(0.5, device=dev))
+        ref = ref_clip_dir(q, k, scale, bias, offset, grad=0.5)
+    else:
+        dq, dk, ds, db = SL.siglip_bwd(*args, offset, torch.tensor(0.5, device=dev))
+        ref = ref_siglip(q, k, scale, bias, offset, grad=0.5)
+    for name, out in dict(dq=dq, dk=dk, dscale=ds).items():
+        _check(name, out.cpu(), ref[name])
+    if bias is not None:
+        _check("dbias", db.cpu(), ref["dbias"], atol=1e-5)
+        assert db.shape == bias.shape
+    else:
+        assert db is None
+
+
+def test_backward_strategy_choice(monkeypatch):
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "fused")
+    assert _pairwise.bwd_strategy(768, torch.device("cuda")) == "fused"
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm")
+    assert _pairwise.bwd_strategy(16, torch.device("cpu")) == "gemm"
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "auto")
+    assert _pairwise.bwd_strategy(64, torch.device("cpu")) == "fused"
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "fast")
+    with pytest.raises(ValueError, match="BIOCLIP_FAST_BWD"):
+        _pairwise.bwd_strategy(64, torch.device("cpu"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher validation (no kernel launch needed)
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,10 +394,12 @@ def _reference64(kind, q, k, s, b, offset=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B,D", [(4096, 768), (1000, 1024)])
 @pytest.mark.parametrize("kind", ["sym", "dir", "siglip"])
-def test_gpu_error_within_twice_dense_torch(kind, B, D, dtype):
+def test_gpu_error_within_twice_dense_torch(kind, B, D, dtype, strategy, monkeypatch):
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", strategy)
     gen = torch.Generator(device="cuda").manual_seed(B + D)
     Bq = B if kind == "sym" else B // 2
     offset = 0 if kind == "sym" else B - Bq
@@ -370,8 +423,11 @@ def test_gpu_error_within_twice_dense_torch(kind, B, D, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_memory_is_linear_in_batch():
-    """B = 65,536 (a B x B fp32 logits matrix would be 16 GiB): forward + backward peak stays O(B*D)."""
+@pytest.mark.parametrize("strategy", ["fused", "gemm"])
+def test_gpu_memory_is_linear_in_batch(strategy, monkeypatch):
+    """B = 65,536 (a B x B fp32 logits matrix would be 16 GiB): forward + backward peak stays O(B*D). The fused
+    backward needs O(B) extra; the GEMM-assisted one a 64 MiB tile workspace plus an fp32 dQ accumulator."""
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", strategy)
     B, D = 65536, 768
     q = F.normalize(torch.randn(B, D, device="cuda"), dim=-1).to(torch.bfloat16)
     k = F.normalize(torch.randn(B, D, device="cuda"), dim=-1).to(torch.bfloat16)
@@ -384,7 +440,8 @@ def test_gpu_memory_is_linear_in_batch():
     dq, dk, ds, _ = CL.clip_sym_bwd(q, k, scale, None, lr, lc, 1.0)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - dq.nbytes - dk.nbytes
-    assert extra < 64 * 2**20, f"extra memory {extra / 2**20:.1f} MiB"
+    budget = 64 * 2**20 + (_pairwise.GEMM_WORKSPACE_BYTES + 4 * B * D if strategy == "gemm" else 0)
+    assert extra < budget, f"extra memory {extra / 2**20:.1f} MiB"
     assert torch.isfinite(loss) and torch.isfinite(dq.float()).all()
 
 
@@ -403,6 +460,7 @@ cases = [
     ("bwd_sym_dk", P._pairwise_bwd_kernel, "bf16", dict(D=768, MODE=0, X_IS_ROWS=False, HAS_BIAS=False,
         SCALAR_GRADS=False, PREC="", **b.kwargs), b),
 ]
+cases.append(("grad_tile_sym", P._grad_tile_kernel, "bf16", dict(D=768, MODE=0, HAS_BIAS=False, PREC="", **f.kwargs), f))
 b64 = P.bwd_configs(64)[0]
 cases.append(("bwd_siglip_fp32", P._pairwise_bwd_kernel, "fp32", dict(D=64, MODE=2, X_IS_ROWS=True, HAS_BIAS=True,
     SCALAR_GRADS=True, PREC="ieee", **b64.kwargs), b64))
@@ -431,7 +489,7 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT")][-1]
     reports = json.loads(line[3:])
-    assert len(reports) == 4
+    assert len(reports) == 5
     for rep in reports:
         assert rep["registers"] and rep["registers"] <= 255, rep
         # fp32 uses input_precision="ieee" (exact fp32 FMA, no tensor cores) by design.
