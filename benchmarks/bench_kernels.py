@@ -1,7 +1,8 @@
 """Kernel-level timing of the fused loss kernels on a CUDA GPU (the loss-level comparison with open_clip and Inf-CL
 is ``bioclip-fast bench-loss``).
 
-    python benchmarks/bench_kernels.py --B 4096 16384 32768 --D 768 --dtype bf16 --kinds sym dir siglip
+    python benchmarks/bench_kernels.py --B 4096 16384 32768 --D 768 --dtype bf16 --kinds sym dir siglip \
+        --bwd fused gemm
 
 For each (kind, B, D, dtype): forward, backward and forward+backward medians (``triton.testing.do_bench``, CUDA
 events, autotuning and compilation excluded), TFLOP/s in the reported convention (8*B^2*D for fwd+bwd, 2*B^2*D for
@@ -90,11 +91,12 @@ def _loss64(kind, q, k, scale, bias, offset, chunk=1024):
     return loss
 
 
-def run_case(kind, B, D, dtype_name, args):
+def run_case(kind, B, D, dtype_name, bwd_strategy, args):
     import triton.testing
 
     from bioclip_fast.kernels import _pairwise, clip_loss, siglip_loss
 
+    os.environ["BIOCLIP_FAST_BWD"] = bwd_strategy
     dtype = _dtype(dtype_name)
     gen = torch.Generator(device="cuda").manual_seed(B * 7 + D)
     q, k, offset = _inputs(kind, B, D, dtype, gen)
@@ -133,11 +135,13 @@ def run_case(kind, B, D, dtype_name, args):
     flop_fwd = 2 * Bq * Bk * D
     loss = saved[0] if isinstance(saved, tuple) else saved
     rec = {
-        "kind": kind, "B": B, "Bq": Bq, "Bk": Bk, "D": D, "dtype": dtype_name,
+        "kind": kind, "bwd": bwd_strategy, "B": B, "Bq": Bq, "Bk": Bk, "D": D, "dtype": dtype_name,
         "fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_bwd_ms": t_all, "matmul_ms": t_mm,
         "tflops_fwd": flop_fwd / t_fwd * 1e-9,
         "tflops_fwd_bwd_reported": 4 * flop_fwd / t_all * 1e-9,
-        "tflops_fwd_bwd_executed": 5 * flop_fwd / t_all * 1e-9,
+        "bwd_actual": _pairwise.bwd_strategy(D, q.device),
+        "tflops_fwd_bwd_executed": (4 if _pairwise.bwd_strategy(D, q.device) == "gemm" else 5) * flop_fwd / t_all
+        * 1e-9,
         "tflops_matmul": flop_fwd / t_mm * 1e-9,
         "extra_mem_fwd_mb": extra_fwd / 2**20, "extra_mem_bwd_mb": extra_bwd / 2**20,
         "autotune_and_compile_s": tune_s,
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--D", type=int, nargs="+", default=[768])
     ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--kinds", nargs="+", default=["sym"], choices=["sym", "dir", "siglip"])
+    ap.add_argument("--bwd", nargs="+", default=["fused", "gemm"], choices=["auto", "fused", "gemm"],
+                    help="backward strategies to time (BIOCLIP_FAST_BWD)")
     ap.add_argument("--warmup", type=int, default=25, help="ms (do_bench)")
     ap.add_argument("--rep", type=int, default=200, help="ms (do_bench)")
     ap.add_argument("--check-max-b", type=int, default=16384, help="float64 loss check up to this B")
@@ -169,13 +175,15 @@ def main(argv=None) -> int:
         return 2
     from tqdm import tqdm
 
-    cases = [(kd, B, D, dt) for kd in args.kinds for D in args.D for dt in args.dtype for B in args.B]
+    cases = [(kd, B, D, dt, bw) for kd in args.kinds for D in args.D for dt in args.dtype for bw in args.bwd
+             for B in args.B]
     rows = []
     for case in tqdm(cases, desc="bench kernels"):
         try:
             rows.append(run_case(*case, args))
         except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"kind": case[0], "B": case[1], "D": case[2], "dtype": case[3], "error": f"OOM: {exc}"})
+            rows.append({"kind": case[0], "B": case[1], "D": case[2], "dtype": case[3], "bwd": case[4],
+                         "error": f"OOM: {exc}"})
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "torch": torch.__version__, "triton": __import__("triton").__version__, "python": platform.python_version()}
@@ -184,13 +192,13 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     print(f"\n{meta['device']}  {meta['date_utc']}  -> {path}")
-    print(f"{'kind':6s} {'dtype':5s} {'B':>7s} {'D':>5s} {'fwd ms':>8s} {'bwd ms':>8s} {'f+b ms':>8s} "
+    print(f"{'kind':6s} {'bwd':5s} {'dtype':5s} {'B':>7s} {'D':>5s} {'fwd ms':>8s} {'bwd ms':>8s} {'f+b ms':>8s} "
           f"{'TF/s rep':>8s} {'TF/s exe':>8s} {'mm TF/s':>8s} {'xMB f/b':>12s} {'relerr':>8s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['kind']:6s} {r['dtype']:5s} {r['B']:7d} {r['D']:5d}  {r['error'][:60]}")
+            print(f"{r['kind']:6s} {r['bwd']:5s} {r['dtype']:5s} {r['B']:7d} {r['D']:5d}  {r['error'][:60]}")
             continue
-        print(f"{r['kind']:6s} {r['dtype']:5s} {r['B']:7d} {r['D']:5d} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} "
+        print(f"{r['kind']:6s} {r['bwd']:5s} {r['dtype']:5s} {r['B']:7d} {r['D']:5d} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} "
               f"{r['fwd_bwd_ms']:8.3f} {r['tflops_fwd_bwd_reported']:8.1f} {r['tflops_fwd_bwd_executed']:8.1f} "
               f"{r['tflops_matmul']:8.1f} {r['extra_mem_fwd_mb']:5.1f}/{r['extra_mem_bwd_mb']:5.1f} "
               f"{r.get('loss_rel_err', float('nan')):8.1e}")
@@ -201,10 +209,10 @@ def main(argv=None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in sorted({(r["kind"], r["D"], r["dtype"]) for r in rows if "error" not in r}):
-            sel = [r for r in rows if "error" not in r and (r["kind"], r["D"], r["dtype"]) == key]
+        for key in sorted({(r["kind"], r["D"], r["dtype"], r["bwd"]) for r in rows if "error" not in r}):
+            sel = [r for r in rows if "error" not in r and (r["kind"], r["D"], r["dtype"], r["bwd"]) == key]
             ax.plot([r["B"] for r in sel], [r["tflops_fwd_bwd_reported"] for r in sel], "o-",
-                    label=f"{key[0]} D={key[1]} {key[2]}")
+                    label=f"{key[0]} D={key[1]} {key[2]} bwd={key[3]}")
             ax.plot([r["B"] for r in sel], [r["tflops_matmul"] for r in sel], "k:", alpha=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch B")
