@@ -204,11 +204,13 @@ class DaliDecoder:
                     return
                 except RuntimeError as err:
                     # An image passed the host checks but the decoder rejected it. Decode this batch on the CPU
-                    # (dropping what fails there too), re-queue the prefetched batches, rebuild the pipelines.
+                    # (dropping what fails there too, so this one batch may be short), re-queue the prefetched
+                    # batches, rebuild the pipelines.
                     if not self.demux.meta:
                         raise
-                    log.warning("DALI failed on a batch, decoding it on the CPU instead: %s",
-                                str(err).strip().splitlines()[-1][:200])
+                    msg = " ".join(str(err).split())
+                    msg = msg.split("encountered:", 1)[-1].strip()[:300]
+                    log.warning("DALI failed on a batch, decoding it on the CPU instead: %s", msg)
                     meta = self.demux.meta.popleft()
                     batch = self._cpu_batch(meta)
                     self.demux.bio = collections.deque(m["inputs"] for m in self.demux.meta)
