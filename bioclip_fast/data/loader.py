@@ -523,7 +523,8 @@ class Loader:
         self._consumed = 0  # batches of `epoch` already yielded
         self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "replay_samples": 0, "backend": backend}
         self.skipped_keys: list[str] = []
-        self._token_cache: dict[str, dict[int, torch.Tensor]] = {t: {} for t in self.text_types}
+        self._token_row: dict[int, int] = {}  # class index -> row of the token tables
+        self._token_table: dict[str, torch.Tensor] = {}
         self._mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
 
@@ -619,19 +620,24 @@ class Loader:
         return (x - self._mean_t.to(x.device)) / self._std_t.to(x.device)
 
     def tokens(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Token ids [B, L] of each text type for class labels (tokenized once per class, then cached)."""
-        out = {}
+        """Token ids [B, L] of each text type for class labels.
+
+        Each class is tokenized once, on first sight (ToL-scale label sets are never tokenized up front), into a
+        per-type table; a batch is then one gather per text type.
+        """
         idx = labels.tolist()
-        for tt in self.text_types:
-            cache = self._token_cache[tt]
-            new = sorted({i for i in idx if i not in cache})
-            if new:
+        new = sorted({i for i in idx if i not in self._token_row})
+        if new:
+            for tt in self.text_types:
                 toks = self.tokenizer([self.classes[i].text(tt) for i in new]).long()
-                for i, t in zip(new, toks):
-                    cache[i] = t
-            out[tt] = (torch.stack([cache[i] for i in idx]) if idx else
-                       torch.zeros((0, self._context_length()), dtype=torch.long)).to(self.device)
-        return out
+                self._token_table[tt] = torch.cat([self._token_table[tt], toks]) if tt in self._token_table else toks
+            for i in new:
+                self._token_row[i] = len(self._token_row)
+        if not idx:
+            empty = torch.zeros((0, self._context_length()), dtype=torch.long, device=self.device)
+            return {tt: empty for tt in self.text_types}
+        rows = torch.as_tensor([self._token_row[i] for i in idx], dtype=torch.long)
+        return {tt: self._token_table[tt][rows].to(self.device, non_blocking=True) for tt in self.text_types}
 
     def _context_length(self) -> int:
         if not hasattr(self, "_ctx_len"):
