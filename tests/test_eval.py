@@ -127,6 +127,15 @@ def test_zero_shot_trained_model_beats_chance(trained_model_dir):
     res = zero_shot_eval(model, tok, data.loader, data.classes, templates="simple", progress=False)
     print(f"zero-shot val top-1 {res['top1']:.3f} top-5 {res['top5']:.3f} (n={res['n']})")
     assert res["n"] == len(data.rows) > 100
+    # the predict API over the checkpoint's own label set makes the same top-1 calls
+    from bioclip_fast.predict import TreeOfLifeClassifier
+
+    clf = TreeOfLifeClassifier(model=model, preprocess=preprocess, tokenizer=tok, meta=meta, device="cpu",
+                               templates="simple", batch_size=64)
+    ds = data.extra["dataset"]
+    preds = clf.predict([str(ds.path(i)) for i in range(len(ds))], k=1)
+    hits = [p["species"] == r["scientific_name"] for p, r in zip(preds, data.rows)]
+    assert len(preds) == res["n"] and np.mean(hits) == pytest.approx(res["top1"], abs=1.5 / res["n"])
     assert res["top1"] >= 0.30, res
     assert res["top5"] >= 0.70, res
 
