@@ -224,3 +224,15 @@ def test_square_resize_like_bioclip_make_wds(tmp_path):
         assert Image.open(io.BytesIO(sample["jpg"])).size == size
     with pytest.raises(ValueError, match="resize must be"):
         make_shards(tmp_path, [row], tmp_path / "x", resize="crop")
+
+
+def test_damaged_archives_are_named_in_errors(built, tmp_path):
+    data = (built["out"] / "shard-000000.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ValueError, match=r"cut.tar: damaged tar archive"):
+        list(iter_shard_samples([str(cut)]))
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match=r"junk.tar: not a readable tar archive"):
+        index_tar(junk)

@@ -12,6 +12,7 @@ whose sidecar is missing (the sidecar is renamed into place last). Unreadable im
 """
 from __future__ import annotations
 
+import contextlib
 import csv as csv_module
 import dataclasses
 import glob
@@ -155,7 +156,11 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def index_tar(tar_path: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
     """[(key, [(ext, data offset, size, member name), ...]), ...] in archive order (what `wds2idx` records)."""
     samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
-    with tarfile.open(tar_path, "r:") as tf:
+    try:
+        tf = tarfile.open(tar_path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{tar_path}: not a readable tar archive ({e})") from None
+    with _tar_errors(tar_path), tf:
         for m in tf:
             if not m.isreg():
                 continue
@@ -169,6 +174,15 @@ def index_tar(tar_path: str | os.PathLike) -> list[tuple[str, list[tuple[str, in
                 samples.append((key, []))
             samples[-1][1].append((ext, m.offset_data, m.size, m.name))
     return samples
+
+
+@contextlib.contextmanager
+def _tar_errors(path):
+    """Name the shard in errors from a truncated or damaged archive."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{path}: damaged tar archive ({type(e).__name__}: {e})") from None
 
 
 def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> Path:
@@ -470,7 +484,7 @@ def iter_shard_samples(shards: str | os.PathLike | Iterable[str | os.PathLike]) 
     "shard"}. Members other than jpg/txt are under "extra". Reads any webdataset tar, not only ours."""
     for shard in resolve_shards(shards):
         current: dict[str, Any] | None = None
-        with tarfile.open(shard, "r:") as tf:
+        with _tar_errors(shard), tarfile.open(shard, "r:") as tf:
             for m in tf:
                 if not m.isreg():
                     continue
