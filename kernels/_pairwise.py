@@ -71,6 +71,17 @@ def size_bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def launch(kernel, tuned, grid, args, meta, interpret_config, device: torch.device):
+    """Launch ``tuned`` (autotuned) on ``device``, or ``kernel`` with the fixed interpreter config."""
+    if interpreting():
+        kernel[grid](*args, **meta, **interpret_config)
+    elif device.type == "cuda":
+        with torch.cuda.device(device):  # Triton launches on the current device, not the tensors' one
+            tuned[grid](*args, **meta)
+    else:
+        raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}")
+
+
 def _d_block(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -323,10 +334,7 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
     def grid(META):
         return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))
 
-    if interpreting():
-        _pairwise_bwd_kernel[grid](*args, **meta, **INTERPRET_BWD_CONFIG)
-    else:
-        _pairwise_bwd_tuned[grid](*args, **meta)
+    launch(_pairwise_bwd_kernel, _pairwise_bwd_tuned, grid, args, meta, INTERPRET_BWD_CONFIG, X.device)
     if scalar_grads:
         return dx, ds_part.sum(), db_part.sum()
     return dx, None, None
@@ -437,10 +445,7 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
         def grid(META, C=C):
             return (triton.cdiv(Bq, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
 
-        if interpreting():
-            _grad_tile_kernel[grid](*args, **meta, **INTERPRET_FWD_CONFIG)
-        else:
-            _grad_tile_tuned[grid](*args, **meta)
+        launch(_grad_tile_kernel, _grad_tile_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
         ds += ds_part.sum()
         db += db_part.sum()
         kc = k[c0:c0 + C]

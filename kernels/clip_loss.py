@@ -40,7 +40,7 @@ from bioclip_fast.kernels._pairwise import (
     check_vector,
     dot_precision,
     fwd_configs,
-    interpreting,
+    launch,
     mma,
     pairwise_bwd_both,
     pairwise_flops,
@@ -173,10 +173,7 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
     def grid(META):
         return (G if col_stats else triton.cdiv(Bq, META["BLOCK_M"]), H)
 
-    if interpreting():
-        _clip_fwd_kernel[grid](*args, **meta, **INTERPRET_FWD_CONFIG)
-    else:
-        _clip_fwd_tuned[grid](*args, **meta)
+    launch(_clip_fwd_kernel, _clip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
     lse_row = reduce_lse(row_part)
     lse_col = None
     if col_stats:

@@ -23,7 +23,7 @@ from bioclip_fast.kernels._pairwise import (
     check_scalar,
     dot_precision,
     fwd_configs,
-    interpreting,
+    launch,
     mma,
     pairwise_bwd_both,
     pairwise_flops,
@@ -122,10 +122,7 @@ def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torc
     def grid(META):
         return (triton.cdiv(Bq, META["BLOCK_M"]), H)
 
-    if interpreting():
-        _siglip_fwd_kernel[grid](*args, **meta, **INTERPRET_FWD_CONFIG)
-    else:
-        _siglip_fwd_tuned[grid](*args, **meta)
+    launch(_siglip_fwd_kernel, _siglip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
     # Partials are O(B/BLOCK_M * H) numbers: sum them in float64 so the total does not depend on the split.
     return (part.double().sum() / Bq).to(torch.float32)
 
