@@ -11,8 +11,12 @@ covered by ``NUM_ACC`` register accumulators of ``BLOCK_DO`` columns; when D is 
 the grid gets a second axis over D slices and each slice recomputes the logits tile (the autotuner weighs that
 recompute against register pressure for wide D; see ``bwd_configs``).
 
-Written for triton >= 3.0 (tested on 3.6 API surface: tl.dot(input_precision=), tl.debug_barrier, autotune with
-restore_value and early_config_prune(configs, named_args, **kwargs)).
+For wide D there is a second backward (``pairwise_bwd_gemm``): gradient tiles written to a bounded workspace and
+cuBLAS products; ``bwd_strategy`` picks one (see clip_loss.py's docstring).
+
+Uses only Triton APIs present from 3.0 through 3.8 (run here on 3.8; 3.6 not run): tl.dot(input_precision=),
+tl.debug_barrier, triton.autotune(restore_value=, prune_configs_by={"early_config_prune"}) whose callback is called
+as (configs, named_args) or (configs, named_args, **kwargs) depending on the version.
 """
 from __future__ import annotations
 
