@@ -266,3 +266,18 @@ def test_eval_data_from_shards_matches_csv_source(tmp_path, micro):
     assert res["n"] == len(rows)
     assert {class_name(c) for c in sh.classes} == species
     assert set(res["per_class"]) == species
+
+
+def test_trimmed_text_encoding_is_exact(micro):
+    """Dropping padding after the last EOT token (causal mask) changes nothing; order of texts is kept."""
+    from bioclip_fast.eval.zeroshot import encode_text_trimmed, encode_texts
+
+    model, tok = micro
+    texts = ["a photo of Danaus plexippus with common name Monarch.", "a", "a photo of a moth.", "x " * 40]
+    tokens = tok(texts)
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+        trimmed = encode_text_trimmed(model, tokens)
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
+    feats = encode_texts(model, tok, texts, batch_size=2)  # length-sorted batches, scattered back in order
+    torch.testing.assert_close(feats, torch.nn.functional.normalize(full, dim=-1), atol=1e-5, rtol=1e-5)

@@ -128,19 +128,63 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def _trimmable(model: nn.Module) -> bool:
+    from open_clip.model import CLIP
+
+    return (
+        type(model) is CLIP
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and isinstance(getattr(model, "attn_mask", None), torch.Tensor)
+    )
+
+
+def encode_text_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` without the padding columns after the last end-of-text token in the batch.
+
+    Exact for open_clip's causal, argmax-pooled CLIP text tower: under the causal mask no position attends to a later
+    one, so columns after every sequence's EOT token never reach the pooled EOT feature. Class prompts use ~20-30 of
+    the 77 positions, so zero-shot classifiers build 2-3x faster. Other text towers take the ordinary path.
+    """
+    if not _trimmable(model):
+        return model.encode_text(tokens)
+    from open_clip.transformer import text_global_pool
+
+    length = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the largest id in CLIP's vocabulary
+    t = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(t).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, t, "argmax")
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x
+
+
 @torch.no_grad()
 def encode_texts(
     model: nn.Module, tokenizer, texts: Sequence[str], *, device: str | torch.device = "cpu", batch_size: int = 256
 ) -> torch.Tensor:
-    """L2-normalized text features (N x D, float32, on ``device``)."""
+    """L2-normalized text features (N x D, float32, on ``device``), in the order of ``texts``.
+
+    Texts are batched in order of token length so each batch is trimmed to its own longest prompt.
+    """
     device = torch.device(device)
-    out = []
+    if len(texts) == 0:
+        return torch.empty(0, 0, device=device)
+    tokens = tokenizer(list(texts))
+    order = tokens.argmax(dim=-1).argsort()
+    out = torch.empty(0)
     for i in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[i : i + batch_size])).to(device)
+        idx = order[i : i + batch_size]
         with _autocast(device):
-            feats = model.encode_text(tokens)
-        out.append(nn.functional.normalize(feats.float(), dim=-1))
-    return torch.cat(out) if out else torch.empty(0, 0, device=device)
+            feats = encode_text_trimmed(model, tokens[idx].to(device))
+        feats = nn.functional.normalize(feats.float(), dim=-1)
+        if i == 0:
+            out = torch.empty(len(texts), feats.shape[1], device=device)
+        out[idx.to(device)] = feats
+    return out
 
 
 @torch.no_grad()
