@@ -312,6 +312,11 @@ def validate_static(cfg: TrainConfig) -> None:
         _check_paths(name, getattr(cfg, name))
     if not cfg.data:
         bad("data: no training shards given")
+    if cfg.resume not in (None, "auto"):
+        from bioclip_fast.train.checkpoint import find_checkpoint
+
+        if find_checkpoint(cfg.resume) is None:
+            bad(f"resume: no complete checkpoint under {cfg.resume}")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         bad(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
 

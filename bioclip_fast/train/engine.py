@@ -60,8 +60,17 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
 
 
 def init_distributed(info: DistInfo, device: torch.device, use_deepspeed: bool) -> None:
-    if not info.distributed or torch.distributed.is_initialized():
+    if torch.distributed.is_initialized() or not (info.distributed or use_deepspeed):
         return
+    if not info.distributed:  # DeepSpeed needs a process group even for one process: a private one
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                     ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(k, v)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -243,11 +252,12 @@ class WarmupCosine:
 
 def make_adamw(groups, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     kw: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    if device.type == "cuda":
-        kw["fused"] = True  # one kernel for all params: the fastest torch AdamW on GPU
-    else:
-        kw["foreach"] = True
-    return torch.optim.AdamW(groups, **kw)
+    # fused: one kernel over all parameters, on GPU and (torch >= 2.4) on CPU, where it is ~4x faster than the
+    # multi-pass foreach implementation (the token-embedding table makes the CPU tiny model optimizer-heavy)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):  # a device/dtype the fused kernel does not support
+        return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -404,6 +414,8 @@ def deepspeed_config(cfg: TrainConfig, *, world_size: int, micro_batch: int, mic
     ds.setdefault("wall_clock_breakdown", False)
     if cfg.grad_clip:
         ds["gradient_clipping"] = cfg.grad_clip
+    else:
+        ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed's own default is 1.0: clipping must be asked for
     ds.setdefault("bf16", {"enabled": cfg.precision == "bf16"})
     ds.setdefault("fp16", {"enabled": False})
     zero = dict(ds.get("zero_optimization", {}))
