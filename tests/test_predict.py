@@ -251,3 +251,18 @@ def test_plain_open_clip_state_dict_and_labels_csv(setup, tmp_path, tol):
     a = next(clf.iter_image_features(setup["good"][:2]))[1]
     b = next(tol.iter_image_features(setup["good"][:2]))[1]
     torch.testing.assert_close(a, b)
+
+
+def test_generator_input_is_consumed_lazily(setup, tol):
+    """Bounded memory: a generator of 10,000 paths is read one chunk (8 batches) ahead of the results, not whole."""
+    consumed = []
+
+    def paths():
+        for i in range(10_000):
+            consumed.append(i)
+            yield setup["good"][i % 4]
+
+    it = tol.iter_image_features(paths(), batch_size=2)
+    names, feats = next(it)
+    assert len(names) == 2 and feats.shape == (2, 64)
+    assert len(consumed) <= 2 * 8
