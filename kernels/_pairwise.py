@@ -188,6 +188,26 @@ def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.
 
 
 @triton.jit
+def sym_prob_sum(s2, la2, lb2):
+    """``exp2(s2 - la2[:, None]) + exp2(s2 - lb2[None, :])`` (log2 units), with one exp2 per element.
+
+    ``exp2(s - lb_j) = exp2(s - la_i) * exp2(la_i - c) * exp2(c - lb_j)`` with c = max(la): two vector exp2s
+    instead of a second tile of them (the epilogue is MUFU-bound). Exact to fp32 precision when the tile's LSEs
+    are within 2^60 of each other (no factor over/underflows, and an underflowed first term implies a second
+    term below 2^-66); otherwise the tile takes the direct two-exp2 path.
+    """
+    c = tl.max(la2, 0)
+    if (c - tl.min(la2, 0) <= 60.0) and (c - tl.min(lb2, 0) <= 60.0):
+        a = tl.exp2(la2 - c)
+        b = tl.exp2(c - lb2)
+        p = tl.exp2(s2 - la2[:, None])
+        out = p + p * (a[:, None] * b[None, :])
+    else:
+        out = tl.exp2(s2 - la2[:, None]) + tl.exp2(s2 - lb2[None, :])
+    return out
+
+
+@triton.jit
 def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
     y = _load_rows(Y, offs_y, mask_y, d0, D, BLOCK_DO)
     return mma(g.to(y.dtype), y, acc, PREC)
@@ -268,7 +288,7 @@ def _pairwise_bwd_kernel(
 
         if MODE == 0:
             ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
-            g = 0.5 * (tl.exp2(s2 - lx2[:, None]) + tl.exp2(s2 - ly2[None, :])) - onehot
+            g = 0.5 * sym_prob_sum(s2, lx2, ly2) - onehot
         elif MODE == 1:
             if X_IS_ROWS:
                 g = tl.exp2(s2 - lx2[:, None]) - onehot
@@ -383,7 +403,7 @@ def _grad_tile_kernel(
         lr2 = tl.load(LSE_R + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         if MODE == 0:
             lc2 = tl.load(LSE_C + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
-            g = 0.5 * (tl.exp2(s2 - lr2[:, None]) + tl.exp2(s2 - lc2[None, :])) - onehot
+            g = 0.5 * sym_prob_sum(s2, lr2, lc2) - onehot
         else:
             g = tl.exp2(s2 - lr2[:, None]) - onehot
     valid = mask_m[:, None] & mask_n[None, :]
