@@ -281,3 +281,31 @@ def test_trimmed_text_encoding_is_exact(micro):
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
     feats = encode_texts(model, tok, texts, batch_size=2)  # length-sorted batches, scattered back in order
     torch.testing.assert_close(feats, torch.nn.functional.normalize(full, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_image_folder_and_csv_sources(tmp_path, micro):
+    import shutil
+
+    from bioclip_fast.data.bundled import butterflies_root
+    from bioclip_fast.eval.datasets import load_eval_data
+
+    imgs = sorted((butterflies_root() / "images").glob("*.jpg"))
+    for cls, files in (("monarch", imgs[:2]), ("zebra longwing", imgs[100:103])):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, tmp_path / "folder" / cls / f.name)
+    data = load_eval_data(tmp_path / "folder", model=micro[0], batch_size=4)
+    assert data.classes == ["monarch", "zebra longwing"]
+    batches = list(data.loader)
+    assert torch.cat([b["label"] for b in batches]).tolist() == [0, 0, 1, 1, 1]
+    assert batches[0]["image"].shape == (4, 3, 32, 32)
+    # a CSV row pointing at a missing image fails loudly, naming the file
+    (tmp_path / "m.csv").write_text("image,label\nnope.jpg,a\n")
+    bad = load_eval_data(tmp_path / "m.csv", model=micro[0])
+    with pytest.raises(ValueError, match="nope.jpg"):
+        next(iter(bad.loader))
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_eval_data(tmp_path / "missing_dir_or_file", model=micro[0])
+    (tmp_path / "nolabel.csv").write_text("image,x\na.jpg,1\n")
+    with pytest.raises(ValueError, match="label column"):
+        load_eval_data(tmp_path / "nolabel.csv", model=micro[0])
