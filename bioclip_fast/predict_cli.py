@@ -165,6 +165,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise SystemExit(f"error: --k must be >= 1, got {args.k}")
+    if (args.cls or args.bins) and args.rank != "species":
+        raise SystemExit("error: --rank applies to the taxonomic label set; it cannot be combined with --cls/--bins")
     images = list(expand_images(args.images))
     if not images:
         print("error: no images found in the given paths", file=sys.stderr)
