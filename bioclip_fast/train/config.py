@@ -103,6 +103,10 @@ class TrainConfig:
     max_nonfinite_skips: int = _f(10, "with nonfinite=skip: consecutive skipped steps before giving up")
     eval_at_end: bool = _f(True, "zero-shot top-1/top-5 on val_data at the end (results.json)")
     eval_every: int = _f(0, "also run the zero-shot eval every N steps (0 = only at the end)")
+    eval_text_types: list[str] = _f(["taxonomic_common"], "caption types averaged into the zero-shot classifier "
+                                    "(BioCLIP: taxonomic_common), or 'all'")
+    eval_templates: str = _f("openai", "zero-shot templates: openai (80, BioCLIP's protocol), simple "
+                             "('a photo of {}.', the training template) or a '{}' format string")
     peak_tflops: float | None = _f(None, "peak dense bf16 TFLOP/s per device for MFU (default: by GPU name)")
     progress: bool = _f(True, "tqdm progress bar")
     preset: str | None = _f(None, "bioclip2 (the recipe, = defaults) or butterflies (the no-argument CPU run)",
@@ -308,6 +312,10 @@ def validate_static(cfg: TrainConfig) -> None:
         unknown = [t for t in cfg.text_types if t not in TEXT_TYPES]
         if unknown:
             bad(f"text_types: unknown {unknown}; choose from {list(TEXT_TYPES)}")
+    from bioclip_fast.taxonomy import TEXT_TYPES as _TT
+
+    if not cfg.eval_text_types or any(t not in _TT for t in cfg.eval_text_types) and cfg.eval_text_types != ["all"]:
+        bad(f"eval_text_types: {cfg.eval_text_types} must be 'all' or from {list(_TT)}")
     for name in ("data", "val_data", "replay_data"):
         _check_paths(name, getattr(cfg, name))
     if not cfg.data:
