@@ -13,6 +13,7 @@ using namespace bf;
 namespace {
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float JUMP = 60.f;  // e^60 * (terms per tile) stays far below FLT_MAX
 
 // Forward sweep over all (row block, column block) tiles. `epi(tid, i0, mb, j0, nb, tile, ld)` consumes the
 // dot-product tile (row stride ld).
@@ -39,7 +40,32 @@ void forward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D, int nt
 }
 
 // Online LSE update of one row of a tile: (m, l) hold the running max and sum of exp(S - m).
+// Once a row has a running max, one pass suffices: sum exp(S - m) against the old max while tracking the tile max,
+// then rescale everything to the new max. exp(S - m) cannot overflow while the tile raises the max by less than
+// JUMP; a larger jump (first tiles of badly scaled inputs) takes the two-pass path.
 inline void row_lse_update(const float* d, i64 nb, const Affine& aff, float& m, double& l) {
+  if (m != NEG_INF) {
+    const V Mv = V::set1(m);
+    V mv = V::set1(NEG_INF), sv = V::zero();
+    i64 j = 0;
+    for (; j + 8 <= nb; j += 8) {
+      const V S = aff(V::load(d + j));
+      mv = vmax(mv, S);
+      sv = sv + vexp(S - Mv);
+    }
+    float mt = hmax(mv), st = 0;
+    for (; j < nb; ++j) {
+      const float S = aff(d[j]);
+      mt = std::max(mt, S);
+      st += sexp(S - m);
+    }
+    if (mt - m < JUMP) {
+      const float M = std::max(m, mt);
+      l = (l + (double)hsum(sv) + st) * std::exp((double)m - (double)M);
+      m = M;
+      return;
+    }
+  }
   V mv = V::set1(NEG_INF);
   i64 j = 0;
   for (; j + 8 <= nb; j += 8) mv = vmax(mv, aff(V::load(d + j)));
@@ -61,6 +87,25 @@ inline void col_lse_update(const float* tile, i64 ld, i64 mb, i64 nb, const Affi
   i64 j = 0;
   alignas(32) float tm[8], ts[8];
   for (; j + 8 <= nb; j += 8) {
+    const V cmv = V::load(cm + j);
+    if (hmax(V::zero() - cmv) != -NEG_INF) {  // every column already has a running max: try one pass
+      V mv = V::set1(NEG_INF), sv = V::zero();
+      for (i64 r = 0; r < mb; ++r) {
+        const V S = aff(V::load(tile + r * ld + j));
+        mv = vmax(mv, S);
+        sv = sv + vexp(S - cmv);
+      }
+      if (hmax(mv - cmv) < JUMP) {
+        sv.store(ts);
+        mv.store(tm);
+        for (int e = 0; e < 8; ++e) {
+          const float M = std::max(cm[j + e], tm[e]);
+          cl[j + e] = (cl[j + e] + (double)ts[e]) * std::exp((double)cm[j + e] - M);
+          cm[j + e] = M;
+        }
+        continue;
+      }
+    }
     V mv = V::set1(NEG_INF);
     for (i64 r = 0; r < mb; ++r) mv = vmax(mv, aff(V::load(tile + r * ld + j)));
     V sv = V::zero();

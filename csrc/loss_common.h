@@ -162,28 +162,30 @@ inline V sigmoid_v(V x) { return V::set1(1.f) / (V::set1(1.f) + vexp(V::zero() -
 
 // ------------------------------------------------------------------------------------------ micro-kernel
 // C[r][0..16) (+)= sum_p A(r, p) * B(p, 0..16), A(r, p) = a[r*a_rs + p*a_ps], B row p = b + p*b_ps (16 floats).
+// always_inline + fully unrolled row loops: every call site gets its own copy whose 2*M accumulators live in
+// registers (an out-of-line copy with rolled loops spilled them to the stack and ran ~2.5x slower).
+#define BF_UNROLL _Pragma("GCC unroll 8")
 template <int M>
-inline void micro(const float* __restrict a, i64 a_rs, i64 a_ps, const float* __restrict b, i64 b_ps, i64 kdim,
-                  float* __restrict c, i64 c_rs, bool accumulate) {
+__attribute__((always_inline)) inline void micro(const float* __restrict a, i64 a_rs, i64 a_ps,
+                                                 const float* __restrict b, i64 b_ps, i64 kdim,
+                                                 float* __restrict c, i64 c_rs, bool accumulate) {
 #if BF_AVX2
   __m256 c0[M], c1[M];
-  for (int r = 0; r < M; ++r) {
+  BF_UNROLL for (int r = 0; r < M; ++r) {
     c0[r] = accumulate ? _mm256_loadu_ps(c + r * c_rs) : _mm256_setzero_ps();
     c1[r] = accumulate ? _mm256_loadu_ps(c + r * c_rs + 8) : _mm256_setzero_ps();
   }
-  const float* ar[M];
-  for (int r = 0; r < M; ++r) ar[r] = a + r * a_rs;
   for (i64 p = 0; p < kdim; ++p) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     b += b_ps;
-    for (int r = 0; r < M; ++r) {
-      const __m256 av = _mm256_broadcast_ss(ar[r]);
-      ar[r] += a_ps;
+    const float* ap = a + p * a_ps;
+    BF_UNROLL for (int r = 0; r < M; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ap + r * a_rs);
       c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
       c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
     }
   }
-  for (int r = 0; r < M; ++r) {
+  BF_UNROLL for (int r = 0; r < M; ++r) {
     _mm256_storeu_ps(c + r * c_rs, c0[r]);
     _mm256_storeu_ps(c + r * c_rs + 8, c1[r]);
   }
@@ -205,7 +207,7 @@ inline void micro(const float* __restrict a, i64 a_rs, i64 a_ps, const float* __
 }
 
 // Same with a runtime row count 1..6 (block edges).
-inline void micro_rows(int m, const float* a, i64 a_rs, i64 a_ps, const float* b, i64 b_ps, i64 kdim, float* c,
+__attribute__((always_inline)) inline void micro_rows(int m, const float* a, i64 a_rs, i64 a_ps, const float* b, i64 b_ps, i64 kdim, float* c,
                        i64 c_rs, bool accumulate) {
   switch (m) {
     case 6: micro<6>(a, a_rs, a_ps, b, b_ps, kdim, c, c_rs, accumulate); break;
@@ -257,14 +259,17 @@ inline std::vector<float> pack_panels(const float* k, i64 Bk, i64 D, int nthread
   return out;
 }
 
-// X [n x D] -> [n x Dp] zero padded (Dp multiple of 16), so 16-wide loads/stores along D never run off a row.
-inline std::vector<float> pad_cols(const float* x, i64 n, i64 D, i64 Dp, int nthreads) {
-  std::vector<float> out((size_t)(n * Dp));
+// X [n x D] -> 16-wide column panels [ceil(D/16)][n][16], zero padded: the B operand of dQ += G K and
+// dK += G^T Q, read sequentially by the micro-kernel (row p of a panel is 16 contiguous floats).
+inline std::vector<float> pack_dpanels(const float* x, i64 n, i64 D, int nthreads) {
+  const i64 npd = (D + NR - 1) / NR;
+  std::vector<float> out((size_t)(npd * n * NR));
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (i64 i = 0; i < n; ++i) {
-    std::memcpy(out.data() + i * Dp, x + i * D, sizeof(float) * D);
-    std::fill(out.data() + i * Dp + D, out.data() + (i + 1) * Dp, 0.f);
-  }
+  for (i64 i = 0; i < n; ++i)
+    for (i64 p = 0; p < npd; ++p) {
+      float* dst = out.data() + (p * n + i) * NR;
+      for (i64 c = 0; c < NR; ++c) dst[c] = p * NR + c < D ? x[i * D + p * NR + c] : 0.f;
+    }
   return out;
 }
 
@@ -287,8 +292,8 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
   const i64 Dp = round_up(D, NR), npd = Dp / NR;
   const Tiles t = choose_tiles(D);
   const std::vector<float> kt = pack_panels(k, Bk, D, nthreads);
-  const std::vector<float> qp = pad_cols(q, Bq, D, Dp, nthreads);
-  const std::vector<float> kp = pad_cols(k, Bk, D, Dp, nthreads);
+  const std::vector<float> qpp = pack_dpanels(q, Bq, D, nthreads);
+  const std::vector<float> kpp = pack_dpanels(k, Bk, D, nthreads);
   dq_acc.assign((size_t)(Bq * Dp), 0.f);
   // Per-thread dK partials (no atomics; reduced below). Thread 0 accumulates straight into dk_acc.
   dk_acc.assign((size_t)(Bk * Dp), 0.f);
@@ -309,16 +314,17 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
       const i64 i0 = rb * t.MB, mb = std::min(t.MB, Bq - i0);
       for (i64 j0 = 0; j0 < Bk; j0 += t.NB) {
         const i64 nb = std::min(t.NB, Bk - j0);
-        gemm_panels(mb, (nb + NR - 1) / NR, qp.data() + i0 * Dp, Dp, 1, kt.data() + (j0 / NR) * D * NR, NR,
-                    D * NR, D, tile.data(), t.NB, false);
+        gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
+                    tile.data(), t.NB, false);
         const std::pair<double, double> sums = epi(i0, mb, j0, nb, tile.data(), t.NB);
         tot_gdot += sums.first;
         tot_g += sums.second;
         // dQ[i0:i0+mb] += G[mb x nb] K[j0:j0+nb]
-        gemm_panels(mb, npd, tile.data(), t.NB, 1, kp.data() + j0 * Dp, Dp, NR, nb, dq_acc.data() + i0 * Dp, Dp,
-                    true);
+        gemm_panels(mb, npd, tile.data(), t.NB, 1, kpp.data() + j0 * NR, NR, Bk * NR, nb, dq_acc.data() + i0 * Dp,
+                    Dp, true);
         // dK[j0:j0+nb] += G^T[nb x mb] Q[i0:i0+mb]
-        gemm_panels(nb, npd, tile.data(), 1, t.NB, qp.data() + i0 * Dp, Dp, NR, mb, dk_mine + j0 * Dp, Dp, true);
+        gemm_panels(nb, npd, tile.data(), 1, t.NB, qpp.data() + i0 * NR, NR, Bq * NR, mb, dk_mine + j0 * Dp, Dp,
+                    true);
       }
     }
   }
