@@ -200,10 +200,11 @@ def sym_prob_sum(s2, la2, lb2):
     if (c - tl.min(la2, 0) <= 60.0) and (c - tl.min(lb2, 0) <= 60.0):
         a = tl.exp2(la2 - c)
         b = tl.exp2(c - lb2)
-        p = tl.exp2(s2 - la2[:, None])
+        p = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0))
         out = p + p * (a[:, None] * b[None, :])
     else:
-        out = tl.exp2(s2 - la2[:, None]) + tl.exp2(s2 - lb2[None, :])
+        # min(., 0): s <= lse for every real entry; padding rows/columns (masked later) must not overflow.
+        out = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0)) + tl.exp2(tl.minimum(s2 - lb2[None, :], 0.0))
     return out
 
 
@@ -291,10 +292,10 @@ def _pairwise_bwd_kernel(
             g = 0.5 * sym_prob_sum(s2, lx2, ly2) - onehot
         elif MODE == 1:
             if X_IS_ROWS:
-                g = tl.exp2(s2 - lx2[:, None]) - onehot
+                g = tl.exp2(tl.minimum(s2 - lx2[:, None], 0.0)) - onehot
             else:
                 ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
-                g = tl.exp2(s2 - ly2[None, :]) - onehot
+                g = tl.exp2(tl.minimum(s2 - ly2[None, :], 0.0)) - onehot
         else:
             # d/dS of -logsigmoid(z*S) = -z * sigmoid(-z*S): sigmoid(S) on negatives, -sigmoid(-S) on positives.
             # Clamp so exp2 stays finite (2^126 -> sigmoid ~1e-38, i.e. 0 to fp32 working precision).
@@ -405,7 +406,7 @@ def _grad_tile_kernel(
             lc2 = tl.load(LSE_C + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
             g = 0.5 * sym_prob_sum(s2, lr2, lc2) - onehot
         else:
-            g = tl.exp2(s2 - lr2[:, None]) - onehot
+            g = tl.exp2(tl.minimum(s2 - lr2[:, None], 0.0)) - onehot
     valid = mask_m[:, None] & mask_n[None, :]
     g = tl.where(valid, g, 0.0)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]

@@ -115,13 +115,23 @@ def _clip_fwd_kernel(
             # Online row log-sum-exp (padding columns -> -inf; each tile has at least one real column).
             s_row = tl.where(mask_n[None, :], s2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_row, 1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s_row - m_new[:, None]), 1)
+            p = tl.exp2(s_row - m_new[:, None])
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
             m_i = m_new
 
             if COL_STATS:
-                s_col = tl.where(mask_m[:, None], s2, float("-inf"))
-                c_m = tl.max(s_col, 0)
-                c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
+                # Column sums from the row exponentials: exp2(s - r) = p * exp2(m_new - r), r = max(m_new) >= every
+                # logit of the tile, so no second exp2 per logit. Exact to fp32 precision while each column's sum
+                # is >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
+                r = tl.max(tl.where(mask_m, m_new, float("-inf")), 0)
+                w = tl.where(mask_m, tl.exp2(m_new - r), 0.0)
+                c_l = tl.sum(p * w[:, None], 0)
+                if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:
+                    c_m = tl.zeros([BLOCK_N], dtype=tl.float32) + r
+                else:
+                    s_col = tl.where(mask_m[:, None], s2, float("-inf"))
+                    c_m = tl.max(s_col, 0)
+                    c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
                 cptr = pid_g.to(tl.int64) * Bk + offs_n
                 # The previous row block's store of this slice may come from other threads of this program.
                 tl.debug_barrier()

@@ -167,6 +167,28 @@ def test_clip_sym_large_logits_and_sliced_backward(small_tiles):
 
 
 @needs_interpreter_or_gpu
+def test_clip_sym_column_far_below_its_rows():
+    """A column whose logits all sit ~180 nats under the rows' maxima: the forward's column sums from the row
+    exponentials would underflow, so those tiles must take the direct path (else lse_col = -inf)."""
+    gen = torch.Generator().manual_seed(9)
+    B, D = 40, 8
+    e1 = torch.zeros(D)
+    e1[0] = 1.0
+    q = F.normalize(torch.randn(B, D, generator=gen) * 0.1 + e1, dim=-1)
+    k = F.normalize(torch.randn(B, D, generator=gen) * 0.1 + e1, dim=-1)
+    k[5] = -e1  # column 5: cos(q_i, k_5) ~ -0.95 for every row
+    scale = torch.tensor(100.0)
+    dev = _device()
+    args = [t.to(dev) for t in (q, k, scale)] + [None]
+    loss, lse_row, lse_col = CL.clip_sym_fwd(*args)
+    dq, dk, dscale, _ = CL.clip_sym_bwd(*args, lse_row, lse_col, 1.0)
+    ref = ref_clip_sym(q, k, scale, None)
+    assert (ref["lse_row"].min() - ref["lse_col"][5]) > 150
+    for name, out in dict(loss=loss, lse_row=lse_row, lse_col=lse_col, dq=dq, dk=dk, dscale=dscale).items():
+        _check(name, out.cpu(), ref[name], atol=1e-5)
+
+
+@needs_interpreter_or_gpu
 @pytest.mark.parametrize("Bq,world,D", [(1, 1, 16), (3, 3, 70), (37, 2, 16), (20, 4, 1)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_clip_dir_matches_float64(Bq, world, D, with_bias):
