@@ -107,7 +107,7 @@ class ClipTrainModule(nn.Module):
         self.last_text_fraction = 1.0  # share of caption rows actually encoded (for HFU)
 
     def register_zero3_external_params(self) -> None:
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero import register_external_parameter
 
         for p in self.clip.parameters(recurse=False):
             register_external_parameter(self, p)

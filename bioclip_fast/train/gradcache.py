@@ -50,6 +50,14 @@ def grad_cache_step(
     if "replay_image" in inputs:
         groups.append((("replay_image", "replay_text"), ("replay_image", "replay_text")))
 
+    n_chunks = sum(-(-inputs[keys[0]].shape[0] // chunk) for keys, _ in groups)
+    if engine.kind == "deepspeed" and n_chunks != engine.micro_steps:  # its accumulation count is fixed
+        raise ValueError(
+            f"GradCache step has {n_chunks} chunks but the engine was built for {engine.micro_steps} micro-steps "
+            f"(per-rank batch / grad_cache_chunk, + replay batch / chunk): build the Trainer with the batch sizes "
+            f"it will be fed"
+        )
+
     # pass 1: features without activations
     plan: list[tuple[dict[str, torch.Tensor], Any]] = []
     feats: dict[str, list[torch.Tensor]] = {}

@@ -338,7 +338,9 @@ class Trainer:
             raise RuntimeError("Trainer was built with build_data=False; call train_step() directly")
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         jsonl = self.run_dir / "metrics.jsonl"
-        bar = tqdm(total=self.total_steps if self.total_steps and self.total_steps < 10**8 else None,
+        # a wall-clock-bounded run has no meaningful step total: show steps and the time left instead
+        show_total = self.total_steps if (cfg.schedule_clock == "steps" and self.total_steps) else None
+        bar = tqdm(total=show_total,
                    initial=self.step, disable=not (info.is_main and cfg.progress), desc="train", unit="step",
                    dynamic_ncols=True)
         self._t_start = time.perf_counter()
@@ -371,12 +373,15 @@ class Trainer:
                     with jsonl.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                 self.history.append(rec)
-                bar.set_postfix(loss=f"{res['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rates['img_s']:.0f}",
-                                refresh=False)
+                post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
+                if budget:
+                    post["left"] = f"{max(budget - self._elapsed(), 0):.0f}s"
+                bar.set_postfix(post, refresh=False)
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
         bar.close()
         train_seconds = self._elapsed()
