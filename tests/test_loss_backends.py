@@ -214,3 +214,33 @@ def test_non_finite_inputs_raise(where, value):
         FusedSigLipLoss()(q, k, s, b)
     # The check can be switched off for speed: then the non-finite value propagates (no silent finite answer).
     assert not torch.isfinite(fused_clip_loss(q, k, s, b, check_finite=False, backend="torch"))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA (Triton)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cuda_auto_dispatches_to_triton_and_matches_reference(dtype):
+    dev = torch.device("cuda")
+    assert dispatch.resolve("auto", dev) == "triton"
+    q, k, s, b = (t.to(dev) for t in _inputs(1000, 1000, 768, seed=7))
+    q, k = q.to(dtype), k.to(dtype)
+    outs = []
+    for backend in ("auto", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, s, b)]
+        loss = fused_clip_loss(*leaves, backend=backend) + fused_siglip_loss(*leaves, backend=backend)
+        loss.backward()
+        outs.append([loss.detach()] + [t.grad for t in leaves])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-4)
+    _compare(outs[0], outs[1], **tol)
+
+
+@pytest.mark.gpu
+def test_cuda_torch_compile_fullgraph():
+    dev = torch.device("cuda")
+    q, k, s, b = (t.to(dev) for t in _inputs(512, 512, 256, seed=8))
+    fn = torch.compile(lambda *a: fused_clip_loss(*a), fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, s, b)]
+    fn(*leaves).backward()
+    ref = [t.clone().requires_grad_() for t in (q, k, s, b)]
+    fused_clip_loss(*ref).backward()
+    _compare([t.grad for t in leaves], [t.grad for t in ref], rtol=1e-5, atol=1e-6)
