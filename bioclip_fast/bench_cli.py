@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="D values (default: CUDA 512 768 1024; CPU 512)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
                         help="default: CUDA bf16 fp32; CPU fp32")
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=None, choices=IMPLS,
+                        help="default: CUDA ours open_clip inf_cl; CPU ours reference open_clip")
     parser.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd runs per point (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -40,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip open_clip when its B×B logits (x4 live copies) exceed this (default: 60%% of "
                              "free GPU memory / 25%% of RAM)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="stop growing B for an implementation once one point took longer than this (s)")
+                        help="stop growing B for an implementation once one fwd+bwd took longer than this many "
+                             "seconds (default: 20 on CUDA, none on CPU)")
     parser.add_argument("--quick", action="store_true", help="small CPU sizes (~1 minute): B 1024 2048 4096, D 512")
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
     parser.add_argument("--tag", default="", help="suffix for the output file names")
@@ -295,7 +297,10 @@ def run(args) -> int:
     sizes = args.batch_sizes or sizes
     dims = args.dims or dims
     dtypes = args.dtypes or dtypes
-    impls = list(dict.fromkeys(args.impls))
+    impls = list(dict.fromkeys(args.impls or (["ours", "open_clip", "inf_cl"] if cuda else
+                                               ["ours", "reference", "open_clip"])))
+    if args.time_budget is None and cuda:
+        args.time_budget = 20.0
     notes = []
     if not cuda and "inf_cl" in impls:
         impls.remove("inf_cl")
