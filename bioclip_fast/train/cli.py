@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = (parser.description or "") + (
         ". Defaults are the BioCLIP 2 recipe (preset bioclip2); without --data the 'butterflies' CPU preset applies "
-        "(bioclip-nano, bundled butterflies, batch 64, lr 2e-3, 30 warmup steps, fp32, a 4.25-minute wall-clock cosine)."
+        "(bioclip-nano, bundled butterflies, batch 128, lr 2e-3, 30 warmup steps, fp32, a 4.25-minute wall-clock cosine)."
     )
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--config", default=None, help="YAML or JSON file of config keys (CLI flags override it)")

@@ -5,7 +5,7 @@ Precedence (later wins): dataclass defaults (= the BioCLIP 2 recipe) < preset < 
 Presets:
 - ``bioclip2``: the dataclass defaults — ViT-L/14, AdamW (0.9, 0.98), eps 1e-6, wd 0.2 (not on gains, biases,
   logit_scale), lr 1e-4, 1,875 warmup steps then cosine, bf16, logit_scale clamped to ln(100), DeepSpeed ZeRO-2.
-- ``butterflies``: the no-argument CPU run — `bioclip-nano` (32 px ViT) on the bundled butterfly shards, batch 64,
+- ``butterflies``: the no-argument CPU run — `bioclip-nano` (32 px ViT) on the bundled butterfly shards, batch 128,
   fp32 (bf16 autocast is slower on CPUs without AVX512-BF16), plain torch fused AdamW (DeepSpeed adds nothing on one
   process), lr 2e-3 with 30 warmup steps, wd 0.1, and a cosine schedule that follows the wall clock so the run
   anneals exactly within its 4.25-minute budget; data loading in the main process (the cores go to compute).
@@ -145,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "butterflies": {
         "model": "bioclip-nano",
         "data": [BUNDLED],
-        "batch_size": 64,
+        "batch_size": 128,  # more in-batch negatives: 62% top-1 vs 48% with 64 in 2-minute runs (shared VM, noisy)
         "epochs": 1000,  # bounded by max_minutes
         "max_minutes": 4.25,  # + ~15 s start-up and ~5 s zero-shot eval: under 5 minutes in all
         "schedule_clock": "time",
