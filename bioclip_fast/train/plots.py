@@ -31,7 +31,10 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (_, label, keys) in zip(axes.flat, panels):
         drawn = False
+        has_replay = any(r.get("loss_replay") is not None for r in records)
         for key, name in keys:
+            if key == "loss_bio" and not has_replay:  # identical to the total without replay
+                continue
             ys = series(key)
             if all(y != y for y in ys):  # all NaN: metric not available (e.g. MFU on CPU)
                 continue
