@@ -338,3 +338,23 @@ def test_default_run_learns_and_writes_its_outputs(trained_model_dir):
     model, _, tok, meta = load_model(trained_model_dir / "model.pt")
     assert len(meta["classes"]) == 10 and meta["class_names"][0].count(" ") == 1
     assert model.logit_scale.shape == (1,)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_gpu_bf16_training_runs_with_dali_and_reports_mfu(tmp_path, engine):
+    """bf16 on CUDA: DeepSpeed ZeRO-2 (bf16 weights, fp32 master) or torch autocast, DALI data, MFU from the table."""
+    cfg = resolve_config({"model": "bioclip-tiny", "engine": engine, "precision": "bf16", "batch_size": 64,
+                          "max_steps": 30, "max_minutes": None, "schedule_clock": "steps", "lr": 1e-3,
+                          "warmup_steps": 5, "out": str(tmp_path / engine), "progress": False, "num_workers": 2,
+                          "peak_tflops": 989.0})
+    tr = Trainer(cfg)
+    assert tr.device.type == "cuda" and tr.loader.backend == "dali"
+    summary = tr.fit()
+    recs = [json.loads(x) for x in (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert sum(r["loss"] for r in recs[-5:]) < sum(r["loss"] for r in recs[:5])
+    assert recs[-1]["mfu"] is not None and 0 < recs[-1]["mfu"] < 1
+    assert recs[-1]["peak_mem_kind"] == "cuda_max_allocated"
+    assert summary["zero_shot"]["top1"] >= 0.0

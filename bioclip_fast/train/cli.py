@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--config", default=None, help="YAML or JSON file of config keys (CLI flags override it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # the `deepspeed` launcher appends --local_rank=N; the rank comes from the LOCAL_RANK env var it also sets
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     for name, hint, default, meta in field_specs():
         flag = "--" + name.replace("_", "-")
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f"{meta['help']} [{default}]"}
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bioclip_fast").setLevel(logging.INFO)  # ours at INFO; open_clip's chatter stays quiet
-    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config", "local_rank")}
     try:
         cfg = resolve_config(cli, config_file=args.config)
         validate_static(cfg)
