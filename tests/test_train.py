@@ -358,3 +358,40 @@ def test_gpu_bf16_training_runs_with_dali_and_reports_mfu(tmp_path, engine):
     assert recs[-1]["mfu"] is not None and 0 < recs[-1]["mfu"] < 1
     assert recs[-1]["peak_mem_kind"] == "cuda_max_allocated"
     assert summary["zero_shot"]["top1"] >= 0.0
+
+
+# ------------------------------------------------------------------------------------------------ replay, end to end
+def _caption_shard(path, n: int = 48):
+    """A LAION-style replay shard: key.jpg + key.txt (bundled butterfly photos with generic captions)."""
+    import io
+    import tarfile
+
+    from bioclip_fast.data.bundled import butterflies_root
+
+    images = sorted((butterflies_root() / "images").glob("*.jpg"))[:n]
+    with tarfile.open(path, "w") as tf:
+        for i, img in enumerate(images):
+            for ext, data in (("jpg", img.read_bytes()), ("txt", f"an insect photo number {i}".encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_replay_data_trains_continual_proj_end_to_end(tmp_path):
+    shard = _caption_shard(tmp_path / "replay-000000.tar")
+    cfg = resolve_config({**MICRO, "batch_size": 32, "replay_data": [str(shard)], "replay_batch_size": 16,
+                          "max_steps": 3, "grad_cache_chunk": 8, "out": str(tmp_path / "run"), "num_workers": 0,
+                          "threads": 1})
+    tr = Trainer(cfg)
+    assert tr.cfg.continual_proj is None and tr.clip.visual.continual_proj is not None  # auto-enabled by replay
+    proj0 = tr.clip.visual.continual_proj.detach().clone()
+    vproj0 = tr.clip.visual.proj.detach().clone()
+    tr.fit()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(math.isfinite(r["loss_replay"]) and r["loss_replay"] > 0 for r in recs)
+    for r in recs:  # total = biology + replay_weight * replay
+        assert r["loss"] == pytest.approx(r["loss_bio"] + r["loss_replay"], rel=1e-5)
+    assert not torch.equal(tr.clip.visual.continual_proj, proj0)
+    assert not torch.allclose(tr.clip.visual.continual_proj, tr.clip.visual.proj)  # two projectors diverge
+    assert not torch.equal(tr.clip.visual.proj, vproj0)
