@@ -372,8 +372,6 @@ def validate_runtime(cfg: TrainConfig, *, world_size: int, per_rank_batch_min: i
             raise ConfigError(
                 f"per-rank replay batch {rb // world_size} is not divisible by grad_cache_chunk={cfg.grad_cache_chunk}"
             )
-    if world_size > 1 and cfg.engine == "torch" and cfg.zero_stage:
-        pass  # the torch engine all-reduces gradients itself; ZeRO settings are simply unused
 
 
 def field_specs() -> list[tuple[str, Any, Any, dict[str, Any]]]:

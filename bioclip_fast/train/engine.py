@@ -261,10 +261,6 @@ def make_adamw(groups, cfg: TrainConfig, device: torch.device) -> torch.optim.Op
 
 
 # ---------------------------------------------------------------------------------------------- engines
-class NonFiniteError(RuntimeError):
-    pass
-
-
 class _EngineBase:
     kind: str
     module: ClipTrainModule

@@ -6,7 +6,6 @@ atomic checkpoints, exact resume, wall-clock budgets, and a zero-shot evaluation
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

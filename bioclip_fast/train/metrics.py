@@ -31,9 +31,7 @@ forward of gradient checkpointing (+1× forward of the towers) and the no-grad f
 """
 from __future__ import annotations
 
-import math
 import resource
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,17 +188,3 @@ class ThroughputMeter:
             out["mfu"] = model_flops_s / (self.peak_tflops * 1e12)
             out["hfu"] = hw_flops_s / (self.peak_tflops * 1e12)
         return out
-
-
-class Stopwatch:
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
