@@ -65,7 +65,7 @@ def auto_threads(local_world: int = 1) -> int:
         free = cores - os.getloadavg()[0]
     except OSError:
         free = cores
-    return max(1, min(per_rank, int(free // max(local_world, 1))))
+    return max(1, min(per_rank, round(free / max(local_world, 1))))
 
 
 def seed_everything(seed: int) -> None:
