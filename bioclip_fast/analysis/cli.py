@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
-    from bioclip_fast.eval.cli import default_device, model_label, resolve_checkpoint
+    from bioclip_fast.eval.cli import default_device, resolve_checkpoints
     from bioclip_fast.eval.report import markdown_table, write_json
 
     if args.data == "butterflies":
@@ -150,10 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpts = [resolve_checkpoint(c) for c in args.checkpoints]
-    labels = [model_label(c) for c in ckpts]
-    if len(set(labels)) != len(labels):
-        labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
+    ckpts, labels = resolve_checkpoints(args.checkpoints)
     t0 = time.time()
     results = {name: analyze_checkpoint(c, args, out, name, device) for name, c in zip(labels, ckpts)}
     rows = [summary_row(n, r) for n, r in results.items()]

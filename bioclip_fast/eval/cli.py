@@ -81,6 +81,15 @@ def model_label(path: Path) -> str:
     return path.parent.name if path.name in ("model.pt", "checkpoint.pt", "final.pt") else path.stem
 
 
+def resolve_checkpoints(paths: list[str]) -> tuple[list[Path], list[str]]:
+    """Checkpoint files and one unique display label each (index-prefixed where two would collide)."""
+    ckpts = [resolve_checkpoint(c) for c in paths]
+    labels = [model_label(c) for c in ckpts]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
+    return ckpts, labels
+
+
 def _split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified 50/50 split of indices (train, test); singleton classes go to train."""
     rng = np.random.default_rng(seed)
@@ -194,10 +203,7 @@ def _run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpts = [resolve_checkpoint(c) for c in args.checkpoints]
-    labels = [model_label(c) for c in ckpts]
-    if len(set(labels)) != len(labels):
-        labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
+    ckpts, labels = resolve_checkpoints(args.checkpoints)
     results: dict[str, Any] = {}
     rows = []
     t0 = time.time()

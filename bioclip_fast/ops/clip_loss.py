@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from bioclip_fast.ops import dispatch
-from bioclip_fast.ops.validate import as_scalar_tensor, check_features, check_finite, check_offset
+from bioclip_fast.ops.validate import prepare_loss_inputs
 
 
 def _impl(backend: str, device: torch.device):
@@ -143,12 +143,7 @@ def clip_sym_loss(
     k_name: str = "text_features",
 ) -> torch.Tensor:
     """½(CE(S, diag) + CE(Sᵀ, diag)) with S = scale·q@kᵀ + bias, never materializing S. Differentiable in all."""
-    dispatch.check_backend(backend)
-    check_features(q, k, q_name=q_name, k_name=k_name, same_batch=True)
-    scale_t = as_scalar_tensor(scale, "logit_scale", q)
-    bias_t = as_scalar_tensor(bias, "logit_bias", q, optional=True)
-    if check_finite_inputs:
-        check_finite(**{q_name: q, k_name: k, "logit_scale": scale_t, "logit_bias": bias_t})
+    scale_t, bias_t, _ = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=True)
     return clip_sym_fwd_op(q, k, scale_t, bias_t, backend)[0]
 
 
@@ -165,11 +160,5 @@ def clip_dir_loss(
     k_name: str = "k",
 ) -> torch.Tensor:
     """mean_i CE(S_i, i+offset) with S = scale·q@kᵀ + bias (q: local rows, k: e.g. all-gathered columns)."""
-    dispatch.check_backend(backend)
-    check_features(q, k, q_name=q_name, k_name=k_name, same_batch=False)
-    offset = check_offset(offset, q.shape[0], k.shape[0], need_all_positives=True)
-    scale_t = as_scalar_tensor(scale, "logit_scale", q)
-    bias_t = as_scalar_tensor(bias, "logit_bias", q, optional=True)
-    if check_finite_inputs:
-        check_finite(**{q_name: q, k_name: k, "logit_scale": scale_t, "logit_bias": bias_t})
+    scale_t, bias_t, offset = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset)
     return clip_dir_fwd_op(q, k, scale_t, bias_t, offset, backend)[0]

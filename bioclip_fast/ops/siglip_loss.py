@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from bioclip_fast.ops import dispatch
-from bioclip_fast.ops.validate import as_scalar_tensor, check_features, check_finite, check_offset
+from bioclip_fast.ops.validate import prepare_loss_inputs
 
 
 def _impl(backend: str, device: torch.device):
@@ -79,11 +79,7 @@ def siglip_loss(
     k_name: str = "text_features",
 ) -> torch.Tensor:
     """−(1/Bq)·Σ_ij logsigmoid(z_ij·(scale·q_i·k_j + bias)), z = +1 iff j == i + offset; never materializes S."""
-    dispatch.check_backend(backend)
-    check_features(q, k, q_name=q_name, k_name=k_name, same_batch=False)
-    offset = check_offset(offset, q.shape[0], k.shape[0], need_all_positives=False)
-    scale_t = as_scalar_tensor(scale, "logit_scale", q)
-    bias_t = as_scalar_tensor(bias, "logit_bias", q, optional=True)
-    if check_finite_inputs:
-        check_finite(**{q_name: q, k_name: k, "logit_scale": scale_t, "logit_bias": bias_t})
+    scale_t, bias_t, offset = prepare_loss_inputs(
+        q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset, need_all_positives=False
+    )
     return siglip_fwd_op(q, k, scale_t, bias_t, offset, backend)

@@ -90,3 +90,34 @@ def check_offset(offset, n_rows: int, n_cols: int, *, need_all_positives: bool) 
             f"offset {offset} + {n_rows} rows exceeds the {n_cols} columns: every row needs its positive column"
         )
     return offset
+
+
+def prepare_loss_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale,
+    bias,
+    *,
+    backend: str,
+    check_finite_inputs: bool,
+    q_name: str,
+    k_name: str,
+    same_batch: bool,
+    offset=None,
+    need_all_positives: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
+    """The checks every public loss op runs: backend, features, offset, scale/bias as fp32 tensors, finiteness.
+
+    Returns (scale tensor, bias tensor or None, validated offset or None).
+    """
+    from bioclip_fast.ops import dispatch
+
+    dispatch.check_backend(backend)
+    check_features(q, k, q_name=q_name, k_name=k_name, same_batch=same_batch)
+    if offset is not None:
+        offset = check_offset(offset, q.shape[0], k.shape[0], need_all_positives=need_all_positives)
+    scale_t = as_scalar_tensor(scale, "logit_scale", q)
+    bias_t = as_scalar_tensor(bias, "logit_bias", q, optional=True)
+    if check_finite_inputs:
+        check_finite(**{q_name: q, k_name: k, "logit_scale": scale_t, "logit_bias": bias_t})
+    return scale_t, bias_t, offset

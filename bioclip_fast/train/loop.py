@@ -54,18 +54,14 @@ def make_loss(cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
 
 
 def auto_threads(local_world: int = 1) -> int:
-    """CPU threads per rank: the cores not already busy (1-minute load average), at least 1.
+    """CPU threads per rank: the cores this process may use, split between the local ranks (at least 1).
 
-    On a shared machine OpenMP threads that outnumber the free cores spin-wait on each other: with the load above
-    the core count, 1 thread per process measured 2x faster than 2 on a 2-core VM.
+    Deliberately not reduced by the load average: that lags by a minute, so a run started right after a busy
+    spell (an install, a test session) would keep half its cores idle for its whole length. On a machine shared
+    with other jobs, pass --threads (OpenMP threads that outnumber the free cores spin-wait on each other).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = max(1, cores // max(local_world, 1))
-    try:
-        free = cores - os.getloadavg()[0]
-    except OSError:
-        free = cores
-    return max(1, min(per_rank, round(free / max(local_world, 1))))
+    return max(1, cores // max(local_world, 1))
 
 
 def seed_everything(seed: int) -> None:
