@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q "pybind11>=2.11" "setuptools>=68" wheel  # `make build` compiles csrc/ outside pip's build env
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
