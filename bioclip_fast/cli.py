@@ -1,6 +1,8 @@
 """`bioclip-fast` command line: one subcommand per module, imported lazily so `--help` stays fast.
 
-Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). Expected failures
+(:class:`bioclip_fast.errors.UsageError`, ``OSError``, ``ValueError``) print one line, ``bioclip-fast CMD: error: ...``,
+and exit 2; ``--debug`` (on every subcommand) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -44,9 +46,28 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments_for(name, parser)
     else:
         module.add_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(rest)
     args.command = name
-    return int(module.run(args) or 0)
+    return run_subcommand(parser.prog, module.run, args)
+
+
+def run_subcommand(prog: str, run, args) -> int:
+    """``run(args)`` with the one-line error contract (see :mod:`bioclip_fast.errors`)."""
+    from bioclip_fast.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, one_line
+
+    try:
+        return int(run(args) or 0)
+    except (UsageError, OSError, ValueError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
