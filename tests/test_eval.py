@@ -299,11 +299,14 @@ def test_image_folder_and_csv_sources(tmp_path, micro):
     batches = list(data.loader)
     assert torch.cat([b["label"] for b in batches]).tolist() == [0, 0, 1, 1, 1]
     assert batches[0]["image"].shape == (4, 3, 32, 32)
-    # a CSV row pointing at a missing image fails loudly, naming the file
+    # a CSV row pointing at a missing image is skipped and listed by name (on_error="raise" stops instead)
     (tmp_path / "m.csv").write_text("image,label\nnope.jpg,a\n")
     bad = load_eval_data(tmp_path / "m.csv", model=micro[0])
+    batch = next(iter(bad.loader))
+    assert batch["image"] is None and batch["skipped"][0]["image"] == "nope.jpg"
+    strict = load_eval_data(tmp_path / "m.csv", model=micro[0], on_error="raise")
     with pytest.raises(ValueError, match="nope.jpg"):
-        next(iter(bad.loader))
+        next(iter(strict.loader))
     with pytest.raises(FileNotFoundError, match="neither"):
         load_eval_data(tmp_path / "missing_dir_or_file", model=micro[0])
     (tmp_path / "nolabel.csv").write_text("image,x\na.jpg,1\n")

@@ -1,7 +1,10 @@
 """`bioclip-fast eval`: zero-shot, few-shot (SimpleShot) and linear-probe evaluation of one or more checkpoints.
 
 Writes ``results.json`` (everything, per model), ``results.md`` (one table row per model) and a confusion-matrix PNG
-per model (zero-shot) into ``--out``.
+per model (zero-shot) into ``--out``. Protocol defaults are the BioCLIP 2 reference's: 81 templates, reference class
+naming, top-1/3/5, SimpleShot with k images per class drawn per fold (``random.seed(fold)``) and every other image
+queried. ``--suite bioclip2 --data-root DIR`` runs every benchmark of the paper found under DIR
+(:mod:`bioclip_fast.eval.suite`). Unreadable images are skipped, counted and listed in the outputs.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=("train", "val", "all"),
                         help="split of the bundled butterflies (default val: held out from training)")
     parser.add_argument("--root", default=None, help="image root for a CSV (default: the CSV's folder)")
-    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--image-column", default=None,
+                        help="image path column (default: image, or the reference's filepath)")
     parser.add_argument("--label-column", default=None, help="class column (default: scientific_name / species / label)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -56,17 +60,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--data)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     parser.add_argument("--text-types", default="taxonomic_common",
-                        help="zero-shot text types: comma list of taxonomic, scientific, common, scientific_common, "
-                             "taxonomic_common, or 'all' (averaged; each is also scored alone)")
-    parser.add_argument("--templates", default="openai", help="template set: openai (80), simple, none")
+                        help="zero-shot text types: comma list of as_is, taxonomic, scientific, common, "
+                             "scientific_common, taxonomic_common (or the reference's asis, taxon, sci, com, sci_com, "
+                             "taxon_com), or 'all' (averaged; each is also scored alone). Labels that are not taxa "
+                             "are always used as is")
+    parser.add_argument("--templates", default="bioclip2",
+                        help="template set: bioclip2 (81, the reference's), openai (80), simple, none")
     parser.add_argument("--shots", default="1,5", help="few-shot k values")
-    parser.add_argument("--folds", type=int, default=5, help="seeded few-shot folds")
+    parser.add_argument("--folds", type=int, default=5, help="few-shot folds")
+    parser.add_argument("--fewshot-protocol", default="reference", choices=("reference", "split"),
+                        help="reference: k support images per class drawn per fold (random.seed(fold)) from --data, "
+                             "every other image a query (BioCLIP 2); split: support from --train-data or a seeded "
+                             "stratified half, queries the rest")
+    parser.add_argument("--suite", default=None, choices=("bioclip2",),
+                        help="run every benchmark of the BioCLIP 2 paper found under --data-root (one table)")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="folder of benchmark folders for --suite (layout: docs/evaluation.md)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="--suite: seeded runs of the beyond-species classifiers (default: the reference's 3; "
+                             "PlantDoc: 5 SimpleShot repeats)")
+    parser.add_argument("--epochs", type=int, default=100, help="--suite: FishNet/AwA2 MLP epochs (reference 100)")
+    parser.add_argument("--svm-iter", type=int, default=100,
+                        help="--suite: NeWT random-search iterations per task (reference 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval_results", help="output directory")
 
 
-def resolve_checkpoint(path: str) -> Path:
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
+
+
+def resolve_checkpoint(path: str) -> Path | str:
+    """Our checkpoint file (a run dir resolves to its model.pt); hub specs (``local-dir:PATH``, ``hf-hub:NAME``) and
+    hub-snapshot folders (``open_clip_config.json`` beside the weights) are passed on to
+    :func:`bioclip_fast.model.load_model` as ``local-dir:PATH`` strings."""
+    if str(path).startswith(HUB_PREFIXES):
+        return str(path)
     p = Path(path)
+    if p.is_dir() and (p / "open_clip_config.json").is_file() and not (p / "model.pt").is_file():
+        return f"local-dir:{p}"
     if p.is_dir():
         for name in ("model.pt", "checkpoint.pt", "final.pt"):
             if (p / name).is_file():
@@ -77,11 +108,13 @@ def resolve_checkpoint(path: str) -> Path:
     return p
 
 
-def model_label(path: Path) -> str:
+def model_label(path: Path | str) -> str:
+    if isinstance(path, str):
+        return Path(path.split(":", 1)[1].rstrip("/")).name or path
     return path.parent.name if path.name in ("model.pt", "checkpoint.pt", "final.pt") else path.stem
 
 
-def resolve_checkpoints(paths: list[str]) -> tuple[list[Path], list[str]]:
+def resolve_checkpoints(paths: list[str]) -> tuple[list[Path | str], list[str]]:
     """Checkpoint files and one unique display label each (index-prefixed where two would collide)."""
     ckpts = [resolve_checkpoint(c) for c in paths]
     labels = [model_label(c) for c in ckpts]
@@ -102,9 +135,25 @@ def _split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.array(tr, dtype=np.int64)), np.sort(np.array(te, dtype=np.int64))
 
 
-def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], device: str) -> dict[str, Any]:
+def skipped_summary(skipped: list[dict[str, str]], limit: int = 200) -> dict[str, Any]:
+    """``{"count", "files": [{"image", "error"}]}`` (the first ``limit`` listed) of the images that were skipped."""
+    seen: dict[str, dict[str, str]] = {}
+    for s in skipped:
+        seen.setdefault(s["image"], s)
+    files = list(seen.values())
+    return {"count": len(files), "files": files[:limit]}
+
+
+def warn_skipped(what: str, summary: dict[str, Any]) -> None:
+    if summary["count"]:
+        first = summary["files"][0]
+        print(f"warning: {what}: skipped {summary['count']} unreadable image(s) (first: {first['image']}: "
+              f"{first['error']}); listed in the results", file=sys.stderr)
+
+
+def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[str], device: str) -> dict[str, Any]:
     from bioclip_fast.eval.datasets import load_eval_data
-    from bioclip_fast.eval.fewshot import few_shot_eval
+    from bioclip_fast.eval.fewshot import few_shot_eval, reference_few_shot_eval
     from bioclip_fast.eval.linear_probe import linear_probe
     from bioclip_fast.eval.zeroshot import class_name, classification_metrics, encode_images, zero_shot_logits
     from bioclip_fast.model import load_model
@@ -122,7 +171,8 @@ def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], 
         enc = zs
         metrics = classification_metrics(zs["logits"], zs["labels"], data.classes)
         metrics["by_text_type"] = {
-            tt: {k: v for k, v in classification_metrics(lg, zs["labels"], data.classes).items() if k in ("top1", "top5")}
+            tt: {k: v for k, v in classification_metrics(lg, zs["labels"], data.classes).items()
+                 if k in ("top1", "top3", "top5")}
             for tt, lg in zs["logits_by_text_type"].items()
         }
         metrics["text_types"] = list(zs["logits_by_text_type"])
@@ -133,16 +183,23 @@ def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], 
         enc = encode_images(model, data.loader, device=device, desc="eval: images", progress=not args.no_progress)
     if enc["labels"] is None:
         raise ValueError(f"{args.data}: the loader yields no labels")
+    skipped = list(enc.get("skipped", []))
     feats = enc["features"].numpy()
     labels = np.array([names[i] for i in enc["labels"].tolist()], dtype=object)
 
-    if "fewshot" in tasks or "linear" in tasks:
+    reference = args.fewshot_protocol == "reference"
+    if "fewshot" in tasks and reference:
+        shots = [int(s) for s in str(args.shots).split(",") if s.strip()]
+        result["fewshot"] = reference_few_shot_eval(feats, labels.astype(str), shots=shots, folds=args.folds)
+        result["fewshot_protocol"] = "reference: k per class per fold (random.seed(fold)) from --data, rest queried"
+    if ("fewshot" in tasks and not reference) or "linear" in tasks:
         # the bundled train split is disjoint from val only; other splits fall back to a held-out half
         if args.train_data or (args.data == "butterflies" and args.split == "val"):
             src = args.train_data or "butterflies"
             tdata = load_eval_data(src, split="train", **common)
             tenc = encode_images(model, tdata.loader, device=device, desc="eval: support images",
                                  progress=not args.no_progress)
+            skipped += tenc.get("skipped", [])
             tnames = [class_name(c) for c in tdata.classes]
             tr_x = tenc["features"].numpy()
             tr_y = np.array([tnames[i] for i in tenc["labels"].tolist()], dtype=object)
@@ -158,30 +215,78 @@ def evaluate_checkpoint(ckpt: Path, args: argparse.Namespace, tasks: list[str], 
                   "left out of few-shot / linear probe", file=sys.stderr)
         te_x, te_y = te_x[shared], te_y[shared]
         tr_y, te_y = tr_y.astype(str), te_y.astype(str)
-        if "fewshot" in tasks:
+        if "fewshot" in tasks and not reference:
             shots = [int(s) for s in str(args.shots).split(",") if s.strip()]
             result["fewshot"] = few_shot_eval(tr_x, tr_y, te_x, te_y, shots=shots, folds=args.folds, seed=args.seed)
+            result["fewshot_protocol"] = "split: support from the training data, queries the held-out images"
         if "linear" in tasks:
             lp = linear_probe(tr_x, tr_y, te_x, te_y, seed=args.seed)
             result["linear"] = {k: v for k, v in lp.items() if k not in ("probabilities", "classes")}
+    result["skipped_images"] = skipped_summary(skipped)
     return result
 
 
 def summary_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "classes": r.get("n_classes")}
     if "zeroshot" in r:
-        row.update({"zero-shot top-1": r["zeroshot"]["top1"], "zero-shot top-5": r["zeroshot"]["top5"],
-                    "n": r["zeroshot"]["n"]})
+        row.update({"zero-shot top-1": r["zeroshot"]["top1"], "zero-shot top-3": r["zeroshot"]["top3"],
+                    "zero-shot top-5": r["zeroshot"]["top5"], "n": r["zeroshot"]["n"]})
     for k, v in r.get("fewshot", {}).items():
         row[f"{k} top-1"] = v["top1"]
     if "linear" in r:
         row["linear probe top-1"] = r["linear"]["top1"]
+    row["skipped images"] = r.get("skipped_images", {}).get("count", 0)
     return row
 
 
+def parse_shots(text: str) -> list[int]:
+    from bioclip_fast.errors import UsageError
+
+    try:
+        shots = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--shots {text!r}: expected a comma list of positive integers") from None
+    if not shots or min(shots) < 1:
+        raise UsageError(f"--shots {text!r}: expected a comma list of positive integers")
+    return shots
+
+
+def validate(args: argparse.Namespace) -> list[str]:
+    """Check every flag before any model is loaded; returns the task list."""
+    from bioclip_fast.errors import UsageError
+    from bioclip_fast.eval.zeroshot import resolve_templates, resolve_text_types
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise UsageError(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}")
+    try:
+        resolve_templates(args.templates)
+        resolve_text_types(args.text_types)
+    except ValueError as e:
+        raise UsageError(f"--templates/--text-types: {e}") from None
+    parse_shots(args.shots)
+    for flag, v, lo in (("--folds", args.folds, 1), ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                        ("--epochs", args.epochs, 1), ("--svm-iter", args.svm_iter, 1)):
+        if v < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    if args.runs is not None and args.runs < 1:
+        raise UsageError(f"--runs must be >= 1, got {args.runs}")
+    if args.suite and not args.data_root:
+        raise UsageError("--suite bioclip2 needs --data-root DIR (the folder holding the benchmark folders)")
+    if args.data_root and not args.suite:
+        raise UsageError("--data-root is only used with --suite bioclip2")
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise UsageError(f"--data-root {args.data_root}: not a directory")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    return tasks
+
+
 def report_errors(fn, args: argparse.Namespace) -> int:
-    """Run a subcommand; input errors (missing files, bad columns, bad values) become one line on stderr and exit
-    code 2 instead of a traceback. Other exceptions are bugs and keep their traceback."""
+    """Kept for callers outside eval (predict_cli): input errors become one line on stderr and exit code 2.
+    ``eval`` and ``analyze`` raise instead and let :func:`bioclip_fast.cli.run_subcommand` print the line."""
     try:
         return fn(args)
     except (FileNotFoundError, ValueError) as e:
@@ -190,25 +295,23 @@ def report_errors(fn, args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return report_errors(_run, args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from bioclip_fast.eval.report import confusion_matrix, markdown_table, plot_confusion, write_json
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise SystemExit(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}")
+    tasks = validate(args)
+    ckpts, labels = resolve_checkpoints(args.checkpoints)
     device = args.device or default_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpts, labels = resolve_checkpoints(args.checkpoints)
+    if args.suite:
+        from bioclip_fast.eval.suite import run_suite
+
+        return run_suite(args, ckpts, labels, device, out)
     results: dict[str, Any] = {}
     rows = []
     t0 = time.time()
     for name, ckpt in zip(labels, ckpts):
         r = evaluate_checkpoint(ckpt, args, tasks, device)
+        warn_skipped(name, r["skipped_images"])
         conf = r.pop("_confusion", None)
         if conf is not None:
             pred, true, names = conf
@@ -224,13 +327,28 @@ def _run(args: argparse.Namespace) -> int:
     table = markdown_table(rows, columns, pct_columns=pct)
     meta = {"tasks": tasks, "device": device, "seconds": round(time.time() - t0, 2), "args": vars(args)}
     write_json(out / "results.json", {"meta": meta, "results": results})
-    md = [f"# Evaluation on {results[labels[0]]['data']}", "", "Accuracies in %.", "", table]
+    md = [f"# Evaluation on {results[labels[0]]['data']}", "",
+          f"Accuracies in %. Zero-shot: {args.templates} templates, text types {args.text_types}; few-shot: "
+          f"{args.fewshot_protocol} protocol, {args.folds} folds.", "", table]
     for name, r in results.items():
         if "zeroshot" in r and len(r["zeroshot"].get("by_text_type", {})) > 1:
             md += [f"## {name}: zero-shot by text type", "",
                    markdown_table([{"text type": t, **v} for t, v in r["zeroshot"]["by_text_type"].items()],
-                                  ["text type", "top1", "top5"], pct_columns=["top1", "top5"])]
+                                  ["text type", "top1", "top3", "top5"], pct_columns=["top1", "top3", "top5"])]
+    md += skipped_markdown({n: r["skipped_images"] for n, r in results.items()})
     (out / "results.md").write_text("\n".join(md))
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
     return 0
+
+
+def skipped_markdown(by_model: dict[str, dict[str, Any]]) -> list[str]:
+    """A "Skipped images" section (empty list when nothing was skipped)."""
+    if not any(s["count"] for s in by_model.values()):
+        return []
+    md = ["## Skipped images (unreadable: missing, truncated or not an image)", ""]
+    for name, s in by_model.items():
+        if s["count"]:
+            md.append(f"- {name}: {s['count']}")
+            md += [f"  - `{f['image']}`: {f['error']}" for f in s["files"]]
+    return md + [""]

@@ -1,7 +1,10 @@
 """Labelled image sources for evaluation and analysis.
 
 * an image folder + CSV (one row per image: an image path column, relative to the CSV's folder or ``root``, and a
-  label column; taxonomic rank columns, ``scientific_name`` and ``common_name`` give the class texts),
+  label column; taxonomic rank columns, ``scientific_name`` and ``common_name`` give the class texts). Both CSV
+  conventions are read: ours (``image``, the class rank in ``class``) and the BioCLIP 2 reference's (``filepath``,
+  the class rank in ``cls``, the as-is label in ``class``, a leading unnamed index column); see
+  :mod:`bioclip_fast.eval.naming`,
 * an ImageFolder-style directory (one sub-directory per class; the directory name is the class text),
 * our webdataset shards (``*.tar`` files or a directory of them, through :func:`bioclip_fast.data.make_loader`),
 * the bundled Leeds butterflies (``butterflies``, with the same train/val split the training job uses).
@@ -9,6 +12,10 @@
 :func:`load_eval_data` turns any of them into an :class:`EvalData`: a loader yielding ``{"image", "label", "key"}``,
 the list of classes (label indices point into it) and, for CSV sources, the metadata row of each image (in loader
 order) for attribute analyses.
+
+Unreadable images (missing, truncated, not an image) are skipped, counted and listed, like ``predict`` does: the
+loader's batches carry them under ``"skipped"`` (``[{"image", "error"}]``) and
+:func:`bioclip_fast.eval.zeroshot.encode_images` collects them; ``on_error="raise"`` stops at the first one instead.
 """
 from __future__ import annotations
 
@@ -25,41 +32,72 @@ from torch.utils.data import DataLoader, Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 RANK_COLUMNS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+IMAGE_COLUMNS = ("image", "filepath", "file_name", "path")  # ours, the reference's, Hugging Face's, generic
 
 
 def read_csv_rows(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metadata CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise ValueError(f"{path}: empty CSV (no header)")
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+        # an unnamed first column is the pandas index the reference's CSVs carry: dropped
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None and k.strip()} for r in reader]
     if not rows:
         raise ValueError(f"{path}: CSV has a header but no rows")
     return rows
 
 
-def _make_class(row: dict[str, str], label_column: str) -> Any:
-    """A class object for zero-shot texts: a Taxon when the row carries a taxonomy, else the label string."""
-    if any(row.get(r) for r in RANK_COLUMNS) or row.get("scientific_name"):
-        try:
-            from bioclip_fast.taxonomy import Taxon
+def class_is_rank(columns: Sequence[str]) -> bool:
+    """Whether a ``class`` column holds the class rank (our convention) rather than an as-is label (the reference's:
+    its rank column is ``cls``; NABirds-style CSVs carry only ``class`` + ``filepath``)."""
+    cols = set(columns)
+    return "class" in cols and "cls" not in cols and bool(cols & {"kingdom", "phylum", "order", "family", "genus"})
 
-            return Taxon.from_row(row)
-        except ImportError:
-            return dict(row)
-    return row[label_column]
+
+def _make_class(row: dict[str, str], label_column: str, label: str, rank_in_class: bool) -> Any:
+    """A class object for zero-shot texts: a ReferenceTaxon (reference naming rules) when the row carries a
+    taxonomy, else the label string (used as is: NABirds, Meta-Album)."""
+    ranks = [r for r in ("kingdom", "phylum", "cls", "order", "family", "genus", "species") if row.get(r)]
+    if ranks or (rank_in_class and row.get("class")) or row.get("scientific_name"):
+        from bioclip_fast.eval.naming import ReferenceTaxon
+
+        return ReferenceTaxon.from_row(row, label=label, class_is_rank=rank_in_class)
+    return label
 
 
 def default_label_column(columns: Sequence[str]) -> str:
     for col in ("scientific_name", "species", "label", "class_name"):
         if col in columns:
             return col
+    if "class" in columns and not class_is_rank(columns):
+        return "class"  # the reference's as-is label
     raise ValueError(
         f"cannot guess the label column from {list(columns)}; pass label_column= (e.g. 'scientific_name')"
     )
+
+
+def default_image_column(columns: Sequence[str]) -> str:
+    for col in IMAGE_COLUMNS:
+        if col in columns:
+            return col
+    raise ValueError(f"no image column among {list(columns)}; expected one of {IMAGE_COLUMNS} (or pass "
+                     "image_column=)")
+
+
+def collate_skipping(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation of the readable samples; the unreadable ones go to ``"skipped"`` (a list of
+    ``{"image", "error"}``). ``"image"`` is None when no sample of the batch could be read."""
+    from torch.utils.data import default_collate
+
+    good = [s for s in samples if s.get("error") is None]
+    skipped = [{"image": str(s["key"]), "error": s["error"]} for s in samples if s.get("error") is not None]
+    batch = default_collate([{k: v for k, v in s.items() if k != "error"} for s in good]) if good else {
+        "image": None, "label": None, "key": None}
+    batch["skipped"] = skipped
+    return batch
 
 
 def _species_label(row: dict[str, str], label_column: str) -> str:
@@ -71,9 +109,10 @@ def _species_label(row: dict[str, str], label_column: str) -> str:
 
 
 class ImageCsvDataset(Dataset):
-    """Images listed in metadata rows; yields ``{"image", "label", "key"}``.
+    """Images listed in metadata rows; yields ``{"image", "label", "key", "error"}``.
 
-    A file that cannot be read raises an error naming it (evaluation numbers must not silently drop images).
+    A file that cannot be read yields ``image=None`` and its error (``on_error="skip"``, the default; batch with
+    :func:`collate_skipping`, which counts and lists them) or raises a ValueError naming it (``on_error="raise"``).
     """
 
     def __init__(
@@ -82,14 +121,20 @@ class ImageCsvDataset(Dataset):
         root: str | os.PathLike,
         *,
         transform=None,
-        image_column: str = "image",
+        image_column: str | None = None,
         label_column: str | None = None,
         classes: Sequence[Any] | None = None,
         class_labels: Sequence[str] | None = None,
+        on_error: str = "skip",
     ):
         if not rows:
             raise ValueError("rows is empty")
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error={on_error!r}; choose skip or raise")
+        self.on_error = on_error
         columns = list(rows[0])
+        if image_column is None or (image_column == "image" and "image" not in columns):
+            image_column = default_image_column(columns)
         if image_column not in columns:
             raise ValueError(f"image_column={image_column!r} is not a column; columns: {columns}")
         self.label_column = label_column or default_label_column(columns)
@@ -108,7 +153,8 @@ class ImageCsvDataset(Dataset):
             for lab, r in zip(labels, self.rows):
                 first.setdefault(lab, r)
             class_labels = sorted(first)
-            classes = [_make_class(first[lab], self.label_column) for lab in class_labels]
+            rank_in_class = class_is_rank(columns)
+            classes = [_make_class(first[lab], self.label_column, lab, rank_in_class) for lab in class_labels]
         elif class_labels is None:
             raise ValueError("pass class_labels (the label value of each class) together with classes")
         self.classes = list(classes)
@@ -130,14 +176,17 @@ class ImageCsvDataset(Dataset):
         from PIL import Image
 
         path = self.path(i)
+        key = self.rows[i][self.image_column]
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"cannot read image {path}: {e}") from e
-        if self.transform is not None:
-            img = self.transform(img)
-        return {"image": img, "label": self.labels[i], "key": self.rows[i][self.image_column]}
+            if self.transform is not None:
+                img = self.transform(img)
+        except Exception as e:  # noqa: BLE001 - any decode failure is reported by file name and skipped
+            if self.on_error == "raise":
+                raise ValueError(f"cannot read image {path}: {e}") from e
+            return {"image": None, "label": self.labels[i], "key": key, "error": f"{type(e).__name__}: {e}"}
+        return {"image": img, "label": self.labels[i], "key": key, "error": None}
 
 
 @dataclass
@@ -205,10 +254,11 @@ def load_eval_data(
     batch_size: int = 64,
     split: str = "val",
     root: str | os.PathLike | None = None,
-    image_column: str = "image",
+    image_column: str | None = None,
     label_column: str | None = None,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    on_error: str = "skip",
 ) -> EvalData:
     """Build an evaluation loader from ``source``: ``butterflies`` (bundled; ``split`` train/val/all), a metadata CSV
     (images relative to ``root`` or the CSV's folder), an ImageFolder directory, or shards (``*.tar``, a glob, or a
@@ -253,7 +303,8 @@ def load_eval_data(
         from bioclip_fast.model import image_transform
 
         preprocess = image_transform(model, train=False)
-    ds = ImageCsvDataset(rows, img_root, transform=preprocess, image_column=image_column, label_column=label_column)
+    ds = ImageCsvDataset(rows, img_root, transform=preprocess, image_column=image_column, label_column=label_column,
+                         on_error=on_error)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
+                        pin_memory=torch.device(device).type == "cuda", collate_fn=collate_skipping)
     return EvalData(loader, ds.classes, ds.rows, desc, {"class_labels": ds.class_labels, "dataset": ds})

@@ -3,8 +3,22 @@
 CL2N normalization: subtract the mean of the support features, then L2-normalize every feature; classify a query by
 its nearest class centroid (Euclidean) among the normalized support features. Reported over several seeded folds,
 each drawing a fresh k-shot support set.
+
+Two protocols:
+
+* :func:`reference_few_shot_eval` — the BioCLIP 2 reference's (``split_few_shot_examples`` in the bioclip-2
+  repository's ``src/evaluation/classification.py``): for fold ``f``, ``random.seed(f)`` (Python's generator), then per
+  class, in order of first appearance, shuffle the class's images and take the first k as support; **every other
+  image of the dataset is a query**. A class with fewer than k images is an error. The default of ``bioclip-fast
+  eval``. Ambiguity: the older ``few_shot.py`` shuffles each class's list *in place*, so its folds (and its 5-shot
+  draws, which follow the 1-shot folds) compound; the combined ``classification.py`` shuffles a copy per fold, which
+  is what we reproduce (a fold's draw depends only on its index).
+* :func:`few_shot_eval` — support drawn from one set with numpy streams seeded by (seed, k, fold), queries either the
+  rest or a separate query set (``bioclip-fast eval --fewshot-protocol split``).
 """
 from __future__ import annotations
+
+import random
 
 from collections.abc import Sequence
 from typing import Any
@@ -115,4 +129,57 @@ def few_shot_eval(
             accs.append(float((pred == qy).mean()))
             nq.append(int(len(qy)))
         out[f"{k}-shot"] = {"top1": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs, "n_query": nq}
+    return out
+
+
+def reference_support_split(labels: Any, shots: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(support indices, query indices) of one fold of the reference protocol (see the module docstring).
+
+    Reproduces the reference's draws exactly for the same image order: ``random.shuffle`` of a list depends only on
+    the list's length, so shuffling index lists equals shuffling its feature lists.
+    """
+    y = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)
+    order: dict[Any, list[int]] = {}
+    for i, c in enumerate(y.tolist()):
+        order.setdefault(c, []).append(i)
+    rng = random.Random(fold)  # == random.seed(fold) on the global generator, without touching it
+    support, query = [], []
+    for c, members in order.items():
+        if len(members) < shots:
+            raise ValueError(f"class {c!r} has only {len(members)} images, fewer than the requested {shots}-shot "
+                             "evaluation")
+        members = members[:]
+        rng.shuffle(members)
+        support.extend(members[:shots])
+        query.extend(members[shots:])
+    return np.asarray(support, dtype=np.int64), np.asarray(query, dtype=np.int64)
+
+
+def reference_few_shot_eval(features: Any, labels: Any, *, shots: Sequence[int] = (1, 5),
+                            folds: int = 5) -> dict[str, Any]:
+    """SimpleShot accuracy per k with the reference protocol: mean and std over ``folds`` folds seeded 0..folds-1.
+
+    Returns ``{"1-shot": {"top1", "std", "folds", "n_query"}, ...}`` (fractions), like :func:`few_shot_eval`.
+    """
+    x = _as_2d(features, "features")
+    y = _as_labels(labels, x.shape[0], "labels")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    shots = [int(k) for k in shots]
+    if not shots or min(shots) < 1:
+        raise ValueError(f"shots must be positive integers, got {shots}")
+    if len(np.unique(y)) < 2:
+        raise ValueError("few-shot evaluation needs at least 2 classes in labels")
+    out: dict[str, Any] = {}
+    for k in shots:
+        accs, nq = [], []
+        for fold in range(folds):
+            sup, qry = reference_support_split(y, k, fold)
+            if len(qry) == 0:
+                raise ValueError(f"{k}-shot: every image is in the support set; no query left")
+            pred = simpleshot_predict(x[sup], y[sup], x[qry])
+            accs.append(float((pred == y[qry]).mean()))
+            nq.append(int(len(qry)))
+        out[f"{k}-shot"] = {"top1": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs, "n_query": nq,
+                            "protocol": "reference"}
     return out

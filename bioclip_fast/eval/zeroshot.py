@@ -1,9 +1,15 @@
 """Zero-shot classification the way BioCLIP / BioCLIP 2 evaluate it.
 
 A class's text embedding is the normalized mean of the embeddings of ``template.format(name)`` over the templates
-(open_clip's 80 OpenAI ImageNet templates by default, as BioCLIP's evaluation uses) and over the requested text types
-(``taxonomic``, ``scientific``, ``common``, ``scientific_common``, ``taxonomic_common``).  Images are scored by cosine
-similarity against these class embeddings; top-1 / top-5 and per-class accuracy are reported as fractions in [0, 1].
+and over the requested text types (``as_is``, ``taxonomic``, ``scientific``, ``common``, ``scientific_common``,
+``taxonomic_common``; the reference's ``asis``/``taxon``/``sci``/``com``/``sci_com``/``taxon_com`` are accepted).
+Images are scored by cosine similarity against these class embeddings; top-1 / top-3 / top-5 and per-class accuracy
+are reported as fractions in [0, 1], as the BioCLIP 2 reference reports them.
+
+Templates: ``bioclip2`` (the default) is the reference's 81: its training caption ``"a photo of {}."`` followed by
+CLIP's 80 OpenAI ImageNet templates (``openai_imagenet_template`` in the bioclip-2 repository's
+``src/training/imagenet_zeroshot_data.py``). ``openai`` is the 80 alone. Class names follow the reference's naming
+rules when the classes come from :mod:`bioclip_fast.eval.datasets` (see :mod:`bioclip_fast.eval.naming`).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bioclip_fast.eval.naming import EVAL_TEXT_TYPES, canonical_text_type
 from bioclip_fast.taxonomy import RANKS, TEXT_TYPES
 
 
@@ -24,16 +31,22 @@ def _openai_templates() -> list[str]:
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
+def _bioclip2_templates() -> list[str]:
+    # the reference list starts with the training caption, then the 80 (order does not change the mean)
+    return ["a photo of {}."] + _openai_templates()
+
+
 TEMPLATE_SETS: dict[str, Any] = {
-    "openai": _openai_templates,  # 80 templates (CLIP, BioCLIP evaluation)
+    "bioclip2": _bioclip2_templates,  # 81 templates (BioCLIP 2 reference evaluation)
+    "openai": _openai_templates,  # 80 templates (CLIP)
     "simple": lambda: ["a photo of {}."],  # the single template BioCLIP trains with
     "none": lambda: ["{}"],
 }
-DEFAULT_TEMPLATES = "openai"
+DEFAULT_TEMPLATES = "bioclip2"
 
 
 def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
-    """A template set name (``openai``, ``simple``, ``none``) or an explicit list of ``{}`` format strings."""
+    """A template set name (``bioclip2``, ``openai``, ``simple``, ``none``) or an explicit list of ``{}`` format strings."""
     if templates is None:
         templates = DEFAULT_TEMPLATES
     if isinstance(templates, str):
@@ -59,10 +72,12 @@ def resolve_text_types(text_types: str | Sequence[str] | None) -> list[str]:
     out = list(text_types)
     if out == ["all"]:
         return list(TEXT_TYPES)
-    bad = [t for t in out if t not in TEXT_TYPES]
-    if bad or not out:
-        raise ValueError(f"text_types={text_types!r}: unknown {bad}; choose from {TEXT_TYPES} or 'all'")
-    return out
+    if not out:
+        raise ValueError(f"text_types={text_types!r} is empty; choose from {EVAL_TEXT_TYPES} or 'all'")
+    try:
+        return list(dict.fromkeys(canonical_text_type(t) for t in out))
+    except ValueError as e:
+        raise ValueError(f"text_types={text_types!r}: {e}") from None
 
 
 def _get(cls: Any, key: str) -> str:
@@ -84,15 +99,26 @@ def _species_epithet(cls: Any) -> str:
 def class_text(cls: Any, text_type: str) -> str:
     """The bare name (no template) of a class for one text type, in BioCLIP's formats.
 
-    ``cls`` is a :class:`bioclip_fast.taxonomy.Taxon`, a metadata row (dict with rank columns, ``common_name``,
+    ``cls`` is a :class:`bioclip_fast.eval.naming.ReferenceTaxon` (the reference's naming rules), a
+    :class:`bioclip_fast.taxonomy.Taxon`, a metadata row (dict with rank columns, ``common_name``,
     ``scientific_name``) or a plain string (used as is for every text type: custom labels).
     """
-    if text_type not in TEXT_TYPES:
-        raise ValueError(f"text_type={text_type!r}; choose from {TEXT_TYPES}")
+    try:
+        text_type = canonical_text_type(text_type)
+    except ValueError:
+        raise ValueError(f"text_type={text_type!r}; choose from {EVAL_TEXT_TYPES}") from None
     if isinstance(cls, str):
         if not cls.strip():
             raise ValueError("empty class name")
         return cls.strip()
+    from bioclip_fast.eval.naming import ReferenceTaxon
+
+    if isinstance(cls, ReferenceTaxon):
+        return cls.text(text_type)
+    if text_type == "as_is":
+        if isinstance(cls, dict):
+            return _get(cls, "label") or _get(cls, "scientific_name") or class_text(cls, "scientific")
+        return str(getattr(cls, "scientific_name", cls))
     if hasattr(cls, "text") and callable(cls.text) and not isinstance(cls, dict):
         return str(cls.text(text_type, template=False))
     genus, epithet = _get(cls, "genus"), _species_epithet(cls)
@@ -223,22 +249,30 @@ def encode_images(
     device: str | torch.device = "cpu",
     desc: str = "encode images",
     progress: bool = True,
+    normalize: bool = True,
 ) -> dict[str, Any]:
-    """Run the image tower over a loader; returns {"features": N x D normalized float32 (cpu), "labels": N int64
-    (or None), "keys": list (or None)}. Batches are dicts with "image" and optionally "label" and "key"."""
+    """Run the image tower over a loader; returns {"features": N x D float32 (cpu; L2-normalized unless
+    ``normalize=False``), "labels": N int64
+    (or None), "keys": list (or None), "skipped": [{"image", "error"}]}. Batches are dicts with "image" and optionally
+    "label", "key" and "skipped" (images the loader could not read; see
+    :func:`bioclip_fast.eval.datasets.collate_skipping`)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    feats, labels, keys = [], [], []
+    feats, labels, keys, skipped = [], [], [], []
     has_label = has_key = True
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(loader, desc=desc, total=total, disable=not progress, leave=False):
         if not isinstance(batch, dict) or "image" not in batch:
             raise ValueError("loader must yield dicts with an 'image' tensor")
+        skipped.extend(batch.get("skipped") or [])
+        if batch["image"] is None:  # every image of the batch was unreadable
+            continue
         images = batch["image"].to(device, non_blocking=True)
         with _autocast(device):
             f = model.encode_image(images)
-        feats.append(nn.functional.normalize(f.float(), dim=-1).cpu())
+        f = f.float()
+        feats.append((nn.functional.normalize(f, dim=-1) if normalize else f).cpu())
         if has_label and batch.get("label") is not None:
             labels.append(torch.as_tensor(batch["label"]).reshape(-1).long().cpu())
         else:
@@ -248,8 +282,12 @@ def encode_images(
         else:
             has_key = False
     if not feats:
+        if skipped:
+            raise ValueError(f"no readable image: all {len(skipped)} images were skipped (first: "
+                             f"{skipped[0]['image']}: {skipped[0]['error']})")
         raise ValueError("loader yielded no batches")
     return {
+        "skipped": skipped,
         "features": torch.cat(feats),
         "labels": torch.cat(labels) if has_label and labels else None,
         "keys": keys if has_key else None,
@@ -267,11 +305,11 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[Any]) -> dict[str, Any]:
-    """top1 / top5 / per-class accuracy (fractions) / n / mean per-class accuracy."""
+    """top1 / top3 / top5 / per-class accuracy (fractions) / n / mean per-class accuracy."""
     labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
         raise ValueError(f"labels out of range for {len(classes)} classes: [{labels.min()}, {labels.max()}]")
-    acc = topk_accuracy(logits, labels, (1, 5))
+    acc = topk_accuracy(logits, labels, (1, 3, 5))
     pred = logits.argmax(dim=1)
     per_class = {}
     for c, cls in enumerate(classes):
@@ -280,6 +318,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
             per_class[class_name(cls)] = (pred[mask] == c).float().mean().item()
     return {
         "top1": acc[1],
+        "top3": acc[3],
         "top5": acc[5],
         "mean_per_class": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
         "per_class": per_class,
@@ -338,10 +377,10 @@ def zero_shot_eval(
 
     ``text_types``: one or several of :data:`TEXT_TYPES` (default ``taxonomic_common``), or ``"all"``; with several,
     class embeddings are averaged over them (an ensemble) and each type is also scored alone under ``by_text_type``.
-    ``templates``: a set name (``openai`` — the default, ``simple``, ``none``) or a list of ``{}`` format strings.
+    ``templates``: a set name (``bioclip2`` — the default, 81; ``openai``, 80; ``simple``; ``none``) or a list of ``{}`` format strings.
 
-    Returns ``{"top1", "top5", "mean_per_class", "per_class": {name: acc}, "n", "text_types", "n_templates",
-    "by_text_type": {type: {"top1", "top5"}}}`` with accuracies as fractions in [0, 1].
+    Returns ``{"top1", "top3", "top5", "mean_per_class", "per_class": {name: acc}, "n", "text_types", "n_templates",
+    "by_text_type": {type: {"top1", "top3", "top5"}}, "skipped_images"}`` with accuracies as fractions in [0, 1].
     """
     out = zero_shot_logits(
         model, tokenizer, loader, classes, text_types=text_types, templates=templates, device=device, progress=progress
@@ -350,8 +389,9 @@ def zero_shot_eval(
     result = classification_metrics(out["logits"], labels, classes)
     result["text_types"] = list(out["logits_by_text_type"])
     result["n_templates"] = len(resolve_templates(templates))
+    result["skipped_images"] = out.get("skipped", [])
     result["by_text_type"] = {
-        tt: {k: v for k, v in classification_metrics(lg, labels, classes).items() if k in ("top1", "top5")}
+        tt: {k: v for k, v in classification_metrics(lg, labels, classes).items() if k in ("top1", "top3", "top5")}
         for tt, lg in out["logits_by_text_type"].items()
     }
     return result

@@ -1,0 +1,99 @@
+"""FishNet habitat / trait prediction (Khan et al., ICCV 2023), as the BioCLIP 2 reference evaluates it
+(``src/evaluation/fishnet.py`` of the bioclip-2 repository).
+
+Layout of ``root`` (the published FishNet release)::
+
+    root/train.csv                      one row per image
+    root/test.csv
+    root/Image_Library/<folder>/<image file>
+
+The CSVs are read the reference's way: the image name is the **5th column** (index 4; only its file name is used),
+the folder the **14th column** (index 13); the nine targets are the columns ``FeedingPath`` (``pelagic`` = 1,
+``benthic`` = 0), ``Tropical``, ``Temperate``, ``Subtropical``, ``Boreal``, ``Polar``, ``freshwater``,
+``saltwater``, ``brackish`` (0/1). Rows with an empty target are dropped, as the reference's null filter does.
+(The reference addresses the targets by position, columns 15-23; we look them up by name, which is the same
+column in the published header and survives a reordered one.)
+
+Protocol: raw (not normalized) image features; the reference MLP probe
+(:func:`~bioclip_fast.eval.beyond.common.mlp_probe_predict`, 100 epochs); the score is the share of test images
+whose nine predicted attributes are **all** correct (exact match); mean and std over 3 runs seeded ``seed + run``.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bioclip_fast.eval.beyond.common import extract_features, mlp_probe_predict, require, summarize_runs
+
+TARGETS = ("FeedingPath", "Tropical", "Temperate", "Subtropical", "Boreal", "Polar", "freshwater", "saltwater",
+           "brackish")
+IMAGE_COL, FOLDER_COL = 4, 13
+
+
+def read_split(root: str | Path, split: str) -> tuple[list[Path], np.ndarray, list[dict[str, str]]]:
+    """(image paths, N x 9 targets, rows) of ``train`` or ``test``."""
+    from bioclip_fast.errors import DataError
+
+    root = Path(root)
+    path = require(root / f"{split}.csv", "FishNet")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty CSV")
+        missing = [t for t in TARGETS if t not in header]
+        if missing or len(header) <= FOLDER_COL:
+            raise DataError(f"{path}: needs the FishNet columns (image at position {IMAGE_COL + 1}, folder at "
+                            f"{FOLDER_COL + 1}, and {', '.join(TARGETS)}); missing {missing or 'positions'}; "
+                            f"header: {header}")
+        cols = [header.index(t) for t in TARGETS]
+        paths, targets, rows = [], [], []
+        for line_no, rec in enumerate(reader, start=2):
+            if len(rec) < len(header):
+                raise DataError(f"{path}:{line_no}: {len(rec)} fields, header has {len(header)}")
+            values = [rec[c].strip() for c in cols]
+            if any(v == "" or v.lower() in ("null", "nan", "none") for v in values):
+                continue
+            fp = values[0]
+            if fp not in ("pelagic", "benthic"):
+                raise DataError(f"{path}:{line_no}: FeedingPath can only be pelagic or benthic, got {fp!r}")
+            try:
+                t = [1 if fp == "pelagic" else 0] + [int(float(v)) for v in values[1:]]
+            except ValueError:
+                raise DataError(f"{path}:{line_no}: non-numeric habitat value in {values[1:]}") from None
+            name = rec[IMAGE_COL].split("/")[-1]
+            paths.append(root / "Image_Library" / rec[FOLDER_COL] / name)
+            targets.append(t)
+            rows.append(dict(zip(header, rec)))
+    if not paths:
+        raise DataError(f"{path}: no row with all nine FishNet targets")
+    return paths, np.asarray(targets, dtype=np.int64), rows
+
+
+def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_size: int = 64, num_workers: int = 0,
+             runs: int = 3, seed: int = 0, epochs: int = 100, lr: float = 1e-4, progress: bool = False) -> dict[str, Any]:
+    """FishNet exact-match accuracy (fraction) of the reference MLP probe; see the module docstring."""
+    tr_paths, tr_y, _ = read_split(root, "train")
+    te_paths, te_y, _ = read_split(root, "test")
+    tr = extract_features(model, preprocess, tr_paths, normalize=False, device=device, batch_size=batch_size,
+                          num_workers=num_workers, progress=progress, desc="FishNet train")
+    te = extract_features(model, preprocess, te_paths, normalize=False, device=device, batch_size=batch_size,
+                          num_workers=num_workers, progress=progress, desc="FishNet test")
+    ytr, yte = tr_y[tr["index"]], te_y[te["index"]]
+    scores, per_attr = [], []
+    for run in range(runs):
+        pred = mlp_probe_predict(tr["features"], ytr, te["features"], epochs=epochs, lr=lr, batch_size=batch_size,
+                                 seed=seed + run, device=device)
+        scores.append(float(np.all(pred == yte, axis=1).mean()))
+        per_attr.append((pred == yte).mean(axis=0))
+    return {
+        "benchmark": "FishNet", "metric": "exact-match accuracy of 9 habitat/trait attributes", **summarize_runs(scores),
+        "attribute_accuracy": dict(zip(TARGETS, np.mean(per_attr, axis=0).tolist())),
+        "n_train": int(len(ytr)), "n_test": int(len(yte)),
+        "skipped": tr["skipped"] + te["skipped"],
+        "protocol": f"raw features; MLP 512 + dropout 0.5, BCE, Adam lr {lr}, StepLR(20, 0.5), {epochs} epochs, "
+                    f"logits > 0.5; {runs} runs seeded {seed}..{seed + runs - 1}",
+    }
