@@ -229,14 +229,19 @@ def zero_shot_classifier(
         raise ValueError("classes is empty")
     types = resolve_text_types(text_types)
     temps = resolve_templates(templates)
+    # all (class, template) prompts of a chunk of classes go through the text tower together, in length-sorted
+    # batches: one call per 256 prompts instead of one per template (81 tiny calls for a 3-class benchmark)
+    chunk = max(1, 8192 // len(temps))
     weights = None
     for tt in types:
         names = [class_text(c, tt) for c in classes]
-        acc = None
-        for temp in temps:
-            f = encode_texts(model, tokenizer, [temp.format(n) for n in names], device=device, batch_size=batch_size)
-            acc = f if acc is None else acc + f
-        per_type = nn.functional.normalize(acc, dim=-1)
+        parts = []
+        for i in range(0, len(names), chunk):
+            block = names[i : i + chunk]
+            f = encode_texts(model, tokenizer, [t.format(n) for n in block for t in temps], device=device,
+                             batch_size=batch_size)
+            parts.append(f.view(len(block), len(temps), -1).sum(1))
+        per_type = nn.functional.normalize(torch.cat(parts), dim=-1)
         weights = per_type if weights is None else weights + per_type
     return nn.functional.normalize(weights, dim=-1).T.contiguous()
 

@@ -1,0 +1,118 @@
+"""`bioclip-fast eval --suite bioclip2 --data-root DIR`: benchmarks found under DIR (absent ones listed), several
+models, one table in the paper's layout (Markdown + JSON) and a bar chart."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _fixtures_eval import (corrupt, make_asis, make_awa2, make_fishnet, make_herbarium19, make_newt, make_plantdoc,
+                            make_rare_species)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bioclip2_benchmarks")
+    make_asis(root / "nabirds")
+    make_asis(root / "PLT_VIL_Mini", labels=("Apple scab", "Apple healthy", "Corn rust"))  # a Meta-Album alias
+    make_rare_species(root / "rare_species")
+    for sub in ("ENA24", "island"):
+        make_rare_species(root / "camera_trap" / sub)
+    make_fishnet(root / "fishnet")
+    make_newt(root / "newt")
+    make_awa2(root / "AwA2-data")
+    make_herbarium19(root / "herbarium19")
+    make_plantdoc(root / "plantdoc")
+    corrupt(root / "plantdoc" / "test" / "Corn leaf blight" / "1.jpg", "garbage")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    from bioclip_fast.model import create_model, save_model
+
+    d = tmp_path_factory.mktemp("models")
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        save_model(d / "runs" / name / "model.pt", create_model("bioclip-micro"), {})
+    return d
+
+
+def test_suite_discovers_present_and_absent_benchmarks(data_root):
+    from bioclip_fast.eval.suite import discover
+
+    found, absent = discover(data_root)
+    assert set(found) == {"nabirds", "plantvillage", "rare_species", "camera_trap", "fishnet", "newt", "awa2",
+                          "herbarium19", "plantdoc"}
+    assert set(absent) == {"plankton", "insects", "insects2", "plantnet", "fungi", "medicinal_leaf"}
+
+
+def test_suite_readme_command(tmp_path, two_models, capsys, monkeypatch):
+    """The README's suite command, as written (reference protocols, default runs), on a root holding three tiny
+    benchmarks, with two micro models."""
+    from bioclip_fast.cli import main
+
+    root = tmp_path / "benchmarks"
+    make_asis(root / "nabirds")
+    make_rare_species(root / "rare_species")
+    make_plantdoc(root / "plantdoc")
+    monkeypatch.chdir(two_models)
+    rc = main(["eval", "--suite", "bioclip2", "--data-root", str(root),
+               "--checkpoint", "runs/a/model.pt", "--checkpoint", "runs/b/model.pt", "--out", "suite/"])
+    assert rc == 0
+    res = json.loads((two_models / "suite" / "suite.json").read_text())
+    assert set(res["results"]) == {"a", "b"} and len(res["results"]["a"]["beyond"]["plantdoc"]["runs"]) == 5
+    assert res["results"]["a"]["species"]["rare_species"]["fewshot"]["5-shot"]["n_query"] == [3] * 5
+    assert (two_models / "suite" / "suite.md").is_file() and (two_models / "suite" / "suite.png").is_file()
+
+
+def test_suite_table_in_the_paper_layout(data_root, two_models, capsys, monkeypatch):
+    """Every kind of benchmark (aliases, camera-trap subsets, the five beyond-species layouts, an unreadable image),
+    two models; classifier runs shortened (--runs 1 --epochs 5 --svm-iter 2) to keep the test fast."""
+    from bioclip_fast.cli import main
+
+    monkeypatch.chdir(two_models)
+    rc = main(["eval", "--suite", "bioclip2", "--data-root", str(data_root), "--runs", "1", "--epochs", "5",
+               "--svm-iter", "2", "--checkpoint", "runs/a/model.pt", "--checkpoint", "runs/b/model.pt",
+               "--out", "suite/", "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "absent (skipped): plankton, insects, insects2, plantnet, fungi, medicinal_leaf" in captured.err
+    assert "skipped 1 unreadable image(s)" in captured.err
+    out = two_models / "suite"
+    res = json.loads((out / "suite.json").read_text())
+    assert set(res["results"]) == {"a", "b"} and res["meta"]["absent"][0] == "plankton"
+    for r in res["results"].values():
+        assert set(r["species"]) == {"nabirds", "plantvillage", "camera_trap", "rare_species"}
+        assert set(r["beyond"]) == {"fishnet", "newt", "awa2", "herbarium19", "plantdoc"}
+        ct = r["species"]["camera_trap"]
+        assert set(ct["subsets"]) == {"ENA24", "island"}
+        assert ct["zeroshot"]["top1"] == pytest.approx(
+            sum(s["zeroshot"]["top1"] for s in ct["subsets"].values()) / 2)
+        assert ct["subsets"]["ENA24"]["text_type"] == "taxonomic_common"
+        assert r["species"]["nabirds"]["text_type"] == "as_is"
+        assert r["skipped_images"]["count"] == 1
+    zs = res["tables"]["Species classification: zero-shot top-1 (%)"]
+    assert [row["Model"] for row in zs] == ["a", "b"]
+    row = zs[0]
+    assert list(row) == ["Model", "NABirds", "Camera Trap", "PlantVillage", "Rare Species", "Mean"]  # paper order
+    assert row["Mean"] == pytest.approx(sum(row[k] for k in list(row)[1:-1]) / 4)
+    beyond = res["tables"]["Beyond species classification (%)"][1]
+    assert list(beyond) == ["Model", "FishNet", "NeWT", "AwA2", "Herbarium19", "PlantDoc", "Mean"]
+    assert beyond["PlantDoc"] == res["results"]["b"]["beyond"]["plantdoc"]["score"]
+    md = (out / "suite.md").read_text()
+    assert "| Model | NABirds | Camera Trap | PlantVillage | Rare Species | Mean |" in md
+    assert "| Model | FishNet | NeWT | AwA2 | Herbarium19 | PlantDoc | Mean |" in md
+    assert "Absent benchmarks (skipped): plankton" in md and "Skipped images" in md and "1.jpg" in md
+    assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_suite_empty_root_is_a_one_line_error(tmp_path, two_models, capsys):
+    from bioclip_fast.cli import main
+
+    (tmp_path / "empty").mkdir()
+    rc = main(["eval", "--suite", "bioclip2", "--data-root", str(tmp_path / "empty"),
+               "--checkpoint", str(two_models / "runs" / "a"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no benchmark folder found" in err and "Traceback" not in err
