@@ -70,16 +70,18 @@ FISHNET_HEADER = ["ID", "Kingdom", "Class", "Order", "image", "Family", "Genus",
                   "Subtropical", "Boreal", "Polar", "freshwater", "saltwater", "brackish"]
 
 
-def make_fishnet(root: Path, n_train: int = 16, n_test: int = 8) -> Path:
-    """FishNet layout: train.csv / test.csv (image at column 5, folder at 14, 9 targets) + Image_Library/."""
+def make_fishnet(root: Path, n_train: int = 16, n_test: int = 8, n_species: int = 4) -> Path:
+    """FishNet layout: train.csv / test.csv (image at column 5, folder at 14, 9 targets) + Image_Library/.
+    Species ``G sp<i % n_species>``; odd species are marine, even ones freshwater."""
     for split, n in (("train", n_train), ("test", n_test)):
         rows = []
         for i in range(n):
             marine = i % 2
+            sp = i % n_species
             folder = f"Family{marine}"
             name = f"{split}_{i}.jpg"
-            write_image(root / "Image_Library" / folder / name, 10 + marine, i + (0 if split == "train" else 500))
-            rec = [i, "Animalia", "Actinopterygii", "Perciformes", f"some/dir/{name}", folder, "G", f"G sp{marine}",
+            write_image(root / "Image_Library" / folder / name, 10 + sp, i + (0 if split == "train" else 500))
+            rec = [i, "Animalia", "Actinopterygii", "Perciformes", f"some/dir/{name}", folder, "G", f"G sp{sp}",
                    "x", "1", "1", "1", "ok", folder, "", "pelagic" if marine else "benthic",
                    1, 0, 0, 0, 0, 1 - marine, marine, 0]
             rows.append(rec)
@@ -90,8 +92,9 @@ def make_fishnet(root: Path, n_train: int = 16, n_test: int = 8) -> Path:
     return root
 
 
-def make_newt(root: Path, n_tasks: int = 2, n_train: int = 10, n_test: int = 4) -> Path:
-    """NeWT layout: newt2021_labels.csv (id, task, label, split, task_cluster, task_subcluster) + images/<id>.jpg."""
+def make_newt(root: Path, n_tasks: int = 2, n_train: int = 10, n_test: int = 4, life_stage_tasks: int = 1) -> Path:
+    """NeWT layout: newt2021_labels.csv (id, task, label, split, task_cluster, task_subcluster) + images/<id>.jpg.
+    The first ``life_stage_tasks`` tasks are life-stage tasks (cluster appearance, subcluster life_stage)."""
     rows = []
     for t in range(n_tasks):
         for split, n in (("train", n_train), ("test", n_test)):
@@ -99,8 +102,9 @@ def make_newt(root: Path, n_tasks: int = 2, n_train: int = 10, n_test: int = 4) 
                 label = i % 2
                 img_id = f"t{t}_{split}_{i}"
                 write_image(root / "newt2021_images" / f"{img_id}.jpg", 20 + 2 * t + label, i + 100 * (split == "test"))
-                rows.append([img_id, f"task_{t}", label, split, "appearance" if t == 0 else "behavior",
-                             "life_stage" if t == 0 else ""])
+                stage = t < life_stage_tasks
+                rows.append([img_id, f"task_{t}", label, split, "appearance" if stage else "behavior",
+                             "life_stage" if stage else ""])
     write_csv(root / "newt2021_labels.csv", ["id", "task", "label", "split", "task_cluster", "task_subcluster"],
               rows, index=False)
     return root
@@ -161,3 +165,15 @@ def corrupt(path: Path, how: str) -> Path:
     else:
         raise ValueError(how)
     return path
+
+
+def make_finches(root: Path, beaks=(8.0, 9.5, 11.0, 13.5, 16.0), per_species: int = 4) -> Path:
+    """metadata.csv (filepath, species, beak_size) + images whose colour follows the beak size."""
+    rows = []
+    for s, b in enumerate(beaks):
+        for i in range(per_species):
+            rel = f"images/sp{s}_{i}.jpg"
+            write_image(root / rel, 60 + s, i)
+            rows.append([rel, f"Geospiza sp{s}", b])
+    write_csv(root / "metadata.csv", ["filepath", "species", "beak_size"], rows, index=False)
+    return root

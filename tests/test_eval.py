@@ -58,8 +58,9 @@ def test_templates_and_text_types_resolve():
     assert resolve_text_types("scientific,common") == ["scientific", "common"]
     with pytest.raises(ValueError, match="placeholder"):
         resolve_templates(["a photo"])
+    assert resolve_text_types(["sci"]) == ["scientific"]  # the reference's spelling
     with pytest.raises(ValueError, match="unknown"):
-        resolve_text_types(["sci"])
+        resolve_text_types(["sciname"])
 
 
 def test_topk_accuracy_by_hand():

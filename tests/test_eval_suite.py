@@ -116,3 +116,18 @@ def test_suite_empty_root_is_a_one_line_error(tmp_path, two_models, capsys):
                "--checkpoint", str(two_models / "runs" / "a"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "no benchmark folder found" in err and "Traceback" not in err
+
+
+def test_readme_eval_command(trained_model_dir, tmp_path, monkeypatch):
+    """`bioclip-fast eval --checkpoint runs/<run>/model.pt --data butterflies --tasks zeroshot,fewshot,linear`, as
+    written, with the short trained model: reference protocol on the held-out butterflies, far above chance."""
+    from bioclip_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["eval", "--checkpoint", str(trained_model_dir / "model.pt"), "--data", "butterflies",
+               "--tasks", "zeroshot,fewshot,linear"])
+    assert rc == 0
+    r = json.loads((tmp_path / "eval_results" / "results.json").read_text())["results"][trained_model_dir.name]
+    assert r["zeroshot"]["n"] == 167 and r["zeroshot"]["top1"] > 0.3 and r["zeroshot"]["templates"] == "bioclip2"
+    assert r["fewshot"]["5-shot"]["top1"] > 0.3 and r["fewshot"]["5-shot"]["n_query"] == [167 - 50] * 5
+    assert r["linear"]["top1"] > 0.3 and r["skipped_images"]["count"] == 0

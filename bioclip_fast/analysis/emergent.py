@@ -1,4 +1,10 @@
-r"""Emergent properties of an image-embedding space (BioCLIP 2, Sec. 5), as quantitative metrics.
+r"""Emergent properties of an image-embedding space, as quantitative metrics of our own.
+
+BioCLIP 2 (arXiv 2505.23883) claims two emergent properties and shows them in figures: species arrange by
+ecological / functional traits (inter-species), and intra-species variation is kept in directions orthogonal to the
+inter-species ones (intra-species). The formulas below are this package's quantification of those claims (the paper
+defines none of them); see docs/emergent.md for the claims beside the metrics and
+:mod:`bioclip_fast.analysis.visual` for the paper's three visual protocols.
 
 Notation: ``x_i`` the L2-normalized embedding of image ``i``, ``s(i)`` its species, ``μ_s`` the mean embedding of
 species ``s``, ``μ̄`` the mean of the species means, and ``M`` the (S x D) matrix of centered species means

@@ -95,7 +95,7 @@ def collate_skipping(samples: list[dict[str, Any]]) -> dict[str, Any]:
     good = [s for s in samples if s.get("error") is None]
     skipped = [{"image": str(s["key"]), "error": s["error"]} for s in samples if s.get("error") is not None]
     batch = default_collate([{k: v for k, v in s.items() if k != "error"} for s in good]) if good else {
-        "image": None, "label": None, "key": None}
+        "image": None, "label": None, "key": None, "index": None}
     batch["skipped"] = skipped
     return batch
 
@@ -185,8 +185,9 @@ class ImageCsvDataset(Dataset):
         except Exception as e:  # noqa: BLE001 - any decode failure is reported by file name and skipped
             if self.on_error == "raise":
                 raise ValueError(f"cannot read image {path}: {e}") from e
-            return {"image": None, "label": self.labels[i], "key": key, "error": f"{type(e).__name__}: {e}"}
-        return {"image": img, "label": self.labels[i], "key": key, "error": None}
+            return {"image": None, "label": self.labels[i], "key": key, "index": i,
+                    "error": f"{type(e).__name__}: {e}"}
+        return {"image": img, "label": self.labels[i], "key": key, "index": i, "error": None}
 
 
 @dataclass

@@ -258,13 +258,14 @@ def encode_images(
 ) -> dict[str, Any]:
     """Run the image tower over a loader; returns {"features": N x D float32 (cpu; L2-normalized unless
     ``normalize=False``), "labels": N int64
-    (or None), "keys": list (or None), "skipped": [{"image", "error"}]}. Batches are dicts with "image" and optionally
+    (or None), "keys": list (or None), "skipped": [{"image", "error"}], "index": dataset positions of the rows
+    (or None)}. Batches are dicts with "image" and optionally
     "label", "key" and "skipped" (images the loader could not read; see
     :func:`bioclip_fast.eval.datasets.collate_skipping`)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    feats, labels, keys, skipped = [], [], [], []
+    feats, labels, keys, skipped, index = [], [], [], [], []
     has_label = has_key = True
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(loader, desc=desc, total=total, disable=not progress, leave=False):
@@ -282,6 +283,8 @@ def encode_images(
             labels.append(torch.as_tensor(batch["label"]).reshape(-1).long().cpu())
         else:
             has_label = False
+        if batch.get("index") is not None:
+            index.extend(int(i) for i in batch["index"])
         if has_key and batch.get("key") is not None:
             keys.extend(list(batch["key"]))
         else:
@@ -293,6 +296,7 @@ def encode_images(
         raise ValueError("loader yielded no batches")
     return {
         "skipped": skipped,
+        "index": index if len(index) == sum(len(f) for f in feats) else None,  # dataset position of each row
         "features": torch.cat(feats),
         "labels": torch.cat(labels) if has_label and labels else None,
         "keys": keys if has_key else None,
