@@ -28,7 +28,6 @@ intra-species residuals outside the species plane as the third axis.
 """
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
