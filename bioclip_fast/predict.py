@@ -371,7 +371,7 @@ class BaseClassifier:
 
     def logit_scale(self) -> float:
         ls = getattr(self.model, "logit_scale", None)
-        return float(ls.exp().float().reshape(-1)[0]) if ls is not None else 100.0
+        return float(ls.detach().exp().float().reshape(-1)[0]) if ls is not None else 100.0
 
     @torch.no_grad()
     def probabilities(self, features: torch.Tensor, txt_features: torch.Tensor) -> torch.Tensor:

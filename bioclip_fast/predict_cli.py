@@ -408,6 +408,8 @@ def _embed_format(args: argparse.Namespace) -> tuple[str, Path | None]:
     """(format, output path or None for stdout), refusing a suffix that does not match the format."""
     out = None if args.output in (None, "-", "stdout") else Path(args.output)
     by_suffix = EMBED_SUFFIXES.get(out.suffix.lower()) if out is not None else None
+    if out is not None and not out.suffix and args.format in (None, "json"):
+        by_suffix = "json"  # pybioclip writes its JSON to any file name
     if out is not None and by_suffix is None:
         raise UsageError(f"--output {out}: unknown suffix {out.suffix or '(none)'!r}; embed writes "
                          f"{', '.join(EMBED_SUFFIXES)} (or stdout for json)")
