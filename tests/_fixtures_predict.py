@@ -105,4 +105,4 @@ def softmax64(logits: np.ndarray) -> np.ndarray:
 
 
 def logit_scale_of(model) -> float:
-    return float(math.exp(float(model.logit_scale.reshape(-1)[0])))
+    return float(math.exp(float(model.logit_scale.detach().reshape(-1)[0])))
