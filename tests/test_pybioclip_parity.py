@@ -204,3 +204,40 @@ def test_python_api_matches_pybioclip_api(world, hf_env):
         clf.apply_filter([True])
     feats = clf.create_image_features([img, img], normalize=False)
     assert feats.shape == (2, 32)
+
+
+def _readme_commands() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Predict and embed with the released BioCLIP 2", 1)[1].split("```bash", 1)[1]
+    block = section.split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.startswith("bioclip-fast ")]
+
+
+def test_readme_predict_commands_run_as_written(world, hf_env, capsys, tmp_path, monkeypatch):
+    """Every command of the README's BioCLIP 2 section, as written, in a folder holding files of those names."""
+    import shlex
+
+    from bioclip_fast.model import create_model, save_model
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(Path(world["paths"][0]).parent, "images")
+    shutil.copytree(world["snap"], "bioclip-2")
+    shutil.copytree(world["table"], "TreeOfLife-200M/embeddings")
+    Path("genera.csv").write_text("genus\nDanaus\nParus\n")
+    Path("bins.csv").write_text("label,bin\na monarch butterfly,insect\na moth,insect\na beetle,insect\n")
+    save_model("runs/r1/model.pt", create_model("bioclip-micro"), {"classes": ["Danaus plexippus", "Pieris rapae"]})
+    commands = _readme_commands()
+    assert len(commands) == 10
+    for cmd in commands:
+        argv = shlex.split(cmd.replace("runs/<run>", "runs/r1"))[1:]
+        rc = main([*argv, "--no-progress"] if argv[0] in ("predict", "embed") else argv)
+        cap = capsys.readouterr()
+        assert rc == 0, (cmd, cap.err)
+        if argv[0] == "predict":
+            assert cap.out.strip(), cmd
+    assert json.loads(Path("embeddings.json").read_text())["model"] == "bioclip-2"
+    assert np.load("embeddings.npy").shape == (len(world["paths"]), 64)
+    assert Path("taxa.csv").read_text().startswith("kingdom,phylum,class,order,family,genus,species_epithet,")
+    import open_clip
+
+    open_clip.create_model_from_pretrained("local-dir:exported")
