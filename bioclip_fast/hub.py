@@ -44,13 +44,14 @@ class LoadedModel:
     tol_repo: str | None = None  # the TreeOfLife dataset repo of a TreeOfLife model
 
 
-def squash_preprocess():
-    """pybioclip's ``preprocess_img`` for TreeOfLife models: no crop, the whole image squashed to 224x224."""
+def squash_preprocess(size: int = 224):
+    """pybioclip's ``preprocess_img`` for TreeOfLife models: no crop, the whole image squashed to 224x224 (or the
+    model's input size, for models of another size used with a species table)."""
     from torchvision import transforms
 
     return transforms.Compose([
         transforms.ToTensor(),
-        transforms.Resize((224, 224), antialias=True),
+        transforms.Resize((size, size), antialias=True),
         transforms.Normalize(mean=OPENAI_MEAN, std=OPENAI_STD),
     ])
 

@@ -290,17 +290,21 @@ class BaseClassifier:
         self.pretrained_str = pretrained_str
         self.preprocess_mode = preprocess_mode
         if preprocess_mode == "squash" or (preprocess_mode == "auto" and self.tol_repo and preprocess is None):
-            self.preprocess = hub.squash_preprocess()
+            self.preprocess = hub.squash_preprocess(self.image_size())
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.templates = templates
         self.precision = precision
 
+    def image_size(self) -> int:
+        size = getattr(getattr(self.model, "visual", None), "image_size", 224)
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
     def _use_squash_for_table(self) -> None:
         from bioclip_fast import hub
 
         if self.preprocess_mode == "auto":
-            self.preprocess = hub.squash_preprocess()
+            self.preprocess = hub.squash_preprocess(self.image_size())
 
     def _autocast(self):
         if self.precision == "fp32":

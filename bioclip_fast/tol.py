@@ -334,9 +334,11 @@ class SpeciesTable:
         top_i = torch.zeros((bsz, 0), dtype=torch.long, device=self.device)
         run_max = torch.full((bsz,), -math.inf, device=self.device)
         run_sum = torch.zeros(bsz, device=self.device)
-        # candidates for rank grouping: p > min_prob needs logit > lse + log(min_prob) >= running max + log(min_prob)
+        # candidates for rank grouping: p > min_prob needs logit > lse + log(min_prob) >= running max + log(min_prob);
+        # gathered as (row, column, logit) with one nonzero per chunk (no per-image host syncs), pruned as max grows
         log_min = math.log(min_prob) if min_prob is not None and min_prob > 0 else -104.0  # fp32 exp underflow
-        cand: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(bsz)] if min_prob is not None else []
+        cand: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        n_cand = 0
         for a, block in self._chunks():
             cols = None
             if self.keep is not None:
@@ -355,28 +357,28 @@ class SpeciesTable:
             top_v, idx = torch.cat([top_v, v], 1).topk(min(kk, top_v.shape[1] + v.shape[1]), dim=1)
             top_i = torch.cat([top_i, cols[i]], 1).gather(1, idx)
             if min_prob is not None:
-                thresh = run_max + log_min
-                for r in range(bsz):
-                    sel = torch.nonzero(logits[r] > thresh[r]).flatten()
-                    if len(sel):
-                        cand[r].append((cols[sel], logits[r, sel]))
-                        if len(cand[r]) > 64:  # prune with the newer, larger running max
-                            c, lg = (torch.cat(x) for x in zip(*cand[r]))
-                            keep = lg > thresh[r]
-                            cand[r] = [(c[keep], lg[keep])]
+                rr, cc = torch.nonzero(logits > (run_max + log_min)[:, None], as_tuple=True)
+                cand.append((rr, cols[cc], logits[rr, cc]))
+                n_cand += len(rr)
+                if n_cand > 1 << 22:  # prune with the newer, larger running maxima
+                    rr, cc, lg = (torch.cat(x) for x in zip(*cand))
+                    keep = lg > (run_max + log_min)[rr]
+                    cand, n_cand = [(rr[keep], cc[keep], lg[keep])], int(keep.sum())
         lse = run_max + torch.log(run_sum)
         top_p = torch.exp(top_v - lse[:, None])
         groups = None
         if min_prob is not None:
-            groups = []
-            for r in range(bsz):
-                if cand[r]:
-                    c, lg = (torch.cat(x) for x in zip(*cand[r]))
-                    p = torch.exp(lg - lse[r])
-                    keep = p > min_prob if min_prob > 0 else p > 0
-                    groups.append((c[keep].cpu().numpy(), p[keep].cpu().numpy()))
-                else:
-                    groups.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+            if cand:
+                rr, cc, lg = (torch.cat(x) for x in zip(*cand))
+            else:
+                rr = cc = torch.zeros(0, dtype=torch.long)
+                lg = torch.zeros(0)
+            p = torch.exp(lg - lse[rr]) if len(rr) else lg
+            keep = p > min_prob if min_prob > 0 else p > 0
+            rr, cc, p = rr[keep].cpu().numpy(), cc[keep].cpu().numpy(), p[keep].cpu().numpy()
+            order = np.argsort(rr, kind="stable")
+            bounds = np.searchsorted(rr[order], np.arange(bsz + 1))
+            groups = [(cc[order[bounds[r]:bounds[r + 1]]], p[order[bounds[r]:bounds[r + 1]]]) for r in range(bsz)]
         self.seconds += time.perf_counter() - t0
         return Scores(top_p.cpu(), top_i.cpu(), groups)
 

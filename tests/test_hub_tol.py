@@ -189,6 +189,12 @@ def test_architecture_mismatch_is_one_line_through_the_cli(ckpts, tmp_path, caps
     assert rc == 0
     rc = main(["embed", str(img), "--model", str(ckpts / "run"), "-o", str(tmp_path / "f.npy"), "--no-progress"])
     assert rc == 0 and np.allclose(np.load(tmp_path / "e.npy"), np.load(tmp_path / "f.npy"), atol=1e-6)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    rc = main(["embed", str(img), "--model", "bioclip-micro", "--pretrained", str(tmp_path / "w.safetensors"),
+               "-o", str(tmp_path / "g.npy"), "--no-progress"])
+    assert rc == 0 and np.allclose(np.load(tmp_path / "g.npy"), np.load(tmp_path / "f.npy"), atol=1e-6)
 
 
 class _Payload:
@@ -321,3 +327,39 @@ def test_list_models(capsys):
     assert main(["list-models", "--model", "ViT-B-16"]) == 0
     assert "openai" in capsys.readouterr().out.split()
     assert main(["list-models", "--model", "ViT-Nope"]) == 2
+
+
+def test_our_checkpoint_with_a_species_table(ckpts, tmp_path, capsys, monkeypatch):
+    """A table must match the model's embedding size; a matching one is used with the model's own input size."""
+    from bioclip_fast.model import load_model
+
+    monkeypatch.setenv("BIOCLIP_FAST_CACHE", str(tmp_path / "cache"))
+    img = str(Path(__file__).parent.parent / "bioclip_fast" / "assets" / "leeds_butterflies" / "images" /
+              "0010001.jpg")
+    emb, names = species_table(dim=32)
+    write_table(tmp_path / "t32", emb, names)
+    rc = main(["predict", img, "--model", str(ckpts / "run"), "--tol-embeddings", str(tmp_path / "t32")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "dimension 32, the model's 64" in err and err.count("\n") == 1
+    emb, names = species_table(dim=64)
+    write_table(tmp_path / "t64", emb, names)
+    rc = main(["predict", img, "--model", str(ckpts / "run"), "--tol-embeddings", str(tmp_path / "t64"),
+               "--rank", "order", "--format", "json", "--no-progress"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0 and 1 <= len(rows) <= 5 and list(rows[0]) == ["file_name", "kingdom", "phylum", "class", "order",
+                                                                  "score"]
+    # the same scores by hand: squash to the model's 32 px, softmax over the 72 species, summed per order
+    from PIL import Image
+
+    from bioclip_fast.hub import squash_preprocess
+
+    model = load_model(ckpts / "run")[0]
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(model.encode_image(squash_preprocess(32)(Image.open(img).convert("RGB"))[None]),
+                                          dim=-1)
+    p = softmax64(logit_scale_of(model) * f.double().numpy() @ emb.astype(np.float64))[0]
+    totals: dict[str, float] = {}
+    for i in np.flatnonzero(p > 1e-9):
+        totals[names[i][0][3]] = totals.get(names[i][0][3], 0.0) + p[i]
+    assert {r["order"]: r["score"] for r in rows} == pytest.approx(
+        dict(sorted(totals.items(), key=lambda kv: -kv[1])[:5]), abs=1e-5)
