@@ -199,12 +199,13 @@ def load(model_str: str | None = None, pretrained: str | None = None, *, device:
     if pretrained and Path(pretrained).expanduser().exists():
         model, preprocess, tokenizer, meta = load_model(checkpoint_path(Path(pretrained).expanduser()),
                                                         model_name=name, device=device)
-        loaded_name = getattr(model, "model_name", name)
-        if loaded_name != name and meta:  # our checkpoint says another architecture
-            from bioclip_fast.model import describe_architecture
+        from bioclip_fast.model import _arch_key, describe_architecture, get_model_config
 
-            raise CheckpointError(f"checkpoint {pretrained} is {describe_architecture(loaded_name, model.model_cfg)}, "
-                                  f"model is {name}")
+        wanted = get_model_config(name)
+        if _arch_key(getattr(model, "model_cfg", wanted)) != _arch_key(wanted):  # our checkpoint says another one
+            raise CheckpointError(f"checkpoint {pretrained} is "
+                                  f"{describe_architecture(getattr(model, 'model_name', None), model.model_cfg)}, "
+                                  f"model is {describe_architecture(name, wanted)}")
         return LoadedModel(model, preprocess, tokenizer, model_str, "checkpoint", meta)
     tags = [] if name not in open_clip.list_models() else open_clip.list_pretrained_tags_by_model(name)
     if pretrained is None and len(tags) > 1:

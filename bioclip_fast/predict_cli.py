@@ -1,8 +1,11 @@
-"""`bioclip-fast predict` and `bioclip-fast embed` (pybioclip-style command line).
+"""`bioclip-fast predict`, `embed`, `list-models` and `list-tol-taxa`: pybioclip's command line, same flags, defaults
+and rows (`--format csv`, `--k` 5 for ranks / all labels for `--cls`/`--bins`, `--batch-size` 10, `--subset`,
+`--model`/`--pretrained`), plus our `--tol-embeddings`, `--labels`, `--format json` and npy/parquet embeddings.
 
 Both stream: images are decoded and encoded batch by batch, results are written as each batch finishes, so memory
 stays bounded for any number of images. A missing, unreadable or non-image file is reported by name on stderr and
-skipped; the exit code is non-zero only when no image could be processed.
+skipped; the exit code is non-zero only when no image could be processed. The whole command is validated (flags,
+output suffix, device, files) before a model is loaded.
 """
 from __future__ import annotations
 

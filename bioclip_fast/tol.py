@@ -408,7 +408,6 @@ class SpeciesTable:
         label = RANK_LABELS[rank]
         values = [str(v) for v in values]
         if rank == 6:  # "Genus epithet": compare (genus, epithet) code pairs
-            known: dict[str, np.ndarray] = {}
             g, e = self.names.column_codes(5), self.names.column_codes(6)
             mask = np.zeros(len(self.names), dtype=bool)
             unknown = []
@@ -420,7 +419,6 @@ class SpeciesTable:
                 if hit is None or not hit.any():
                     unknown.append(v)
                 else:
-                    known[v] = hit
                     mask |= hit
         else:
             col = self.names.column_codes(rank)
