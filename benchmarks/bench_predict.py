@@ -6,13 +6,13 @@ butterflies, cycled) and measures:
 
 - images/s end to end (decode + image encoder + table scoring + row formatting), and the time inside the table
   scoring (streamed chunks, running top-k, online log-sum-exp);
-- peak RSS of the child (`ru_maxrss`), including the one-time parse of the names JSON into the compact cache;
+- peak RSS of the child (VmHWM), including the one-time parse of the names JSON into the compact cache;
 - the image-encoder time per image of the run's model and, separately, of ViT-L/14 at 224 px (BioCLIP 2's encoder),
   so the table's overhead can be read against the real model (the target: < 20% of the encoder's time).
 
 The run's model is a small 224 px ViT (2 layers, width 384, patch 32) with a 768-d embedding (the table's
 dimension) and random weights, so 1,000+ images fit in minutes on 2 cores; the numbers are about cost, not accuracy.
-RSS is reported whole (``ru_maxrss``: it includes ~0.8 GB of torch/open_clip shared libraries mapped at import) and as
+RSS is reported whole (VmHWM, the peak: it includes ~0.8 GB of torch/open_clip shared libraries mapped at import) and as
 private memory (RssAnon) at the end. The table is deleted afterwards (--keep keeps it). Writes
 `benchmarks/results/predict_<tag>.json` and `.png`; the JSON records the machine's load average.
 
@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -57,20 +56,18 @@ def cpu_name() -> str:
 
 
 def write_table(folder: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> dict:
-    """txt_emb_species.npy ([dim, rows], unit columns) and txt_emb_species.json, written in chunks."""
+    """txt_emb_species.npy ([dim, rows], entries N(0, 1/dim): columns of norm ~1) and txt_emb_species.json, written
+    row by row with plain writes (a memmap would leave the table's pages in this process's RSS, and a child forked
+    from it would report that as its own peak)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    mm = np.lib.format.open_memmap(folder / "txt_emb_species.npy", mode="w+", dtype=np.dtype(dtype),
-                                   shape=(dim, rows))
-    step = 65536
-    for a in range(0, rows, step):
-        b = min(a + step, rows)
-        block = rng.standard_normal((dim, b - a), dtype=np.float32)
-        block /= np.linalg.norm(block, axis=0, keepdims=True)
-        mm[:, a:b] = block
-    mm.flush()
-    del mm
+    dt = np.dtype(dtype)
+    with open(folder / "txt_emb_species.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
+                                                 "shape": (dim, rows)})
+        for _ in range(dim):
+            f.write((rng.standard_normal(rows, dtype=np.float32) / np.sqrt(dim)).astype(dt).tobytes())
     epithets = [f"epithet{j}" for j in range(40000)]
     with open(folder / "txt_emb_species.json", "w", encoding="utf-8") as f:
         f.write("[")
@@ -136,7 +133,8 @@ def child(args: argparse.Namespace) -> None:
         "table_s": round(clf.table.seconds, 2),
         "table_ms_per_image": round(1000 * clf.table.seconds / len(images), 2),
         "encoder_ms_per_image": round(1000 * (total - clf.table.seconds) / len(images), 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        # VmHWM: this process image's high-water mark (ru_maxrss would also count what the parent held at fork)
+        "peak_rss_mb": round(rss_mb("VmHWM")),
         "rss_end_mb": round(rss_mb()), "rss_anon_end_mb": round(rss_mb("RssAnon")),
         "rss_file_end_mb": round(rss_mb("RssFile")),
         "model_mb": round(sum(p.numel() * p.element_size() for p in clf.model.parameters()) / 2**20),
