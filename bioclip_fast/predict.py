@@ -54,6 +54,8 @@ class Rank(Enum):
             return rank
         if isinstance(rank, int):
             return cls(rank)
+        if isinstance(rank, Enum):  # e.g. pybioclip's own Rank: same names
+            rank = rank.name
         try:
             return cls[str(rank).strip().upper()]
         except KeyError:

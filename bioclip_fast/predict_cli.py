@@ -194,6 +194,8 @@ class _RowWriter:
 
 def render_table(columns: list[str], rows: list[list[Any]]) -> str:
     """PrettyTable's default rendering (what pybioclip prints for --format table)."""
+    if not columns:
+        return ""
     try:
         import prettytable
     except ImportError:  # the same layout by hand: centred cells between +---+ rules

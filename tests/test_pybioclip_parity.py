@@ -202,6 +202,9 @@ def test_python_api_matches_pybioclip_api(world, hf_env):
     assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in rows_path], abs=1e-6)
     with pytest.raises(ValueError, match="should be a list containing"):
         clf.apply_filter([True])
+    from bioclip import Rank as PyRank  # a script still passing pybioclip's enum works too
+
+    assert clf.predict(world["paths"][0], PyRank.GENUS, k=1)[0]["genus"] in {"Pieris"}
     feats = clf.create_image_features([img, img], normalize=False)
     assert feats.shape == (2, 32)
 
