@@ -363,3 +363,23 @@ def test_our_checkpoint_with_a_species_table(ckpts, tmp_path, capsys, monkeypatc
         totals[names[i][0][3]] = totals.get(names[i][0][3], 0.0) + p[i]
     assert {r["order"]: r["score"] for r in rows} == pytest.approx(
         dict(sorted(totals.items(), key=lambda kv: -kv[1])[:5]), abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_species_table_on_gpu_equals_cpu(table_dir, tmp_path, monkeypatch):
+    """The table uploaded once to the GPU gives the CPU stream's top-k and groups (fp32 both)."""
+    from bioclip_fast.tol import SpeciesTable
+
+    monkeypatch.setenv("BIOCLIP_FAST_CACHE", str(tmp_path / "cache"))
+    d, emb, names = table_dir
+    feats = torch.nn.functional.normalize(torch.randn(9, emb.shape[0], generator=torch.Generator().manual_seed(5)),
+                                          dim=-1)
+    cpu = SpeciesTable.load(d.parent, chunk=16).score(feats, 25.0, k=5, min_prob=1e-4)
+    gpu_table = SpeciesTable.load(d.parent, chunk=16, device="cuda")
+    gpu = gpu_table.score(feats.cuda(), 25.0, k=5, min_prob=1e-4)
+    assert gpu_table._gpu is not None and gpu_table._gpu.is_cuda
+    assert torch.equal(cpu.top_indices, gpu.top_indices)
+    torch.testing.assert_close(cpu.top_values, gpu.top_values, atol=1e-5, rtol=1e-4)
+    for (c1, p1), (c2, p2) in zip(cpu.groups, gpu.groups):
+        assert sorted(c1.tolist()) == sorted(c2.tolist())
+        np.testing.assert_allclose(np.sort(p1), np.sort(p2), atol=1e-5)
