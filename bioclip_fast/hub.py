@@ -154,7 +154,7 @@ class _quiet_open_clip:
     def __enter__(self):
         self.logger = logging.getLogger()
         self.level = self.logger.level
-        self.logger.setLevel(max(self.level, logging.ERROR))
+        self.logger.setLevel(max(self.level, logging.CRITICAL))  # its errors come back as exceptions, named by us
 
     def __exit__(self, *exc):
         self.logger.setLevel(self.level)
