@@ -239,6 +239,12 @@ def test_hf_hub_without_network_or_cache_is_one_line(tmp_path, capsys, monkeypat
         rc = main(argv)
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and "imageomics/" in err and "Traceback" not in err
+    # an architecture with a pretrained tag needs a download too; several tags need a choice
+    for argv, msg in ((["embed", str(img), "--model", "ViT-B-32", "--pretrained", "openai"], "cannot download"),
+                      (["embed", str(img), "--model", "ViT-B-16"], "multiple pretrained tags")):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and msg in err, err
 
 
 def test_validation_before_work(tmp_path, capsys):
