@@ -220,6 +220,10 @@ def load(model_str: str | None = None, pretrained: str | None = None, *, device:
         return LoadedModel(model, image_transform(model), get_tokenizer(model), model_str, "open_clip")
     if tag not in tags:
         raise UsageError(f"--pretrained {tag}: neither a file nor a tag of {name} (tags: {tags or 'none'})")
+    import huggingface_hub.constants as hf_constants
+
+    was_offline = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = was_offline or _offline()  # read at import; honour a later HF_HUB_OFFLINE=1
     try:
         with _quiet_open_clip():
             model, preprocess = open_clip.create_model_from_pretrained(name, pretrained=tag, device=device,
@@ -227,6 +231,8 @@ def load(model_str: str | None = None, pretrained: str | None = None, *, device:
     except Exception as e:  # noqa: BLE001 - no network
         raise CheckpointError(f"--model {name} --pretrained {tag}: cannot download the weights "
                               f"({' '.join(str(e).split())[:160]}); pass --pretrained FILE") from None
+    finally:
+        hf_constants.HF_HUB_OFFLINE = was_offline
     model.model_name, model.model_cfg = name, open_clip.get_model_config(name)
     return LoadedModel(model.eval(), preprocess, open_clip.get_tokenizer(name), model_str, "open_clip")
 
