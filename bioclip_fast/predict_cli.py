@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
 import sys
@@ -83,6 +84,9 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--tol-embeddings", default=None, metavar="DIR",
                             help="TreeOfLife species table folder (txt_emb_species.npy + .json, or its parent with "
                                  "embeddings/); default: the model's own (HF cache) or its label set")
+        parser.add_argument("--log", metavar="LOG_FILE", default=None,
+                            help="record the run (model, settings, images) as pybioclip does: a new .json file, or "
+                                 "appended text for any other name")
         parser.add_argument("--templates", default="openai",
                             help="templates for --cls/--bins/--labels texts: openai (pybioclip), simple, none")
     elif name == "embed":
@@ -269,6 +273,9 @@ def run_predict(args: argparse.Namespace) -> int:
         find_table(args.tol_embeddings)
     if args.labels and args.tol_embeddings:
         raise UsageError("--labels and --tol-embeddings are two label sets; give one")
+    if args.log and args.log.endswith(".json") and Path(args.log).exists():
+        raise UsageError(f"--log {args.log}: File {args.log} already exists. Please choose a different file name.")
+    started = datetime.datetime.now().isoformat(timespec="seconds")
     cls_to_bin = read_bins_csv(args.bins) if args.bins else None
     labels = parse_cls(args.cls) if args.cls else None
     rank = args.rank or "species"
@@ -306,7 +313,46 @@ def run_predict(args: argparse.Namespace) -> int:
         if close:
             out.close()
     print(f"predicted {done} image(s), skipped {errors.count}", file=sys.stderr)
+    if args.log:
+        if labels:
+            settings: dict[str, Any] = {"classes": args.cls}
+            details: dict[str, Any] = {"k": args.k, "batch_size": args.batch_size}
+        elif cls_to_bin:
+            settings = {"bins_path": args.bins}
+            details = {"k": args.k, "batch_size": args.batch_size}
+        else:
+            table = getattr(clf, "table", None)
+            settings = {"tree_of_life_version": clf.tol_repo or (table.source if table is not None else None),
+                        "subset": args.subset}
+            details = {"rank": rank, "min_prob": args.min_prob, "k": k, "batch_size": args.batch_size}
+        write_log(args.log, clf, settings, details, images, started)
     return 0 if done else 1
+
+
+def write_log(path: str, clf, settings: dict[str, Any], details: dict[str, Any], images: list[str],
+              started: str) -> None:
+    """pybioclip's --log: a JSON record (new file) or a text record appended to any other file."""
+    from bioclip_fast import __version__
+
+    end = datetime.datetime.now().isoformat(timespec="seconds")
+    record = {"bioclip_fast_version": __version__, "start": started, "end": end, "command_line": " ".join(sys.argv),
+              "model": clf.model_str, "pretrained": clf.pretrained_str, "device": str(clf.device),
+              "top_level_settings": settings, "predictions": [{"images": images, "details": details}]}
+    if path.endswith(".json"):
+        Path(path).write_text(json.dumps(record, indent=4), encoding="utf-8")
+        return
+    title = f"** Prediction Log - bioclip_fast v{__version__} - {started} to {end} **"
+    key = lambda k: " ".join(w.capitalize() for w in k.split("_"))  # noqa: E731
+    lines = ["*" * len(title), title, "*" * len(title), f"Command Line: {record['command_line']}",
+             f"Model: {clf.model_str}"]
+    if clf.pretrained_str:
+        lines.append(f"Pretrained: {clf.pretrained_str}")
+    lines.append(f"Device: {clf.device}")
+    lines += [f"{key(k)}: {v}" for k, v in settings.items() if v is not None]
+    lines += [f"{key(k)}: {v}" for k, v in details.items()]
+    lines += ["Images:", *images, ""]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 class _NpyWriter:

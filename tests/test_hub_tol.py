@@ -389,3 +389,24 @@ def test_species_table_on_gpu_equals_cpu(table_dir, tmp_path, monkeypatch):
     for (c1, p1), (c2, p2) in zip(cpu.groups, gpu.groups):
         assert sorted(c1.tolist()) == sorted(c2.tolist())
         np.testing.assert_allclose(np.sort(p1), np.sort(p2), atol=1e-5)
+
+
+def test_predict_log_like_pybioclip(ckpts, tmp_path, capsys):
+    """--log: a new JSON record with pybioclip's fields, or text appended run after run; an existing .json is refused
+    before any work."""
+    img = str(Path(__file__).parent.parent / "bioclip_fast" / "assets" / "leeds_butterflies" / "images" /
+              "0010001.jpg")
+    base = ["predict", img, "--model", str(ckpts / "run"), "--templates", "simple", "--no-progress", "-o",
+            str(tmp_path / "p.csv")]
+    assert main([*base, "--log", str(tmp_path / "log.json")]) == 0
+    rec = json.loads((tmp_path / "log.json").read_text())
+    assert {"start", "end", "command_line", "model", "pretrained", "device", "top_level_settings",
+            "predictions"} <= set(rec)
+    assert rec["predictions"] == [{"images": [img], "details": {"rank": "species", "min_prob": 1e-9, "k": 5,
+                                                                "batch_size": 10}}]
+    assert main([*base, "--log", str(tmp_path / "log.json")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    for _ in range(2):
+        assert main([*base, "--cls", "a,b", "--log", str(tmp_path / "log.txt")]) == 0
+    text = (tmp_path / "log.txt").read_text()
+    assert text.count("Prediction Log") == 2 and "Classes: a,b" in text and img in text
