@@ -17,7 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("bioclip_fast.eval.cli", "zero-shot / few-shot / linear-probe evaluation"),
     "analyze": ("bioclip_fast.analysis.cli", "emergent-property analysis of an embedding space"),
     "predict": ("bioclip_fast.predict_cli", "classify images (pybioclip-compatible)"),
-    "embed": ("bioclip_fast.predict_cli", "write image embeddings (npy/parquet) with image ids"),
+    "embed": ("bioclip_fast.predict_cli", "write image embeddings (pybioclip's JSON, or npy/parquet) with image ids"),
+    "list-models": ("bioclip_fast.predict_cli", "list the models --model accepts (or an architecture's tags)"),
+    "list-tol-taxa": ("bioclip_fast.predict_cli", "print the TreeOfLife species table's taxa as CSV"),
+    "export": ("bioclip_fast.export_cli", "export a run / checkpoint as an open_clip hub snapshot folder"),
     "bench-loss": ("bioclip_fast.bench_cli", "benchmark the fused contrastive loss against peers"),
 }
 

@@ -8,8 +8,10 @@ import copy
 import logging
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -83,12 +85,19 @@ def create_model(
 ) -> nn.Module:
     """Create an open_clip CLIP model with a [1]-shaped `logit_scale`.
 
-    `pretrained` is a local file: one of our checkpoints (`save_model`) or an open_clip / OpenAI state dict.
-    `model_cfg` overrides the named config (as stored in our checkpoints, so custom sizes round-trip).
+    `pretrained` is a local file: one of our checkpoints (`save_model`, or its run directory), an open_clip / OpenAI
+    state dict or a ``.safetensors`` file; a checkpoint of another architecture fails with one line ("checkpoint is
+    X, model is Y"). `model_cfg` overrides the named config (as stored in our checkpoints, so custom sizes round-trip).
     """
     import open_clip
     from open_clip import factory
 
+    ckpt = None
+    if pretrained is not None:
+        pretrained = checkpoint_path(pretrained)
+        ckpt = read_weights_file(pretrained, mmap=True)
+        if model_cfg is None and is_our_checkpoint(ckpt) and ckpt.get("model_name") == model_name:
+            model_cfg = ckpt.get("model_cfg")  # the checkpoint's own sizes (a model_cfg override round-trips)
     cfg = copy.deepcopy(model_cfg) if model_cfg is not None else get_model_config(model_name)
     name = f"_bioclip_fast_{model_name}_{abs(hash(repr(sorted(cfg.items(), key=str))))}"
     factory._MODEL_CONFIGS[name] = cfg  # open_clip builds from its registry; a private name keeps overrides apart
@@ -106,7 +115,8 @@ def create_model(
     if continual_proj:
         add_continual_proj(model)
     if pretrained is not None:
-        load_weights(model, pretrained)
+        load_weights(model, pretrained, ckpt)
+        del ckpt
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -145,53 +155,202 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _plain(obj: Any) -> Any:
+    """Meta as plain containers and scalars, so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_plain(v) for v in obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy scalar
+        return obj.item()
+    if hasattr(obj, "to_dict"):
+        return _plain(obj.to_dict())
+    return str(obj)  # Path, Enum, ...: their text
+
+
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
-    """Write a self-describing checkpoint (config + weights + meta such as class names), atomically."""
+    """Write a self-describing checkpoint (config + weights + meta such as class names), atomically.
+
+    Everything in it is a tensor, a plain container or a scalar: it loads with ``torch.load(weights_only=True)``.
+    """
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _atomic_torch_save(
         {
             "format": CHECKPOINT_FORMAT,
             "model_name": getattr(model, "model_name", None),
-            "model_cfg": getattr(model, "model_cfg", None),
+            "model_cfg": _plain(getattr(model, "model_cfg", None)),
             "continual_proj": getattr(model.visual, "continual_proj", None) is not None,
             "state_dict": state,
-            "meta": dict(meta or {}),
+            "meta": _plain(dict(meta or {})),
         },
         path,
     )
     return path
 
 
-def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_weights_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """A weights file as a dict, never unpickling arbitrary objects: ``.safetensors`` via safetensors, anything else
+    through ``torch.load(weights_only=True)`` (tensors, plain containers and scalars only)."""
+    from bioclip_fast.errors import CheckpointError
+
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a weights file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise CheckpointError(f"could not read {path}: {_first_line(e)}") from e
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than tensors and plain containers{what}, and "
+            f"weights are never unpickled blindly; re-save it as a state dict or .safetensors"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage bytes, ...
+        if mmap:
+            return read_weights_file(path, mmap=False)
+        raise CheckpointError(f"could not read checkpoint {path}: {_first_line(e)}") from e
     if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights from our checkpoint or an open_clip/OpenAI state dict (`state_dict` key or bare)."""
-    ckpt = _read_checkpoint(path)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+_read_checkpoint = read_weights_file  # older name
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """``RUN`` (a run directory) -> ``RUN/model.pt``; a file stays as it is."""
+    p = Path(path)
+    return p / "model.pt" if p.is_dir() and (p / "model.pt").is_file() else p
+
+
+def is_our_checkpoint(ckpt: Mapping[str, Any]) -> bool:
+    return ckpt.get("format") == CHECKPOINT_FORMAT
+
+
+def describe_architecture(name: str | None, cfg: Mapping[str, Any] | None) -> str:
+    """One short phrase for an architecture: its name and the sizes that decide its weights' shapes."""
+    if not cfg:
+        return name or "an unknown architecture"
+    v, t = cfg.get("vision_cfg", {}) or {}, cfg.get("text_cfg", {}) or {}
+    sizes = (
+        f"embed {cfg.get('embed_dim')}, vision {v.get('layers')}x{v.get('width')} patch {v.get('patch_size')} "
+        f"@{v.get('image_size')}px, text {t.get('layers')}x{t.get('width')} ctx {t.get('context_length')}"
+    )
+    return f"{name} ({sizes})" if name else sizes
+
+
+def _describe_state(state: Mapping[str, torch.Tensor]) -> str:
+    """The architecture a plain open_clip state dict was saved from, as far as its shapes tell."""
+    def shape(k):
+        return tuple(state[k].shape) if k in state else None
+
+    conv = shape("visual.conv1.weight")
+    proj = shape("text_projection")
+    vlayers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+    tlayers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+    parts = []
+    if proj:
+        parts.append(f"embed {proj[-1]}")
+    if conv:
+        parts.append(f"vision {vlayers}x{conv[0]} patch {conv[-1]}")
+    if shape("token_embedding.weight"):
+        parts.append(f"text {tlayers}x{shape('token_embedding.weight')[1]}")
+    return ", ".join(parts) or f"{len(state)} tensors"
+
+
+def resolve_pretrained(path: str | os.PathLike) -> tuple[str, dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """``(model_name, model_cfg, state_dict)`` of our checkpoint (``model.pt`` or its run directory): the architecture
+    it describes, so callers (``train --pretrained RUN/model.pt``) build it without being told ``--model``.
+    Raises CheckpointError for a file that is not one of ours (it does not say which architecture it holds)."""
+    from bioclip_fast.errors import CheckpointError
+
+    path = checkpoint_path(path)
+    ckpt = read_weights_file(path, mmap=True)
+    if not is_our_checkpoint(ckpt) or not ckpt.get("model_name"):
+        raise CheckpointError(f"{path} is not a bioclip_fast checkpoint, so it does not say its architecture; "
+                              f"pass --model NAME (its open_clip architecture, e.g. ViT-L-14)")
+    return ckpt["model_name"], ckpt.get("model_cfg"), ckpt["state_dict"]
+
+
+def _state_from(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, Mapping):
+        raise ValueError("the file holds no state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    # 0-dim logit_scale/bias from other open_clip checkpoints -> our [1] shape
-    for key in ("logit_scale", "logit_bias"):
-        if key in state and state[key].dim() == 0:
+    for key in ("logit_scale", "logit_bias"):  # 0-dim in other open_clip checkpoints -> our [1] shape
+        if key in state and isinstance(state[key], torch.Tensor) and state[key].dim() == 0:
             state[key] = state[key].reshape(1)
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, ckpt: Mapping[str, Any] | None = None) -> None:
+    """Load weights from our checkpoint, an open_clip/OpenAI state dict (``state_dict`` key or bare) or a
+    ``.safetensors`` file. Another architecture's weights fail with one line: "checkpoint is X, model is Y"."""
+    from bioclip_fast.errors import CheckpointError
+
+    if ckpt is None:
+        ckpt = read_weights_file(path)
+    try:
+        state = _state_from(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    model_name = getattr(model, "model_name", None)
+    model_desc = describe_architecture(model_name, getattr(model, "model_cfg", None))
+    if is_our_checkpoint(ckpt) and ckpt.get("model_cfg") and getattr(model, "model_cfg", None):
+        if _arch_key(ckpt["model_cfg"]) != _arch_key(model.model_cfg):
+            raise CheckpointError(f"checkpoint {path} is {describe_architecture(ckpt.get('model_name'), ckpt['model_cfg'])}, "
+                                  f"model is {model_desc}")
     has_cp = getattr(model.visual, "continual_proj", None) is not None
     if has_cp and "visual.continual_proj" not in state and "visual.proj" in state:
         state["visual.continual_proj"] = state["visual.proj"].clone()
+    if not has_cp:
+        state.pop("visual.continual_proj", None)  # the replay projection is only used in training
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        what = describe_architecture(ckpt.get("model_name"), ckpt.get("model_cfg")) if is_our_checkpoint(ckpt) \
+            else _describe_state(state)
+        raise CheckpointError(
+            f"checkpoint {path} is {what}, model is {model_desc} ({len(wrong)} tensors differ, e.g. {k}: "
+            f"{list(state[k].shape)} vs {list(own[k].shape)})"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "logit_bias"]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing={missing[:8]} unexpected={unexpected[:8]}")
+        raise CheckpointError(
+            f"checkpoint {path} does not match model {model_desc}: missing {len(missing)} "
+            f"({', '.join(missing[:3])}), unexpected {len(unexpected)} ({', '.join(unexpected[:3])})"
+        )
+
+
+def _arch_key(cfg: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(_plain(cfg), sort_keys=True)
 
 
 def load_model(
@@ -202,23 +361,75 @@ def load_model(
 ) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
     """Load a model for inference: returns (model in eval mode, eval preprocess, tokenizer, meta).
 
-    Our checkpoints describe themselves; a plain open_clip state dict needs `model_name`.
+    ``path``: our checkpoint (``model.pt``) or its run directory — they describe their architecture; a plain
+    open_clip state dict (``.pt``/``.bin``/``.safetensors``) needs ``model_name``.
     """
-    import open_clip
+    from bioclip_fast.errors import CheckpointError
 
-    ckpt = _read_checkpoint(path)
-    if ckpt.get("format") == CHECKPOINT_FORMAT:
+    path = checkpoint_path(path)
+    ckpt = read_weights_file(path)
+    if is_our_checkpoint(ckpt):
         name = ckpt.get("model_name") or model_name or "bioclip-tiny"
         model = create_model(name, model_cfg=ckpt.get("model_cfg"), continual_proj=bool(ckpt.get("continual_proj")))
-        load_weights(model, path)
+        load_weights(model, path, ckpt)
         meta = dict(ckpt.get("meta", {}))
     else:
         if model_name is None:
-            raise ValueError(f"{path} is not a bioclip_fast checkpoint; pass model_name= (e.g. 'ViT-L-14')")
-        model = create_model(model_name, pretrained=path)
+            raise CheckpointError(f"{path} is not a bioclip_fast checkpoint; pass its architecture "
+                                  f"(--model NAME --pretrained {path}, or model_name= e.g. 'ViT-L-14')")
+        model = create_model(model_name)
+        load_weights(model, path, ckpt)
         meta = {}
+    del ckpt
     model = model.to(device).eval()
     return model, image_transform(model, train=False), get_tokenizer(model), meta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# open_clip hub-snapshot export
+# --------------------------------------------------------------------------------------------------------------------
+HUB_CONFIG = "open_clip_config.json"
+HUB_WEIGHTS = "open_clip_model.safetensors"
+META_FILE = "bioclip_fast_meta.json"  # our extra: the label set etc., ignored by open_clip
+
+
+def export_open_clip(model: nn.Module, out: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``out/`` as an open_clip hub snapshot: ``open_clip_config.json`` (the full ``model_cfg`` and the
+    preprocess config, so no registration is needed) and ``open_clip_model.safetensors``. ``visual.continual_proj``
+    (a training-only replay projection plain open_clip does not know) is dropped; ``logit_scale`` is saved 0-dim as
+    open_clip creates it. Loads with ``open_clip.create_model_from_pretrained("local-dir:OUT")``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    cfg = getattr(model, "model_cfg", None)
+    if not cfg:
+        raise ValueError("the model has no model_cfg to export (create it with bioclip_fast.model.create_model)")
+    mean, std = image_mean_std(model)
+    size = model.visual.image_size
+    pp = {"mean": list(mean), "std": list(std), "interpolation": "bicubic", "resize_mode": "shortest",
+          "size": list(size) if isinstance(size, (tuple, list)) else int(size)}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+             if k != "visual.continual_proj"}
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and state[key].numel() == 1:
+            state[key] = state[key].reshape(())
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+    try:
+        save_file(state, str(tmp / HUB_WEIGHTS), metadata={"format": "pt"})
+        (tmp / HUB_CONFIG).write_text(json.dumps({"model_cfg": _plain(cfg), "preprocess_cfg": pp}, indent=2) + "\n")
+        if meta:
+            (tmp / META_FILE).write_text(json.dumps(
+                {"model_name": getattr(model, "model_name", None), **_plain(dict(meta))}, indent=1) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def image_transform(model: nn.Module, train: bool = False):

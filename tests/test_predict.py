@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bioclip_fast.cli import main
+from bioclip_fast.errors import UsageError
 from bioclip_fast.predict import (
     CustomLabelsBinningClassifier,
     CustomLabelsClassifier,
@@ -138,7 +139,7 @@ def test_label_sources(setup, tmp_path):
     from bioclip_fast.model import create_model, save_model
 
     save_model(tmp_path / "nometa.pt", create_model("bioclip-micro"), {})
-    with pytest.raises(ValueError, match="no 'classes'"):
+    with pytest.raises(UsageError, match="no label set"):
         TreeOfLifeClassifier(tmp_path / "nometa.pt", device="cpu")
 
 
@@ -161,13 +162,13 @@ def test_predict_cli_formats_parse_and_bad_files_are_reported(setup, capsys, fmt
         rows = json.loads(out)
     elif fmt == "csv":
         rows = list(csv.DictReader(io.StringIO(out)))
-    else:
+    else:  # PrettyTable, as pybioclip prints it
         lines = out.strip().splitlines()
-        header = lines[0].split()
-        rows = [dict(zip(header, line.split(None, len(header) - 1))) for line in lines[1:]]
-        assert header == SPECIES_KEYS
-        # the table is aligned: every row's score starts in the header's score column
-        assert all(line.rstrip().endswith(line.split()[-1]) and len(line) == len(lines[1]) for line in lines[1:])
+        assert lines[0].startswith("+-") and lines[2] == lines[0] == lines[-1]
+        cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+        header = cells[0]
+        rows = [dict(zip(header, c)) for c in cells[1:]]
+        assert header == SPECIES_KEYS and len({len(line) for line in lines}) == 1
     assert len(rows) == 8
     assert sorted({r["file_name"] for r in rows}) == setup["good"]
     if fmt != "table":
@@ -182,7 +183,7 @@ def test_predict_cli_rank_cls_and_bins(setup, capsys, tmp_path):
     rc, out, _ = _predict(setup, capsys, "--format", "csv", "--cls", "butterfly,moth,beetle")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rc == 0 and len(rows) == 4 * 3 and {r["classification"] for r in rows} == {"butterfly", "moth", "beetle"}
-    (tmp_path / "bins.csv").write_text("butterfly,lepidoptera\nmoth,lepidoptera\nbeetle,coleoptera\n")
+    (tmp_path / "bins.csv").write_text("cls,bin\nbutterfly,lepidoptera\nmoth,lepidoptera\nbeetle,coleoptera\n")
     rc, out, _ = _predict(setup, capsys, "--format", "json", "--bins", str(tmp_path / "bins.csv"))
     rows = json.loads(out)
     assert rc == 0 and {r["classification"] for r in rows} == {"lepidoptera", "coleoptera"} and len(rows) == 8
@@ -242,7 +243,7 @@ def test_plain_open_clip_state_dict_and_labels_csv(setup, tmp_path, tol):
            "b.jpg,Animalia,Arthropoda,Insecta,Lepidoptera,Pieridae,Pieris,rapae,Cabbage White\n" \
            "c.jpg,Animalia,Arthropoda,Insecta,Lepidoptera,Nymphalidae,Danaus,plexippus,Monarch\n"
     (tmp_path / "labels.csv").write_text(rows)
-    with pytest.raises(ValueError, match="model_name"):
+    with pytest.raises(UsageError, match="not a bioclip_fast checkpoint"):
         TreeOfLifeClassifier(tmp_path / "plain.pt", labels_csv=tmp_path / "labels.csv", device="cpu")
     clf = TreeOfLifeClassifier(tmp_path / "plain.pt", model_name="bioclip-micro", labels_csv=tmp_path / "labels.csv",
                                device="cpu", templates="simple")

@@ -249,7 +249,22 @@ def resolve_config(
     cfg.update(file_values, source=str(config_file))
     cfg.update(cli, source="command line")
     cfg.preset = preset
+    if cfg.pretrained and "model" not in cli and "model" not in file_values:
+        cfg.model = pretrained_model_name(cfg.pretrained) or cfg.model  # our checkpoints say their architecture
     return cfg
+
+
+def pretrained_model_name(path: str) -> str | None:
+    """The architecture our checkpoint (or run dir) describes; None for other files (they need --model)."""
+    from bioclip_fast.errors import CheckpointError
+    from bioclip_fast.model import resolve_pretrained
+
+    if not Path(path).exists():
+        return None  # validate_static names the missing file
+    try:
+        return resolve_pretrained(path)[0]
+    except CheckpointError:
+        return None
 
 
 def validate_static(cfg: TrainConfig) -> None:
@@ -263,7 +278,8 @@ def validate_static(cfg: TrainConfig) -> None:
         get_model_config(cfg.model)
     except ValueError as e:
         bad(f"model: {e}")
-    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file() and \
+            not (Path(cfg.pretrained) / "model.pt").is_file():
         bad(f"pretrained: checkpoint file not found: {cfg.pretrained}")
     if cfg.batch_size <= 0:
         bad(f"batch_size must be positive, got {cfg.batch_size}")
