@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bioclip_fast.errors import CheckpointError
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train.config import ConfigError, TrainConfig, resolve_config, validate_runtime, validate_static
 from bioclip_fast.train.loop import NonFiniteLossError, Trainer
@@ -259,8 +260,9 @@ def test_checkpoint_is_atomic_and_nan_weights_are_never_saved(tmp_path, monkeypa
         raise OSError("simulated crash during fsync")
 
     monkeypatch.setattr(ckpt, "_fsync_tree", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match="manifest.json failed: simulated crash"):
         tr.save()
+    assert not list(root.glob(".tmp-*"))  # a failed write removes its partial checkpoint
     monkeypatch.undo()
     assert (root / "latest").read_text().strip() == first.name
     assert ckpt.find_checkpoint(tr.run_dir) == first
@@ -293,7 +295,14 @@ def test_resume_rejects_other_engine_or_world_size(tmp_path):
     meta = json.loads((d / "meta.json").read_text())
     meta["world_size"] = 2
     (d / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="world size 2"):
+    with pytest.raises(CheckpointError, match="meta.json is .* bytes, the manifest says"):  # an edit is corruption
+        micro_trainer(tmp_path, resume=str(tr.run_dir))
+    # as if written by a 2-rank run: re-record meta.json in the manifest
+    man = json.loads((d / "manifest.json").read_text())
+    man["files"]["meta.json"] = {"size": (d / "meta.json").stat().st_size,
+                                 "sha256": ckpt.file_sha256(d / "meta.json")}
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="world size 2"):
         micro_trainer(tmp_path, resume=str(tr.run_dir))
 
 
