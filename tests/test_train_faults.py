@@ -57,16 +57,17 @@ def _one_error_line(capsys, *needles: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ 1. signals
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGINT"])
-def test_stop_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, signame):
+@pytest.mark.parametrize("signame, over", [("SIGUSR1", {}), ("SIGINT", {"grad_cache_chunk": 8})])
+def test_stop_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, signame, over):
     """The signal arrives at a random step (a real signal to this process); the run finishes that step, writes a
-    checkpoint, reports the signal; a `resume="auto"` run then ends with the uninterrupted run's weights and losses."""
+    checkpoint, reports the signal; a `resume="auto"` run then ends with the uninterrupted run's weights and losses
+    (also with GradCache, whose chunked step carries the stop flag in the same reduction)."""
     steps = 6
-    ref = data_trainer(tmp_path / "ref", max_steps=steps)
+    ref = data_trainer(tmp_path / "ref", max_steps=steps, **over)
     ref.fit()
     at = random.Random(time.time_ns()).randint(1, steps - 2)  # 0-based index of the step the signal lands in
 
-    run = data_trainer(tmp_path / "run", max_steps=steps)
+    run = data_trainer(tmp_path / "run", max_steps=steps, **over)
     real_step = run.train_step
 
     def step_with_signal(inputs):
@@ -83,7 +84,7 @@ def test_stop_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path,
     assert signal.getsignal(getattr(signal, signame)) is not None  # handlers restored
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    resumed = data_trainer(tmp_path / "run", max_steps=steps, resume="auto")
+    resumed = data_trainer(tmp_path / "run", max_steps=steps, resume="auto", **over)
     assert resumed.step == at + 1
     resumed.fit()
     assert _steps(tmp_path / "run") == list(range(1, steps + 1))  # every step once
@@ -403,3 +404,42 @@ def test_a_collapsed_run_ends_with_a_warning(tmp_path, caplog):
     assert any("training has collapsed" in w for w in summary["warnings"]), summary["warnings"]
     assert "training has collapsed" in caplog.text
     assert json.loads((out / "results.json").read_text())["warnings"] == summary["warnings"]
+
+
+# ------------------------------------------------------------------------------------------------ README
+def _readme_block(marker: str) -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text[text.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("bioclip-fast ")]
+
+
+def test_readme_preemption_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's three commands (runs/demo -> a temp dir): preempted by SIGTERM in step 2 -> exit 75 with a
+    checkpoint; the same command with --resume auto finishes; --allow-changed max_steps extends the run."""
+    import shlex
+
+    cmds = _readme_block("**Preemption, resume and run directories.**")
+    assert len(cmds) == 3 and "--resume auto" in cmds[1] and "--allow-changed max_steps" in cmds[2]
+    out = tmp_path / "demo"
+    argvs = [shlex.split(c.replace("runs/demo", str(out)))[1:] for c in cmds]
+    real_step = Trainer.train_step
+
+    def preempted_in_step_2(self, inputs):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, inputs)
+
+    monkeypatch.setattr(Trainer, "train_step", preempted_in_step_2)
+    assert main(argvs[0]) == EXIT_PREEMPTED
+    assert "stopped by SIGTERM after step 2" in capsys.readouterr().err
+    assert _steps(out) == [1, 2] and (out / "checkpoints" / ckpt.ckpt_name(2)).is_dir()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(argvs[0]) == 2  # the same command without --resume: refused, nothing lost
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(argvs[1]) == 0
+    assert _steps(out) == [1, 2, 3, 4]
+    assert main(argvs[2][:argvs[2].index("--allow-changed")]) == 2  # the change must be named
+    assert "max_steps 4 -> 8" in capsys.readouterr().err
+    assert main(argvs[2]) == 0
+    assert _steps(out) == list(range(1, 9))
+    assert json.loads((out / "results.json").read_text())["steps"] == 8
