@@ -50,6 +50,12 @@ def capture_grads(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
     return seen
 
 
+def _grad_atol(g: torch.Tensor) -> float:
+    """Float noise scales with the tensor: a token-embedding gradient sums many rows (|g| up to ~6), so its tiny
+    elements carry absolute noise of ~1e-6 of the largest one, whatever the summation order."""
+    return 1e-6 * max(1.0, float(g.abs().max()))
+
+
 def assert_weights_close(named_a, named_b, lr_sum: float, what: str = "") -> None:
     for (n, p), (_, q) in zip(named_a, named_b):
         if n.endswith("attn.in_proj_bias"):
@@ -198,7 +204,8 @@ def test_grad_cache_equals_no_cache(tmp_path, replay):
             assert b["loss_replay"] == pytest.approx(a["loss_replay"], rel=1e-5)
         assert set(g_cached[s]) == set(g_plain[s])
         for n in g_plain[s]:
-            torch.testing.assert_close(g_cached[s][n], g_plain[s][n], rtol=1e-4, atol=1e-6, msg=f"grad {n}")
+            torch.testing.assert_close(g_cached[s][n], g_plain[s][n], rtol=1e-4, atol=_grad_atol(g_plain[s][n]),
+                                       msg=f"grad {n}")
     assert_weights_close(cached.clip.named_parameters(), plain.clip.named_parameters(), 3 * plain.cfg.lr / 4)
     if replay:  # the replay loss trains continual_proj, and only replay samples reach it
         assert g_plain[0]["visual.continual_proj"].abs().sum() > 0
@@ -213,7 +220,7 @@ def test_text_dedup_is_exact(tmp_path):
     assert a.module.last_text_fraction == pytest.approx(5 / 16)
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
     for n in ga[0]:
-        torch.testing.assert_close(ga[0][n], gb[0][n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(ga[0][n], gb[0][n], rtol=1e-4, atol=_grad_atol(gb[0][n]), msg=n)
 
 
 # ------------------------------------------------------------------------------------------------ non-finite & checkpoints

@@ -341,7 +341,7 @@ def test_bad_train_commands_fail_in_one_line_before_any_work(tmp_path, capsys, a
     assert not out.exists()  # nothing was started
 
 
-def test_out_that_is_a_file_and_cuda_without_gpu(tmp_path, capsys):
+def test_out_that_is_a_file_cuda_without_gpu_and_a_broken_config_file(tmp_path, capsys):
     f = tmp_path / "results.txt"
     f.write_text("keep me")
     assert main(["train", *CLI_MICRO, "--out", str(f)]) == 2
@@ -350,6 +350,11 @@ def test_out_that_is_a_file_and_cuda_without_gpu(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["train", *CLI_MICRO, "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
         _one_error_line(capsys, "device='cuda' but no CUDA GPU is available")
+    bad_yaml = tmp_path / "run.yaml"
+    bad_yaml.write_text("lr: [1, 2\nmodel: x\n")
+    assert main(["train", "--config", str(bad_yaml), "--out", str(tmp_path / "r")]) == 2
+    _one_error_line(capsys, f"config file {bad_yaml}: invalid YAML")
+    assert not (tmp_path / "r").exists()
 
 
 def test_zero_stage_alone_selects_deepspeed_and_torch_runs_record_no_stage():

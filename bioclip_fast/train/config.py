@@ -228,11 +228,17 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text()
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path}: invalid JSON: {e}") from None
     else:
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -327,6 +333,12 @@ def validate_static(cfg: TrainConfig) -> None:
             bad("engine=deepspeed (or zero_stage/deepspeed_config) but deepspeed is not installed "
                 "(pip install 'bioclip_fast[train]')")
     _check_device(cfg.device)
+    if cfg.data_backend == "dali":
+        from bioclip_fast.data.loader import _dali_import_error
+
+        why = _dali_import_error()
+        if why is not None:
+            bad(f"data_backend=dali but NVIDIA DALI cannot be imported ({why}); use --data-backend cpu or auto")
     if cfg.eval_at_end or cfg.eval_every:
         _check_templates(cfg.eval_templates)
     if cfg.overwrite and cfg.resume:
