@@ -418,6 +418,7 @@ def _readme_block(marker: str) -> list[str]:
     return [line for line in block.splitlines() if line.startswith("bioclip-fast ")]
 
 
+@pytest.mark.slow  # ~30 s on 2 idle cores: three CLI runs of the CPU demo model, two zero-shot evals
 def test_readme_preemption_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """The README's three commands (runs/demo -> a temp dir): preempted by SIGTERM in step 2 -> exit 75 with a
     checkpoint; the same command with --resume auto finishes; --allow-changed max_steps extends the run."""
