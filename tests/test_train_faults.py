@@ -449,3 +449,15 @@ def test_readme_preemption_commands_run_as_written(tmp_path, monkeypatch, capsys
     assert main(argvs[2]) == 0
     assert _steps(out) == list(range(1, 9))
     assert json.loads((out / "results.json").read_text())["steps"] == 8
+
+
+def test_checkpoint_without_manifest_from_an_older_version_resumes_with_a_warning(tmp_path, caplog):
+    tr = micro_trainer(tmp_path)
+    tr.train_step(fixed_inputs(tr))
+    tr.step = 1
+    d = tr.save()
+    (d / ckpt.MANIFEST).unlink()
+    with caplog.at_level(logging.WARNING, logger="bioclip_fast"):
+        resumed = micro_trainer(tmp_path, resume="auto")
+    assert resumed.step == 1 and "its files are not verified" in caplog.text
+    assert all(torch.equal(p, q) for p, q in zip(resumed.clip.parameters(), tr.clip.parameters()))

@@ -440,6 +440,8 @@ def select_checkpoint(spec: str | os.PathLike, info=None, *, log: Callable[[str]
     for c in map(Path, cands):
         reason = verify_checkpoint(c, info)
         if reason is None:
+            if log is not None and not (c / MANIFEST).is_file():
+                log(f"checkpoint {c} has no {MANIFEST} (written by an older bioclip_fast): its files are not verified")
             return c, skipped
         skipped.append((c, reason))
         if log is not None:
