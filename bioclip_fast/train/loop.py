@@ -245,8 +245,9 @@ class Trainer:
     def _loss_ok(self, loss: torch.Tensor) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
         # The stop-signal flag rides in the same all-reduce: no extra collective, no extra host sync (see signals.py).
-        flag = torch.tensor(1.0 if self._stop_requested_here() else 0.0, device=loss.device)
-        t = torch.stack([loss.detach().float().reshape(()), flag])
+        value = loss.detach().float().reshape(())
+        # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
+        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0)])
         if self.info.distributed:
             torch.distributed.all_reduce(t)
         loss_sum, stops = t.tolist()
