@@ -461,3 +461,12 @@ def test_checkpoint_without_manifest_from_an_older_version_resumes_with_a_warnin
         resumed = micro_trainer(tmp_path, resume="auto")
     assert resumed.step == 1 and "its files are not verified" in caplog.text
     assert all(torch.equal(p, q) for p, q in zip(resumed.clip.parameters(), tr.clip.parameters()))
+
+
+def test_train_help_lists_the_new_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--overwrite", "--allow-changed", "--collapse-window", "--resume"):
+        assert flag in out

@@ -108,7 +108,7 @@ class TrainConfig:
     log_every: int = _f(1, "log a JSONL record every N steps")
     nonfinite: str = _f("error", "non-finite loss: stop with an error, or skip the step", choices=("error", "skip"))
     max_nonfinite_skips: int = _f(10, "with nonfinite=skip: consecutive skipped steps before giving up")
-    collapse_window: int = _f(200, "warn when the loss stays within 1% of ln(batch) (chance) for this many steps "
+    collapse_window: int = _f(200, "warn when the loss stays within 1 percent of ln(batch) (chance) for this many steps "
                               "after warmup (0 = off)")
     eval_at_end: bool = _f(True, "zero-shot top-1/top-5 on val_data at the end (results.json)")
     eval_every: int = _f(0, "also run the zero-shot eval every N steps (0 = only at the end)")
