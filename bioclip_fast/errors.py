@@ -8,6 +8,10 @@ from __future__ import annotations
 
 EXIT_USAGE = 2  # argparse's own status for a bad command line; ours for every expected failure
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
+EXIT_NONFINITE = 3  # `train` stopped on a non-finite loss (nothing non-finite was checkpointed)
+# `train` stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint: requeue and run again with --resume auto.
+# 75 is sysexits' EX_TEMPFAIL ("temporary failure, try again"); distinct from 143 (= killed by SIGTERM unhandled).
+EXIT_PREEMPTED = 75
 
 
 class UsageError(Exception):

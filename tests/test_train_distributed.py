@@ -3,7 +3,9 @@
 - the same global batches give the 1-process plain-torch run's losses and weights (local loss + all-gather with
   grad + DeepSpeed's gradient averaging = the global loss's gradient);
 - GradCache on DeepSpeed (chunks as micro-steps) gives the same losses and weights as no caching;
-- a real data run writes DeepSpeed checkpoints atomically, and a resumed run continues the uninterrupted run's curve.
+- a real data run writes DeepSpeed checkpoints atomically, and a resumed run continues the uninterrupted run's curve;
+- SIGTERM delivered to rank 1 only (ZeRO-3): both ranks agree to stop after the same step, both write that
+  checkpoint, and `resume="auto"` continues the uninterrupted curve.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ BASE = {"model": "bioclip-micro", "precision": "fp32", "lr": 1e-3, "warmup_steps
 
 WORKER = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, signal, sys
     import torch
     from bioclip_fast.train.config import resolve_config
     from bioclip_fast.train.loop import Trainer
@@ -62,6 +64,24 @@ WORKER = textwrap.dedent(
     resumed = Trainer(resolve_config({**data, "out": f"{out}/part", "resume": "auto"}))
     assert resumed.step == 3, resumed.step
     resumed.fit()
+
+    # preemption seen by rank 1 only, in step 3 (before its loss reduction): every rank stops after step 3
+    z3 = {**data, "zero_stage": 3, "save_every": 0, "out": f"{out}/sig"}
+    sig = Trainer(resolve_config(z3))
+    real_step = sig.train_step
+
+    def step_with_signal(inputs):
+        if rank == 1 and sig.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(inputs)
+
+    sig.train_step = step_with_signal
+    summary = sig.fit()
+    with open(f"{out}/sig_rank{rank}.json", "w") as f:
+        json.dump({"preempted": summary.get("preempted"), "steps": summary["steps"]}, f)
+    again = Trainer(resolve_config({**z3, "resume": "auto"}))
+    assert again.step == 3, again.step
+    again.fit()
     """
 ) % {"n": N_STEPS, "b": GLOBAL_BATCH}
 
@@ -111,3 +131,20 @@ def test_zero2_two_processes_match_single_process_and_resume(tmp_path):
         assert part[s] == pytest.approx(full[s], rel=1e-5), f"step {s}"
     ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
     assert "latest" in ckpts and not [c for c in ckpts if c.startswith(".tmp")]
+
+    # SIGTERM on rank 1: both ranks stopped after step 3 and wrote one checkpoint; the resumed ZeRO-3 run follows
+    # the uninterrupted ZeRO-2 curve
+    ranks = [json.loads((tmp_path / f"sig_rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[1] == {"preempted": "SIGTERM", "steps": 3}, ranks
+    assert ranks[0] == {"preempted": "a stop signal on another rank", "steps": 3}, ranks
+    sig = _losses(tmp_path / "sig" / "metrics.jsonl")
+    assert sorted(sig) == list(range(1, 7))
+    for s in full:
+        assert sig[s] == pytest.approx(full[s], rel=1e-5), f"step {s} (ZeRO-3, SIGTERM on rank 1, resumed)"
+    from bioclip_fast.train import checkpoint as ckpt
+
+    sig_ckpts = ckpt.list_checkpoints(tmp_path / "sig" / "checkpoints")
+    assert [d.name for d in sig_ckpts] == ["step_00000006"]  # keep_checkpoints=1 (butterflies preset)
+    assert ckpt.verify_checkpoint(sig_ckpts[0]) is None  # every rank's shards are in the manifest
+    files = json.loads((sig_ckpts[0] / "manifest.json").read_text())["files"]
+    assert "trainer_rank0.pt" in files and "trainer_rank1.pt" in files and len(files) > 4

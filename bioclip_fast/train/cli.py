@@ -57,17 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bioclip_fast.train.config import ConfigError, resolve_config, validate_static
+    """Expected failures raise UsageError/ValueError/OSError: `bioclip-fast train: error: ...`, exit 2 (cli.py).
+
+    Exit codes of their own: 3 = stopped on a non-finite loss; 75 = stopped by SIGTERM/SIGINT/SIGUSR1 after writing
+    a checkpoint (run it again with --resume auto)."""
+    from bioclip_fast.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+    from bioclip_fast.train.config import resolve_config, validate_static
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bioclip_fast").setLevel(logging.INFO)  # ours at INFO; open_clip's chatter stays quiet
-    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config", "local_rank")}
-    try:
-        cfg = resolve_config(cli, config_file=args.config)
-        validate_static(cfg)
-    except ConfigError as e:
-        print(f"bioclip-fast train: error: {e}", file=sys.stderr)
-        return 2
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config", "local_rank",
+                                                            "debug")}
+    cfg = resolve_config(cli, config_file=args.config)
+    validate_static(cfg)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
@@ -76,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         summary = trainer.fit()
-    except ConfigError as e:
-        print(f"bioclip-fast train: error: {e}", file=sys.stderr)
-        return 2
     except NonFiniteLossError as e:
         print(f"bioclip-fast train: stopped: {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    if summary.get("preempted"):
+        if trainer.info.is_main:
+            print(f"bioclip-fast train: stopped by {summary['preempted']} after step {summary['steps']}; checkpoint "
+                  f"{summary['checkpoint']}; continue with: bioclip-fast train ... --out {summary['run_dir']} "
+                  f"--resume auto", file=sys.stderr)
+        return EXIT_PREEMPTED
     if trainer.info.is_main:
         _print_summary(summary)
     return 0
@@ -96,10 +101,15 @@ def _print_summary(s: dict[str, Any]) -> None:
     ]
     zs = s.get("zero_shot")
     if zs:
+        present = len(zs.get("per_class", {}))  # classes the held-out images hold
+        scored = zs.get("n_classes") or present  # classes the classifier chose among: sets chance
+        of = (f"{present} classes" if present == scored else
+              f"{present} class{'es' if present != 1 else ''} (the classifier scored {scored})")
         lines.append(
             f"zero-shot   : top-1 {100 * zs['top1']:.1f}%  top-5 {100 * zs['top5']:.1f}%  on {zs.get('n', '?')} "
-            f"held-out images, {len(zs.get('per_class', {}))} classes (chance "
-            f"{100 / max(len(zs.get('per_class', {})), 1):.0f}%)"
+            f"held-out images, {of} (chance {100 / max(scored, 1):.0f}%)"
         )
+    for w in s.get("warnings") or []:
+        lines.append(f"warning     : {w}")
     lines.append(f"results     : {s['run_dir']}/results.json, plot {s.get('plot')}, model {s.get('model_path')}")
     print("\n".join(lines))

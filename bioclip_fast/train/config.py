@@ -22,10 +22,12 @@ from pathlib import Path
 import types
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from bioclip_fast.errors import UsageError
+
 BUNDLED = "bundled"  # `data` value meaning the package's bundled butterfly shards
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A training configuration that cannot run; the message names the offending key."""
 
 
@@ -88,7 +90,8 @@ class TrainConfig:
     # --- engine
     engine: str = _f("auto", "deepspeed, torch (plain AdamW), or auto (deepspeed when >1 process or on GPU)",
                      choices=("auto", "deepspeed", "torch"))
-    zero_stage: int = _f(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (default 2; giving it selects the deepspeed engine)",
+                                choices=(0, 1, 2, 3))
     deepspeed_config: str | None = _f(None, "DeepSpeed JSON to start from (batch/optimizer keys are checked)")
     # --- runtime
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -96,12 +99,17 @@ class TrainConfig:
     channels_last: bool = _f(False, "channels_last memory format for images")
     seed: int = _f(0, "seed for init, data order, augmentation and caption types")
     out: str | None = _f(None, "run directory (default: runs/<timestamp>)")
-    resume: str | None = _f(None, "'auto' (latest in --out if any), a run dir, or a checkpoint dir")
+    resume: str | None = _f(None, "'auto' (the newest intact checkpoint in --out, if any), a run dir, or a checkpoint dir")
+    overwrite: bool = _f(False, "start over in a non-empty --out: delete its checkpoints, metrics and model first")
+    allow_changed: list[str] | None = _f(None, "on resume, settings that may differ from the checkpoint's "
+                                          "(e.g. max_steps for a longer run); any other change is refused")
     save_every: int = _f(1000, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "keep this many most recent checkpoints")
     log_every: int = _f(1, "log a JSONL record every N steps")
     nonfinite: str = _f("error", "non-finite loss: stop with an error, or skip the step", choices=("error", "skip"))
     max_nonfinite_skips: int = _f(10, "with nonfinite=skip: consecutive skipped steps before giving up")
+    collapse_window: int = _f(200, "warn when the loss stays within 1 percent of ln(batch) (chance) for this many steps "
+                              "after warmup (0 = off)")
     eval_at_end: bool = _f(True, "zero-shot top-1/top-5 on val_data at the end (results.json)")
     eval_every: int = _f(0, "also run the zero-shot eval every N steps (0 = only at the end)")
     eval_text_types: list[str] = _f(["taxonomic_common"], "caption types averaged into the zero-shot classifier "
@@ -220,11 +228,17 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text()
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path}: invalid JSON: {e}") from None
     else:
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -307,6 +321,8 @@ def validate_static(cfg: TrainConfig) -> None:
         bad(f"grad_clip must be positive, got {cfg.grad_clip}")
     if cfg.grad_cache_chunk < 0:
         bad(f"grad_cache_chunk must be >= 0, got {cfg.grad_cache_chunk}")
+    if cfg.collapse_window < 0:
+        bad(f"collapse_window must be >= 0, got {cfg.collapse_window}")
     if cfg.save_every < 0 or cfg.log_every <= 0 or cfg.keep_checkpoints <= 0 or cfg.eval_every < 0:
         bad("save_every/eval_every must be >= 0, log_every and keep_checkpoints > 0")
     if cfg.num_workers < 0:
@@ -323,6 +339,33 @@ def validate_static(cfg: TrainConfig) -> None:
         bad(f"deepspeed_config: file not found: {cfg.deepspeed_config}")
     if cfg.deepspeed_config is not None and cfg.engine == "torch":
         bad("deepspeed_config is set but engine=torch")
+    if cfg.zero_stage is not None and cfg.engine == "torch":
+        bad(f"zero_stage={cfg.zero_stage} needs the deepspeed engine; engine=torch has no ZeRO "
+            f"(drop --zero-stage, or use --engine deepspeed)")
+    if cfg.engine == "deepspeed" or cfg.zero_stage is not None or cfg.deepspeed_config is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            bad("engine=deepspeed (or zero_stage/deepspeed_config) but deepspeed is not installed "
+                "(pip install 'bioclip_fast[train]')")
+    _check_device(cfg.device)
+    if cfg.data_backend == "dali":
+        from bioclip_fast.data.loader import _dali_import_error
+
+        why = _dali_import_error()
+        if why is not None:
+            bad(f"data_backend=dali but NVIDIA DALI cannot be imported ({why}); use --data-backend cpu or auto")
+    if cfg.eval_at_end or cfg.eval_every:
+        _check_templates(cfg.eval_templates)
+    if cfg.overwrite and cfg.resume:
+        bad("overwrite and resume exclude each other: --resume continues the run in --out, --overwrite deletes it")
+    if cfg.allow_changed:
+        from bioclip_fast.train.rundir import fingerprint_keys
+
+        unknown = [k for k in cfg.allow_changed if k.replace("-", "_") not in fingerprint_keys()]
+        if unknown:
+            bad(f"allow_changed: {unknown} are not run settings checked on resume; choose from "
+                f"{sorted(fingerprint_keys())}")
     if cfg.text_types:
         from bioclip_fast.taxonomy import TEXT_TYPES
 
@@ -344,6 +387,39 @@ def validate_static(cfg: TrainConfig) -> None:
             bad(f"resume: no complete checkpoint under {cfg.resume}")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         bad(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+
+
+def _check_device(spec: str) -> None:
+    if spec == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ConfigError(f"device: {spec!r} is not supported for training; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={spec!r} but no CUDA GPU is available (torch.cuda.is_available() is False); "
+                          f"use --device cpu, or auto")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={spec!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def _check_templates(spec: str) -> None:
+    """The zero-shot templates must resolve and format with one class name (else the eval fails after training)."""
+    from bioclip_fast.eval.zeroshot import resolve_templates
+
+    try:
+        templates = resolve_templates(spec)
+        for t in templates:
+            t.format("Danaus plexippus")
+    except (ValueError, IndexError, KeyError) as e:
+        raise ConfigError(f"eval_templates: {spec!r} is not usable: {type(e).__name__}: {e} (use openai, simple, "
+                          f"or a format string with one '{{}}' for the class name)") from None
 
 
 def _check_paths(name: str, specs: list[str] | None) -> None:

@@ -87,7 +87,9 @@ def resolve_engine_kind(cfg: TrainConfig, info: DistInfo, device: torch.device) 
         return cfg.engine
     # DeepSpeed pays off when it shards optimizer state (several ranks) or runs bf16 on a GPU; on one CPU process
     # plain torch AdamW is faster (no flat-buffer copies).
-    return "deepspeed" if (info.distributed or device.type == "cuda" or cfg.deepspeed_config) else "torch"
+    # Asking for a ZeRO stage asks for DeepSpeed.
+    use_ds = info.distributed or device.type == "cuda" or cfg.deepspeed_config or cfg.zero_stage is not None
+    return "deepspeed" if use_ds else "torch"
 
 
 # ---------------------------------------------------------------------------------------------- the train module
@@ -416,7 +418,7 @@ def deepspeed_config(cfg: TrainConfig, *, world_size: int, micro_batch: int, mic
     ds.setdefault("fp16", {"enabled": False})
     zero = dict(ds.get("zero_optimization", {}))
     if not cfg.deepspeed_config or "stage" not in zero:
-        zero["stage"] = cfg.zero_stage
+        zero["stage"] = cfg.zero_stage if cfg.zero_stage is not None else 2
     zero.setdefault("overlap_comm", True)
     zero.setdefault("contiguous_gradients", True)
     zero.setdefault("reduce_bucket_size", 5e8)

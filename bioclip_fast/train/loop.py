@@ -1,5 +1,6 @@
 """The training loop: data -> ClipTrainModule -> fused CLIP loss (+ replay loss) -> engine step, with logging,
-atomic checkpoints, exact resume, wall-clock budgets, and a zero-shot evaluation at the end.
+atomic verified checkpoints, exact resume (with a fallback past corrupt checkpoints and a guard against changed
+settings), a graceful stop on SIGTERM/SIGINT/SIGUSR1, wall-clock budgets, and a zero-shot evaluation at the end.
 
     trainer = Trainer(cfg)        # validates the config, builds model, data, engine; resumes if asked
     summary = trainer.fit()       # trains; writes metrics.jsonl, loss.png, model.pt, results.json in the run dir
@@ -19,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bioclip_fast.errors import CheckpointError
 from bioclip_fast.train import checkpoint as ckpt
+from bioclip_fast.train import rundir
 from bioclip_fast.train.config import ConfigError, TrainConfig, validate_runtime, validate_static
 from bioclip_fast.train.engine import (
     ClipTrainModule,
@@ -31,7 +34,8 @@ from bioclip_fast.train.engine import (
     resolve_engine_kind,
 )
 from bioclip_fast.train.gradcache import grad_cache_step
-from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_memory_gb, peak_tflops_for
+from bioclip_fast.train.metrics import CollapseMonitor, ThroughputMeter, model_flops, peak_memory_gb, peak_tflops_for
+from bioclip_fast.train.signals import StopSignals
 
 log = logging.getLogger("bioclip_fast.train")
 
@@ -92,6 +96,7 @@ class Trainer:
         self.info = info or dist_info_from_env()
         validate_static(cfg)
         validate_runtime(cfg, world_size=self.info.world_size)
+        rundir.validate_run_dir(cfg)  # before the process group: no rank has written into --out yet
         self.device = resolve_device(cfg.device, self.info)
         self.engine_kind = resolve_engine_kind(cfg, self.info, self.device)
         if self.device.type == "cpu":
@@ -103,6 +108,10 @@ class Trainer:
         self.local_replay = replay_global // self.info.world_size
 
         self.run_dir = self._make_run_dir()
+        self.config_fingerprint = rundir.config_fingerprint(cfg.to_dict(), self.engine_kind)
+        self.resume_skipped: list[tuple[Path, str]] = []
+        # pick (and verify) the checkpoint and compare settings before building anything big
+        self.resume_from = self._select_resume(cfg.resume) if cfg.resume else None
         seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
         from bioclip_fast.model import create_model, get_tokenizer, image_mean_std
 
@@ -142,9 +151,19 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self.last_saved_step = -1
+        self.last_checkpoint: Path | None = None
+        self._ckpt_bytes: int | None = None  # size of the last checkpoint: the next one's expected size
         self.history: list[dict[str, Any]] = []
-        if cfg.resume:
-            self._resume(cfg.resume)
+        self.warnings: list[str] = []
+        self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
+        self._signals: StopSignals | None = None
+        self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
+        self.fingerprint = {**self.config_fingerprint, **rundir.data_fingerprint(self.loader)}
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        elif cfg.resume == "auto" and self.info.is_main:  # nothing to resume: a fresh run keeps no stale records
+            for name in ("metrics.jsonl", "evals.jsonl"):
+                rundir.truncate_jsonl(self.run_dir / name, 0)
 
     # ------------------------------------------------------------------------------------------------ setup
     def _make_run_dir(self) -> Path:
@@ -155,6 +174,13 @@ class Trainer:
         run_dir = Path(out)
         if self.info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            done = rundir.prepare_run_dir(run_dir, self.cfg)
+            if done["overwritten"]:
+                log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(done["overwritten"]),
+                            run_dir)
+            if done["stale_temp"]:
+                log.warning("removed %d unfinished checkpoint write(s) left by an interrupted run: %s",
+                            len(done["stale_temp"]), ", ".join(done["stale_temp"]))
             (run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         return run_dir
 
@@ -213,9 +239,21 @@ class Trainer:
             t /= self.info.world_size
         return t
 
+    def _stop_requested_here(self) -> bool:
+        return self._signals is not None and self._signals.requested
+
     def _loss_ok(self, loss: torch.Tensor) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
-        self._last_loss = float(self._global_mean(loss))
+        # The stop-signal flag rides in the same all-reduce: no extra collective, no extra host sync (see signals.py).
+        value = loss.detach().float().reshape(())
+        # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
+        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0)])
+        if self.info.distributed:
+            torch.distributed.all_reduce(t)
+        loss_sum, stops = t.tolist()
+        self._last_loss = loss_sum / self.info.world_size
+        if stops > 0:
+            self._stop_agreed = True
         return math.isfinite(self._last_loss)
 
     def train_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -243,7 +281,8 @@ class Trainer:
         return out
 
     def _handle_nonfinite(self, parts) -> dict[str, Any]:
-        msg = (f"non-finite loss ({self._last_loss}) at step {self.step}; no optimizer step was taken and no "
+        # steps count from 1, as in metrics.jsonl: this is step self.step + 1
+        msg = (f"non-finite loss ({self._last_loss}) at step {self.step + 1}; no optimizer step was taken and no "
                f"checkpoint is written from this state")
         if self.cfg.nonfinite == "error":
             raise NonFiniteLossError(msg + ". Lower --lr, enable --grad-clip, or use --nonfinite skip.")
@@ -253,7 +292,7 @@ class Trainer:
         log.warning("%s; skipping (%d in a row)", msg, self.consecutive_skips)
         if self.consecutive_skips > self.cfg.max_nonfinite_skips:
             raise NonFiniteLossError(f"{self.consecutive_skips} consecutive non-finite losses (last at step "
-                                     f"{self.step}); giving up")
+                                     f"{self.step + 1}); giving up")
         return {"loss": self._last_loss, "skipped": True}
 
     def batch_inputs(self, batch: dict[str, Any], step: int) -> tuple[dict[str, torch.Tensor], str]:
@@ -279,28 +318,100 @@ class Trainer:
             "elapsed_s": self._elapsed(),
             "skipped_steps": self.skipped_steps,
         }
-        meta = {"config": self.cfg.to_dict(), "time": datetime.now(timezone.utc).isoformat()}
+        meta = {"config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
+                "time": datetime.now(timezone.utc).isoformat()}
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.engine, step=self.step,
-                                    trainer_state=trainer_state, meta=meta, keep=self.cfg.keep_checkpoints)
+                                    trainer_state=trainer_state, meta=meta, keep=self.cfg.keep_checkpoints,
+                                    expected_bytes=self._ckpt_bytes or self._estimate_ckpt_bytes())
         self.last_saved_step = self.step
+        self.last_checkpoint = path
+        if self.info.is_main:
+            self._ckpt_bytes = ckpt.checkpoint_bytes(path)
         return path
 
-    def _resume(self, spec: str) -> None:
+    def _estimate_ckpt_bytes(self) -> int:
+        """Expected size of the first checkpoint: weights + AdamW moments (+ fp32 master weights under DeepSpeed)."""
+        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
+        if self.engine.kind == "deepspeed":
+            return n * ((2 if self.cfg.precision == "bf16" else 4) + 12)
+        return n * 12
+
+    def _select_resume(self, spec: str) -> Path | None:
+        """The checkpoint to resume from: the newest intact one (skipping corrupt ones, each named with its reason),
+        whose settings match this run's. Collective; None for `--resume auto` in a directory without checkpoints."""
         where = self.run_dir if spec == "auto" else Path(spec)
-        found = ckpt.find_checkpoint(where)
+        found, skipped = ckpt.select_checkpoint(
+            where, self.info, log=(lambda m: log.warning("%s", m)) if self.info.is_main else None)
         if found is None:
+            if skipped:
+                listed = "; ".join(f"{d.name}: {why}" for d, why in skipped)
+                raise CheckpointError(f"resume: no intact checkpoint under {where} ({listed}); start over with "
+                                      f"--overwrite or another --out")
             if spec == "auto":
-                return  # nothing to resume: a fresh run
+                return None
             raise ConfigError(f"resume: no complete checkpoint under {spec}")
+        self.resume_skipped = skipped
+        meta = ckpt.read_meta(found)
+        old = meta.get("fingerprint") or rundir.config_fingerprint(meta.get("config") or {}, meta.get("engine"))
+        self._check_changes(old, self.config_fingerprint, found)
+        self._resume_meta_fingerprint = old
+        root = self.run_dir / "checkpoints"
+        if self.info.is_main and found.parent.resolve() == root.resolve():
+            # corrupt ones, and newer ones of an abandoned timeline (an explicit older --resume), are moved aside:
+            # kept, but never resumed from or counted by retention again
+            step = ckpt.ckpt_step(found)
+            aside = [(d, ckpt.CORRUPT_PREFIX) for d, _ in skipped]
+            aside += [(d, ckpt.SUPERSEDED_PREFIX) for d in ckpt.list_checkpoints(root)
+                      if ckpt.ckpt_step(d) > step and d not in {s for s, _ in skipped}]
+            for d, prefix in aside:
+                target = d.with_name(prefix + d.name)
+                k = 1
+                while target.exists():
+                    target, k = d.with_name(f"{prefix}{d.name}.{k}"), k + 1
+                os.rename(d, target)
+                log.warning("moved %s aside to %s", d.name, target.name)
+        return found
+
+    def _check_changes(self, old: dict[str, Any], new: dict[str, Any], found: Path) -> list[str]:
+        changed = rundir.fingerprint_changes(old, new)
+        allowed = {k.replace("-", "_") for k in (self.cfg.allow_changed or [])}
+        refused = [k for k in changed if k not in allowed]
+        if refused:
+            raise ConfigError(
+                f"resume: checkpoint {found} was written with other settings: "
+                f"{rundir.describe_changes(old, new, refused)}. Exact resume needs the same settings; to change them "
+                f"on purpose add --allow-changed {' '.join(refused)}, or start a new run with another --out"
+            )
+        if changed and self.info.is_main:
+            log.warning("resuming with changed settings (--allow-changed): %s", rundir.describe_changes(old, new, changed))
+        return changed
+
+    def _resume(self, found: Path) -> None:
+        old = getattr(self, "_resume_meta_fingerprint", {})
+        keys = ("data", "replay_data")  # the config keys were compared in _select_resume, before any build
+        data_changed = self._check_changes({k: old[k] for k in keys if k in old},
+                                           {k: self.fingerprint[k] for k in keys if k in self.fingerprint}, found)
         state = ckpt.load_checkpoint(found, self.engine)
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.last_saved_step = self.step
+        self.last_checkpoint = found
+        self._ckpt_bytes = ckpt.checkpoint_bytes(found)
         if self.loader is not None and state.get("loader") is not None:
-            self.loader.load_state_dict(state["loader"])
+            if data_changed:
+                log.warning("the training data changed (--allow-changed %s): the data order restarts at epoch 0",
+                            " ".join(data_changed))
+            else:
+                self.loader.load_state_dict(state["loader"])
         if self.info.is_main:
-            log.info("resumed from %s at step %d", found, self.step)
+            for name in ("metrics.jsonl", "evals.jsonl"):  # every step appears once
+                dropped = rundir.truncate_jsonl(self.run_dir / name, self.step)
+                if dropped:
+                    log.info("%s: dropped %d record(s) after step %d (re-done from the checkpoint)", name, dropped,
+                             self.step)
+            skipped = "".join(f"; skipped {d.name} ({why})" for d, why in self.resume_skipped)
+            log.info("resumed from %s at step %d%s", found, self.step, skipped)
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _elapsed(self) -> float:
@@ -326,15 +437,31 @@ class Trainer:
         return float(p.item())
 
     def fit(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
-        cfg, info = self.cfg, self.info
+        """Train to the end (or to a stop signal), then export and evaluate. With a signal the summary has
+        "preempted" (the signal's name) and "checkpoint"; the run continues exactly with ``resume="auto"``."""
+        cfg = self.cfg
         if self.loader is None:
             raise RuntimeError("Trainer was built with build_data=False; call train_step() directly")
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         jsonl = self.run_dir / "metrics.jsonl"
         # a wall-clock-bounded run has no meaningful step total: show steps and the time left instead
         show_total = self.total_steps if (cfg.schedule_clock == "steps" and self.total_steps) else None
+        # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
+        # the main process gracefully instead of killing the workers under it)
+        with StopSignals() as signals:
+            self._signals = signals
+            try:
+                train_seconds, stop = self._loop(budget, jsonl, show_total)
+            finally:
+                self._signals = None
+        if stop:
+            return self._stopped(train_seconds, signals.received)
+        return self._finish(train_seconds)
+
+    def _loop(self, budget: float | None, jsonl: Path, show_total: int | None) -> tuple[float, bool]:
+        from tqdm.auto import tqdm
+
+        cfg, info = self.cfg, self.info
         bar = tqdm(total=show_total,
                    initial=self.step, disable=not (info.is_main and cfg.progress), desc="train", unit="step",
                    dynamic_ncols=True)
@@ -344,7 +471,7 @@ class Trainer:
             log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s", cfg.model, self.device,
                      f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
                      info.world_size, self.engine.kind, self.run_dir)
-        while not self._should_stop(budget):
+        while not (self._stop_agreed or self._should_stop(budget)):
             t0 = time.perf_counter()
             try:
                 batch = next(it)
@@ -372,17 +499,44 @@ class Trainer:
                 if budget:
                     post["left"] = f"{max(budget - self._elapsed(), 0):.0f}s"
                 bar.set_postfix(post, refresh=False)
+            if not res["skipped"]:
+                warning = self.collapse.update(self.step, res.get("loss_bio", res["loss"]))
+                if warning:
+                    self.warnings.append(warning)
+                    if info.is_main:
+                        log.warning("%s", warning)
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not self._stop_agreed:
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
         bar.close()
         train_seconds = self._elapsed()
+        stop = self._agree_stop()  # a signal that landed after the last step's reduction
         if self.last_saved_step != self.step:
             self.save()
-        return self._finish(train_seconds)
+        return train_seconds, stop
+
+    def _agree_stop(self) -> bool:
+        """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
+        flag = torch.tensor([1.0 if (self._stop_agreed or self._stop_requested_here()) else 0.0], device=self.device)
+        if self.info.distributed:
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _stopped(self, train_seconds: float, signame: str | None) -> dict[str, Any]:
+        """Stopped by a signal: the checkpoint is written; no export or evaluation (that is for the resumed run)."""
+        signame = signame or "a stop signal on another rank"
+        summary = {"run_dir": str(self.run_dir), "steps": self.step, "train_seconds": train_seconds,
+                   "preempted": signame, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "warnings": list(self.warnings)}
+        if self.info.is_main:
+            log.warning("stopped by %s after step %d; checkpoint %s; continue with --resume auto", signame,
+                        self.step, self.last_checkpoint)
+        if self.info.distributed:
+            torch.distributed.barrier()
+        return summary
 
     def _record(self, res, rates, lr, tt, step_s) -> dict[str, Any]:
         mem, mem_kind = peak_memory_gb(self.device)
@@ -454,6 +608,9 @@ class Trainer:
         finally:
             model.train(was_training)
         res = {k: v for k, v in res.items()}
+        # chance is set by the classifier's width (every class it scores), not by the classes the val images hold
+        res["n_classes"] = len(val.classes)
+        res["chance_top1"] = 1.0 / max(len(val.classes), 1)
         res["tag"], res["step"] = tag, self.step
         if tag != "final":
             with (self.run_dir / "evals.jsonl").open("a") as f:
@@ -476,6 +633,7 @@ class Trainer:
             "model": self.cfg.model,
             "model_path": str(model_path) if model_path else None,
             "loader_stats": dict(self.loader.stats) if self.loader is not None else None,
+            "warnings": list(self.warnings),
         }
         if self.history:
             tail = self.history[-min(len(self.history), 20):]
