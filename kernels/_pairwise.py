@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bioclip_fast.ops.precision import input_precision
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -39,10 +41,9 @@ MODE_SIGLIP = 2  # G = -z * sigmoid(-z * S), z = +1 on positives else -1
 def dot_precision(dtype: torch.dtype) -> str:
     """Tensor-core mode of the kernels' fp32 products, following ``torch.set_float32_matmul_precision`` like
     torch's own fp32 matmuls: "highest" (torch's default) -> exact fp32 ("ieee", CUDA cores), "high" -> 3xTF32
-    (about fp32 accuracy on tensor cores), "medium" -> TF32. "" for bf16/fp16 (always tensor cores)."""
-    if dtype != torch.float32:
-        return ""
-    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+    (about fp32 accuracy on tensor cores), "medium" -> TF32. "" for bf16/fp16 (always tensor cores). The losses
+    cast fp32 features to bf16 first under autocast or ``compute_dtype`` (``bioclip_fast.ops.precision``)."""
+    return input_precision(dtype)
 
 
 def interpreting() -> bool:
@@ -188,30 +189,33 @@ def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.
 
 
 @triton.jit
-def sym_prob_sum(s2, la2, lb2):
-    """``exp2(s2 - la2[:, None]) + exp2(s2 - lb2[None, :])`` (log2 units), with one exp2 per element.
+def sym_probs(s2, la2, lb2):
+    """``(exp2(s2 - la2[:, None]), exp2(s2 - lb2[None, :]))`` (log2 units) with one exp2 per element.
 
     ``exp2(s - lb_j) = exp2(s - la_i) * exp2(la_i - c) * exp2(c - lb_j)`` with c = max(la): two vector exp2s
     instead of a second tile of them (the epilogue is MUFU-bound). Exact to fp32 precision when the tile's LSEs
     are within 2^60 of each other (no factor over/underflows, and an underflowed first term implies a second
-    term below 2^-66); otherwise the tile takes the direct two-exp2 path.
+    term below 2^-66); otherwise the tile takes the direct two-exp2 path. The two directions are returned
+    separately so the scale gradient can centre each on its own positive (see ``_pairwise_bwd_kernel``).
     """
     c = tl.max(la2, 0)
     if (c - tl.min(la2, 0) <= 60.0) and (c - tl.min(lb2, 0) <= 60.0):
         a = tl.exp2(la2 - c)
         b = tl.exp2(c - lb2)
-        p = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0))
-        out = p + p * (a[:, None] * b[None, :])
+        pr = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0))
+        pc = pr * (a[:, None] * b[None, :])
     else:
         # min(., 0): s <= lse for every real entry; padding rows/columns (masked later) must not overflow.
-        out = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0)) + tl.exp2(tl.minimum(s2 - lb2[None, :], 0.0))
-    return out
+        pr = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0))
+        pc = tl.exp2(tl.minimum(s2 - lb2[None, :], 0.0))
+    return pr, pc
 
 
 @triton.jit
 def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
+    # g arrives pre-scaled (GSCALE) and already cast to the operand dtype.
     y = _load_rows(Y, offs_y, mask_y, d0, D, BLOCK_DO)
-    return mma(g.to(y.dtype), y, acc, PREC)
+    return mma(g, y, acc, PREC)
 
 
 @triton.jit
@@ -223,11 +227,11 @@ def _store_slice(DX, acc, offs_x, mask_x, d0, factor, D: tl.constexpr, BLOCK_DO:
 
 @triton.jit
 def _pairwise_bwd_kernel(
-    X, Y, SCALE, BIAS, LSE_X, LSE_Y, GRAD, DX, DS_PART, DB_PART,
+    X, Y, SCALE, BIAS, LSE_X, LSE_Y, CEN_X, CEN_Y, GRAD, DX, DS_PART, DB_PART,
     Bx, By, offset, inv_n,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, X_IS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr,
+    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     NUM_ACC: tl.constexpr,
 ):
@@ -235,8 +239,14 @@ def _pairwise_bwd_kernel(
 
     The logits tile is computed as ``X @ Y^T``; when X holds the loss's rows (X_IS_ROWS) element (a, b) is
     S[a, b], otherwise it is S[b, a]. ``LSE_X``/``LSE_Y`` are the log-sum-exp vectors indexed by X's / Y's rows.
-    The gradient tile is kept as ``G / coef`` (values in [-1, 1], safe to round to bf16/fp16 for the tensor-core
-    product) and ``coef = grad_loss * inv_n`` is applied once at the end.
+    The gradient tile is kept as ``G / coef`` (values in [-1, 1]) and ``coef = grad_loss * inv_n`` is applied once
+    at the end. For fp16 operands it is multiplied by ``GSCALE = 2^14`` before the cast (at B = 1M the
+    probabilities are ~1e-6, subnormal in fp16; 2^14 keeps them normal and |G| <= 2^14 below fp16's max), and the
+    fp32 accumulator is divided by it at the end (exact: a power of two).
+
+    Scale gradient (SCALAR_GRADS, rows only), cancellation-free: each softmax direction's G sums to zero along its
+    row (column), so ``sum G*t = sum G*(t - c)`` with ``c`` that row's (column's) positive dot product ``CEN``;
+    on near-duplicate batches (t ~ 1 everywhere) the plain sum loses all digits. SigLIP adds ``c_i * sum_j G_ij``.
     """
     pid_x = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -250,6 +260,8 @@ def _pairwise_bwd_kernel(
     else:
         bias2 = 0.0
     coef = tl.load(GRAD).to(tl.float32) * inv_n
+    if SCALAR_GRADS:
+        cx = tl.load(CEN_X + offs_x, mask=mask_x, other=0.0)
 
     # Log-sum-exp of X's rows, in log2 units (row LSE when X holds rows; column LSE for the symmetric loss).
     if MODE == 0:
@@ -287,9 +299,16 @@ def _pairwise_bwd_kernel(
             is_pos = offs_x[:, None] == (offs_y[None, :] + offset)
         onehot = tl.where(is_pos, 1.0, 0.0)
 
+        valid = mask_x[:, None] & mask_y[None, :]
         if MODE == 0:
             ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
-            g = 0.5 * sym_prob_sum(s2, lx2, ly2) - onehot
+            pa, pb = sym_probs(s2, lx2, ly2)
+            g = 0.5 * (pa + pb) - onehot
+            if SCALAR_GRADS:  # X rows: pa is the row softmax (centre c_i), pb the column softmax (centre c_j)
+                cy = tl.load(CEN_Y + offs_y, mask=mask_y, other=0.0)
+                u = t - cx[:, None]
+                v = t - cy[None, :]
+                ds_acc += tl.sum(tl.where(valid, (pa - onehot) * u + (pb - onehot) * v, 0.0), 1) * 0.5
         elif MODE == 1:
             if X_IS_ROWS:
                 g = tl.exp2(tl.minimum(s2 - lx2[:, None], 0.0)) - onehot
@@ -301,24 +320,27 @@ def _pairwise_bwd_kernel(
             # Clamp so exp2 stays finite (2^126 -> sigmoid ~1e-38, i.e. 0 to fp32 working precision).
             zs2 = tl.minimum(tl.where(is_pos, s2, -s2), 126.0)
             g = (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2))
-        g = tl.where(mask_x[:, None] & mask_y[None, :], g, 0.0)
+        g = tl.where(valid, g, 0.0)
 
         if SCALAR_GRADS:
-            ds_acc += tl.sum(g * t, 1)
-            db_acc += tl.sum(g, 1)
+            if MODE != 0:
+                ds_acc += tl.sum(g * (t - cx[:, None]), 1)
+            if MODE == 2:
+                db_acc += tl.sum(g, 1)
 
+        gq = (g * GSCALE).to(X.dtype.element_ty)
         if REUSE_Y:
-            acc0 = mma(g.to(y_tile.dtype), y_tile, acc0, PREC)
+            acc0 = mma(gq, y_tile, acc0, PREC)
         else:
-            acc0 = _acc_slice(acc0, g, Y, offs_y, mask_y, d_base, D, BLOCK_DO, PREC)
+            acc0 = _acc_slice(acc0, gq, Y, offs_y, mask_y, d_base, D, BLOCK_DO, PREC)
             if NUM_ACC > 1:
-                acc1 = _acc_slice(acc1, g, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, PREC)
+                acc1 = _acc_slice(acc1, gq, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, PREC)
             if NUM_ACC > 2:
-                acc2 = _acc_slice(acc2, g, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, PREC)
+                acc2 = _acc_slice(acc2, gq, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, PREC)
             if NUM_ACC > 3:
-                acc3 = _acc_slice(acc3, g, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC)
+                acc3 = _acc_slice(acc3, gq, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC)
 
-    factor = scale * coef
+    factor = scale * coef / GSCALE
     _store_slice(DX, acc0, offs_x, mask_x, d_base, factor, D, BLOCK_DO)
     if NUM_ACC > 1:
         _store_slice(DX, acc1, offs_x, mask_x, d_base + BLOCK_DO, factor, D, BLOCK_DO)
@@ -328,6 +350,8 @@ def _pairwise_bwd_kernel(
         _store_slice(DX, acc3, offs_x, mask_x, d_base + 3 * BLOCK_DO, factor, D, BLOCK_DO)
     if SCALAR_GRADS:
         if pid_s == 0:
+            if MODE == 2:
+                ds_acc += cx * db_acc
             tl.store(DS_PART + pid_x, tl.sum(ds_acc, 0) * coef)
             tl.store(DB_PART + pid_x, tl.sum(db_acc, 0) * coef)
 
@@ -339,10 +363,33 @@ _pairwise_bwd_tuned = triton.autotune(
 )(_pairwise_bwd_kernel)
 
 
+def grad_prescale(dtype: torch.dtype) -> float:
+    """Power of two the gradient tile is multiplied by before its cast to the operand dtype: fp16 only (its
+    normal range starts at 6e-5, probabilities at B = 1M are ~1e-6); exact to undo on the fp32 accumulator."""
+    return 16384.0 if dtype == torch.float16 else 1.0
+
+
+def positive_dots(q: torch.Tensor, k: torch.Tensor, offset: int, rows: int = 8192) -> torch.Tensor:
+    """Centres of the scale gradient: ``c_i = <q_i, k_{i+offset}>`` (fp32) where row i's positive exists, else 0.
+
+    Any centre is exact in exact arithmetic (see ``_pairwise_bwd_kernel``); the positive's dot makes the centred
+    terms small on near-duplicate batches. Chunked so the temporaries stay a few MB at any B.
+    """
+    Bq, Bk = q.shape[0], k.shape[0]
+    c = torch.zeros(Bq, device=q.device, dtype=torch.float32)
+    lo, hi = max(0, -offset), min(Bq, Bk - offset)
+    for r0 in range(lo, hi, rows):
+        r1 = min(hi, r0 + rows)
+        c[r0:r1] = (q[r0:r1].float() * k[r0 + offset:r1 + offset].float()).sum(1)
+    return c
+
+
 def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  lse_x: torch.Tensor | None, lse_y: torch.Tensor | None, grad: torch.Tensor, *, offset: int,
-                 inv_n: float, mode: int, x_is_rows: bool, scalar_grads: bool):
-    """dX (input dtype) and, if ``scalar_grads``, (dscale, dbias) partial sums for one side of a pairwise loss."""
+                 inv_n: float, mode: int, x_is_rows: bool, scalar_grads: bool,
+                 cen_x: torch.Tensor | None = None, cen_y: torch.Tensor | None = None):
+    """dX (input dtype) and, if ``scalar_grads``, (dscale, dbias) partial sums for one side of a pairwise loss.
+    ``cen_x`` / ``cen_y``: the scale gradient's centres for X's / Y's rows (needed with ``scalar_grads``)."""
     Bx, D = X.shape
     By = Y.shape[0]
     dx = torch.empty_like(X)
@@ -350,11 +397,14 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
     ds_part = torch.zeros(n_part if scalar_grads else 1, device=X.device, dtype=torch.float32)
     db_part = torch.zeros_like(ds_part)
     dummy = ds_part
+    if scalar_grads and cen_x is None:
+        raise ValueError("scalar_grads needs the centres cen_x (and cen_y for the symmetric loss)")
     args = (X, Y, scale, bias if bias is not None else dummy, lse_x if lse_x is not None else dummy,
-            lse_y if lse_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
+            lse_y if lse_y is not None else dummy, cen_x if cen_x is not None else dummy,
+            cen_y if cen_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
             size_bucket(max(Bx, By)))
     meta = dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=bias is not None, SCALAR_GRADS=scalar_grads,
-                PREC=dot_precision(X.dtype))
+                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype))
 
     def grid(META):
         return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))
@@ -374,13 +424,14 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
 
 @triton.jit
 def _grad_tile_kernel(
-    Q, K, SCALE, BIAS, LSE_R, LSE_C, W, DS_PART, DB_PART,
+    Q, K, SCALE, BIAS, LSE_R, LSE_C, CEN_R, CEN_C, W, DS_PART, DB_PART,
     Bq, Bk, c0, C, offset,
     B_BUCKET,  # autotune key only
-    D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """W[i, j - c0] = G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block."""
+    """W[i, j - c0] = GSCALE * G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block,
+    plus centred partial sums for dscale / dbias (see ``_pairwise_bwd_kernel``)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -397,23 +448,32 @@ def _grad_tile_kernel(
     s2 = t * scale2 + bias2
     is_pos = offs_n[None, :] == (offs_m[:, None] + offset)
     onehot = tl.where(is_pos, 1.0, 0.0)
+    valid = mask_m[:, None] & mask_n[None, :]
+    cr = tl.load(CEN_R + offs_m, mask=mask_m, other=0.0)
     if MODE == 2:
         zs2 = tl.minimum(tl.where(is_pos, s2, -s2), 126.0)
-        g = (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2))
+        g = tl.where(valid, (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2)), 0.0)
+        rows = tl.sum(g, 1)
+        ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1) + cr * rows, 0)
+        db = tl.sum(rows, 0)
     else:
         lr2 = tl.load(LSE_R + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         if MODE == 0:
             lc2 = tl.load(LSE_C + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
-            g = 0.5 * sym_prob_sum(s2, lr2, lc2) - onehot
+            pa, pb = sym_probs(s2, lr2, lc2)
+            g = tl.where(valid, 0.5 * (pa + pb) - onehot, 0.0)
+            cc = tl.load(CEN_C + offs_n, mask=mask_n, other=0.0)
+            ds = tl.sum(tl.sum(tl.where(valid, (pa - onehot) * (t - cr[:, None]) + (pb - onehot) * (t - cc[None, :]),
+                                        0.0), 1), 0) * 0.5
         else:
-            g = tl.exp2(tl.minimum(s2 - lr2[:, None], 0.0)) - onehot
-    valid = mask_m[:, None] & mask_n[None, :]
-    g = tl.where(valid, g, 0.0)
+            g = tl.where(valid, tl.exp2(tl.minimum(s2 - lr2[:, None], 0.0)) - onehot, 0.0)
+            ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1), 0)
+        db = 0.0  # CLIP: sum G = 0 exactly (a logit shift changes neither softmax)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]
-    tl.store(w_ptrs, g.to(W.dtype.element_ty), mask=mask_m[:, None] & (offs_w[None, :] < C))
+    tl.store(w_ptrs, (g * GSCALE).to(W.dtype.element_ty), mask=mask_m[:, None] & (offs_w[None, :] < C))
     pid = pid_m * tl.num_programs(1) + pid_n
-    tl.store(DS_PART + pid, tl.sum(tl.sum(g * t, 1), 0))
-    tl.store(DB_PART + pid, tl.sum(tl.sum(g, 1), 0))
+    tl.store(DS_PART + pid, ds)
+    tl.store(DB_PART + pid, db)
 
 
 _grad_tile_tuned = triton.autotune(
@@ -422,9 +482,10 @@ _grad_tile_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_fwd},
 )(_grad_tile_kernel)
 
-# Workspace budget of the GEMM-assisted backward (the [Bq, chunk] gradient tile buffer), bytes.
-GEMM_WORKSPACE_BYTES = int(os.environ.get("BIOCLIP_FAST_BWD_WORKSPACE_MB", "64")) * 2**20
-_MIN_CHUNK = 256  # narrower chunks make skinny GEMMs
+# Extra device memory the backward may use beyond its inputs and outputs (bytes); the strategy is chosen to fit.
+BWD_MEMORY_BYTES = int(os.environ.get("BIOCLIP_FAST_BWD_MEMORY_MB", "64")) * 2**20
+_MIN_CHUNK = 256  # narrower chunks make skinny GEMMs: below this the GEMM backward is not worth it
+_CENTRE_ROWS = 8192  # positive_dots' chunk
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -436,20 +497,80 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def fused_extra_bytes(Bq: int, Bk: int, D: int) -> int:
+    """Extra memory of the fused backward: scale-gradient partials and centres (O(B)), plus the chunked
+    temporaries of ``positive_dots``."""
+    return 4 * (2 * triton.cdiv(Bq, 16) + 2 * max(Bq, Bk)) + 3 * 4 * min(Bq, _CENTRE_ROWS) * D
+
+
+def gemm_extra_bytes(Bq: int, Bk: int, D: int, elem: int, chunk: int) -> int:
+    """Extra memory of the GEMM-assisted backward with a ``chunk``-column workspace: the [Bq, chunk] gradient
+    tiles, the fp32 dQ accumulator (every dtype: cuBLAS accumulates into it), two fp32 [chunk, D] dK temporaries,
+    per-program partials and the centres."""
+    chunk = min(chunk, Bk)
+    parts = 2 * triton.cdiv(Bq, 16) * triton.cdiv(chunk, 16)
+    return Bq * chunk * elem + 4 * Bq * D + 2 * 4 * chunk * D + 4 * parts + fused_extra_bytes(Bq, Bk, D)
+
+
+def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int | None = None,
+             choice: str | None = None) -> tuple[str, int]:
+    """(strategy, chunk) of the backward for a [Bq, D] x [Bk, D] problem whose features are ``elem`` bytes each.
+
+    ``gemm`` (one recompute of the logits: a gradient-tile kernel + cuBLAS, 6*Bq*Bk*D FLOPs) wherever its extra
+    memory (``gemm_extra_bytes``) fits ``budget`` with at least ``_MIN_CHUNK`` columns per chunk, on CUDA for
+    D > 128 (below that the fused kernels keep all of dX in registers and the tile recompute is cheap); the widest
+    chunk that fits (fewer read-modify-writes of the dQ accumulator). Otherwise ``fused`` (two Triton kernels,
+    O(B) extra memory: the logits are recomputed in the dQ and in the dK kernel). With the 64 MiB default at
+    D = 768 bf16 that is gemm up to B ~ 18k and fused above, so the default stays within budget at every B.
+
+    ``choice`` (default: ``BIOCLIP_FAST_BWD``, auto|fused|gemm) forces a strategy; a forced gemm takes the widest
+    chunk within the budget, but at least ``_MIN_CHUNK`` columns (the caller asked for it).
+    """
+    if choice is None:
+        choice = os.environ.get("BIOCLIP_FAST_BWD", "auto").strip().lower()
+    if choice not in ("auto", "fused", "gemm"):
+        raise ValueError(f"BIOCLIP_FAST_BWD must be auto, fused or gemm, got {choice!r}")
+    budget = BWD_MEMORY_BYTES if budget is None else int(budget)
+    fixed = gemm_extra_bytes(Bq, Bk, D, elem, 0)
+    per_col = Bq * elem + 8 * D + 4 * 2 * triton.cdiv(Bq, 16) // 16 + 8
+    fit = max(0, budget - fixed) // per_col
+    chunk = min(Bk, fit // 128 * 128 if fit < Bk else Bk)
+    while chunk > 0 and gemm_extra_bytes(Bq, Bk, D, elem, chunk) > budget:  # rounding in the estimate above
+        chunk = max(0, chunk - 128)
+    if choice == "fused":
+        return "fused", 0
+    if choice == "gemm":
+        return "gemm", max(chunk, min(Bk, _MIN_CHUNK))
+    ok = device_type == "cuda" and not interpreting() and D > 128 and chunk >= min(Bk, _MIN_CHUNK)
+    return ("gemm", chunk) if ok else ("fused", 0)
+
+
+def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None = None, elem: int = 2) -> str:
+    """The strategy ``bwd_plan`` picks (kept for callers that only ask for the name)."""
+    return bwd_plan(Bq, Bk or Bq, D, elem, device.type)[0]
+
+
 def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
-                      chunk: int | None = None):
-    """(dq, dk, dscale_sum, dbias_sum) of a pairwise loss through gradient-tile chunks and cuBLAS products."""
+                      chunk: int | None = None, cen_r=None, cen_c=None, need_q: bool = True, need_k: bool = True):
+    """(dq, dk, dscale_sum, dbias_sum) of a pairwise loss through gradient-tile chunks and cuBLAS products.
+
+    The logits are computed once per tile (in ``_grad_tile_kernel``); G goes through a [Bq, chunk] workspace.
+    ``need_q`` / ``need_k`` = False skip that product (and return None for it)."""
     Bq, D = q.shape
     Bk = k.shape[0]
     dev = q.device
     if chunk is None:
-        chunk = GEMM_WORKSPACE_BYTES // max(1, Bq * q.element_size())
-        chunk = max(_MIN_CHUNK, chunk // 128 * 128)
-    chunk = min(chunk, Bk)
+        chunk = bwd_plan(Bq, Bk, D, q.element_size(), dev.type, choice="gemm")[1]
+    chunk = max(1, min(chunk, Bk))
+    if cen_r is None:
+        cen_r = positive_dots(q, k, offset)
+    if cen_c is None:
+        cen_c = cen_r if mode == MODE_CLIP_SYM else cen_r[:0]
+    gscale = grad_prescale(q.dtype)
     coef = grad.to(torch.float32) * inv_n
-    factor = scale.to(torch.float32) * coef  # on device: no host sync
-    dq_acc = torch.zeros((Bq, D), device=dev, dtype=torch.float32)
-    dk = torch.empty_like(k)
+    factor = scale.to(torch.float32) * coef / gscale  # on device: no host sync
+    dq_acc = torch.zeros((Bq, D), device=dev, dtype=torch.float32) if need_q else None
+    dk = torch.empty_like(k) if need_k else None
     w = torch.empty((Bq, chunk), device=dev, dtype=q.dtype)
     n_part = triton.cdiv(Bq, 16) * triton.cdiv(chunk, 16)  # >= programs per chunk for every config
     ds_part = torch.zeros(n_part, device=dev, dtype=torch.float32)
@@ -457,15 +578,15 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
     ds = torch.zeros((), device=dev, dtype=torch.float32)
     db = torch.zeros((), device=dev, dtype=torch.float32)
     dummy = ds_part
-    meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype))
+    meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype), GSCALE=gscale)
     for c0 in range(0, Bk, chunk):
         C = min(chunk, Bk - c0)
-        wc = w[:, :C] if C == chunk else torch.empty((Bq, C), device=dev, dtype=q.dtype)
+        wc = w[:, :C] if C == chunk else w.view(-1)[:Bq * C].view(Bq, C)  # reuse the workspace: no new buffer
         ds_part.zero_()
         db_part.zero_()
         args = (q, k, scale, bias if bias is not None else dummy, lse_r if lse_r is not None else dummy,
-                lse_c if lse_c is not None else dummy, wc, ds_part, db_part, Bq, Bk, c0, C, int(offset),
-                size_bucket(max(Bq, Bk)))
+                lse_c if lse_c is not None else dummy, cen_r, cen_c if cen_c.numel() else dummy, wc, ds_part,
+                db_part, Bq, Bk, c0, C, int(offset), size_bucket(max(Bq, Bk)))
 
         def grid(META, C=C):
             return (triton.cdiv(Bq, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
@@ -474,35 +595,30 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
         ds += ds_part.sum()
         db += db_part.sum()
         kc = k[c0:c0 + C]
-        if q.dtype == torch.float32:
-            dq_acc.addmm_(wc, kc)
-        elif q.is_cuda:  # accumulate in place in fp32: no [Bq, D] temporary per chunk
-            torch.addmm(dq_acc, wc, kc, out_dtype=torch.float32, out=dq_acc)
-        else:
-            dq_acc += _mm_f32(wc, kc)
-        dk[c0:c0 + C] = (_mm_f32(wc.T, q) * factor).to(k.dtype)
-    dq = (dq_acc * factor).to(q.dtype)
+        if need_q:
+            if q.dtype == torch.float32:
+                dq_acc.addmm_(wc, kc)
+            elif q.is_cuda:  # accumulate in place in fp32: no [Bq, D] temporary per chunk
+                torch.addmm(dq_acc, wc, kc, out_dtype=torch.float32, out=dq_acc)
+            else:
+                dq_acc += _mm_f32(wc, kc)
+        if need_k:
+            dk[c0:c0 + C] = _mm_f32(wc.T, q).mul_(factor).to(k.dtype)
+    dq = dq_acc.mul_(factor).to(q.dtype) if need_q else None
     return dq, dk, ds * coef, db * coef
 
 
-def bwd_strategy(D: int, device: torch.device) -> str:
-    """"fused" (two Triton kernels, O(B) extra memory) or "gemm" (gradient tiles + cuBLAS, for wide D).
-
-    ``BIOCLIP_FAST_BWD=fused|gemm|auto`` overrides; ``auto`` takes "gemm" on CUDA when D > 256, where keeping all
-    of a dQ row block in registers stops being possible and the fused kernels recompute logits per D slice.
-    """
-    choice = os.environ.get("BIOCLIP_FAST_BWD", "auto").strip().lower()
-    if choice not in ("auto", "fused", "gemm"):
-        raise ValueError(f"BIOCLIP_FAST_BWD must be auto, fused or gemm, got {choice!r}")
-    if choice != "auto":
-        return choice
-    return "gemm" if (device.type == "cuda" and not interpreting() and D > 256) else "fused"
-
-
-def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int):
-    """(dq, dk, dscale_sum, dbias_sum) by the strategy ``bwd_strategy`` picks."""
-    if bwd_strategy(q.shape[1], q.device) == "gemm":
-        return pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode)
+def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
+                      need_q: bool = True, need_k: bool = True):
+    """(dq, dk, dscale_sum, dbias_sum) by the strategy ``bwd_plan`` picks; a gradient not needed is None and
+    its product is skipped (the dQ kernel still runs for the scalar gradients)."""
+    Bq, D = q.shape
+    Bk = k.shape[0]
+    strategy, chunk = bwd_plan(Bq, Bk, D, q.element_size(), q.device.type)
+    cen = positive_dots(q, k, offset)
+    if strategy == "gemm":
+        return pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode,
+                                 chunk=chunk, cen_r=cen, need_q=need_q, need_k=need_k)
     if mode == MODE_CLIP_SYM:
         lx_q, ly_q, lx_k, ly_k = lse_r, lse_c, lse_c, lse_r
     elif mode == MODE_CLIP_DIR:
@@ -510,10 +626,13 @@ def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
     else:
         lx_q = ly_q = lx_k = ly_k = None
     dq, ds, db = pairwise_bwd(q, k, scale, bias, lx_q, ly_q, grad, offset=offset, inv_n=inv_n, mode=mode,
-                              x_is_rows=True, scalar_grads=True)
-    dk, _, _ = pairwise_bwd(k, q, scale, bias, lx_k, ly_k, grad, offset=offset, inv_n=inv_n, mode=mode,
-                            x_is_rows=False, scalar_grads=False)
-    return dq, dk, ds, db
+                              x_is_rows=True, scalar_grads=True, cen_x=cen,
+                              cen_y=cen if mode == MODE_CLIP_SYM else None)
+    dk = None
+    if need_k:
+        dk, _, _ = pairwise_bwd(k, q, scale, bias, lx_k, ly_k, grad, offset=offset, inv_n=inv_n, mode=mode,
+                                x_is_rows=False, scalar_grads=False)
+    return (dq if need_q else None), dk, ds, db
 
 
 # ----------------------------------------------------------------------------------------------------------------

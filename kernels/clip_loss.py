@@ -34,6 +34,7 @@ import triton.language as tl
 from bioclip_fast.kernels._pairwise import (
     INTERPRET_FWD_CONFIG,
     MODE_CLIP_DIR,
+    _load_rows,
     MODE_CLIP_SYM,
     check_features,
     check_scalar,
@@ -48,7 +49,6 @@ from bioclip_fast.kernels._pairwise import (
     reduce_lse,
     size_bucket,
     target_programs,
-    tile_dot,
 )
 
 __all__ = ["clip_sym_fwd", "clip_sym_bwd", "clip_dir_fwd", "clip_dir_bwd", "flops"]
@@ -85,62 +85,74 @@ def _clip_fwd_kernel(
         bias = 0.0
     bias2 = bias * 1.4426950408889634
 
+    NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     for rb in range(rb_start, rb_end):
         offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < Bq
-        if D <= BLOCK_D:
-            q_tile = tl.load(Q + offs_m.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
-                             mask=mask_m[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
+        if NUM_D == 1:
+            q_tile = _load_rows(Q, offs_m, mask_m, 0, D, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         tgt = offs_m + offset  # column of each row's positive
-        for cb in range(cb_start, cb_end):
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # One flat loop over (column block, D chunk): the software pipeline prefetches the next column block's
+        # first chunks while this block's epilogue runs (two nested loops would drain the pipeline per block).
+        for it in range(0, (cb_end - cb_start) * NUM_D):
+            cb = cb_start + it // NUM_D
+            kd = it % NUM_D
             n0 = cb * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < Bk
-            if D <= BLOCK_D:
-                k_tile = tl.load(K + offs_n.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
-                                 mask=mask_n[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
-                t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
+            k_chunk = _load_rows(K, offs_n, mask_n, kd * BLOCK_D, D, BLOCK_D)
+            if NUM_D == 1:
+                acc = mma(q_tile, tl.trans(k_chunk), acc, PREC)
             else:
-                t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
-            s2 = t * scale2 + bias2
+                q_chunk = _load_rows(Q, offs_m, mask_m, kd * BLOCK_D, D, BLOCK_D)
+                acc = mma(q_chunk, tl.trans(k_chunk), acc, PREC)
+            if kd == NUM_D - 1:
+                t = acc
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                s2 = t * scale2 + bias2
 
-            # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
-            if (rb * BLOCK_M + offset < n0 + BLOCK_N) and (rb * BLOCK_M + BLOCK_M + offset > n0):
-                pos = tl.sum(tl.where(offs_n[None, :] == tgt[:, None], t, 0.0), 1) * scale + bias
-                hit = mask_m & (tgt >= n0) & (tgt < n0 + BLOCK_N) & (tgt < Bk)
-                tl.store(POS + offs_m, pos, mask=hit)
+                # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
+                if (rb * BLOCK_M + offset < n0 + BLOCK_N) and (rb * BLOCK_M + BLOCK_M + offset > n0):
+                    pos = tl.sum(tl.where(offs_n[None, :] == tgt[:, None], t, 0.0), 1) * scale + bias
+                    hit = mask_m & (tgt >= n0) & (tgt < n0 + BLOCK_N) & (tgt < Bk)
+                    tl.store(POS + offs_m, pos, mask=hit)
 
-            # Online row log-sum-exp (padding columns -> -inf; each tile has at least one real column).
-            s_row = tl.where(mask_n[None, :], s2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_row, 1))
-            p = tl.exp2(s_row - m_new[:, None])
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
-            m_i = m_new
+                # Online row log-sum-exp (padding columns -> -inf; each tile has at least one real column).
+                # Exponentials are taken against each row's own maximum in this tile (mt), not the running one:
+                # every row of p then has a 1, so the column sums below stay far from underflow even when a
+                # row's running maximum (e.g. its positive at logit scale 100) sits far above this tile.
+                s_row = tl.where(mask_n[None, :], s2, float("-inf"))
+                mt = tl.max(s_row, 1)
+                m_new = tl.maximum(m_i, mt)
+                p = tl.exp2(s_row - mt[:, None])
+                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1) * tl.exp2(mt - m_new)
+                m_i = m_new
 
-            if COL_STATS:
-                # Column sums from the row exponentials: exp2(s - r) = p * exp2(m_new - r), r = max(m_new) >= every
-                # logit of the tile, so no second exp2 per logit. Exact to fp32 precision while each column's sum
-                # is >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
-                r = tl.max(tl.where(mask_m, m_new, float("-inf")), 0)
-                w = tl.where(mask_m, tl.exp2(m_new - r), 0.0)
-                c_l = tl.sum(p * w[:, None], 0)
-                if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:
-                    c_m = tl.zeros([BLOCK_N], dtype=tl.float32) + r
-                else:
-                    s_col = tl.where(mask_m[:, None], s2, float("-inf"))
-                    c_m = tl.max(s_col, 0)
-                    c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
-                cptr = pid_g.to(tl.int64) * Bk + offs_n
-                # The previous row block's store of this slice may come from other threads of this program.
-                tl.debug_barrier()
-                o_m = tl.load(COL_M + cptr, mask=mask_n, other=float("-inf"))
-                o_l = tl.load(COL_L + cptr, mask=mask_n, other=0.0)
-                n_m = tl.maximum(o_m, c_m)
-                n_l = o_l * tl.exp2(o_m - n_m) + c_l * tl.exp2(c_m - n_m)
-                tl.store(COL_M + cptr, n_m, mask=mask_n)
-                tl.store(COL_L + cptr, n_l, mask=mask_n)
+                if COL_STATS:
+                    # Column sums from the row exponentials: exp2(s - r) = p * exp2(mt - r), r = the tile's largest
+                    # logit, so no second exp2 per logit. Exact to fp32 precision while each column's sum is
+                    # >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
+                    r = tl.max(tl.where(mask_m, mt, float("-inf")), 0)
+                    w = tl.where(mask_m, tl.exp2(mt - r), 0.0)
+                    c_l = tl.sum(p * w[:, None], 0)
+                    if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:
+                        c_m = tl.zeros([BLOCK_N], dtype=tl.float32) + r
+                    else:
+                        s_col = tl.where(mask_m[:, None], s2, float("-inf"))
+                        c_m = tl.max(s_col, 0)
+                        c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
+                    cptr = pid_g.to(tl.int64) * Bk + offs_n
+                    # The previous row block's store of this slice may come from other threads of this program.
+                    tl.debug_barrier()
+                    o_m = tl.load(COL_M + cptr, mask=mask_n, other=float("-inf"))
+                    o_l = tl.load(COL_L + cptr, mask=mask_n, other=0.0)
+                    n_m = tl.maximum(o_m, c_m)
+                    n_l = o_l * tl.exp2(o_m - n_m) + c_l * tl.exp2(c_m - n_m)
+                    tl.store(COL_M + cptr, n_m, mask=mask_n)
+                    tl.store(COL_L + cptr, n_l, mask=mask_n)
 
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         tl.store(ROW_PART + pid_h.to(tl.int64) * Bq + offs_m, lse, mask=mask_m)
@@ -228,7 +240,7 @@ def clip_sym_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     return loss, lse_row, lse_col
 
 
-def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss):
+def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, need_q: bool = True, need_k: bool = True):
     """Gradients of ``clip_sym_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)``.
 
     ``G = (0.5 * (P_row + P_col) - I) / B * grad_loss`` with ``P_row = exp(S - lse_row)``, ``P_col = exp(S -
@@ -242,7 +254,7 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss):
     lse_col = check_vector(lse_col, "lse_col", B, q.device)
     g = _grad_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse_row, lse_col, g, offset=0, inv_n=1.0 / B,
-                                       mode=MODE_CLIP_SYM)
+                                       mode=MODE_CLIP_SYM, need_q=need_q, need_k=need_k)
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 
@@ -265,7 +277,7 @@ def clip_dir_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     return (lse - pos).mean(), lse
 
 
-def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss):
+def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, need_q: bool = True, need_k: bool = True):
     """Gradients of ``clip_dir_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)`` with ``G = (P - onehot) / Bq *
     grad_loss``."""
     q, k, scale32, bias32 = _prep(q, k, scale, bias)
@@ -274,7 +286,7 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss):
     lse = check_vector(lse, "lse", Bq, q.device)
     g = _grad_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse, None, g, offset=offset, inv_n=1.0 / Bq,
-                                       mode=MODE_CLIP_DIR)
+                                       mode=MODE_CLIP_DIR, need_q=need_q, need_k=need_k)
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 
