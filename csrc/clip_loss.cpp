@@ -178,22 +178,27 @@ py::tuple clip_sym_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D,
     std::vector<float> dq_acc, dk_acc;
     // G / coef = softmax over the row + softmax over the column - 2*delta (both directions' positives); the row
     // softmax is centred on the row's positive dot, the column softmax on the column's (see grad_tile).
-    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count) {
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count, float* rs, float* cs) {
       return grad_tile(
           i0, mb, j0, nb, tile, ld, 0, 2.f, c, false, count,
           [&](i64 r, i64 j, V dot) {
             const V S = aff(dot);
             const V pr = vexp(S - V::set1(lse_row[i0 + r])), pc = vexp(S - V::load(lse_col + j0 + j));
-            return GV{pr + pc, pr * (dot - V::set1(c[i0 + r])) + pc * (dot - V::load(c + j0 + j))};
+            return GV{pr + pc, pr * (dot - V::set1(c[i0 + r])) + pc * (dot - V::load(c + j0 + j)), pr, pc};
           },
           [&](i64 r, i64 j, float dot) {
             const float S = aff(dot);
             const float pr = sexp(S - lse_row[i0 + r]), pc = sexp(S - lse_col[j0 + j]);
-            return GS{pr + pc, pr * (dot - c[i0 + r]) + pc * (dot - c[j0 + j])};
-          });
+            return GS{pr + pc, pr * (dot - c[i0 + r]) + pc * (dot - c[j0 + j]), pr, pc};
+          },
+          rs, cs);
     };
     double sum_gdot = 0, sum_g = 0;
-    backward_sweep(q, k, B, B, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k);
+    std::vector<float> row_sum, col_sum;
+    backward_sweep(q, k, B, B, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k,
+                   need_q ? &row_sum : nullptr, need_k ? &col_sum : nullptr);
+    if (need_q) renormalize(dq_acc, row_sum, k, B, B, D, 0, false, 1.f, nthreads);
+    if (need_k) renormalize(dk_acc, col_sum, q, B, B, D, 0, false, 1.f, nthreads);
     const double coef = 0.5 * grad / (double)B;
     write_grads(dq_acc, dk_acc, B, B, D, (float)(coef * scale), dq, dk, nthreads);
     ds = coef * sum_gdot;
@@ -239,19 +244,23 @@ py::tuple clip_dir_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 B
     const float* c = cen.data();
     std::vector<float> dq_acc, dk_acc;
     double sum_gdot = 0, sum_g = 0;
-    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count) {
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count, float* rs, float*) {
       return grad_tile(
           i0, mb, j0, nb, tile, ld, offset, 1.f, c, false, count,
           [&](i64 r, i64, V dot) {
             const V p = vexp(aff(dot) - V::set1(lse[i0 + r]));
-            return GV{p, p * (dot - V::set1(c[i0 + r]))};
+            return GV{p, p * (dot - V::set1(c[i0 + r])), p, V::zero()};
           },
           [&](i64 r, i64, float dot) {
             const float p = sexp(aff(dot) - lse[i0 + r]);
-            return GS{p, p * (dot - c[i0 + r])};
-          });
+            return GS{p, p * (dot - c[i0 + r]), p, 0.f};
+          },
+          rs, nullptr);
     };
-    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k);
+    std::vector<float> row_sum;
+    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k,
+                   need_q ? &row_sum : nullptr, nullptr);
+    if (need_q) renormalize(dq_acc, row_sum, k, Bq, Bk, D, offset, true, 1.f, nthreads);
     const double coef = grad / (double)Bq;
     write_grads(dq_acc, dk_acc, Bq, Bk, D, (float)(coef * scale), dq, dk, nthreads);
     ds = coef * sum_gdot;

@@ -303,7 +303,8 @@ inline i64 partial_budget_bytes() {
 template <class Epi>
 inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D, int nthreads, Epi epi,
                            std::vector<float>& dq_acc, std::vector<float>& dk_acc, double& sum_gdot,
-                           double& sum_g, bool need_q = true, bool need_k = true) {
+                           double& sum_g, bool need_q = true, bool need_k = true,
+                           std::vector<float>* row_sum = nullptr, std::vector<float>* col_sum = nullptr) {
   const i64 Dp = round_up(D, NR), npd = Dp / NR;
   const Tiles t = choose_tiles(D);
   const std::vector<float> kt = pack_panels(k, Bk, D, nthreads);
@@ -315,6 +316,11 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
   const i64 part_bytes = Bk * Dp * (i64)sizeof(float);
   const bool one_pass = !need_k || nthreads == 1 || (i64)(nthreads - 1) * part_bytes <= partial_budget_bytes();
   std::vector<std::vector<float>> dk_part((size_t)(one_pass && need_k ? std::max(0, nthreads - 1) : 0));
+  // Row sums (renormalization) are owned by pass 1's row blocks. Column sums: per-thread vectors in one-pass mode
+  // (O(threads * Bk) floats, far below the dK partials that mode already pays for), owned by pass 2 otherwise.
+  if (row_sum) row_sum->assign((size_t)Bq, 0.f);
+  if (col_sum) col_sum->assign((size_t)Bk, 0.f);
+  std::vector<std::vector<float>> cs_part((size_t)(col_sum && one_pass ? std::max(0, nthreads - 1) : 0));
   double tot_gdot = 0, tot_g = 0;
 #pragma omp parallel num_threads(nthreads) reduction(+ : tot_gdot, tot_g)
   {
@@ -327,6 +333,15 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
         dk_mine = dk_part[tid - 1].data();
       }
     }
+    float* rs = row_sum ? row_sum->data() : nullptr;
+    float* cs1 = nullptr;  // pass 1's column sums (one-pass mode only)
+    if (col_sum && one_pass) {
+      cs1 = col_sum->data();
+      if (tid > 0) {
+        cs_part[tid - 1].assign((size_t)Bk, 0.f);
+        cs1 = cs_part[tid - 1].data();
+      }
+    }
     std::vector<float> tile((size_t)(t.MB * t.NB));
     // Pass 1 (the only pass in one-pass mode): row blocks, dQ owned, sums counted.
 #pragma omp for schedule(dynamic, 1)
@@ -336,7 +351,7 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
         const i64 nb = std::min(t.NB, Bk - j0);
         gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
                     tile.data(), t.NB, false);
-        const std::pair<double, double> sums = epi(i0, mb, j0, nb, tile.data(), t.NB, true);
+        const std::pair<double, double> sums = epi(i0, mb, j0, nb, tile.data(), t.NB, true, rs, cs1);
         tot_gdot += sums.first;
         tot_g += sums.second;
         // dQ[i0:i0+mb] += G[mb x nb] K[j0:j0+nb]
@@ -359,7 +374,7 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
           const i64 mb = std::min(t.MB, Bq - i0);
           gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
                       tile.data(), t.NB, false);
-          epi(i0, mb, j0, nb, tile.data(), t.NB, false);
+          epi(i0, mb, j0, nb, tile.data(), t.NB, false, nullptr, col_sum ? col_sum->data() : nullptr);
           gemm_panels(nb, npd, tile.data(), 1, t.NB, qpp.data() + i0 * NR, NR, Bq * NR, mb,
                       dk_acc.data() + j0 * Dp, Dp, true);
         }
@@ -377,6 +392,10 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
         for (i64 d = 0; d < Dp; ++d) dst[d] += src[d];
       }
   }
+  if (col_sum && one_pass)
+    for (const auto& part : cs_part)
+      if (!part.empty())
+        for (i64 j = 0; j < Bk; ++j) (*col_sum)[j] += part[j];
   sum_gdot = tot_gdot;
   sum_g = tot_g;
 }
@@ -384,10 +403,10 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
 // One gradient entry from its epilogue: g (what the products use) and gc, its centred contribution to the
 // dscale sum (see grad_tile).
 struct GV {
-  V g, gc;
+  V g, gc, ra, ca;  // ra / ca: summed per row / per column into row_sum / col_sum (renormalization)
 };
 struct GS {
-  float g, gc;
+  float g, gc, ra, ca;
 };
 
 // Backward epilogue of one tile: replace the dot products by G = g(S) - delta*[j == i + offset] in place (the
@@ -402,28 +421,33 @@ struct GS {
 template <class GVF, class GSF>
 inline std::pair<double, double> grad_tile(i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, i64 offset,
                                            float delta, const float* centre, bool row_centre, bool count, GVF gv,
-                                           GSF gs) {
+                                           GSF gs, float* row_sum = nullptr, float* col_sum = nullptr) {
   double sum_gdot = 0, sum_g = 0;
   for (i64 r = 0; r < mb; ++r) {
     float* d = tile + r * ld;
     const i64 jp = i0 + r + offset - j0;
     const bool has_pos = jp >= 0 && jp < nb;
     const float dot_pos = has_pos ? d[jp] : 0.f;
-    V a = V::zero(), b = V::zero();
-    float at = 0, bt = 0;
+    V a = V::zero(), b = V::zero(), ra = V::zero();
+    float at = 0, bt = 0, rt = 0;
     i64 j = 0;
     for (; j + 8 <= nb; j += 8) {
       const GV e = gv(r, j, V::load(d + j));
       a = a + e.gc;
       b = b + e.g;
+      ra = ra + e.ra;
+      if (col_sum) (V::load(col_sum + j0 + j) + e.ca).store(col_sum + j0 + j);
       e.g.store(d + j);
     }
     for (; j < nb; ++j) {
       const GS e = gs(r, j, d[j]);
       at += e.gc;
       bt += e.g;
+      rt += e.ra;
+      if (col_sum) col_sum[j0 + j] += e.ca;
       d[j] = e.g;
     }
+    if (row_sum) row_sum[i0 + r] += hsum(ra) + rt;
     if (!count) {
       if (has_pos) d[jp] -= delta;
       continue;
@@ -450,6 +474,27 @@ inline std::vector<float> positive_dots(const float* q, const float* k, i64 Bq, 
   for (i64 i = 0; i < Bq; ++i)
     if (i + offset >= 0 && i + offset < Bk) c[i] = (float)dot_d(q + i * D, k + (i + offset) * D, D);
   return c;
+}
+
+// Renormalization of the owned softmax after the sweep (the stored LSE is rounded: fp32 at |lse| ~ 100 is off by
+// up to 4e-6 relative, the same for a whole row, and near-duplicate columns amplify that systematic error in G K).
+// exact: acc_i = (acc_i + y_pos) / s_i - y_pos (one-direction rows: acc holds P Y - y_pos);
+// first order (symmetric): acc_i += w * (1/s_i - 1) * y_pos, exact when the softmax-weighted mean of Y is y_pos.
+inline void renormalize(std::vector<float>& acc, const std::vector<float>& sums, const float* y, i64 n, i64 ny, i64 D,
+                        i64 offset, bool exact, float w, int nthreads) {
+  const i64 Dp = round_up(D, NR);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (i64 i = 0; i < n; ++i) {
+    const i64 p = i + offset;
+    if (p < 0 || p >= ny || !(sums[i] > 0.f)) continue;
+    const float* yp = y + p * D;
+    float* a = acc.data() + i * Dp;
+    const float inv = 1.f / sums[i];
+    if (exact)
+      for (i64 d = 0; d < D; ++d) a[d] = (a[d] + yp[d]) * inv - yp[d];
+    else
+      for (i64 d = 0; d < D; ++d) a[d] += w * (inv - 1.f) * yp[d];
+  }
 }
 
 // Final pass of every backward: dq = cs * dq_acc, dk = cs * dk_acc (dropping the D padding).

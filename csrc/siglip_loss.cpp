@@ -67,16 +67,16 @@ py::tuple siglip_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk,
     std::vector<float> dq_acc, dk_acc;
     double sum_gdot = 0, sum_g = 0;
     // dscale = sum_i [sum_j G_ij (dot_ij - c_i) + c_i sum_j G_ij] (row_centre = true), c_i the positive's dot.
-    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count) {
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count, float*, float*) {
       return grad_tile(
           i0, mb, j0, nb, tile, ld, offset, 1.f, c, true, count,
           [&](i64 r, i64, V dot) {
             const V g = sigmoid_v(aff(dot));
-            return GV{g, g * (dot - V::set1(c[i0 + r]))};
+            return GV{g, g * (dot - V::set1(c[i0 + r])), V::zero(), V::zero()};
           },
           [&](i64 r, i64, float dot) {
             const float g = sigmoid_s(aff(dot));
-            return GS{g, g * (dot - c[i0 + r])};
+            return GS{g, g * (dot - c[i0 + r]), 0.f, 0.f};
           });
     };
     backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k);

@@ -189,25 +189,35 @@ def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.
 
 
 @triton.jit
-def sym_probs(s2, la2, lb2):
-    """``(exp2(s2 - la2[:, None]), exp2(s2 - lb2[None, :]))`` (log2 units) with one exp2 per element.
+def row_probs(t, scale, nl):
+    """``exp(scale * t + nl)`` with ``nl = bias - lse`` broadcast by the caller: the sum is formed in natural units
+    by one FMA whose result is small (|S - lse| ~ a few), so it is rounded at that magnitude, not at |S| ~ 100
+    (fp32 ulp 8e-6) as ``exp2(s2 - lse2)`` would be; then scaled to log2 units for exp2."""
+    return tl.exp2(tl.minimum(t * scale + nl, 0.0) * 1.4426950408889634)
 
-    ``exp2(s - lb_j) = exp2(s - la_i) * exp2(la_i - c) * exp2(c - lb_j)`` with c = max(la): two vector exp2s
-    instead of a second tile of them (the epilogue is MUFU-bound). Exact to fp32 precision when the tile's LSEs
-    are within 2^60 of each other (no factor over/underflows, and an underflowed first term implies a second
-    term below 2^-66); otherwise the tile takes the direct two-exp2 path. The two directions are returned
+
+@triton.jit
+def sym_probs(t, scale, bias, la, lb):
+    """``(exp(S - la[:, None]), exp(S - lb[None, :]))``, S = scale * t + bias, la/lb natural-log LSEs, with one
+    exp2 per element.
+
+    ``exp(S - lb_j) = exp(S - la_i) * exp2(la2_i - c) * exp2(c - lb2_j)`` with c = max(la2) (log2 units): two
+    vector exp2s instead of a second tile of them (the epilogue is MUFU-bound). Exact to fp32 precision when the
+    tile's LSEs are within 2^60 of each other (no factor over/underflows, and an underflowed first term implies a
+    second term below 2^-66); otherwise the tile takes the direct two-exp2 path. The two directions are returned
     separately so the scale gradient can centre each on its own positive (see ``_pairwise_bwd_kernel``).
     """
-    c = tl.max(la2, 0)
-    if (c - tl.min(la2, 0) <= 60.0) and (c - tl.min(lb2, 0) <= 60.0):
-        a = tl.exp2(la2 - c)
-        b = tl.exp2(c - lb2)
-        pr = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0))
+    c = tl.max(la, 0)
+    pr = row_probs(t, scale, (bias - la)[:, None])
+    # 41.6 = 60 * ln 2. The differences are taken in natural units before scaling: la*log2(e) rounded at |la| ~ 100
+    # would put a systematic error of ~5e-6 into a whole row / column of probabilities.
+    if (c - tl.min(la, 0) <= 41.58883083359672) and (c - tl.min(lb, 0) <= 41.58883083359672):
+        a = tl.exp2((la - c) * 1.4426950408889634)
+        b = tl.exp2((c - lb) * 1.4426950408889634)
         pc = pr * (a[:, None] * b[None, :])
     else:
         # min(., 0): s <= lse for every real entry; padding rows/columns (masked later) must not overflow.
-        pr = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0))
-        pc = tl.exp2(tl.minimum(s2 - lb2[None, :], 0.0))
+        pc = row_probs(t, scale, (bias - lb)[None, :])
     return pr, pc
 
 
@@ -223,6 +233,19 @@ def _store_slice(DX, acc, offs_x, mask_x, d0, factor, D: tl.constexpr, BLOCK_DO:
     offs_d = d0 + tl.arange(0, BLOCK_DO)
     ptrs = DX + offs_x.to(tl.int64)[:, None] * D + offs_d[None, :]
     tl.store(ptrs, (acc * factor).to(DX.dtype.element_ty), mask=mask_x[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _recentre_slice(acc, corr, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    ypos = _load_rows(Y, offs_pos, mask_x, d0, D, BLOCK_DO).to(tl.float32)
+    return acc + corr[:, None] * ypos
+
+
+@triton.jit
+def _normalize_slice(acc, inv_rs, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """acc / rowsum - Y[positive rows]: the row softmax renormalized, then its -onehot (see RENORM)."""
+    ypos = _load_rows(Y, offs_pos, mask_x, d0, D, BLOCK_DO).to(tl.float32)
+    return acc * inv_rs[:, None] - ypos
 
 
 @triton.jit
@@ -264,13 +287,26 @@ def _pairwise_bwd_kernel(
         cx = tl.load(CEN_X + offs_x, mask=mask_x, other=0.0)
 
     # Log-sum-exp of X's rows, in log2 units (row LSE when X holds rows; column LSE for the symmetric loss).
+    if HAS_BIAS:
+        bias = tl.load(BIAS).to(tl.float32)
+    else:
+        bias = 0.0
     if MODE == 0:
-        lx2 = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0) * 1.4426950408889634
+        lx = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0)
     elif MODE == 1:
         if X_IS_ROWS:
-            lx2 = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0) * 1.4426950408889634
+            lx = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0)
 
     SINGLE_D: tl.constexpr = D <= BLOCK_D
+    # One-direction rows (the multi-GPU local loss's dQ): accumulate P @ Y without the -onehot and the row sums of P,
+    # then dX = (P @ Y) / rowsum - Y[positive]. The row softmax then sums to 1 to rounding whatever the rounding of
+    # the stored LSE (fp32 at |lse| ~ 100 is off by up to 4e-6 relative, the same for the whole row); on
+    # near-duplicate columns (Y rows ~ one vector) that systematic error is amplified by the cancellation in G @ Y.
+    RENORM: tl.constexpr = (MODE == 1) and X_IS_ROWS
+    # Symmetric loss: the owned direction's softmax (pa) gets the first-order version of the same correction,
+    # dX += 0.5 * (1/rowsum - 1) * Y[positive]: exact when the softmax-weighted mean of Y is its positive (the
+    # near-duplicate case, where the error matters), never larger than the error it corrects otherwise.
+    RECENTRE: tl.constexpr = MODE == 0
     REUSE_Y: tl.constexpr = SINGLE_D and (BLOCK_DO == BLOCK_D) and (NUM_ACC == 1)
     if SINGLE_D:
         x_tile = _load_rows(X, offs_x, mask_x, 0, D, BLOCK_D)
@@ -282,6 +318,8 @@ def _pairwise_bwd_kernel(
     acc3 = tl.zeros([BLOCK_X, BLOCK_DO], dtype=tl.float32)
     ds_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
+    rs_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
+    tp_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
 
     for y0 in range(0, By, BLOCK_Y):
         offs_y = y0 + tl.arange(0, BLOCK_Y)
@@ -301,9 +339,10 @@ def _pairwise_bwd_kernel(
 
         valid = mask_x[:, None] & mask_y[None, :]
         if MODE == 0:
-            ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
-            pa, pb = sym_probs(s2, lx2, ly2)
+            ly = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0)
+            pa, pb = sym_probs(t, scale, bias, lx, ly)
             g = 0.5 * (pa + pb) - onehot
+            rs_acc += tl.sum(tl.where(valid, pa, 0.0), 1)
             if SCALAR_GRADS:  # X rows: pa is the row softmax (centre c_i), pb the column softmax (centre c_j)
                 cy = tl.load(CEN_Y + offs_y, mask=mask_y, other=0.0)
                 u = t - cx[:, None]
@@ -311,10 +350,11 @@ def _pairwise_bwd_kernel(
                 ds_acc += tl.sum(tl.where(valid, (pa - onehot) * u + (pb - onehot) * v, 0.0), 1) * 0.5
         elif MODE == 1:
             if X_IS_ROWS:
-                g = tl.exp2(tl.minimum(s2 - lx2[:, None], 0.0)) - onehot
+                g = row_probs(t, scale, (bias - lx)[:, None])  # the -onehot is applied after renormalizing
+                rs_acc += tl.sum(tl.where(valid, g, 0.0), 1)
             else:
-                ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
-                g = tl.exp2(tl.minimum(s2 - ly2[None, :], 0.0)) - onehot
+                ly = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0)
+                g = row_probs(t, scale, (bias - ly)[None, :]) - onehot
         else:
             # d/dS of -logsigmoid(z*S) = -z * sigmoid(-z*S): sigmoid(S) on negatives, -sigmoid(-S) on positives.
             # Clamp so exp2 stays finite (2^126 -> sigmoid ~1e-38, i.e. 0 to fp32 working precision).
@@ -325,6 +365,8 @@ def _pairwise_bwd_kernel(
         if SCALAR_GRADS:
             if MODE != 0:
                 ds_acc += tl.sum(g * (t - cx[:, None]), 1)
+            if RENORM:
+                tp_acc += tl.sum(tl.where(is_pos & valid, t - cx[:, None], 0.0), 1)
             if MODE == 2:
                 db_acc += tl.sum(g, 1)
 
@@ -341,6 +383,31 @@ def _pairwise_bwd_kernel(
                 acc3 = _acc_slice(acc3, gq, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC)
 
     factor = scale * coef / GSCALE
+    if RENORM:
+        inv_rs = 1.0 / (tl.where(mask_x, rs_acc, 1.0) * GSCALE)
+        offs_pos = offs_x + offset
+        acc0 = _normalize_slice(acc0, inv_rs, Y, offs_pos, mask_x, d_base, D, BLOCK_DO) * GSCALE
+        if NUM_ACC > 1:
+            acc1 = _normalize_slice(acc1, inv_rs, Y, offs_pos, mask_x, d_base + BLOCK_DO, D, BLOCK_DO) * GSCALE
+        if NUM_ACC > 2:
+            acc2 = _normalize_slice(acc2, inv_rs, Y, offs_pos, mask_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO) * GSCALE
+        if NUM_ACC > 3:
+            acc3 = _normalize_slice(acc3, inv_rs, Y, offs_pos, mask_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO) * GSCALE
+        if SCALAR_GRADS:
+            ds_acc = ds_acc / tl.where(mask_x, rs_acc, 1.0) - tp_acc
+    if RECENTRE:
+        corr = tl.where(mask_x, 0.5 * GSCALE * (1.0 / tl.where(mask_x, rs_acc, 1.0) - 1.0), 0.0)
+        if X_IS_ROWS:
+            offs_pos = offs_x + offset
+        else:
+            offs_pos = offs_x - offset
+        acc0 = _recentre_slice(acc0, corr, Y, offs_pos, mask_x, d_base, D, BLOCK_DO)
+        if NUM_ACC > 1:
+            acc1 = _recentre_slice(acc1, corr, Y, offs_pos, mask_x, d_base + BLOCK_DO, D, BLOCK_DO)
+        if NUM_ACC > 2:
+            acc2 = _recentre_slice(acc2, corr, Y, offs_pos, mask_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO)
+        if NUM_ACC > 3:
+            acc3 = _recentre_slice(acc3, corr, Y, offs_pos, mask_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO)
     _store_slice(DX, acc0, offs_x, mask_x, d_base, factor, D, BLOCK_DO)
     if NUM_ACC > 1:
         _store_slice(DX, acc1, offs_x, mask_x, d_base + BLOCK_DO, factor, D, BLOCK_DO)
@@ -457,16 +524,21 @@ def _grad_tile_kernel(
         ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1) + cr * rows, 0)
         db = tl.sum(rows, 0)
     else:
-        lr2 = tl.load(LSE_R + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        scale = tl.load(SCALE).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS).to(tl.float32)
+        else:
+            bias = 0.0
+        lr = tl.load(LSE_R + offs_m, mask=mask_m, other=0.0)
         if MODE == 0:
-            lc2 = tl.load(LSE_C + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
-            pa, pb = sym_probs(s2, lr2, lc2)
+            lc = tl.load(LSE_C + offs_n, mask=mask_n, other=0.0)
+            pa, pb = sym_probs(t, scale, bias, lr, lc)
             g = tl.where(valid, 0.5 * (pa + pb) - onehot, 0.0)
             cc = tl.load(CEN_C + offs_n, mask=mask_n, other=0.0)
             ds = tl.sum(tl.sum(tl.where(valid, (pa - onehot) * (t - cr[:, None]) + (pb - onehot) * (t - cc[None, :]),
                                         0.0), 1), 0) * 0.5
         else:
-            g = tl.where(valid, tl.exp2(tl.minimum(s2 - lr2[:, None], 0.0)) - onehot, 0.0)
+            g = tl.where(valid, row_probs(t, scale, (bias - lr)[:, None]) - onehot, 0.0)
             ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1), 0)
         db = 0.0  # CLIP: sum G = 0 exactly (a logit shift changes neither softmax)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]
@@ -688,11 +760,11 @@ def check_vector(t: torch.Tensor, name: str, n: int, device: torch.device) -> to
     return t.detach().to(torch.float32).contiguous()
 
 
-def reduce_lse(part: torch.Tensor) -> torch.Tensor:
-    """Combine per-split natural-log LSE partials [S, N] into the final [N] vector."""
-    if part.shape[0] == 1:
-        return part[0].clone()
-    return torch.logsumexp(part, dim=0)
+def reduce_lse(m2: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Combine per-split (max in log2 units, sum of exp2 below it) partials [S, N] into the natural-log LSE [N],
+    in float64 (O(S*N), a few MB at most) so the fp32 result is rounded once."""
+    part = m2.double() * LN2 + torch.log(l.double())
+    return torch.logsumexp(part, dim=0).to(torch.float32)
 
 
 def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:

@@ -154,8 +154,11 @@ def _clip_fwd_kernel(
                     tl.store(COL_M + cptr, n_m, mask=mask_n)
                     tl.store(COL_L + cptr, n_l, mask=mask_n)
 
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(ROW_PART + pid_h.to(tl.int64) * Bq + offs_m, lse, mask=mask_m)
+        # (max, sum) partials, combined in float64 on the host side: the LSE is rounded once, at the end (a
+        # rounded fp32 LSE at |lse| ~ 100 is a systematic per-row error in every backward probability).
+        rptr = pid_h.to(tl.int64) * Bq + offs_m
+        tl.store(ROW_PART + rptr, m_i, mask=mask_m)
+        tl.store(ROW_PART + n_splits.to(tl.int64) * Bq + rptr, l_i, mask=mask_m)
 
 
 _clip_fwd_tuned = triton.autotune(
@@ -181,7 +184,7 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
     Bk = k.shape[0]
     dev = q.device
     G, H = _grid_split(Bq, Bk, _target(dev), col_stats)
-    row_part = torch.empty((H, Bq), device=dev, dtype=torch.float32)
+    row_part = torch.empty((2, H, Bq), device=dev, dtype=torch.float32)
     pos = torch.empty(Bq, device=dev, dtype=torch.float32)
     if col_stats:
         col_m = torch.full((G, Bk), float("-inf"), device=dev, dtype=torch.float32)
@@ -196,10 +199,10 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
         return (G if col_stats else triton.cdiv(Bq, META["BLOCK_M"]), H)
 
     launch(_clip_fwd_kernel, _clip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
-    lse_row = reduce_lse(row_part)
+    lse_row = reduce_lse(row_part[0], row_part[1])
     lse_col = None
     if col_stats:
-        lse_col = reduce_lse((col_m + torch.log2(col_l)) * _LN2)
+        lse_col = reduce_lse(col_m, col_l)
     return lse_row, lse_col, pos
 
 

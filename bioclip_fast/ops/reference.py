@@ -130,21 +130,28 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, *, chunk: int |
     ds = torch.zeros((), dtype=qf.dtype, device=q.device)
     db = torch.zeros((), dtype=qf.dtype, device=q.device)
     cen = positive_dots(qf, kf, 0)
+    col_sum = torch.zeros(B, dtype=qf.dtype, device=q.device)
+    dk_col = torch.zeros_like(kf) if need_k else None
     for i0 in range(0, B, c):
         qc = qf[i0:i0 + c]
         dot, S = _logits(qc, kt, s, b)
         # softmax over the row + softmax over the column; the ½·g/B factor is applied once at the end.
         Pr = torch.exp(S - lse_row[i0:i0 + c, None])
+        Pr /= Pr.sum(1, keepdim=True)  # exact row softmax whatever the rounding of the stored LSE (see clip_dir_bwd)
         _sub_positives(Pr, i0, 0, B, 1.0)
         Pc = torch.exp(S - lse_col[None, :])
+        col_sum += Pc.sum(0)
+        if need_k:  # the column softmax's part of dk, renormalized exactly once all rows are in (below)
+            dk_col.addmm_(Pc.t(), qc)
         _sub_positives(Pc, i0, 0, B, 1.0)
         # centred dscale: rows of Pr and columns of Pc sum to zero
         ds += (Pr * (dot - cen[i0:i0 + c, None])).sum() + (Pc * (dot - cen[None, :])).sum()
-        P = Pr.add_(Pc)
         if need_q:
-            dq[i0:i0 + c] = P @ kf
+            dq[i0:i0 + c] = (Pr + Pc) @ kf
         if need_k:
-            dk.addmm_(P.t(), qc)
+            dk.addmm_(Pr.t(), qc)
+    if need_k:
+        dk += dk_col / col_sum[:, None] - qf
     coef = 0.5 * g / B
     return _finish_grads(q, k, scale, bias, (coef * s) * dq, (coef * s) * dk, coef * ds, coef * db,
                          need_q, need_k)
@@ -186,6 +193,9 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, *, chunk: int |
         qc = qf[i0:i0 + c]
         dot, S = _logits(qc, kt, s, b)
         P = torch.exp(S - lse[i0:i0 + c, None])
+        # Renormalize each row: the stored LSE is rounded (fp32 at |lse| ~ 100: up to 4e-6 relative, the same for
+        # the whole row), and on near-duplicate columns G @ k amplifies that systematic error.
+        P /= P.sum(1, keepdim=True)
         _sub_positives(P, i0, offset, Bk, 1.0)
         ds += (P * (dot - cen[i0:i0 + c, None])).sum()  # centred: rows of P sum to zero
         if need_q:
