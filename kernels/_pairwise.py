@@ -197,6 +197,16 @@ def row_probs(t, scale, nl):
 
 
 @triton.jit
+def _exp_vec(x):
+    """exp(x) for a per-row / per-column vector, compensating the rounding of x * log2(e): with |x| up to ~40 that
+    rounding alone is a ~2e-6 relative error shared by a whole row or column of probabilities, which near-duplicate
+    batches amplify. Vectors only (BLOCK entries per tile), so the extra FMAs are free next to the tile's exp2s."""
+    xl = x * 1.4426950408889634
+    r = tl.fma(x, 1.4426950408889634, -xl) + x * 1.925963033500011e-08  # exact residual + log2(e)'s low part
+    return tl.exp2(xl) * (1.0 + r * 0.6931471805599453)
+
+
+@triton.jit
 def sym_probs(t, scale, bias, la, lb):
     """``(exp(S - la[:, None]), exp(S - lb[None, :]))``, S = scale * t + bias, la/lb natural-log LSEs, with one
     exp2 per element.
@@ -212,8 +222,8 @@ def sym_probs(t, scale, bias, la, lb):
     # 41.6 = 60 * ln 2. The differences are taken in natural units before scaling: la*log2(e) rounded at |la| ~ 100
     # would put a systematic error of ~5e-6 into a whole row / column of probabilities.
     if (c - tl.min(la, 0) <= 41.58883083359672) and (c - tl.min(lb, 0) <= 41.58883083359672):
-        a = tl.exp2((la - c) * 1.4426950408889634)
-        b = tl.exp2((c - lb) * 1.4426950408889634)
+        a = _exp_vec(la - c)
+        b = _exp_vec(c - lb)
         pc = pr * (a[:, None] * b[None, :])
     else:
         # min(., 0): s <= lse for every real entry; padding rows/columns (masked later) must not overflow.
