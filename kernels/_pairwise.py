@@ -102,7 +102,9 @@ def fwd_configs(D: int) -> list[triton.Config]:
         bd = _d_block(D)
         shapes = ((128, 128, bd, 8, 3), (128, 64, bd, 4, 3), (64, 128, bd, 4, 3), (64, 64, bd, 4, 4))
     else:
-        shapes = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        # First = default (BIOCLIP_FAST_AUTOTUNE=0): the only one without spills at D = 768 in ptxas's report
+        # (the 128-row tiles spill 8-12 B of the column-statistics epilogue; kernels/NOTES.md).
+        shapes = ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
                   (128, 128, 128, 8, 2))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
             for bm, bn, bd, w, st in shapes]
@@ -111,10 +113,9 @@ def fwd_configs(D: int) -> list[triton.Config]:
 def bwd_configs(D: int) -> list[triton.Config]:
     """Backward configs: logits tile recompute, then ``acc[BLOCK_X, NUM_ACC*BLOCK_DO] += G @ Y[:, slice]``.
 
-    For D <= 128 the whole dX row block stays in registers. For wider D three strategies compete:
-    all of D in registers with BLOCK_X = 64 (no recompute; spills a little at D = 768), two D slices with
-    BLOCK_X = 64 (logits recomputed twice, no spills), and 128-row blocks with 128/256-wide slices (the largest
-    MMA tiles, logits recomputed D / BLOCK_DO times).
+    For D <= 128 the whole dX row block stays in registers; up to D = 512 too (64-row blocks). For wider D: two D
+    slices with BLOCK_X = 64 (logits recomputed twice, no spills) and 128-row blocks with 128/256-wide slices
+    (the largest MMA tiles, logits recomputed D / BLOCK_DO times). The first config is the default.
     """
     def cfg(bx, by, bd, bdo, nacc, warps, stages):
         return triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": bd, "BLOCK_DO": bdo, "NUM_ACC": nacc},
@@ -131,9 +132,9 @@ def bwd_configs(D: int) -> list[triton.Config]:
         # 128-row blocks: all of D in registers up to 256, else two 256-wide slices.
         out.append(cfg(128, 64, 64, 128, n128, 8, 2) if D <= 256 else cfg(128, 64, 64, 256, 1, 8, 2))
     else:
-        n256 = triton.cdiv(D, 256)
-        if n256 <= 4:  # D <= 1024: all of D in registers, 64-row blocks
-            out.append(cfg(64, 64, 64, 256, n256, 8, 2))
+        # All of D in registers (64 rows x 768 fp32) spills 600-800 B per thread at 8 and at 16 warps (ptxas,
+        # sm_90a), so it is not offered: two D slices (the logits recomputed twice per kernel) are the widest
+        # spill-free tiling. Where memory allows, bwd_plan takes the GEMM backward instead (one recompute).
         half = triton.cdiv(triton.cdiv(D, 2), 128)
         if half <= 4:  # two slices
             out.append(cfg(64, 64, 64, 128, half, 8, 2))
@@ -143,12 +144,20 @@ def bwd_configs(D: int) -> list[triton.Config]:
     return out
 
 
+def autotune_enabled() -> bool:
+    """``BIOCLIP_FAST_AUTOTUNE=0`` runs the first (default) config of each list without benchmarking the others:
+    for huge B (each autotune trial is a full sweep) or reproducible timing of the defaults."""
+    return os.environ.get("BIOCLIP_FAST_AUTOTUNE", "1").strip() != "0"
+
+
 def prune_fwd(configs, named_args, **kwargs):
-    return fwd_configs(int(named_args["D"]))
+    out = fwd_configs(int(named_args["D"]))
+    return out if autotune_enabled() else out[:1]
 
 
 def prune_bwd(configs, named_args, **kwargs):
-    return bwd_configs(int(named_args["D"]))
+    out = bwd_configs(int(named_args["D"]))
+    return out if autotune_enabled() else out[:1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,7 +455,7 @@ def grad_prescale(dtype: torch.dtype) -> float:
     return 16384.0 if dtype == torch.float16 else 1.0
 
 
-def positive_dots(q: torch.Tensor, k: torch.Tensor, offset: int, rows: int = 8192) -> torch.Tensor:
+def positive_dots(q: torch.Tensor, k: torch.Tensor, offset: int, rows: int = 1024) -> torch.Tensor:
     """Centres of the scale gradient: ``c_i = <q_i, k_{i+offset}>`` (fp32) where row i's positive exists, else 0.
 
     Any centre is exact in exact arithmetic (see ``_pairwise_bwd_kernel``); the positive's dot makes the centred
@@ -567,7 +576,7 @@ _grad_tile_tuned = triton.autotune(
 # Extra device memory the backward may use beyond its inputs and outputs (bytes); the strategy is chosen to fit.
 BWD_MEMORY_BYTES = int(os.environ.get("BIOCLIP_FAST_BWD_MEMORY_MB", "64")) * 2**20
 _MIN_CHUNK = 256  # narrower chunks make skinny GEMMs: below this the GEMM backward is not worth it
-_CENTRE_ROWS = 8192  # positive_dots' chunk
+_CENTRE_ROWS = 1024  # positive_dots' chunk (3 fp32 [rows, D] temporaries: 9 MB at D = 768)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

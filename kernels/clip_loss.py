@@ -94,65 +94,61 @@ def _clip_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         tgt = offs_m + offset  # column of each row's positive
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # One flat loop over (column block, D chunk): the software pipeline prefetches the next column block's
-        # first chunks while this block's epilogue runs (two nested loops would drain the pipeline per block).
-        for it in range(0, (cb_end - cb_start) * NUM_D):
-            cb = cb_start + it // NUM_D
-            kd = it % NUM_D
+        # The (column block, D chunk) nest is flattened by the compiler into one software pipeline
+        # (tl.range(flatten=True)): the next column block's first chunks load while this block's epilogue runs.
+        for cb in tl.range(cb_start, cb_end, flatten=True):
             n0 = cb * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < Bk
-            k_chunk = _load_rows(K, offs_n, mask_n, kd * BLOCK_D, D, BLOCK_D)
             if NUM_D == 1:
-                acc = mma(q_tile, tl.trans(k_chunk), acc, PREC)
+                k_tile = _load_rows(K, offs_n, mask_n, 0, D, BLOCK_D)
+                t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
             else:
-                q_chunk = _load_rows(Q, offs_m, mask_m, kd * BLOCK_D, D, BLOCK_D)
-                acc = mma(q_chunk, tl.trans(k_chunk), acc, PREC)
-            if kd == NUM_D - 1:
-                t = acc
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                s2 = t * scale2 + bias2
+                t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    t = mma(_load_rows(Q, offs_m, mask_m, d0, D, BLOCK_D),
+                            tl.trans(_load_rows(K, offs_n, mask_n, d0, D, BLOCK_D)), t, PREC)
+            s2 = t * scale2 + bias2
 
-                # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
-                if (rb * BLOCK_M + offset < n0 + BLOCK_N) and (rb * BLOCK_M + BLOCK_M + offset > n0):
-                    pos = tl.sum(tl.where(offs_n[None, :] == tgt[:, None], t, 0.0), 1) * scale + bias
-                    hit = mask_m & (tgt >= n0) & (tgt < n0 + BLOCK_N) & (tgt < Bk)
-                    tl.store(POS + offs_m, pos, mask=hit)
+            # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
+            if (rb * BLOCK_M + offset < n0 + BLOCK_N) and (rb * BLOCK_M + BLOCK_M + offset > n0):
+                pos = tl.sum(tl.where(offs_n[None, :] == tgt[:, None], t, 0.0), 1) * scale + bias
+                hit = mask_m & (tgt >= n0) & (tgt < n0 + BLOCK_N) & (tgt < Bk)
+                tl.store(POS + offs_m, pos, mask=hit)
 
-                # Online row log-sum-exp (padding columns -> -inf; each tile has at least one real column).
-                # Exponentials are taken against each row's own maximum in this tile (mt), not the running one:
-                # every row of p then has a 1, so the column sums below stay far from underflow even when a
-                # row's running maximum (e.g. its positive at logit scale 100) sits far above this tile.
-                s_row = tl.where(mask_n[None, :], s2, float("-inf"))
-                mt = tl.max(s_row, 1)
-                m_new = tl.maximum(m_i, mt)
-                p = tl.exp2(s_row - mt[:, None])
-                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1) * tl.exp2(mt - m_new)
-                m_i = m_new
+            # Online row log-sum-exp (padding columns -> -inf; each tile has at least one real column).
+            # Exponentials are taken against each row's own maximum in this tile (mt), not the running one:
+            # every row of p then has a 1, so the column sums below stay far from underflow even when a
+            # row's running maximum (e.g. its positive at logit scale 100) sits far above this tile.
+            s_row = tl.where(mask_n[None, :], s2, float("-inf"))
+            mt = tl.max(s_row, 1)
+            m_new = tl.maximum(m_i, mt)
+            p = tl.exp2(s_row - mt[:, None])
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1) * tl.exp2(mt - m_new)
+            m_i = m_new
 
-                if COL_STATS:
-                    # Column sums from the row exponentials: exp2(s - r) = p * exp2(mt - r), r = the tile's largest
-                    # logit, so no second exp2 per logit. Exact to fp32 precision while each column's sum is
-                    # >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
-                    r = tl.max(tl.where(mask_m, mt, float("-inf")), 0)
-                    w = tl.where(mask_m, tl.exp2(mt - r), 0.0)
-                    c_l = tl.sum(p * w[:, None], 0)
-                    if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:
-                        c_m = tl.zeros([BLOCK_N], dtype=tl.float32) + r
-                    else:
-                        s_col = tl.where(mask_m[:, None], s2, float("-inf"))
-                        c_m = tl.max(s_col, 0)
-                        c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
-                    cptr = pid_g.to(tl.int64) * Bk + offs_n
-                    # The previous row block's store of this slice may come from other threads of this program.
-                    tl.debug_barrier()
-                    o_m = tl.load(COL_M + cptr, mask=mask_n, other=float("-inf"))
-                    o_l = tl.load(COL_L + cptr, mask=mask_n, other=0.0)
-                    n_m = tl.maximum(o_m, c_m)
-                    n_l = o_l * tl.exp2(o_m - n_m) + c_l * tl.exp2(c_m - n_m)
-                    tl.store(COL_M + cptr, n_m, mask=mask_n)
-                    tl.store(COL_L + cptr, n_l, mask=mask_n)
+            if COL_STATS:
+                # Column sums from the row exponentials: exp2(s - r) = p * exp2(mt - r), r = the tile's largest
+                # logit, so no second exp2 per logit. Exact to fp32 precision while each column's sum is
+                # >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
+                r = tl.max(tl.where(mask_m, mt, float("-inf")), 0)
+                w = tl.where(mask_m, tl.exp2(mt - r), 0.0)
+                c_l = tl.sum(p * w[:, None], 0)
+                if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:
+                    c_m = tl.zeros([BLOCK_N], dtype=tl.float32) + r
+                else:
+                    s_col = tl.where(mask_m[:, None], s2, float("-inf"))
+                    c_m = tl.max(s_col, 0)
+                    c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
+                cptr = pid_g.to(tl.int64) * Bk + offs_n
+                # The previous row block's store of this slice may come from other threads of this program.
+                tl.debug_barrier()
+                o_m = tl.load(COL_M + cptr, mask=mask_n, other=float("-inf"))
+                o_l = tl.load(COL_L + cptr, mask=mask_n, other=0.0)
+                n_m = tl.maximum(o_m, c_m)
+                n_l = o_l * tl.exp2(o_m - n_m) + c_l * tl.exp2(c_m - n_m)
+                tl.store(COL_M + cptr, n_m, mask=mask_n)
+                tl.store(COL_L + cptr, n_l, mask=mask_n)
 
         # (max, sum) partials, combined in float64 on the host side: the LSE is rounded once, at the end (a
         # rounded fp32 LSE at |lse| ~ 100 is a systematic per-row error in every backward probability).
