@@ -12,7 +12,8 @@ the grid gets a second axis over D slices and each slice recomputes the logits t
 recompute against register pressure for wide D; see ``bwd_configs``).
 
 For wide D there is a second backward (``pairwise_bwd_gemm``): gradient tiles written to a bounded workspace and
-cuBLAS products; ``bwd_strategy`` picks one (see clip_loss.py's docstring).
+cuBLAS products, each logits tile computed once; ``bwd_plan`` picks one from B, D, the dtype and the memory budget
+(see clip_loss.py's docstring).
 
 Uses only Triton APIs present from 3.0 through 3.8 (run here on 3.8; 3.6 not run): tl.dot(input_precision=),
 tl.debug_barrier, triton.autotune(restore_value=, prune_configs_by={"early_config_prune"}) whose callback is called
@@ -110,6 +111,15 @@ def fwd_configs(D: int) -> list[triton.Config]:
             for bm, bn, bd, w, st in shapes]
 
 
+def grad_configs(D: int) -> list[triton.Config]:
+    """Gradient-tile kernel (GEMM backward): the forward's shapes, but 64 x 64 / 4 warps first (default): its
+    symmetric epilogue holds both softmaxes and the centred scale-gradient terms, and spills at 64 x 128 / 4 warps
+    (468 B) and 128 x 128 / 8 warps (184 B) per ptxas on sm_90a."""
+    bd = _d_block(D) if D <= 128 else 64
+    first = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": bd}, num_warps=4, num_stages=3)
+    return [first] + [c for c in fwd_configs(D) if c.kwargs != first.kwargs or c.num_warps != 4]
+
+
 def bwd_configs(D: int) -> list[triton.Config]:
     """Backward configs: logits tile recompute, then ``acc[BLOCK_X, NUM_ACC*BLOCK_DO] += G @ Y[:, slice]``.
 
@@ -152,6 +162,11 @@ def autotune_enabled() -> bool:
 
 def prune_fwd(configs, named_args, **kwargs):
     out = fwd_configs(int(named_args["D"]))
+    return out if autotune_enabled() else out[:1]
+
+
+def prune_grad(configs, named_args, **kwargs):
+    out = grad_configs(int(named_args["D"]))
     return out if autotune_enabled() else out[:1]
 
 
@@ -568,9 +583,9 @@ def _grad_tile_kernel(
 
 
 _grad_tile_tuned = triton.autotune(
-    configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
+    configs=grad_configs(64),  # placeholder: prune_grad builds the list for the call's D
     key=["B_BUCKET", "D", "MODE", "PREC"],
-    prune_configs_by={"early_config_prune": prune_fwd},
+    prune_configs_by={"early_config_prune": prune_grad},
 )(_grad_tile_kernel)
 
 # Extra device memory the backward may use beyond its inputs and outputs (bytes); the strategy is chosen to fit.
@@ -790,7 +805,8 @@ def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:
     """Model FLOPs of a fused pairwise loss, the count the benchmarks report: forward 2*Bq*Bk*D (the logits
     GEMM); forward + backward 8*Bq*Bk*D (logits, the backward's recompute, dQ, dK).
 
-    The kernels execute 2*Bq*Bk*D forward and 8*Bq*Bk*D backward (the dQ and dK kernels each recompute the
-    logits tile), i.e. 10*Bq*Bk*D in all, more when the backward splits a wide D into slices.
+    Executed: forward 2*Bq*Bk*D; the GEMM backward 6*Bq*Bk*D (one recompute of each logits tile); the fused
+    backward 4*Bq*Bk*D plus 2*Bq*Bk*D per D slice in each of its two kernels (benchmarks/bench_kernels.py's
+    ``executed_flops``).
     """
     return (8 if backward else 2) * Bq * Bk * D

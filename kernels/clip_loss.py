@@ -15,13 +15,18 @@ A tiny torch log-sum-exp over H (rows) and G (columns) finishes the vectors. Ext
 ``(H*Bq + 2*G*Bk) * 4`` bytes with G, H ~ sqrt(4 * #SMs); about 9 MB at B = 32k on an H100.
 
 Backward (``_pairwise.pairwise_bwd_both``), two strategies, ``BIOCLIP_FAST_BWD=auto|fused|gemm``:
+- ``gemm``: a Triton kernel writes G for a chunk of columns into a workspace and cuBLAS computes ``dQ += G k_c``
+  (fp32 accumulator) and ``dK_c = G^T q``: each logits tile computed once (6*B^2*D backward FLOPs, two thirds in
+  cuBLAS); extra memory ``_pairwise.gemm_extra_bytes`` (workspace + 4*Bq*D accumulator).
 - ``fused``: a dQ kernel over q row blocks streaming k and a dK kernel over k row blocks streaming q; each
   recomputes the logits tile, forms G in registers and accumulates ``G @ k`` / ``G^T @ q`` in fp32 registers.
-  No atomics, deterministic, O(B) extra memory. For D > 256 a row block of dQ no longer fits in registers and the
-  autotuner chooses between 64-row blocks (all of D) and D slices (logits recomputed per slice).
-- ``gemm`` (``auto`` on CUDA for D > 256): a Triton kernel writes G for a chunk of columns into a 64 MiB workspace
-  and cuBLAS computes ``dQ += G k_c`` (fp32 accumulator) and ``dK_c = G^T q``: 6*B^2*D FLOPs instead of 8+,
-  two thirds of them in cuBLAS; extra memory = workspace + 4*Bq*D bytes.
+  No atomics, deterministic, O(B) extra memory. For D > 512 a 64-row dX block no longer fits in registers without
+  spills (ptxas), so the kernels split D in two slices (the logits recomputed per slice).
+- ``auto`` (``_pairwise.bwd_plan``): ``gemm`` wherever its extra memory fits ``BIOCLIP_FAST_BWD_MEMORY_MB``
+  (64 MiB) on CUDA for D > 128, else ``fused``: within 64 MiB at every B.
+Numerics (all backends): the owned softmax is renormalized (exactly for one-direction rows, to first order for the
+symmetric loss), probabilities are formed from ``t * scale + (bias - lse)`` in natural units, and the scale
+gradient is centred on each row's positive dot product (see ``_pairwise._pairwise_bwd_kernel``).
 """
 from __future__ import annotations
 

@@ -269,3 +269,59 @@ def test_triton_dot_precision_follows_the_operand_dtype(monkeypatch):
     assert _pairwise.dot_precision(torch.bfloat16) == ""
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert _pairwise.dot_precision(torch.float32) == "tf32x3"
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+def test_gpu_trainer_features_reach_the_kernels_in_bf16(monkeypatch):
+    from bioclip_fast.kernels import clip_loss as CL
+
+    seen = []
+    real = CL._clip_fwd
+
+    def spy(q, k, *a, **kw):
+        seen.append((q.dtype, k.dtype))
+        return real(q, k, *a, **kw)
+
+    monkeypatch.setattr(CL, "_clip_fwd", spy)
+    q = F.normalize(torch.randn(512, 768, device="cuda"), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(512, 768, device="cuda"), dim=-1).requires_grad_()
+    loss = FusedClipLoss(compute_dtype="bf16")(q, k, torch.tensor(14.3, device="cuda"))
+    loss.backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+def test_gpu_finite_check_does_not_sync(monkeypatch):
+    q = F.normalize(torch.randn(1024, 256, device="cuda"), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(1024, 256, device="cuda"), dim=-1).requires_grad_()
+    s = torch.tensor(14.3, device="cuda", requires_grad=True)
+    fused_clip_loss(q, k, s).backward()  # compile / autotune outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_clip_loss(q, k, s, check_finite=True).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "gemm"])
+def test_gpu_fp16_gradients_at_large_batch_are_not_subnormal(strategy, monkeypatch):
+    """B = 65,536: probabilities ~1.5e-5 are subnormal in fp16 without the 2^14 pre-scale of the gradient tile."""
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", strategy)
+    from bioclip_fast.kernels import clip_loss as CL
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = F.normalize(torch.randn(65536, 128, device="cuda", generator=g), dim=-1)
+    k = F.normalize(q + 0.5 * torch.randn(65536, 128, device="cuda", generator=g), dim=-1)
+    s = torch.tensor(10.0, device="cuda")
+    outs = {}
+    for dt in (torch.float16, torch.float32):
+        _, lr, lc = CL.clip_sym_fwd(q.to(dt), k.to(dt), s)
+        outs[dt] = CL.clip_sym_bwd(q.to(dt), k.to(dt), s, None, lr, lc, 1.0)
+    for i in (0, 1):
+        ref = outs[torch.float32][i].double()
+        err = (outs[torch.float16][i].double() - ref).norm() / ref.norm()
+        assert err < 2e-3, (i, err.item())
