@@ -1,8 +1,9 @@
 """Pure-torch chunked reference of the six loss primitives (the Triton kernels and the C++ path implement the same).
 
 Readable on purpose: the tests compare every backend against these functions, and they are the fallback where no
-kernel is available. Memory is O(chunk·B_k) — rows of ``q`` are processed ``chunk`` at a time and the B×B logits
-matrix never exists — and everything accumulates in fp32 whatever the input dtype.
+kernel is available. Memory is O(chunk·B_k) (+ one [B, D] accumulator in the symmetric backward) — rows of ``q``
+are processed ``chunk`` at a time and the B×B logits matrix never exists — and everything accumulates in fp32
+whatever the input dtype (float64 inputs: in float64).
 
 Conventions shared by all backends (see DESIGN.md, "Fused CLIP loss: the math"):
   ``S = scale·q@kᵀ + bias``; ``scale`` is a fp32 tensor of shape [] or [1] (already exp'd, as open_clip passes it),
