@@ -325,3 +325,39 @@ def test_gpu_fp16_gradients_at_large_batch_are_not_subnormal(strategy, monkeypat
         ref = outs[torch.float32][i].double()
         err = (outs[torch.float16][i].double() - ref).norm() / ref.norm()
         assert err < 2e-3, (i, err.item())
+
+
+def test_finite_check_on_an_accelerator_never_reads_the_flag_on_the_host(monkeypatch):
+    """On a non-CPU device the check is an async device-side assert: a host read of the flag (a sync per step)
+    would fail on meta tensors, which have no data. On CPU it stays a ValueError naming the tensor."""
+    from bioclip_fast.ops.validate import check_finite
+
+    x = torch.empty(8, 4, device="meta")
+    check_finite(image_features=x, text_features=x)  # must not call bool()/.item() on the flags
+    with pytest.raises(ValueError, match="text_features"):
+        check_finite(image_features=torch.zeros(2, 2), text_features=torch.tensor([[float("nan")]]))
+
+
+def test_triton_backward_skips_the_dk_kernel_when_k_needs_no_grad(monkeypatch):
+    """gather_with_grad=False hands the loss columns without grad: only the dQ kernel runs (it also yields dscale)."""
+    _triton_backend()
+    from bioclip_fast.kernels import _pairwise
+
+    calls = []
+    real = _pairwise.pairwise_bwd
+
+    def spy(X, Y, *a, **kw):
+        calls.append(kw["x_is_rows"])
+        return real(X, Y, *a, **kw)
+
+    monkeypatch.setattr(_pairwise, "pairwise_bwd", spy)
+    q, k = near_duplicate_batch(seed=7, image_noise=0.5)
+    q = q[:20].clone().requires_grad_()
+    s = torch.tensor(10.0, requires_grad=True)
+    from bioclip_fast.ops.clip_loss import clip_dir_loss
+
+    clip_dir_loss(q, k[:40], s, None, 5, backend="triton").backward()
+    assert calls == [True]
+    ref = dense("dir", q.detach(), k[:40], torch.tensor(10.0), None, 5, torch.float64)
+    torch.testing.assert_close(q.grad.double(), ref["dq"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), ref["dscale"], rtol=1e-4, atol=1e-6)
