@@ -213,11 +213,13 @@ def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.
 
 
 @triton.jit
-def row_probs(t, scale, nl):
-    """``exp(scale * t + nl)`` with ``nl = bias - lse`` broadcast by the caller: the sum is formed in natural units
-    by one FMA whose result is small (|S - lse| ~ a few), so it is rounded at that magnitude, not at |S| ~ 100
-    (fp32 ulp 8e-6) as ``exp2(s2 - lse2)`` would be; then scaled to log2 units for exp2."""
-    return tl.exp2(tl.minimum(t * scale + nl, 0.0) * 1.4426950408889634)
+def row_probs(t, scale, bias, lse):
+    """``exp(S - lse)`` with ``S = t * scale + bias`` rounded exactly as the forward rounds it (natural units), and
+    only the small difference scaled to log2 units for exp2: the probabilities then sum to 1 against the forward's
+    LSE up to rounding (``exp2(s2 - lse2)`` in log2 units would round at |s2| ~ 144 and differently from the
+    forward: a systematic per-row error that near-duplicate batches amplify)."""
+    s = t * scale + bias
+    return tl.exp2(tl.minimum(s - lse, 0.0) * 1.4426950408889634)
 
 
 @triton.jit
@@ -242,7 +244,7 @@ def sym_probs(t, scale, bias, la, lb):
     separately so the scale gradient can centre each on its own positive (see ``_pairwise_bwd_kernel``).
     """
     c = tl.max(la, 0)
-    pr = row_probs(t, scale, (bias - la)[:, None])
+    pr = row_probs(t, scale, bias, la[:, None])
     # 41.6 = 60 * ln 2. The differences are taken in natural units before scaling: la*log2(e) rounded at |la| ~ 100
     # would put a systematic error of ~5e-6 into a whole row / column of probabilities.
     if (c - tl.min(la, 0) <= 41.58883083359672) and (c - tl.min(lb, 0) <= 41.58883083359672):
@@ -251,7 +253,7 @@ def sym_probs(t, scale, bias, la, lb):
         pc = pr * (a[:, None] * b[None, :])
     else:
         # min(., 0): s <= lse for every real entry; padding rows/columns (masked later) must not overflow.
-        pc = row_probs(t, scale, (bias - lb)[None, :])
+        pc = row_probs(t, scale, bias, lb[None, :])
     return pr, pc
 
 
@@ -384,11 +386,11 @@ def _pairwise_bwd_kernel(
                 ds_acc += tl.sum(tl.where(valid, (pa - onehot) * u + (pb - onehot) * v, 0.0), 1) * 0.5
         elif MODE == 1:
             if X_IS_ROWS:
-                g = row_probs(t, scale, (bias - lx)[:, None])  # the -onehot is applied after renormalizing
+                g = row_probs(t, scale, bias, lx[:, None])  # the -onehot is applied after renormalizing
                 rs_acc += tl.sum(tl.where(valid, g, 0.0), 1)
             else:
                 ly = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0)
-                g = row_probs(t, scale, (bias - ly)[None, :]) - onehot
+                g = row_probs(t, scale, bias, ly[None, :]) - onehot
         else:
             # d/dS of -logsigmoid(z*S) = -z * sigmoid(-z*S): sigmoid(S) on negatives, -sigmoid(-S) on positives.
             # Clamp so exp2 stays finite (2^126 -> sigmoid ~1e-38, i.e. 0 to fp32 working precision).
@@ -572,7 +574,7 @@ def _grad_tile_kernel(
             ds = tl.sum(tl.sum(tl.where(valid, (pa - onehot) * (t - cr[:, None]) + (pb - onehot) * (t - cc[None, :]),
                                         0.0), 1), 0) * 0.5
         else:
-            g = tl.where(valid, row_probs(t, scale, (bias - lr)[:, None]) - onehot, 0.0)
+            g = tl.where(valid, row_probs(t, scale, bias, lr[:, None]) - onehot, 0.0)
             ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1), 0)
         db = 0.0  # CLIP: sum G = 0 exactly (a logit shift changes neither softmax)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]
@@ -794,10 +796,10 @@ def check_vector(t: torch.Tensor, name: str, n: int, device: torch.device) -> to
     return t.detach().to(torch.float32).contiguous()
 
 
-def reduce_lse(m2: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Combine per-split (max in log2 units, sum of exp2 below it) partials [S, N] into the natural-log LSE [N],
-    in float64 (O(S*N), a few MB at most) so the fp32 result is rounded once."""
-    part = m2.double() * LN2 + torch.log(l.double())
+def reduce_lse(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Combine per-split (max, sum of exp below it) partials [S, N] (natural units) into the LSE [N], in float64
+    (O(S*N), a few MB at most) so the fp32 result is rounded once."""
+    part = m.double() + torch.log(l.double())
     return torch.logsumexp(part, dim=0).to(torch.float32)
 
 

@@ -83,12 +83,15 @@ def _clip_fwd_kernel(
     cb_end = (pid_h + 1) * n_cb // n_splits
 
     scale = tl.load(SCALE).to(tl.float32)
-    scale2 = scale * 1.4426950408889634  # work in log2 units: exp2 is the native instruction
     if HAS_BIAS:
         bias = tl.load(BIAS).to(tl.float32)
     else:
         bias = 0.0
-    bias2 = bias * 1.4426950408889634
+    # Logits and maxima in natural units, rounded exactly as the backward rounds them (s = t * scale + bias), only
+    # the small differences are scaled to log2 units for exp2: the backward's probabilities exp(s - lse) then sum
+    # to 1 to rounding (a mismatch in how S is rounded at |S| ~ 100 is a systematic per-row/column error that
+    # near-duplicate batches amplify in the feature gradients).
+    L2E: tl.constexpr = 1.4426950408889634
 
     NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     for rb in range(rb_start, rb_end):
@@ -113,7 +116,7 @@ def _clip_fwd_kernel(
                 for d0 in range(0, D, BLOCK_D):
                     t = mma(_load_rows(Q, offs_m, mask_m, d0, D, BLOCK_D),
                             tl.trans(_load_rows(K, offs_n, mask_n, d0, D, BLOCK_D)), t, PREC)
-            s2 = t * scale2 + bias2
+            s2 = t * scale + bias
 
             # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
             if (rb * BLOCK_M + offset < n0 + BLOCK_N) and (rb * BLOCK_M + BLOCK_M + offset > n0):
@@ -128,30 +131,30 @@ def _clip_fwd_kernel(
             s_row = tl.where(mask_n[None, :], s2, float("-inf"))
             mt = tl.max(s_row, 1)
             m_new = tl.maximum(m_i, mt)
-            p = tl.exp2(s_row - mt[:, None])
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1) * tl.exp2(mt - m_new)
+            p = tl.exp2((s_row - mt[:, None]) * L2E)
+            l_i = l_i * tl.exp2((m_i - m_new) * L2E) + tl.sum(p, 1) * tl.exp2((mt - m_new) * L2E)
             m_i = m_new
 
             if COL_STATS:
-                # Column sums from the row exponentials: exp2(s - r) = p * exp2(mt - r), r = the tile's largest
+                # Column sums from the row exponentials: exp(s - r) = p * exp(mt - r), r = the tile's largest
                 # logit, so no second exp2 per logit. Exact to fp32 precision while each column's sum is
                 # >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
                 r = tl.max(tl.where(mask_m, mt, float("-inf")), 0)
-                w = tl.where(mask_m, tl.exp2(mt - r), 0.0)
+                w = tl.where(mask_m, tl.exp2((mt - r) * L2E), 0.0)
                 c_l = tl.sum(p * w[:, None], 0)
-                if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:
+                if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:  # 2^-60
                     c_m = tl.zeros([BLOCK_N], dtype=tl.float32) + r
                 else:
                     s_col = tl.where(mask_m[:, None], s2, float("-inf"))
                     c_m = tl.max(s_col, 0)
-                    c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
+                    c_l = tl.sum(tl.exp2((s_col - c_m[None, :]) * L2E), 0)
                 cptr = pid_g.to(tl.int64) * Bk + offs_n
                 # The previous row block's store of this slice may come from other threads of this program.
                 tl.debug_barrier()
                 o_m = tl.load(COL_M + cptr, mask=mask_n, other=float("-inf"))
                 o_l = tl.load(COL_L + cptr, mask=mask_n, other=0.0)
                 n_m = tl.maximum(o_m, c_m)
-                n_l = o_l * tl.exp2(o_m - n_m) + c_l * tl.exp2(c_m - n_m)
+                n_l = o_l * tl.exp2((o_m - n_m) * L2E) + c_l * tl.exp2((c_m - n_m) * L2E)
                 tl.store(COL_M + cptr, n_m, mask=mask_n)
                 tl.store(COL_L + cptr, n_l, mask=mask_n)
 
