@@ -6,7 +6,8 @@ is ``bioclip-fast bench-loss``).
 
 For each (kind, B, D, dtype): forward, backward and forward+backward medians (``triton.testing.do_bench``, CUDA
 events, autotuning and compilation excluded), TFLOP/s in the reported convention (8*B^2*D for fwd+bwd, 2*B^2*D for
-fwd) and in executed FLOPs (10*B^2*D: the dQ and dK kernels each recompute the logits), the same-shape bf16/fp32
+fwd) and in executed FLOPs (gemm backward: 8*B^2*D, one recompute; fused: 2 + 2*(1 + slices)*... see
+``executed_flops``: each of the dQ / dK kernels recomputes the logits once per D slice), the same-shape bf16/fp32
 ``q @ k^T`` matmul rate as the ceiling to compare with, extra peak memory beyond inputs and gradients, the
 autotuner's picks, and a float64 spot check of the loss. Writes JSON + PNG under benchmarks/results/.
 """
@@ -134,14 +135,17 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
 
     flop_fwd = 2 * Bq * Bk * D
     loss = saved[0] if isinstance(saved, tuple) else saved
+    actual = _pairwise.bwd_plan(Bq, Bk, D, q.element_size(), q.device.type)[0]
+    cfgs = list(_pairwise._pairwise_bwd_tuned.cache.values())
+    slices = max((-(-D // (c.kwargs["NUM_ACC"] * c.kwargs["BLOCK_DO"])) for c in cfgs), default=1)
     rec = {
         "kind": kind, "bwd": bwd_strategy, "B": B, "Bq": Bq, "Bk": Bk, "D": D, "dtype": dtype_name,
         "fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_bwd_ms": t_all, "matmul_ms": t_mm,
         "tflops_fwd": flop_fwd / t_fwd * 1e-9,
         "tflops_fwd_bwd_reported": 4 * flop_fwd / t_all * 1e-9,
-        "bwd_actual": _pairwise.bwd_strategy(D, q.device),
-        "tflops_fwd_bwd_executed": (4 if _pairwise.bwd_strategy(D, q.device) == "gemm" else 5) * flop_fwd / t_all
-        * 1e-9,
+        "bwd_actual": actual,
+        "bwd_slices": slices,
+        "tflops_fwd_bwd_executed": executed_flops(Bq, Bk, D, actual, slices) / t_all * 1e-9,
         "tflops_matmul": flop_fwd / t_mm * 1e-9,
         "extra_mem_fwd_mb": extra_fwd / 2**20, "extra_mem_bwd_mb": extra_bwd / 2**20,
         "autotune_and_compile_s": tune_s,
@@ -155,6 +159,15 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
         rec["loss_ref_fp64"] = ref
         rec["loss_rel_err"] = abs(float(loss) - ref) / max(abs(ref), 1e-12)
     return rec
+
+
+def executed_flops(Bq: int, Bk: int, D: int, strategy: str, slices: int = 1) -> int:
+    """FLOPs the GPU executes for forward + backward: forward 2; gemm backward: tile recompute 2 + two cuBLAS
+    products 4; fused backward: per kernel (dQ, dK) the logits once per D slice (2 * slices) + its product 2."""
+    unit = Bq * Bk * D
+    if strategy == "gemm":
+        return 8 * unit
+    return 2 * unit + 2 * (2 * slices + 2) * unit
 
 
 def main(argv=None) -> int:

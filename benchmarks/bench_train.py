@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-L-14")
     p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--engine", default="auto", choices=("auto", "deepspeed", "torch"),
+                   help="auto: DeepSpeed when it imports, else the plain torch engine (bf16 autocast + AdamW)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--modes", default="plain,grad_checkpointing,grad_cache",
                    help="comma list of plain, grad_checkpointing, grad_cache")
@@ -50,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, fp32: verifies the benchmark itself")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.engine == "auto":
+        try:
+            import deepspeed  # noqa: F401
+            args.engine = "deepspeed"
+        except Exception:  # noqa: BLE001 - any import failure means: no DeepSpeed here
+            args.engine = "torch"
     if args.cpu_smoke:
         args.model, args.precision = "bioclip-micro", "fp32"
         args.batch_sizes = args.batch_sizes or [8, 16]
@@ -70,7 +78,7 @@ def run_one(args, mode: str, batch: int) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     over = {
-        "model": args.model, "precision": args.precision, "engine": "deepspeed", "zero_stage": args.zero_stage,
+        "model": args.model, "precision": args.precision, "engine": args.engine, "zero_stage": args.zero_stage,
         "batch_size": batch * world, "max_steps": 10**6, "schedule_clock": "steps", "warmup_steps": 10,
         "lr": 1e-5, "progress": False, "eval_at_end": False, "out": str(Path(args.tmp) / f"{mode}_{batch}"),
         "grad_checkpointing": mode == "grad_checkpointing", "num_workers": args.num_workers,
@@ -265,7 +273,12 @@ def main(argv=None) -> int:
             res = measure(args, "grad_cache", gc_batch)
             results.append(res or {"mode": "grad_cache", "batch_per_gpu": gc_batch, "oom": True})
             best["grad_cache"] = res
-    import deepspeed
+    if args.engine == "deepspeed":
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    else:
+        ds_version = None
 
     report = {
         "label": "CPU SMOKE TEST of the benchmark pipeline - not a GPU measurement" if args.cpu_smoke
@@ -274,7 +287,7 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": args.model, "precision": args.precision, "zero_stage": args.zero_stage,
         "data": args.data or "synthetic (on-device tensors)",
-        "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+        "torch": torch.__version__, "engine": args.engine, "deepspeed": ds_version,
         "steps": args.steps, "warmup_steps": args.warmup,
         "best": {m: r for m, r in best.items() if r},
         "results": results,

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 IMPLS = ("ours", "reference", "open_clip", "inf_cl")
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# "fp32-train": fp32 features as a trainer hands them, every implementation called under bf16 autocast (open_clip's
+# training setup; ours follows autocast through compute_dtype="auto", so its products run in bf16 on tensor cores).
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32-train": "float32"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,9 +135,12 @@ def measure(impl: str, B: int, D: int, dtype_name: str, device, repeats: int, wa
     fn = _loss_fn(impl)
     cuda = device.type == "cuda"
 
+    autocast = dtype_name == "fp32-train"
+
     def step():
         img.grad = txt.grad = scale.grad = None
-        loss = fn(img, txt, scale)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(img, txt, scale)
         loss.backward()
         return loss
 
@@ -333,6 +338,7 @@ def run(args) -> int:
                 if cuda:
                     torch.cuda.empty_cache()
         results["measurements"].append(row)
+        _write_partial(args, results, device)  # a killed run (time box) keeps what it measured
         if "seconds" in row:
             mem = row["peak_extra_bytes"]
             tqdm.write(f"{impl:>10} B={B:>8} D={D:>5} {dt}: {row['seconds'] * 1e3:10.1f} ms  "
@@ -365,9 +371,18 @@ def run(args) -> int:
     date = results["environment"]["date"][:10]
     stem = f"loss_{device.type}_{date}{('_' + args.tag) if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.partial.json").unlink(missing_ok=True)
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
+
+
+def _write_partial(args, results: dict, device) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    date = results["environment"]["date"][:10]
+    stem = f"loss_{device.type}_{date}{('_' + args.tag) if args.tag else ''}"
+    (out / f"{stem}.partial.json").write_text(json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,11 @@
 Same constructor arguments, same ``forward`` signature, same value and gradients (features, ``logit_scale``,
 ``logit_bias``) — but the B×B logits matrix is never built: tiles of image×text features are reduced on the fly
 (Triton on CUDA, C++/OpenMP on CPU, a chunked torch reference elsewhere). Extra keyword arguments:
-``backend`` ("auto" | "triton" | "cpp" | "torch") and ``check_finite`` (one fused isfinite reduction per input;
-set False to skip it in production once a run is known to be healthy).
+``backend`` ("auto" | "triton" | "cpp" | "torch"), ``check_finite`` (one fused isfinite reduction per input;
+set False to skip it in production once a run is known to be healthy) and ``compute_dtype`` ("auto": the autocast
+dtype under autocast, else the features' dtype; or bf16 / fp16 / fp32): the dtype of the tensor-core products on
+CUDA, fp32 accumulation always (``bioclip_fast.ops.precision``). A trainer that keeps its features in fp32 outside
+autocast passes ``compute_dtype="bf16"`` to get open_clip-under-autocast speed; ``"fp32"`` keeps exact fp32.
 
 Multi-GPU layout (world_size > 1), per rank with local batch B:
   * ClipLoss, local_loss=True: ½(CE(img_local vs text_all) + CE(text_local vs img_all)), positives at rank·B —
@@ -24,6 +27,7 @@ from torch import nn
 
 from bioclip_fast import distributed as bdist
 from bioclip_fast.ops import dispatch
+from bioclip_fast.ops import precision
 from bioclip_fast.ops.clip_loss import clip_dir_loss, clip_sym_loss
 from bioclip_fast.ops.siglip_loss import siglip_loss
 from bioclip_fast.ops.validate import check_features
@@ -56,16 +60,19 @@ def fused_clip_loss(
     gather_with_grad: bool = True,
     backend: str = "auto",
     check_finite: bool = True,
+    compute_dtype="auto",
 ) -> torch.Tensor:
     """Symmetric InfoNCE, ½(CE(image→text) + CE(text→image)), equal to ``open_clip.ClipLoss`` with the same
     ``local_loss`` / ``gather_with_grad`` / ``rank`` / ``world_size``. ``logit_scale`` is the already-exp'd scale
     (0-dim or [1] tensor, or a float); ``logit_bias`` optional. Returns a fp32 scalar."""
     rank, world_size = _check_rank_world(rank, world_size)
     dispatch.check_backend(backend)
+    cd = precision.check_compute_dtype(compute_dtype)
     check_features(image_features, text_features, q_name="image_features", k_name="text_features")
     if world_size == 1:
         return clip_sym_loss(
-            image_features, text_features, logit_scale, logit_bias, backend=backend, check_finite_inputs=check_finite
+            image_features, text_features, logit_scale, logit_bias, backend=backend, check_finite_inputs=check_finite,
+            compute_dtype=cd,
         )
     all_img, all_txt = bdist.gather_features(
         image_features,
@@ -78,11 +85,11 @@ def fused_clip_loss(
     if not local_loss:
         return clip_sym_loss(
             all_img, all_txt, logit_scale, logit_bias, backend=backend, check_finite_inputs=check_finite,
-            q_name="image_features (all ranks)", k_name="text_features (all ranks)",
+            q_name="image_features (all ranks)", k_name="text_features (all ranks)", compute_dtype=cd,
         )
     # Every rank checks the gathered tensors, so a bad value anywhere raises on all ranks alike (no hang).
     offset = rank * image_features.shape[0]
-    kw = dict(backend=backend, check_finite_inputs=check_finite)
+    kw = dict(backend=backend, check_finite_inputs=check_finite, compute_dtype=cd)
     l_img = clip_dir_loss(image_features, all_txt, logit_scale, logit_bias, offset,
                           q_name="image_features", k_name="text_features (all ranks)", **kw)
     l_txt = clip_dir_loss(text_features, all_img, logit_scale, logit_bias, offset,
@@ -100,21 +107,23 @@ def fused_siglip_loss(
     world_size: int = 1,
     backend: str = "auto",
     check_finite: bool = True,
+    compute_dtype="auto",
 ) -> torch.Tensor:
     """Sigmoid loss, equal to ``open_clip.SigLipLoss`` (any ``dist_impl``): −(1/B)·Σ_ij logsigmoid(z_ij·S_ij) over
     this rank's image rows and all ranks' text columns (gathered with grad), positives at ``rank·B``."""
     rank, world_size = _check_rank_world(rank, world_size)
     dispatch.check_backend(backend)
+    cd = precision.check_compute_dtype(compute_dtype)
     check_features(image_features, text_features, q_name="image_features", k_name="text_features")
     if world_size == 1:
         return siglip_loss(
             image_features, text_features, logit_scale, logit_bias, 0, backend=backend,
-            check_finite_inputs=check_finite,
+            check_finite_inputs=check_finite, compute_dtype=cd,
         )
     all_txt = bdist.all_gather_with_grad(text_features, name="text_features", world_size=world_size)
     return siglip_loss(
         image_features, all_txt, logit_scale, logit_bias, rank * image_features.shape[0], backend=backend,
-        check_finite_inputs=check_finite, k_name="text_features (all ranks)",
+        check_finite_inputs=check_finite, k_name="text_features (all ranks)", compute_dtype=cd,
     )
 
 
@@ -133,6 +142,7 @@ class FusedClipLoss(nn.Module):
         *,
         backend: str = "auto",
         check_finite: bool = True,
+        compute_dtype="auto",
     ):
         super().__init__()
         if use_horovod:
@@ -144,6 +154,12 @@ class FusedClipLoss(nn.Module):
         self.use_horovod = False
         self.backend = dispatch.check_backend(backend)
         self.check_finite = bool(check_finite)
+        self.compute_dtype = precision.check_compute_dtype(compute_dtype)
+
+    def precision_plan(self, feature_dtype: torch.dtype = torch.float32, autocast_dtype=None) -> dict:
+        """What the CUDA dispatch does with features of ``feature_dtype``: operand dtype and ``tl.dot`` input
+        precision (see ``bioclip_fast.ops.precision.cuda_plan``)."""
+        return precision.cuda_plan(feature_dtype, self.compute_dtype, autocast_dtype)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         loss = fused_clip_loss(
@@ -157,6 +173,7 @@ class FusedClipLoss(nn.Module):
             gather_with_grad=self.gather_with_grad,
             backend=self.backend,
             check_finite=self.check_finite,
+            compute_dtype=self.compute_dtype,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -180,6 +197,7 @@ class FusedSigLipLoss(nn.Module):
         *,
         backend: str = "auto",
         check_finite: bool = True,
+        compute_dtype="auto",
     ):
         super().__init__()
         self.cache_labels = bool(cache_labels)
@@ -189,6 +207,7 @@ class FusedSigLipLoss(nn.Module):
             raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got {dist_impl!r}")
         self.backend = dispatch.check_backend(backend)
         self.check_finite = bool(check_finite)
+        self.compute_dtype = precision.check_compute_dtype(compute_dtype)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         loss = fused_siglip_loss(
@@ -200,6 +219,7 @@ class FusedSigLipLoss(nn.Module):
             world_size=self.world_size,
             backend=self.backend,
             check_finite=self.check_finite,
+            compute_dtype=self.compute_dtype,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 

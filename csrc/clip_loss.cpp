@@ -2,7 +2,8 @@
 // Same math and memory bound as the Triton kernels (see bioclip_fast/ops/reference.py for the readable version):
 // tiles of S = s*Q K^T + b with an online log-sum-exp over rows (per row block) and columns (per-thread partials
 // merged at the end); backward recomputes S per tile, forms G and feeds two GEMMs (dQ += G K, dK += G^T Q).
-// Extra memory: packed/padded copies of Q and K plus one dK partial per thread, all O(B*D); never B x B.
+// Extra memory: packed/padded copies of Q and K plus dK partials within a fixed budget (loss_common.h), all
+// O(B*D) and independent of the thread count; never B x B.
 #include <pybind11/pybind11.h>
 
 #include "loss_common.h"
@@ -160,8 +161,8 @@ double clip_sym_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D, do
 
 py::tuple clip_sym_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D, double scale, double bias,
                        std::uintptr_t lse_row_ptr, std::uintptr_t lse_col_ptr, double grad, std::uintptr_t dq_ptr,
-                       std::uintptr_t dk_ptr, int nthreads) {
-  double ds, db;
+                       std::uintptr_t dk_ptr, int nthreads, bool need_q, bool need_k) {
+  double ds;
   {
     py::gil_scoped_release release;
     nthreads = resolve_threads(nthreads);
@@ -169,31 +170,40 @@ py::tuple clip_sym_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 B, i64 D,
     const float* k = reinterpret_cast<const float*>(k_ptr);
     const float* lse_row = reinterpret_cast<const float*>(lse_row_ptr);
     const float* lse_col = reinterpret_cast<const float*>(lse_col_ptr);
-    float* dq = reinterpret_cast<float*>(dq_ptr);
-    float* dk = reinterpret_cast<float*>(dk_ptr);
+    float* dq = need_q ? reinterpret_cast<float*>(dq_ptr) : nullptr;
+    float* dk = need_k ? reinterpret_cast<float*>(dk_ptr) : nullptr;
     const Affine aff((float)scale, (float)bias);
+    const std::vector<float> cen = positive_dots(q, k, B, B, D, 0, nthreads);
+    const float* c = cen.data();
     std::vector<float> dq_acc, dk_acc;
-    // G / coef = softmax over the row + softmax over the column - 2*delta (both directions' positives).
-    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld) {
+    // G / coef = softmax over the row + softmax over the column - 2*delta (both directions' positives); the row
+    // softmax is centred on the row's positive dot, the column softmax on the column's (see grad_tile).
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count, float* rs, float* cs) {
       return grad_tile(
-          i0, mb, j0, nb, tile, ld, 0, 2.f,
+          i0, mb, j0, nb, tile, ld, 0, 2.f, c, false, count,
           [&](i64 r, i64 j, V dot) {
             const V S = aff(dot);
-            return vexp(S - V::set1(lse_row[i0 + r])) + vexp(S - V::load(lse_col + j0 + j));
+            const V pr = vexp(S - V::set1(lse_row[i0 + r])), pc = vexp(S - V::load(lse_col + j0 + j));
+            return GV{pr + pc, pr * (dot - V::set1(c[i0 + r])) + pc * (dot - V::load(c + j0 + j)), pr, pc};
           },
           [&](i64 r, i64 j, float dot) {
             const float S = aff(dot);
-            return sexp(S - lse_row[i0 + r]) + sexp(S - lse_col[j0 + j]);
-          });
+            const float pr = sexp(S - lse_row[i0 + r]), pc = sexp(S - lse_col[j0 + j]);
+            return GS{pr + pc, pr * (dot - c[i0 + r]) + pc * (dot - c[j0 + j]), pr, pc};
+          },
+          rs, cs);
     };
     double sum_gdot = 0, sum_g = 0;
-    backward_sweep(q, k, B, B, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
+    std::vector<float> row_sum, col_sum;
+    backward_sweep(q, k, B, B, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k,
+                   need_q ? &row_sum : nullptr, need_k ? &col_sum : nullptr);
+    if (need_q) renormalize(dq_acc, row_sum, k, B, B, D, 0, false, 1.f, nthreads);
+    if (need_k) renormalize(dk_acc, col_sum, q, B, B, D, 0, false, 1.f, nthreads);
     const double coef = 0.5 * grad / (double)B;
     write_grads(dq_acc, dk_acc, B, B, D, (float)(coef * scale), dq, dk, nthreads);
     ds = coef * sum_gdot;
-    db = coef * sum_g;
   }
-  return py::make_tuple(ds, db);
+  return py::make_tuple(ds, 0.0);  // dbias = 0 exactly: a logit shift changes neither softmax
 }
 
 double clip_dir_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i64 D, double scale, double bias,
@@ -219,32 +229,43 @@ double clip_dir_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, 
 
 py::tuple clip_dir_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i64 D, double scale, double bias,
                        std::uintptr_t lse_ptr, i64 offset, double grad, std::uintptr_t dq_ptr, std::uintptr_t dk_ptr,
-                       int nthreads) {
-  double ds, db;
+                       int nthreads, bool need_q, bool need_k) {
+  double ds;
   {
     py::gil_scoped_release release;
     nthreads = resolve_threads(nthreads);
     const float* q = reinterpret_cast<const float*>(q_ptr);
     const float* k = reinterpret_cast<const float*>(k_ptr);
     const float* lse = reinterpret_cast<const float*>(lse_ptr);
-    float* dq = reinterpret_cast<float*>(dq_ptr);
-    float* dk = reinterpret_cast<float*>(dk_ptr);
+    float* dq = need_q ? reinterpret_cast<float*>(dq_ptr) : nullptr;
+    float* dk = need_k ? reinterpret_cast<float*>(dk_ptr) : nullptr;
     const Affine aff((float)scale, (float)bias);
+    const std::vector<float> cen = positive_dots(q, k, Bq, Bk, D, offset, nthreads);
+    const float* c = cen.data();
     std::vector<float> dq_acc, dk_acc;
     double sum_gdot = 0, sum_g = 0;
-    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld) {
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count, float* rs, float*) {
       return grad_tile(
-          i0, mb, j0, nb, tile, ld, offset, 1.f,
-          [&](i64 r, i64, V dot) { return vexp(aff(dot) - V::set1(lse[i0 + r])); },
-          [&](i64 r, i64, float dot) { return sexp(aff(dot) - lse[i0 + r]); });
+          i0, mb, j0, nb, tile, ld, offset, 1.f, c, false, count,
+          [&](i64 r, i64, V dot) {
+            const V p = vexp(aff(dot) - V::set1(lse[i0 + r]));
+            return GV{p, p * (dot - V::set1(c[i0 + r])), p, V::zero()};
+          },
+          [&](i64 r, i64, float dot) {
+            const float p = sexp(aff(dot) - lse[i0 + r]);
+            return GS{p, p * (dot - c[i0 + r]), p, 0.f};
+          },
+          rs, nullptr);
     };
-    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
+    std::vector<float> row_sum;
+    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k,
+                   need_q ? &row_sum : nullptr, nullptr);
+    if (need_q) renormalize(dq_acc, row_sum, k, Bq, Bk, D, offset, true, 1.f, nthreads);
     const double coef = grad / (double)Bq;
     write_grads(dq_acc, dk_acc, Bq, Bk, D, (float)(coef * scale), dq, dk, nthreads);
     ds = coef * sum_gdot;
-    db = coef * sum_g;
   }
-  return py::make_tuple(ds, db);
+  return py::make_tuple(ds, 0.0);  // dbias = 0 exactly
 }
 
 }  // namespace
@@ -258,7 +279,7 @@ void register_clip_loss(py::module_& m) {
         "clip_sym_bwd(q, k, B, D, scale, bias, lse_row, lse_col, grad, dq, dk, nthreads) -> (dscale, dbias)",
         py::arg("q"), py::arg("k"), py::arg("B"), py::arg("D"), py::arg("scale"), py::arg("bias"),
         py::arg("lse_row"), py::arg("lse_col"), py::arg("grad"), py::arg("dq"), py::arg("dk"),
-        py::arg("nthreads") = 0);
+        py::arg("nthreads") = 0, py::arg("need_q") = true, py::arg("need_k") = true);
   m.def("clip_dir_fwd", &clip_dir_fwd, py::call_guard<py::gil_scoped_release>(),
         "clip_dir_fwd(q, k, Bq, Bk, D, scale, bias, offset, lse, nthreads) -> loss", py::arg("q"), py::arg("k"),
         py::arg("Bq"), py::arg("Bk"), py::arg("D"), py::arg("scale"), py::arg("bias"), py::arg("offset"),
@@ -266,5 +287,6 @@ void register_clip_loss(py::module_& m) {
   m.def("clip_dir_bwd", &clip_dir_bwd,
         "clip_dir_bwd(q, k, Bq, Bk, D, scale, bias, lse, offset, grad, dq, dk, nthreads) -> (dscale, dbias)",
         py::arg("q"), py::arg("k"), py::arg("Bq"), py::arg("Bk"), py::arg("D"), py::arg("scale"), py::arg("bias"),
-        py::arg("lse"), py::arg("offset"), py::arg("grad"), py::arg("dq"), py::arg("dk"), py::arg("nthreads") = 0);
+        py::arg("lse"), py::arg("offset"), py::arg("grad"), py::arg("dq"), py::arg("dk"), py::arg("nthreads") = 0,
+        py::arg("need_q") = true, py::arg("need_k") = true);
 }

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -282,33 +283,67 @@ inline double dot_d(const float* a, const float* b, i64 D) {
   return s;
 }
 
-// Backward driver shared by CLIP (sym/dir) and SigLIP. `epi(i0, mb, j0, nb, tile)` turns the dot tile (row stride
-// NB) into G in place (without the global factor) and returns (sum G*dot, sum G) for the tile. Writes
-// dq_acc = G K [Bq x Dp] and dk_acc = G^T Q [Bk x Dp] (summed over threads), both fp32.
+// Extra memory the backward may spend on per-thread dK partials (bytes); above it the sweep runs in two passes.
+// BIOCLIP_FAST_CPU_BWD_MEMORY_MB overrides (read on each call: cheap next to an O(B^2 D) sweep).
+inline i64 partial_budget_bytes() {
+  const char* env = std::getenv("BIOCLIP_FAST_CPU_BWD_MEMORY_MB");
+  const i64 mb = env ? std::atoll(env) : 256;
+  return std::max<i64>(0, mb) << 20;
+}
+
+// Backward driver shared by CLIP (sym/dir) and SigLIP. `epi(i0, mb, j0, nb, tile, ld, count)` turns the dot tile
+// (row stride NB) into G in place (without the global factor) and returns (centred sum G*dot, sum G) for the tile
+// (`count` false: the sums are not wanted). Writes dq_acc = G K [Bq x Dp] and dk_acc = G^T Q [Bk x Dp], both fp32
+// (either may be skipped: need_q / need_k).
+//
+// dK needs a reduction over row blocks. One sweep with a dK partial per extra thread costs (threads-1)*Bk*Dp
+// floats (6 GB at 64 threads, B = 32k, D = 768): used only while that fits partial_budget_bytes(). Otherwise two
+// passes whose threads own their outputs: row blocks -> dQ, then column blocks -> dK (the dot tile is computed
+// twice: 4 instead of 3 GEMM-shaped products), extra memory independent of the thread count.
 template <class Epi>
 inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D, int nthreads, Epi epi,
                            std::vector<float>& dq_acc, std::vector<float>& dk_acc, double& sum_gdot,
-                           double& sum_g) {
+                           double& sum_g, bool need_q = true, bool need_k = true,
+                           std::vector<float>* row_sum = nullptr, std::vector<float>* col_sum = nullptr) {
   const i64 Dp = round_up(D, NR), npd = Dp / NR;
   const Tiles t = choose_tiles(D);
   const std::vector<float> kt = pack_panels(k, Bk, D, nthreads);
-  const std::vector<float> qpp = pack_dpanels(q, Bq, D, nthreads);
-  const std::vector<float> kpp = pack_dpanels(k, Bk, D, nthreads);
-  dq_acc.assign((size_t)(Bq * Dp), 0.f);
-  // Per-thread dK partials (no atomics; reduced below). Thread 0 accumulates straight into dk_acc.
-  dk_acc.assign((size_t)(Bk * Dp), 0.f);
-  std::vector<std::vector<float>> dk_part((size_t)std::max(0, nthreads - 1));
+  const std::vector<float> qpp = need_k ? pack_dpanels(q, Bq, D, nthreads) : std::vector<float>();
+  const std::vector<float> kpp = need_q ? pack_dpanels(k, Bk, D, nthreads) : std::vector<float>();
+  if (need_q) dq_acc.assign((size_t)(Bq * Dp), 0.f);
+  if (need_k) dk_acc.assign((size_t)(Bk * Dp), 0.f);
   const i64 nrb = (Bq + t.MB - 1) / t.MB;
+  const i64 part_bytes = Bk * Dp * (i64)sizeof(float);
+  const bool one_pass = !need_k || nthreads == 1 || (i64)(nthreads - 1) * part_bytes <= partial_budget_bytes();
+  std::vector<std::vector<float>> dk_part((size_t)(one_pass && need_k ? std::max(0, nthreads - 1) : 0));
+  // Row sums (renormalization) are owned by pass 1's row blocks. Column sums: per-thread vectors in one-pass mode
+  // (O(threads * Bk) floats, far below the dK partials that mode already pays for), owned by pass 2 otherwise.
+  if (row_sum) row_sum->assign((size_t)Bq, 0.f);
+  if (col_sum) col_sum->assign((size_t)Bk, 0.f);
+  std::vector<std::vector<float>> cs_part((size_t)(col_sum && one_pass ? std::max(0, nthreads - 1) : 0));
   double tot_gdot = 0, tot_g = 0;
 #pragma omp parallel num_threads(nthreads) reduction(+ : tot_gdot, tot_g)
   {
     const int tid = omp_get_thread_num();
-    float* dk_mine = dk_acc.data();
-    if (tid > 0) {
-      dk_part[tid - 1].assign((size_t)(Bk * Dp), 0.f);
-      dk_mine = dk_part[tid - 1].data();
+    float* dk_mine = nullptr;
+    if (one_pass && need_k) {
+      dk_mine = dk_acc.data();
+      if (tid > 0) {
+        dk_part[tid - 1].assign((size_t)(Bk * Dp), 0.f);
+        dk_mine = dk_part[tid - 1].data();
+      }
+    }
+    float* rs = row_sum ? row_sum->data() : nullptr;
+    float* cs1 = nullptr;  // pass 1's column sums (one-pass mode only)
+    if (col_sum && one_pass) {
+      cs1 = col_sum->data();
+      if (tid > 0) {
+        cs_part[tid - 1].assign((size_t)Bk, 0.f);
+        cs1 = cs_part[tid - 1].data();
+      }
     }
     std::vector<float> tile((size_t)(t.MB * t.NB));
+    // Pass 1 (the only pass in one-pass mode): row blocks, dQ owned, sums counted.
 #pragma omp for schedule(dynamic, 1)
     for (i64 rb = 0; rb < nrb; ++rb) {
       const i64 i0 = rb * t.MB, mb = std::min(t.MB, Bq - i0);
@@ -316,19 +351,37 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
         const i64 nb = std::min(t.NB, Bk - j0);
         gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
                     tile.data(), t.NB, false);
-        const std::pair<double, double> sums = epi(i0, mb, j0, nb, tile.data(), t.NB);
+        const std::pair<double, double> sums = epi(i0, mb, j0, nb, tile.data(), t.NB, true, rs, cs1);
         tot_gdot += sums.first;
         tot_g += sums.second;
         // dQ[i0:i0+mb] += G[mb x nb] K[j0:j0+nb]
-        gemm_panels(mb, npd, tile.data(), t.NB, 1, kpp.data() + j0 * NR, NR, Bk * NR, nb, dq_acc.data() + i0 * Dp,
-                    Dp, true);
+        if (need_q)
+          gemm_panels(mb, npd, tile.data(), t.NB, 1, kpp.data() + j0 * NR, NR, Bk * NR, nb,
+                      dq_acc.data() + i0 * Dp, Dp, true);
         // dK[j0:j0+nb] += G^T[nb x mb] Q[i0:i0+mb]
-        gemm_panels(nb, npd, tile.data(), 1, t.NB, qpp.data() + i0 * NR, NR, Bq * NR, mb, dk_mine + j0 * Dp, Dp,
-                    true);
+        if (one_pass && need_k)
+          gemm_panels(nb, npd, tile.data(), 1, t.NB, qpp.data() + i0 * NR, NR, Bq * NR, mb, dk_mine + j0 * Dp, Dp,
+                      true);
+      }
+    }
+    if (!one_pass) {
+      // Pass 2: column blocks, dK owned (same tiles, same G, sums already counted).
+      const i64 ncb = (Bk + t.NB - 1) / t.NB;
+#pragma omp for schedule(dynamic, 1)
+      for (i64 cb = 0; cb < ncb; ++cb) {
+        const i64 j0 = cb * t.NB, nb = std::min(t.NB, Bk - j0);
+        for (i64 i0 = 0; i0 < Bq; i0 += t.MB) {
+          const i64 mb = std::min(t.MB, Bq - i0);
+          gemm_panels(mb, (nb + NR - 1) / NR, q + i0 * D, D, 1, kt.data() + (j0 / NR) * D * NR, NR, D * NR, D,
+                      tile.data(), t.NB, false);
+          epi(i0, mb, j0, nb, tile.data(), t.NB, false, nullptr, col_sum ? col_sum->data() : nullptr);
+          gemm_panels(nb, npd, tile.data(), 1, t.NB, qpp.data() + i0 * NR, NR, Bq * NR, mb,
+                      dk_acc.data() + j0 * Dp, Dp, true);
+        }
       }
     }
   }
-  if (nthreads > 1) {
+  if (one_pass && need_k && nthreads > 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (i64 j = 0; j < Bk; ++j)
       for (const auto& part : dk_part) {
@@ -339,59 +392,121 @@ inline void backward_sweep(const float* q, const float* k, i64 Bq, i64 Bk, i64 D
         for (i64 d = 0; d < Dp; ++d) dst[d] += src[d];
       }
   }
+  if (col_sum && one_pass)
+    for (const auto& part : cs_part)
+      if (!part.empty())
+        for (i64 j = 0; j < Bk; ++j) (*col_sum)[j] += part[j];
   sum_gdot = tot_gdot;
   sum_g = tot_g;
 }
 
+// One gradient entry from its epilogue: g (what the products use) and gc, its centred contribution to the
+// dscale sum (see grad_tile).
+struct GV {
+  V g, gc, ra, ca;  // ra / ca: summed per row / per column into row_sum / col_sum (renormalization)
+};
+struct GS {
+  float g, gc, ra, ca;
+};
+
 // Backward epilogue of one tile: replace the dot products by G = g(S) - delta*[j == i + offset] in place (the
 // positive's -delta is applied inside the tile, before any product, so no cancellation against a large
-// separately-computed term) and return (sum G*dot, sum G). Row sums are flushed to double per row.
-// gv(r, j, dot8) -> G for 8 columns of row r starting at j; gs(r, j, dot) -> G for one column.
-template <class GV, class GS>
+// separately-computed term) and return (centred sum G*dot, sum G). Row sums are flushed to double per row.
+// gv(r, j, dot8) -> GV for 8 columns of row r starting at j; gs(r, j, dot) -> GS for one column.
+//
+// dscale is computed cancellation-free: each softmax direction's G sums to zero along its row (column), so
+// sum G*dot = sum G*(dot - c) with c the row's (column's) positive dot product; the epilogues return gc = g*(dot-c)
+// per direction. On near-duplicate batches (dot ~ 1 everywhere) the plain sum loses all its digits. The positive's
+// -delta term enters as -delta*(dot_pos - c_i). SigLIP's rows do not sum to zero: `row_centre` adds c_i * sum_j G.
+template <class GVF, class GSF>
 inline std::pair<double, double> grad_tile(i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, i64 offset,
-                                           float delta, GV gv, GS gs) {
+                                           float delta, const float* centre, bool row_centre, bool count, GVF gv,
+                                           GSF gs, float* row_sum = nullptr, float* col_sum = nullptr) {
   double sum_gdot = 0, sum_g = 0;
   for (i64 r = 0; r < mb; ++r) {
     float* d = tile + r * ld;
     const i64 jp = i0 + r + offset - j0;
     const bool has_pos = jp >= 0 && jp < nb;
     const float dot_pos = has_pos ? d[jp] : 0.f;
-    V a = V::zero(), b = V::zero();
-    float at = 0, bt = 0;
+    V a = V::zero(), b = V::zero(), ra = V::zero();
+    float at = 0, bt = 0, rt = 0;
     i64 j = 0;
     for (; j + 8 <= nb; j += 8) {
-      const V dot = V::load(d + j), g = gv(r, j, dot);
-      a = fmadd(g, dot, a);
-      b = b + g;
-      g.store(d + j);
+      const GV e = gv(r, j, V::load(d + j));
+      a = a + e.gc;
+      b = b + e.g;
+      ra = ra + e.ra;
+      if (col_sum) (V::load(col_sum + j0 + j) + e.ca).store(col_sum + j0 + j);
+      e.g.store(d + j);
     }
     for (; j < nb; ++j) {
-      const float dot = d[j], g = gs(r, j, dot);
-      at += g * dot;
-      bt += g;
-      d[j] = g;
+      const GS e = gs(r, j, d[j]);
+      at += e.gc;
+      bt += e.g;
+      rt += e.ra;
+      if (col_sum) col_sum[j0 + j] += e.ca;
+      d[j] = e.g;
     }
+    if (row_sum) row_sum[i0 + r] += hsum(ra) + rt;
+    if (!count) {
+      if (has_pos) d[jp] -= delta;
+      continue;
+    }
+    const double c = centre[i0 + r];
     double rgd = (double)hsum(a) + at, rg = (double)hsum(b) + bt;
     if (has_pos) {
       d[jp] -= delta;
-      rgd -= (double)delta * dot_pos;
+      rgd -= (double)delta * ((double)dot_pos - c);
       rg -= delta;
     }
+    if (row_centre) rgd += c * rg;
     sum_gdot += rgd;
     sum_g += rg;
   }
   return {sum_gdot, sum_g};
 }
 
+// Centres c_i = <q_i, k_{i+offset}> (0 where row i has no positive), computed in double.
+inline std::vector<float> positive_dots(const float* q, const float* k, i64 Bq, i64 Bk, i64 D, i64 offset,
+                                        int nthreads) {
+  std::vector<float> c((size_t)Bq, 0.f);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (i64 i = 0; i < Bq; ++i)
+    if (i + offset >= 0 && i + offset < Bk) c[i] = (float)dot_d(q + i * D, k + (i + offset) * D, D);
+  return c;
+}
+
+// Renormalization of the owned softmax after the sweep (the stored LSE is rounded: fp32 at |lse| ~ 100 is off by
+// up to 4e-6 relative, the same for a whole row, and near-duplicate columns amplify that systematic error in G K).
+// exact: acc_i = (acc_i + y_pos) / s_i - y_pos (one-direction rows: acc holds P Y - y_pos);
+// first order (symmetric): acc_i += w * (1/s_i - 1) * y_pos, exact when the softmax-weighted mean of Y is y_pos.
+inline void renormalize(std::vector<float>& acc, const std::vector<float>& sums, const float* y, i64 n, i64 ny, i64 D,
+                        i64 offset, bool exact, float w, int nthreads) {
+  const i64 Dp = round_up(D, NR);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (i64 i = 0; i < n; ++i) {
+    const i64 p = i + offset;
+    if (p < 0 || p >= ny || !(sums[i] > 0.f)) continue;
+    const float* yp = y + p * D;
+    float* a = acc.data() + i * Dp;
+    const float inv = 1.f / sums[i];
+    if (exact)
+      for (i64 d = 0; d < D; ++d) a[d] = (a[d] + yp[d]) * inv - yp[d];
+    else
+      for (i64 d = 0; d < D; ++d) a[d] += w * (inv - 1.f) * yp[d];
+  }
+}
+
 // Final pass of every backward: dq = cs * dq_acc, dk = cs * dk_acc (dropping the D padding).
 inline void write_grads(const std::vector<float>& dq_acc, const std::vector<float>& dk_acc, i64 Bq, i64 Bk, i64 D,
                         float cs, float* dq, float* dk, int nthreads) {
   const i64 Dp = round_up(D, NR);
+  const bool wq = dq != nullptr && !dq_acc.empty(), wk = dk != nullptr && !dk_acc.empty();
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (i64 i = 0; i < std::max(Bq, Bk); ++i) {
-    if (i < Bq)
+    if (wq && i < Bq)
       for (i64 d = 0; d < D; ++d) dq[i * D + d] = cs * dq_acc[i * Dp + d];
-    if (i < Bk)
+    if (wk && i < Bk)
       for (i64 d = 0; d < D; ++d) dk[i * D + d] = cs * dk_acc[i * Dp + d];
   }
 }

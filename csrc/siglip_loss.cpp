@@ -51,24 +51,35 @@ double siglip_fwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i6
 }
 
 py::tuple siglip_bwd(std::uintptr_t q_ptr, std::uintptr_t k_ptr, i64 Bq, i64 Bk, i64 D, double scale, double bias,
-                     i64 offset, double grad, std::uintptr_t dq_ptr, std::uintptr_t dk_ptr, int nthreads) {
+                     i64 offset, double grad, std::uintptr_t dq_ptr, std::uintptr_t dk_ptr, int nthreads, bool need_q,
+                     bool need_k) {
   double ds, db;
   {
     py::gil_scoped_release release;
     nthreads = resolve_threads(nthreads);
     const float* q = reinterpret_cast<const float*>(q_ptr);
     const float* k = reinterpret_cast<const float*>(k_ptr);
-    float* dq = reinterpret_cast<float*>(dq_ptr);
-    float* dk = reinterpret_cast<float*>(dk_ptr);
+    float* dq = need_q ? reinterpret_cast<float*>(dq_ptr) : nullptr;
+    float* dk = need_k ? reinterpret_cast<float*>(dk_ptr) : nullptr;
     const Affine aff((float)scale, (float)bias);
+    const std::vector<float> cen = positive_dots(q, k, Bq, Bk, D, offset, nthreads);
+    const float* c = cen.data();
     std::vector<float> dq_acc, dk_acc;
     double sum_gdot = 0, sum_g = 0;
-    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld) {
+    // dscale = sum_i [sum_j G_ij (dot_ij - c_i) + c_i sum_j G_ij] (row_centre = true), c_i the positive's dot.
+    auto epi = [&](i64 i0, i64 mb, i64 j0, i64 nb, float* tile, i64 ld, bool count, float*, float*) {
       return grad_tile(
-          i0, mb, j0, nb, tile, ld, offset, 1.f, [&](i64, i64, V dot) { return sigmoid_v(aff(dot)); },
-          [&](i64, i64, float dot) { return sigmoid_s(aff(dot)); });
+          i0, mb, j0, nb, tile, ld, offset, 1.f, c, true, count,
+          [&](i64 r, i64, V dot) {
+            const V g = sigmoid_v(aff(dot));
+            return GV{g, g * (dot - V::set1(c[i0 + r])), V::zero(), V::zero()};
+          },
+          [&](i64 r, i64, float dot) {
+            const float g = sigmoid_s(aff(dot));
+            return GS{g, g * (dot - c[i0 + r]), 0.f, 0.f};
+          });
     };
-    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g);
+    backward_sweep(q, k, Bq, Bk, D, nthreads, epi, dq_acc, dk_acc, sum_gdot, sum_g, need_q, need_k);
     const double coef = grad / (double)Bq;
     write_grads(dq_acc, dk_acc, Bq, Bk, D, (float)(coef * scale), dq, dk, nthreads);
     ds = coef * sum_gdot;
@@ -87,5 +98,6 @@ void register_siglip_loss(py::module_& m) {
   m.def("siglip_bwd", &siglip_bwd,
         "siglip_bwd(q, k, Bq, Bk, D, scale, bias, offset, grad, dq, dk, nthreads) -> (dscale, dbias)", py::arg("q"),
         py::arg("k"), py::arg("Bq"), py::arg("Bk"), py::arg("D"), py::arg("scale"), py::arg("bias"),
-        py::arg("offset"), py::arg("grad"), py::arg("dq"), py::arg("dk"), py::arg("nthreads") = 0);
+        py::arg("offset"), py::arg("grad"), py::arg("dq"), py::arg("dk"), py::arg("nthreads") = 0,
+        py::arg("need_q") = true, py::arg("need_k") = true);
 }

@@ -12,7 +12,8 @@ the grid gets a second axis over D slices and each slice recomputes the logits t
 recompute against register pressure for wide D; see ``bwd_configs``).
 
 For wide D there is a second backward (``pairwise_bwd_gemm``): gradient tiles written to a bounded workspace and
-cuBLAS products; ``bwd_strategy`` picks one (see clip_loss.py's docstring).
+cuBLAS products, each logits tile computed once; ``bwd_plan`` picks one from B, D, the dtype and the memory budget
+(see clip_loss.py's docstring).
 
 Uses only Triton APIs present from 3.0 through 3.8 (run here on 3.8; 3.6 not run): tl.dot(input_precision=),
 tl.debug_barrier, triton.autotune(restore_value=, prune_configs_by={"early_config_prune"}) whose callback is called
@@ -27,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bioclip_fast.ops.precision import input_precision
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -39,10 +42,9 @@ MODE_SIGLIP = 2  # G = -z * sigmoid(-z * S), z = +1 on positives else -1
 def dot_precision(dtype: torch.dtype) -> str:
     """Tensor-core mode of the kernels' fp32 products, following ``torch.set_float32_matmul_precision`` like
     torch's own fp32 matmuls: "highest" (torch's default) -> exact fp32 ("ieee", CUDA cores), "high" -> 3xTF32
-    (about fp32 accuracy on tensor cores), "medium" -> TF32. "" for bf16/fp16 (always tensor cores)."""
-    if dtype != torch.float32:
-        return ""
-    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+    (about fp32 accuracy on tensor cores), "medium" -> TF32. "" for bf16/fp16 (always tensor cores). The losses
+    cast fp32 features to bf16 first under autocast or ``compute_dtype`` (``bioclip_fast.ops.precision``)."""
+    return input_precision(dtype)
 
 
 def interpreting() -> bool:
@@ -101,19 +103,29 @@ def fwd_configs(D: int) -> list[triton.Config]:
         bd = _d_block(D)
         shapes = ((128, 128, bd, 8, 3), (128, 64, bd, 4, 3), (64, 128, bd, 4, 3), (64, 64, bd, 4, 4))
     else:
-        shapes = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        # First = default (BIOCLIP_FAST_AUTOTUNE=0): the only one without spills at D = 768 in ptxas's report
+        # (the 128-row tiles spill 8-12 B of the column-statistics epilogue; kernels/NOTES.md).
+        shapes = ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
                   (128, 128, 128, 8, 2))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
             for bm, bn, bd, w, st in shapes]
 
 
+def grad_configs(D: int) -> list[triton.Config]:
+    """Gradient-tile kernel (GEMM backward): the forward's shapes, but 64 x 64 / 4 warps first (default): its
+    symmetric epilogue holds both softmaxes and the centred scale-gradient terms, and spills at 64 x 128 / 4 warps
+    (468 B) and 128 x 128 / 8 warps (184 B) per ptxas on sm_90a."""
+    bd = _d_block(D) if D <= 128 else 64
+    first = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": bd}, num_warps=4, num_stages=3)
+    return [first] + [c for c in fwd_configs(D) if c.kwargs != first.kwargs or c.num_warps != 4]
+
+
 def bwd_configs(D: int) -> list[triton.Config]:
     """Backward configs: logits tile recompute, then ``acc[BLOCK_X, NUM_ACC*BLOCK_DO] += G @ Y[:, slice]``.
 
-    For D <= 128 the whole dX row block stays in registers. For wider D three strategies compete:
-    all of D in registers with BLOCK_X = 64 (no recompute; spills a little at D = 768), two D slices with
-    BLOCK_X = 64 (logits recomputed twice, no spills), and 128-row blocks with 128/256-wide slices (the largest
-    MMA tiles, logits recomputed D / BLOCK_DO times).
+    For D <= 128 the whole dX row block stays in registers; up to D = 512 too (64-row blocks). For wider D: two D
+    slices with BLOCK_X = 64 (logits recomputed twice, no spills) and 128-row blocks with 128/256-wide slices
+    (the largest MMA tiles, logits recomputed D / BLOCK_DO times). The first config is the default.
     """
     def cfg(bx, by, bd, bdo, nacc, warps, stages):
         return triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_D": bd, "BLOCK_DO": bdo, "NUM_ACC": nacc},
@@ -130,9 +142,9 @@ def bwd_configs(D: int) -> list[triton.Config]:
         # 128-row blocks: all of D in registers up to 256, else two 256-wide slices.
         out.append(cfg(128, 64, 64, 128, n128, 8, 2) if D <= 256 else cfg(128, 64, 64, 256, 1, 8, 2))
     else:
-        n256 = triton.cdiv(D, 256)
-        if n256 <= 4:  # D <= 1024: all of D in registers, 64-row blocks
-            out.append(cfg(64, 64, 64, 256, n256, 8, 2))
+        # All of D in registers (64 rows x 768 fp32) spills 600-800 B per thread at 8 and at 16 warps (ptxas,
+        # sm_90a), so it is not offered: two D slices (the logits recomputed twice per kernel) are the widest
+        # spill-free tiling. Where memory allows, bwd_plan takes the GEMM backward instead (one recompute).
         half = triton.cdiv(triton.cdiv(D, 2), 128)
         if half <= 4:  # two slices
             out.append(cfg(64, 64, 64, 128, half, 8, 2))
@@ -142,12 +154,25 @@ def bwd_configs(D: int) -> list[triton.Config]:
     return out
 
 
+def autotune_enabled() -> bool:
+    """``BIOCLIP_FAST_AUTOTUNE=0`` runs the first (default) config of each list without benchmarking the others:
+    for huge B (each autotune trial is a full sweep) or reproducible timing of the defaults."""
+    return os.environ.get("BIOCLIP_FAST_AUTOTUNE", "1").strip() != "0"
+
+
 def prune_fwd(configs, named_args, **kwargs):
-    return fwd_configs(int(named_args["D"]))
+    out = fwd_configs(int(named_args["D"]))
+    return out if autotune_enabled() else out[:1]
+
+
+def prune_grad(configs, named_args, **kwargs):
+    out = grad_configs(int(named_args["D"]))
+    return out if autotune_enabled() else out[:1]
 
 
 def prune_bwd(configs, named_args, **kwargs):
-    return bwd_configs(int(named_args["D"]))
+    out = bwd_configs(int(named_args["D"]))
+    return out if autotune_enabled() else out[:1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,30 +213,55 @@ def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.
 
 
 @triton.jit
-def sym_prob_sum(s2, la2, lb2):
-    """``exp2(s2 - la2[:, None]) + exp2(s2 - lb2[None, :])`` (log2 units), with one exp2 per element.
+def row_probs(t, scale, bias, lse):
+    """``exp(S - lse)`` with ``S = t * scale + bias`` rounded exactly as the forward rounds it (natural units), and
+    only the small difference scaled to log2 units for exp2: the probabilities then sum to 1 against the forward's
+    LSE up to rounding (``exp2(s2 - lse2)`` in log2 units would round at |s2| ~ 144 and differently from the
+    forward: a systematic per-row error that near-duplicate batches amplify)."""
+    s = t * scale + bias
+    return tl.exp2(tl.minimum(s - lse, 0.0) * 1.4426950408889634)
 
-    ``exp2(s - lb_j) = exp2(s - la_i) * exp2(la_i - c) * exp2(c - lb_j)`` with c = max(la): two vector exp2s
-    instead of a second tile of them (the epilogue is MUFU-bound). Exact to fp32 precision when the tile's LSEs
-    are within 2^60 of each other (no factor over/underflows, and an underflowed first term implies a second
-    term below 2^-66); otherwise the tile takes the direct two-exp2 path.
+
+@triton.jit
+def _exp_vec(x):
+    """exp(x) for a per-row / per-column vector, compensating the rounding of x * log2(e): with |x| up to ~40 that
+    rounding alone is a ~2e-6 relative error shared by a whole row or column of probabilities, which near-duplicate
+    batches amplify. Vectors only (BLOCK entries per tile), so the extra FMAs are free next to the tile's exp2s."""
+    xl = x * 1.4426950408889634
+    r = tl.fma(x, 1.4426950408889634, -xl) + x * 1.925963033500011e-08  # exact residual + log2(e)'s low part
+    return tl.exp2(xl) * (1.0 + r * 0.6931471805599453)
+
+
+@triton.jit
+def sym_probs(t, scale, bias, la, lb):
+    """``(exp(S - la[:, None]), exp(S - lb[None, :]))``, S = scale * t + bias, la/lb natural-log LSEs, with one
+    exp2 per element.
+
+    ``exp(S - lb_j) = exp(S - la_i) * exp2(la2_i - c) * exp2(c - lb2_j)`` with c = max(la2) (log2 units): two
+    vector exp2s instead of a second tile of them (the epilogue is MUFU-bound). Exact to fp32 precision when the
+    tile's LSEs are within 2^60 of each other (no factor over/underflows, and an underflowed first term implies a
+    second term below 2^-66); otherwise the tile takes the direct two-exp2 path. The two directions are returned
+    separately so the scale gradient can centre each on its own positive (see ``_pairwise_bwd_kernel``).
     """
-    c = tl.max(la2, 0)
-    if (c - tl.min(la2, 0) <= 60.0) and (c - tl.min(lb2, 0) <= 60.0):
-        a = tl.exp2(la2 - c)
-        b = tl.exp2(c - lb2)
-        p = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0))
-        out = p + p * (a[:, None] * b[None, :])
+    c = tl.max(la, 0)
+    pr = row_probs(t, scale, bias, la[:, None])
+    # 41.6 = 60 * ln 2. The differences are taken in natural units before scaling: la*log2(e) rounded at |la| ~ 100
+    # would put a systematic error of ~5e-6 into a whole row / column of probabilities.
+    if (c - tl.min(la, 0) <= 41.58883083359672) and (c - tl.min(lb, 0) <= 41.58883083359672):
+        a = _exp_vec(la - c)
+        b = _exp_vec(c - lb)
+        pc = pr * (a[:, None] * b[None, :])
     else:
         # min(., 0): s <= lse for every real entry; padding rows/columns (masked later) must not overflow.
-        out = tl.exp2(tl.minimum(s2 - la2[:, None], 0.0)) + tl.exp2(tl.minimum(s2 - lb2[None, :], 0.0))
-    return out
+        pc = row_probs(t, scale, bias, lb[None, :])
+    return pr, pc
 
 
 @triton.jit
 def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
+    # g arrives pre-scaled (GSCALE) and already cast to the operand dtype.
     y = _load_rows(Y, offs_y, mask_y, d0, D, BLOCK_DO)
-    return mma(g.to(y.dtype), y, acc, PREC)
+    return mma(g, y, acc, PREC)
 
 
 @triton.jit
@@ -222,12 +272,25 @@ def _store_slice(DX, acc, offs_x, mask_x, d0, factor, D: tl.constexpr, BLOCK_DO:
 
 
 @triton.jit
+def _recentre_slice(acc, corr, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    ypos = _load_rows(Y, offs_pos, mask_x, d0, D, BLOCK_DO).to(tl.float32)
+    return acc + corr[:, None] * ypos
+
+
+@triton.jit
+def _normalize_slice(acc, inv_rs, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """acc / rowsum - Y[positive rows]: the row softmax renormalized, then its -onehot (see RENORM)."""
+    ypos = _load_rows(Y, offs_pos, mask_x, d0, D, BLOCK_DO).to(tl.float32)
+    return acc * inv_rs[:, None] - ypos
+
+
+@triton.jit
 def _pairwise_bwd_kernel(
-    X, Y, SCALE, BIAS, LSE_X, LSE_Y, GRAD, DX, DS_PART, DB_PART,
+    X, Y, SCALE, BIAS, LSE_X, LSE_Y, CEN_X, CEN_Y, GRAD, DX, DS_PART, DB_PART,
     Bx, By, offset, inv_n,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, X_IS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr,
+    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     NUM_ACC: tl.constexpr,
 ):
@@ -235,8 +298,14 @@ def _pairwise_bwd_kernel(
 
     The logits tile is computed as ``X @ Y^T``; when X holds the loss's rows (X_IS_ROWS) element (a, b) is
     S[a, b], otherwise it is S[b, a]. ``LSE_X``/``LSE_Y`` are the log-sum-exp vectors indexed by X's / Y's rows.
-    The gradient tile is kept as ``G / coef`` (values in [-1, 1], safe to round to bf16/fp16 for the tensor-core
-    product) and ``coef = grad_loss * inv_n`` is applied once at the end.
+    The gradient tile is kept as ``G / coef`` (values in [-1, 1]) and ``coef = grad_loss * inv_n`` is applied once
+    at the end. For fp16 operands it is multiplied by ``GSCALE = 2^14`` before the cast (at B = 1M the
+    probabilities are ~1e-6, subnormal in fp16; 2^14 keeps them normal and |G| <= 2^14 below fp16's max), and the
+    fp32 accumulator is divided by it at the end (exact: a power of two).
+
+    Scale gradient (SCALAR_GRADS, rows only), cancellation-free: each softmax direction's G sums to zero along its
+    row (column), so ``sum G*t = sum G*(t - c)`` with ``c`` that row's (column's) positive dot product ``CEN``;
+    on near-duplicate batches (t ~ 1 everywhere) the plain sum loses all digits. SigLIP adds ``c_i * sum_j G_ij``.
     """
     pid_x = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -250,15 +319,30 @@ def _pairwise_bwd_kernel(
     else:
         bias2 = 0.0
     coef = tl.load(GRAD).to(tl.float32) * inv_n
+    if SCALAR_GRADS:
+        cx = tl.load(CEN_X + offs_x, mask=mask_x, other=0.0)
 
     # Log-sum-exp of X's rows, in log2 units (row LSE when X holds rows; column LSE for the symmetric loss).
+    if HAS_BIAS:
+        bias = tl.load(BIAS).to(tl.float32)
+    else:
+        bias = 0.0
     if MODE == 0:
-        lx2 = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0) * 1.4426950408889634
+        lx = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0)
     elif MODE == 1:
         if X_IS_ROWS:
-            lx2 = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0) * 1.4426950408889634
+            lx = tl.load(LSE_X + offs_x, mask=mask_x, other=0.0)
 
     SINGLE_D: tl.constexpr = D <= BLOCK_D
+    # One-direction rows (the multi-GPU local loss's dQ): accumulate P @ Y without the -onehot and the row sums of P,
+    # then dX = (P @ Y) / rowsum - Y[positive]. The row softmax then sums to 1 to rounding whatever the rounding of
+    # the stored LSE (fp32 at |lse| ~ 100 is off by up to 4e-6 relative, the same for the whole row); on
+    # near-duplicate columns (Y rows ~ one vector) that systematic error is amplified by the cancellation in G @ Y.
+    RENORM: tl.constexpr = (MODE == 1) and X_IS_ROWS
+    # Symmetric loss: the owned direction's softmax (pa) gets the first-order version of the same correction,
+    # dX += 0.5 * (1/rowsum - 1) * Y[positive]: exact when the softmax-weighted mean of Y is its positive (the
+    # near-duplicate case, where the error matters), never larger than the error it corrects otherwise.
+    RECENTRE: tl.constexpr = MODE == 0
     REUSE_Y: tl.constexpr = SINGLE_D and (BLOCK_DO == BLOCK_D) and (NUM_ACC == 1)
     if SINGLE_D:
         x_tile = _load_rows(X, offs_x, mask_x, 0, D, BLOCK_D)
@@ -270,6 +354,8 @@ def _pairwise_bwd_kernel(
     acc3 = tl.zeros([BLOCK_X, BLOCK_DO], dtype=tl.float32)
     ds_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
+    rs_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
+    tp_acc = tl.zeros([BLOCK_X], dtype=tl.float32)
 
     for y0 in range(0, By, BLOCK_Y):
         offs_y = y0 + tl.arange(0, BLOCK_Y)
@@ -287,38 +373,77 @@ def _pairwise_bwd_kernel(
             is_pos = offs_x[:, None] == (offs_y[None, :] + offset)
         onehot = tl.where(is_pos, 1.0, 0.0)
 
+        valid = mask_x[:, None] & mask_y[None, :]
         if MODE == 0:
-            ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
-            g = 0.5 * sym_prob_sum(s2, lx2, ly2) - onehot
+            ly = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0)
+            pa, pb = sym_probs(t, scale, bias, lx, ly)
+            g = 0.5 * (pa + pb) - onehot
+            rs_acc += tl.sum(tl.where(valid, pa, 0.0), 1)
+            if SCALAR_GRADS:  # X rows: pa is the row softmax (centre c_i), pb the column softmax (centre c_j)
+                cy = tl.load(CEN_Y + offs_y, mask=mask_y, other=0.0)
+                u = t - cx[:, None]
+                v = t - cy[None, :]
+                ds_acc += tl.sum(tl.where(valid, (pa - onehot) * u + (pb - onehot) * v, 0.0), 1) * 0.5
         elif MODE == 1:
             if X_IS_ROWS:
-                g = tl.exp2(tl.minimum(s2 - lx2[:, None], 0.0)) - onehot
+                g = row_probs(t, scale, bias, lx[:, None])  # the -onehot is applied after renormalizing
+                rs_acc += tl.sum(tl.where(valid, g, 0.0), 1)
             else:
-                ly2 = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0) * 1.4426950408889634
-                g = tl.exp2(tl.minimum(s2 - ly2[None, :], 0.0)) - onehot
+                ly = tl.load(LSE_Y + offs_y, mask=mask_y, other=0.0)
+                g = row_probs(t, scale, bias, ly[None, :]) - onehot
         else:
             # d/dS of -logsigmoid(z*S) = -z * sigmoid(-z*S): sigmoid(S) on negatives, -sigmoid(-S) on positives.
             # Clamp so exp2 stays finite (2^126 -> sigmoid ~1e-38, i.e. 0 to fp32 working precision).
             zs2 = tl.minimum(tl.where(is_pos, s2, -s2), 126.0)
             g = (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2))
-        g = tl.where(mask_x[:, None] & mask_y[None, :], g, 0.0)
+        g = tl.where(valid, g, 0.0)
 
         if SCALAR_GRADS:
-            ds_acc += tl.sum(g * t, 1)
-            db_acc += tl.sum(g, 1)
+            if MODE != 0:
+                ds_acc += tl.sum(g * (t - cx[:, None]), 1)
+            if RENORM:
+                tp_acc += tl.sum(tl.where(is_pos & valid, t - cx[:, None], 0.0), 1)
+            if MODE == 2:
+                db_acc += tl.sum(g, 1)
 
+        gq = (g * GSCALE).to(X.dtype.element_ty)
         if REUSE_Y:
-            acc0 = mma(g.to(y_tile.dtype), y_tile, acc0, PREC)
+            acc0 = mma(gq, y_tile, acc0, PREC)
         else:
-            acc0 = _acc_slice(acc0, g, Y, offs_y, mask_y, d_base, D, BLOCK_DO, PREC)
+            acc0 = _acc_slice(acc0, gq, Y, offs_y, mask_y, d_base, D, BLOCK_DO, PREC)
             if NUM_ACC > 1:
-                acc1 = _acc_slice(acc1, g, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, PREC)
+                acc1 = _acc_slice(acc1, gq, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, PREC)
             if NUM_ACC > 2:
-                acc2 = _acc_slice(acc2, g, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, PREC)
+                acc2 = _acc_slice(acc2, gq, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, PREC)
             if NUM_ACC > 3:
-                acc3 = _acc_slice(acc3, g, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC)
+                acc3 = _acc_slice(acc3, gq, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC)
 
-    factor = scale * coef
+    factor = scale * coef / GSCALE
+    if RENORM:
+        inv_rs = 1.0 / (tl.where(mask_x, rs_acc, 1.0) * GSCALE)
+        offs_pos = offs_x + offset
+        acc0 = _normalize_slice(acc0, inv_rs, Y, offs_pos, mask_x, d_base, D, BLOCK_DO) * GSCALE
+        if NUM_ACC > 1:
+            acc1 = _normalize_slice(acc1, inv_rs, Y, offs_pos, mask_x, d_base + BLOCK_DO, D, BLOCK_DO) * GSCALE
+        if NUM_ACC > 2:
+            acc2 = _normalize_slice(acc2, inv_rs, Y, offs_pos, mask_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO) * GSCALE
+        if NUM_ACC > 3:
+            acc3 = _normalize_slice(acc3, inv_rs, Y, offs_pos, mask_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO) * GSCALE
+        if SCALAR_GRADS:
+            ds_acc = ds_acc / tl.where(mask_x, rs_acc, 1.0) - tp_acc
+    if RECENTRE:
+        corr = tl.where(mask_x, 0.5 * GSCALE * (1.0 / tl.where(mask_x, rs_acc, 1.0) - 1.0), 0.0)
+        if X_IS_ROWS:
+            offs_pos = offs_x + offset
+        else:
+            offs_pos = offs_x - offset
+        acc0 = _recentre_slice(acc0, corr, Y, offs_pos, mask_x, d_base, D, BLOCK_DO)
+        if NUM_ACC > 1:
+            acc1 = _recentre_slice(acc1, corr, Y, offs_pos, mask_x, d_base + BLOCK_DO, D, BLOCK_DO)
+        if NUM_ACC > 2:
+            acc2 = _recentre_slice(acc2, corr, Y, offs_pos, mask_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO)
+        if NUM_ACC > 3:
+            acc3 = _recentre_slice(acc3, corr, Y, offs_pos, mask_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO)
     _store_slice(DX, acc0, offs_x, mask_x, d_base, factor, D, BLOCK_DO)
     if NUM_ACC > 1:
         _store_slice(DX, acc1, offs_x, mask_x, d_base + BLOCK_DO, factor, D, BLOCK_DO)
@@ -328,6 +453,8 @@ def _pairwise_bwd_kernel(
         _store_slice(DX, acc3, offs_x, mask_x, d_base + 3 * BLOCK_DO, factor, D, BLOCK_DO)
     if SCALAR_GRADS:
         if pid_s == 0:
+            if MODE == 2:
+                ds_acc += cx * db_acc
             tl.store(DS_PART + pid_x, tl.sum(ds_acc, 0) * coef)
             tl.store(DB_PART + pid_x, tl.sum(db_acc, 0) * coef)
 
@@ -339,10 +466,33 @@ _pairwise_bwd_tuned = triton.autotune(
 )(_pairwise_bwd_kernel)
 
 
+def grad_prescale(dtype: torch.dtype) -> float:
+    """Power of two the gradient tile is multiplied by before its cast to the operand dtype: fp16 only (its
+    normal range starts at 6e-5, probabilities at B = 1M are ~1e-6); exact to undo on the fp32 accumulator."""
+    return 16384.0 if dtype == torch.float16 else 1.0
+
+
+def positive_dots(q: torch.Tensor, k: torch.Tensor, offset: int, rows: int = 1024) -> torch.Tensor:
+    """Centres of the scale gradient: ``c_i = <q_i, k_{i+offset}>`` (fp32) where row i's positive exists, else 0.
+
+    Any centre is exact in exact arithmetic (see ``_pairwise_bwd_kernel``); the positive's dot makes the centred
+    terms small on near-duplicate batches. Chunked so the temporaries stay a few MB at any B.
+    """
+    Bq, Bk = q.shape[0], k.shape[0]
+    c = torch.zeros(Bq, device=q.device, dtype=torch.float32)
+    lo, hi = max(0, -offset), min(Bq, Bk - offset)
+    for r0 in range(lo, hi, rows):
+        r1 = min(hi, r0 + rows)
+        c[r0:r1] = (q[r0:r1].float() * k[r0 + offset:r1 + offset].float()).sum(1)
+    return c
+
+
 def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  lse_x: torch.Tensor | None, lse_y: torch.Tensor | None, grad: torch.Tensor, *, offset: int,
-                 inv_n: float, mode: int, x_is_rows: bool, scalar_grads: bool):
-    """dX (input dtype) and, if ``scalar_grads``, (dscale, dbias) partial sums for one side of a pairwise loss."""
+                 inv_n: float, mode: int, x_is_rows: bool, scalar_grads: bool,
+                 cen_x: torch.Tensor | None = None, cen_y: torch.Tensor | None = None):
+    """dX (input dtype) and, if ``scalar_grads``, (dscale, dbias) partial sums for one side of a pairwise loss.
+    ``cen_x`` / ``cen_y``: the scale gradient's centres for X's / Y's rows (needed with ``scalar_grads``)."""
     Bx, D = X.shape
     By = Y.shape[0]
     dx = torch.empty_like(X)
@@ -350,11 +500,14 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
     ds_part = torch.zeros(n_part if scalar_grads else 1, device=X.device, dtype=torch.float32)
     db_part = torch.zeros_like(ds_part)
     dummy = ds_part
+    if scalar_grads and cen_x is None:
+        raise ValueError("scalar_grads needs the centres cen_x (and cen_y for the symmetric loss)")
     args = (X, Y, scale, bias if bias is not None else dummy, lse_x if lse_x is not None else dummy,
-            lse_y if lse_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
+            lse_y if lse_y is not None else dummy, cen_x if cen_x is not None else dummy,
+            cen_y if cen_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
             size_bucket(max(Bx, By)))
     meta = dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=bias is not None, SCALAR_GRADS=scalar_grads,
-                PREC=dot_precision(X.dtype))
+                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype))
 
     def grid(META):
         return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))
@@ -374,13 +527,14 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
 
 @triton.jit
 def _grad_tile_kernel(
-    Q, K, SCALE, BIAS, LSE_R, LSE_C, W, DS_PART, DB_PART,
+    Q, K, SCALE, BIAS, LSE_R, LSE_C, CEN_R, CEN_C, W, DS_PART, DB_PART,
     Bq, Bk, c0, C, offset,
     B_BUCKET,  # autotune key only
-    D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """W[i, j - c0] = G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block."""
+    """W[i, j - c0] = GSCALE * G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block,
+    plus centred partial sums for dscale / dbias (see ``_pairwise_bwd_kernel``)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -397,34 +551,49 @@ def _grad_tile_kernel(
     s2 = t * scale2 + bias2
     is_pos = offs_n[None, :] == (offs_m[:, None] + offset)
     onehot = tl.where(is_pos, 1.0, 0.0)
+    valid = mask_m[:, None] & mask_n[None, :]
+    cr = tl.load(CEN_R + offs_m, mask=mask_m, other=0.0)
     if MODE == 2:
         zs2 = tl.minimum(tl.where(is_pos, s2, -s2), 126.0)
-        g = (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2))
+        g = tl.where(valid, (1.0 - 2.0 * onehot) / (1.0 + tl.exp2(zs2)), 0.0)
+        rows = tl.sum(g, 1)
+        ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1) + cr * rows, 0)
+        db = tl.sum(rows, 0)
     else:
-        lr2 = tl.load(LSE_R + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        if MODE == 0:
-            lc2 = tl.load(LSE_C + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
-            g = 0.5 * sym_prob_sum(s2, lr2, lc2) - onehot
+        scale = tl.load(SCALE).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS).to(tl.float32)
         else:
-            g = tl.exp2(tl.minimum(s2 - lr2[:, None], 0.0)) - onehot
-    valid = mask_m[:, None] & mask_n[None, :]
-    g = tl.where(valid, g, 0.0)
+            bias = 0.0
+        lr = tl.load(LSE_R + offs_m, mask=mask_m, other=0.0)
+        if MODE == 0:
+            lc = tl.load(LSE_C + offs_n, mask=mask_n, other=0.0)
+            pa, pb = sym_probs(t, scale, bias, lr, lc)
+            g = tl.where(valid, 0.5 * (pa + pb) - onehot, 0.0)
+            cc = tl.load(CEN_C + offs_n, mask=mask_n, other=0.0)
+            ds = tl.sum(tl.sum(tl.where(valid, (pa - onehot) * (t - cr[:, None]) + (pb - onehot) * (t - cc[None, :]),
+                                        0.0), 1), 0) * 0.5
+        else:
+            g = tl.where(valid, row_probs(t, scale, bias, lr[:, None]) - onehot, 0.0)
+            ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1), 0)
+        db = 0.0  # CLIP: sum G = 0 exactly (a logit shift changes neither softmax)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]
-    tl.store(w_ptrs, g.to(W.dtype.element_ty), mask=mask_m[:, None] & (offs_w[None, :] < C))
+    tl.store(w_ptrs, (g * GSCALE).to(W.dtype.element_ty), mask=mask_m[:, None] & (offs_w[None, :] < C))
     pid = pid_m * tl.num_programs(1) + pid_n
-    tl.store(DS_PART + pid, tl.sum(tl.sum(g * t, 1), 0))
-    tl.store(DB_PART + pid, tl.sum(tl.sum(g, 1), 0))
+    tl.store(DS_PART + pid, ds)
+    tl.store(DB_PART + pid, db)
 
 
 _grad_tile_tuned = triton.autotune(
-    configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
+    configs=grad_configs(64),  # placeholder: prune_grad builds the list for the call's D
     key=["B_BUCKET", "D", "MODE", "PREC"],
-    prune_configs_by={"early_config_prune": prune_fwd},
+    prune_configs_by={"early_config_prune": prune_grad},
 )(_grad_tile_kernel)
 
-# Workspace budget of the GEMM-assisted backward (the [Bq, chunk] gradient tile buffer), bytes.
-GEMM_WORKSPACE_BYTES = int(os.environ.get("BIOCLIP_FAST_BWD_WORKSPACE_MB", "64")) * 2**20
-_MIN_CHUNK = 256  # narrower chunks make skinny GEMMs
+# Extra device memory the backward may use beyond its inputs and outputs (bytes); the strategy is chosen to fit.
+BWD_MEMORY_BYTES = int(os.environ.get("BIOCLIP_FAST_BWD_MEMORY_MB", "64")) * 2**20
+_MIN_CHUNK = 256  # narrower chunks make skinny GEMMs: below this the GEMM backward is not worth it
+_CENTRE_ROWS = 1024  # positive_dots' chunk (3 fp32 [rows, D] temporaries: 9 MB at D = 768)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -436,20 +605,80 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def fused_extra_bytes(Bq: int, Bk: int, D: int) -> int:
+    """Extra memory of the fused backward: scale-gradient partials and centres (O(B)), plus the chunked
+    temporaries of ``positive_dots``."""
+    return 4 * (2 * triton.cdiv(Bq, 16) + 2 * max(Bq, Bk)) + 3 * 4 * min(Bq, _CENTRE_ROWS) * D
+
+
+def gemm_extra_bytes(Bq: int, Bk: int, D: int, elem: int, chunk: int) -> int:
+    """Extra memory of the GEMM-assisted backward with a ``chunk``-column workspace: the [Bq, chunk] gradient
+    tiles, the fp32 dQ accumulator (every dtype: cuBLAS accumulates into it), two fp32 [chunk, D] dK temporaries,
+    per-program partials and the centres."""
+    chunk = min(chunk, Bk)
+    parts = 2 * triton.cdiv(Bq, 16) * triton.cdiv(chunk, 16)
+    return Bq * chunk * elem + 4 * Bq * D + 2 * 4 * chunk * D + 4 * parts + fused_extra_bytes(Bq, Bk, D)
+
+
+def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int | None = None,
+             choice: str | None = None) -> tuple[str, int]:
+    """(strategy, chunk) of the backward for a [Bq, D] x [Bk, D] problem whose features are ``elem`` bytes each.
+
+    ``gemm`` (one recompute of the logits: a gradient-tile kernel + cuBLAS, 6*Bq*Bk*D FLOPs) wherever its extra
+    memory (``gemm_extra_bytes``) fits ``budget`` with at least ``_MIN_CHUNK`` columns per chunk, on CUDA for
+    D > 128 (below that the fused kernels keep all of dX in registers and the tile recompute is cheap); the widest
+    chunk that fits (fewer read-modify-writes of the dQ accumulator). Otherwise ``fused`` (two Triton kernels,
+    O(B) extra memory: the logits are recomputed in the dQ and in the dK kernel). With the 64 MiB default at
+    D = 768 bf16 that is gemm up to B ~ 18k and fused above, so the default stays within budget at every B.
+
+    ``choice`` (default: ``BIOCLIP_FAST_BWD``, auto|fused|gemm) forces a strategy; a forced gemm takes the widest
+    chunk within the budget, but at least ``_MIN_CHUNK`` columns (the caller asked for it).
+    """
+    if choice is None:
+        choice = os.environ.get("BIOCLIP_FAST_BWD", "auto").strip().lower()
+    if choice not in ("auto", "fused", "gemm"):
+        raise ValueError(f"BIOCLIP_FAST_BWD must be auto, fused or gemm, got {choice!r}")
+    budget = BWD_MEMORY_BYTES if budget is None else int(budget)
+    fixed = gemm_extra_bytes(Bq, Bk, D, elem, 0)
+    per_col = Bq * elem + 8 * D + 4 * 2 * triton.cdiv(Bq, 16) // 16 + 8
+    fit = max(0, budget - fixed) // per_col
+    chunk = min(Bk, fit // 128 * 128 if fit < Bk else Bk)
+    while chunk > 0 and gemm_extra_bytes(Bq, Bk, D, elem, chunk) > budget:  # rounding in the estimate above
+        chunk = max(0, chunk - 128)
+    if choice == "fused":
+        return "fused", 0
+    if choice == "gemm":
+        return "gemm", max(chunk, min(Bk, _MIN_CHUNK))
+    ok = device_type == "cuda" and not interpreting() and D > 128 and chunk >= min(Bk, _MIN_CHUNK)
+    return ("gemm", chunk) if ok else ("fused", 0)
+
+
+def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None = None, elem: int = 2) -> str:
+    """The strategy ``bwd_plan`` picks (kept for callers that only ask for the name)."""
+    return bwd_plan(Bq, Bk or Bq, D, elem, device.type)[0]
+
+
 def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
-                      chunk: int | None = None):
-    """(dq, dk, dscale_sum, dbias_sum) of a pairwise loss through gradient-tile chunks and cuBLAS products."""
+                      chunk: int | None = None, cen_r=None, cen_c=None, need_q: bool = True, need_k: bool = True):
+    """(dq, dk, dscale_sum, dbias_sum) of a pairwise loss through gradient-tile chunks and cuBLAS products.
+
+    The logits are computed once per tile (in ``_grad_tile_kernel``); G goes through a [Bq, chunk] workspace.
+    ``need_q`` / ``need_k`` = False skip that product (and return None for it)."""
     Bq, D = q.shape
     Bk = k.shape[0]
     dev = q.device
     if chunk is None:
-        chunk = GEMM_WORKSPACE_BYTES // max(1, Bq * q.element_size())
-        chunk = max(_MIN_CHUNK, chunk // 128 * 128)
-    chunk = min(chunk, Bk)
+        chunk = bwd_plan(Bq, Bk, D, q.element_size(), dev.type, choice="gemm")[1]
+    chunk = max(1, min(chunk, Bk))
+    if cen_r is None:
+        cen_r = positive_dots(q, k, offset)
+    if cen_c is None:
+        cen_c = cen_r if mode == MODE_CLIP_SYM else cen_r[:0]
+    gscale = grad_prescale(q.dtype)
     coef = grad.to(torch.float32) * inv_n
-    factor = scale.to(torch.float32) * coef  # on device: no host sync
-    dq_acc = torch.zeros((Bq, D), device=dev, dtype=torch.float32)
-    dk = torch.empty_like(k)
+    factor = scale.to(torch.float32) * coef / gscale  # on device: no host sync
+    dq_acc = torch.zeros((Bq, D), device=dev, dtype=torch.float32) if need_q else None
+    dk = torch.empty_like(k) if need_k else None
     w = torch.empty((Bq, chunk), device=dev, dtype=q.dtype)
     n_part = triton.cdiv(Bq, 16) * triton.cdiv(chunk, 16)  # >= programs per chunk for every config
     ds_part = torch.zeros(n_part, device=dev, dtype=torch.float32)
@@ -457,15 +686,15 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
     ds = torch.zeros((), device=dev, dtype=torch.float32)
     db = torch.zeros((), device=dev, dtype=torch.float32)
     dummy = ds_part
-    meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype))
+    meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype), GSCALE=gscale)
     for c0 in range(0, Bk, chunk):
         C = min(chunk, Bk - c0)
-        wc = w[:, :C] if C == chunk else torch.empty((Bq, C), device=dev, dtype=q.dtype)
+        wc = w[:, :C] if C == chunk else w.view(-1)[:Bq * C].view(Bq, C)  # reuse the workspace: no new buffer
         ds_part.zero_()
         db_part.zero_()
         args = (q, k, scale, bias if bias is not None else dummy, lse_r if lse_r is not None else dummy,
-                lse_c if lse_c is not None else dummy, wc, ds_part, db_part, Bq, Bk, c0, C, int(offset),
-                size_bucket(max(Bq, Bk)))
+                lse_c if lse_c is not None else dummy, cen_r, cen_c if cen_c.numel() else dummy, wc, ds_part,
+                db_part, Bq, Bk, c0, C, int(offset), size_bucket(max(Bq, Bk)))
 
         def grid(META, C=C):
             return (triton.cdiv(Bq, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
@@ -474,35 +703,30 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
         ds += ds_part.sum()
         db += db_part.sum()
         kc = k[c0:c0 + C]
-        if q.dtype == torch.float32:
-            dq_acc.addmm_(wc, kc)
-        elif q.is_cuda:  # accumulate in place in fp32: no [Bq, D] temporary per chunk
-            torch.addmm(dq_acc, wc, kc, out_dtype=torch.float32, out=dq_acc)
-        else:
-            dq_acc += _mm_f32(wc, kc)
-        dk[c0:c0 + C] = (_mm_f32(wc.T, q) * factor).to(k.dtype)
-    dq = (dq_acc * factor).to(q.dtype)
+        if need_q:
+            if q.dtype == torch.float32:
+                dq_acc.addmm_(wc, kc)
+            elif q.is_cuda:  # accumulate in place in fp32: no [Bq, D] temporary per chunk
+                torch.addmm(dq_acc, wc, kc, out_dtype=torch.float32, out=dq_acc)
+            else:
+                dq_acc += _mm_f32(wc, kc)
+        if need_k:
+            dk[c0:c0 + C] = _mm_f32(wc.T, q).mul_(factor).to(k.dtype)
+    dq = dq_acc.mul_(factor).to(q.dtype) if need_q else None
     return dq, dk, ds * coef, db * coef
 
 
-def bwd_strategy(D: int, device: torch.device) -> str:
-    """"fused" (two Triton kernels, O(B) extra memory) or "gemm" (gradient tiles + cuBLAS, for wide D).
-
-    ``BIOCLIP_FAST_BWD=fused|gemm|auto`` overrides; ``auto`` takes "gemm" on CUDA when D > 256, where keeping all
-    of a dQ row block in registers stops being possible and the fused kernels recompute logits per D slice.
-    """
-    choice = os.environ.get("BIOCLIP_FAST_BWD", "auto").strip().lower()
-    if choice not in ("auto", "fused", "gemm"):
-        raise ValueError(f"BIOCLIP_FAST_BWD must be auto, fused or gemm, got {choice!r}")
-    if choice != "auto":
-        return choice
-    return "gemm" if (device.type == "cuda" and not interpreting() and D > 256) else "fused"
-
-
-def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int):
-    """(dq, dk, dscale_sum, dbias_sum) by the strategy ``bwd_strategy`` picks."""
-    if bwd_strategy(q.shape[1], q.device) == "gemm":
-        return pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode)
+def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
+                      need_q: bool = True, need_k: bool = True):
+    """(dq, dk, dscale_sum, dbias_sum) by the strategy ``bwd_plan`` picks; a gradient not needed is None and
+    its product is skipped (the dQ kernel still runs for the scalar gradients)."""
+    Bq, D = q.shape
+    Bk = k.shape[0]
+    strategy, chunk = bwd_plan(Bq, Bk, D, q.element_size(), q.device.type)
+    cen = positive_dots(q, k, offset)
+    if strategy == "gemm":
+        return pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode,
+                                 chunk=chunk, cen_r=cen, need_q=need_q, need_k=need_k)
     if mode == MODE_CLIP_SYM:
         lx_q, ly_q, lx_k, ly_k = lse_r, lse_c, lse_c, lse_r
     elif mode == MODE_CLIP_DIR:
@@ -510,10 +734,13 @@ def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
     else:
         lx_q = ly_q = lx_k = ly_k = None
     dq, ds, db = pairwise_bwd(q, k, scale, bias, lx_q, ly_q, grad, offset=offset, inv_n=inv_n, mode=mode,
-                              x_is_rows=True, scalar_grads=True)
-    dk, _, _ = pairwise_bwd(k, q, scale, bias, lx_k, ly_k, grad, offset=offset, inv_n=inv_n, mode=mode,
-                            x_is_rows=False, scalar_grads=False)
-    return dq, dk, ds, db
+                              x_is_rows=True, scalar_grads=True, cen_x=cen,
+                              cen_y=cen if mode == MODE_CLIP_SYM else None)
+    dk = None
+    if need_k:
+        dk, _, _ = pairwise_bwd(k, q, scale, bias, lx_k, ly_k, grad, offset=offset, inv_n=inv_n, mode=mode,
+                                x_is_rows=False, scalar_grads=False)
+    return (dq if need_q else None), dk, ds, db
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -569,18 +796,19 @@ def check_vector(t: torch.Tensor, name: str, n: int, device: torch.device) -> to
     return t.detach().to(torch.float32).contiguous()
 
 
-def reduce_lse(part: torch.Tensor) -> torch.Tensor:
-    """Combine per-split natural-log LSE partials [S, N] into the final [N] vector."""
-    if part.shape[0] == 1:
-        return part[0].clone()
-    return torch.logsumexp(part, dim=0)
+def reduce_lse(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Combine per-split (max, sum of exp below it) partials [S, N] (natural units) into the LSE [N], in float64
+    (O(S*N), a few MB at most) so the fp32 result is rounded once."""
+    part = m.double() + torch.log(l.double())
+    return torch.logsumexp(part, dim=0).to(torch.float32)
 
 
 def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:
     """Model FLOPs of a fused pairwise loss, the count the benchmarks report: forward 2*Bq*Bk*D (the logits
     GEMM); forward + backward 8*Bq*Bk*D (logits, the backward's recompute, dQ, dK).
 
-    The kernels execute 2*Bq*Bk*D forward and 8*Bq*Bk*D backward (the dQ and dK kernels each recompute the
-    logits tile), i.e. 10*Bq*Bk*D in all, more when the backward splits a wide D into slices.
+    Executed: forward 2*Bq*Bk*D; the GEMM backward 6*Bq*Bk*D (one recompute of each logits tile); the fused
+    backward 4*Bq*Bk*D plus 2*Bq*Bk*D per D slice in each of its two kernels (benchmarks/bench_kernels.py's
+    ``executed_flops``).
     """
     return (8 if backward else 2) * Bq * Bk * D

@@ -15,13 +15,18 @@ A tiny torch log-sum-exp over H (rows) and G (columns) finishes the vectors. Ext
 ``(H*Bq + 2*G*Bk) * 4`` bytes with G, H ~ sqrt(4 * #SMs); about 9 MB at B = 32k on an H100.
 
 Backward (``_pairwise.pairwise_bwd_both``), two strategies, ``BIOCLIP_FAST_BWD=auto|fused|gemm``:
+- ``gemm``: a Triton kernel writes G for a chunk of columns into a workspace and cuBLAS computes ``dQ += G k_c``
+  (fp32 accumulator) and ``dK_c = G^T q``: each logits tile computed once (6*B^2*D backward FLOPs, two thirds in
+  cuBLAS); extra memory ``_pairwise.gemm_extra_bytes`` (workspace + 4*Bq*D accumulator).
 - ``fused``: a dQ kernel over q row blocks streaming k and a dK kernel over k row blocks streaming q; each
   recomputes the logits tile, forms G in registers and accumulates ``G @ k`` / ``G^T @ q`` in fp32 registers.
-  No atomics, deterministic, O(B) extra memory. For D > 256 a row block of dQ no longer fits in registers and the
-  autotuner chooses between 64-row blocks (all of D) and D slices (logits recomputed per slice).
-- ``gemm`` (``auto`` on CUDA for D > 256): a Triton kernel writes G for a chunk of columns into a 64 MiB workspace
-  and cuBLAS computes ``dQ += G k_c`` (fp32 accumulator) and ``dK_c = G^T q``: 6*B^2*D FLOPs instead of 8+,
-  two thirds of them in cuBLAS; extra memory = workspace + 4*Bq*D bytes.
+  No atomics, deterministic, O(B) extra memory. For D > 512 a 64-row dX block no longer fits in registers without
+  spills (ptxas), so the kernels split D in two slices (the logits recomputed per slice).
+- ``auto`` (``_pairwise.bwd_plan``): ``gemm`` wherever its extra memory fits ``BIOCLIP_FAST_BWD_MEMORY_MB``
+  (64 MiB) on CUDA for D > 128, else ``fused``: within 64 MiB at every B.
+Numerics (all backends): the owned softmax is renormalized (exactly for one-direction rows, to first order for the
+symmetric loss), probabilities are formed from ``t * scale + (bias - lse)`` in natural units, and the scale
+gradient is centred on each row's positive dot product (see ``_pairwise._pairwise_bwd_kernel``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import triton.language as tl
 from bioclip_fast.kernels._pairwise import (
     INTERPRET_FWD_CONFIG,
     MODE_CLIP_DIR,
+    _load_rows,
     MODE_CLIP_SYM,
     check_features,
     check_scalar,
@@ -48,7 +54,6 @@ from bioclip_fast.kernels._pairwise import (
     reduce_lse,
     size_bucket,
     target_programs,
-    tile_dot,
 )
 
 __all__ = ["clip_sym_fwd", "clip_sym_bwd", "clip_dir_fwd", "clip_dir_bwd", "flops"]
@@ -78,33 +83,40 @@ def _clip_fwd_kernel(
     cb_end = (pid_h + 1) * n_cb // n_splits
 
     scale = tl.load(SCALE).to(tl.float32)
-    scale2 = scale * 1.4426950408889634  # work in log2 units: exp2 is the native instruction
     if HAS_BIAS:
         bias = tl.load(BIAS).to(tl.float32)
     else:
         bias = 0.0
-    bias2 = bias * 1.4426950408889634
+    # Logits and maxima in natural units, rounded exactly as the backward rounds them (s = t * scale + bias), only
+    # the small differences are scaled to log2 units for exp2: the backward's probabilities exp(s - lse) then sum
+    # to 1 to rounding (a mismatch in how S is rounded at |S| ~ 100 is a systematic per-row/column error that
+    # near-duplicate batches amplify in the feature gradients).
+    L2E: tl.constexpr = 1.4426950408889634
 
+    NUM_D: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     for rb in range(rb_start, rb_end):
         offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < Bq
-        if D <= BLOCK_D:
-            q_tile = tl.load(Q + offs_m.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
-                             mask=mask_m[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
+        if NUM_D == 1:
+            q_tile = _load_rows(Q, offs_m, mask_m, 0, D, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         tgt = offs_m + offset  # column of each row's positive
-        for cb in range(cb_start, cb_end):
+        # The (column block, D chunk) nest is flattened by the compiler into one software pipeline
+        # (tl.range(flatten=True)): the next column block's first chunks load while this block's epilogue runs.
+        for cb in tl.range(cb_start, cb_end, flatten=True):
             n0 = cb * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < Bk
-            if D <= BLOCK_D:
-                k_tile = tl.load(K + offs_n.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
-                                 mask=mask_n[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
+            if NUM_D == 1:
+                k_tile = _load_rows(K, offs_n, mask_n, 0, D, BLOCK_D)
                 t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
             else:
-                t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
-            s2 = t * scale2 + bias2
+                t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    t = mma(_load_rows(Q, offs_m, mask_m, d0, D, BLOCK_D),
+                            tl.trans(_load_rows(K, offs_n, mask_n, d0, D, BLOCK_D)), t, PREC)
+            s2 = t * scale + bias
 
             # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
             if (rb * BLOCK_M + offset < n0 + BLOCK_N) and (rb * BLOCK_M + BLOCK_M + offset > n0):
@@ -113,37 +125,44 @@ def _clip_fwd_kernel(
                 tl.store(POS + offs_m, pos, mask=hit)
 
             # Online row log-sum-exp (padding columns -> -inf; each tile has at least one real column).
+            # Exponentials are taken against each row's own maximum in this tile (mt), not the running one:
+            # every row of p then has a 1, so the column sums below stay far from underflow even when a
+            # row's running maximum (e.g. its positive at logit scale 100) sits far above this tile.
             s_row = tl.where(mask_n[None, :], s2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_row, 1))
-            p = tl.exp2(s_row - m_new[:, None])
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+            mt = tl.max(s_row, 1)
+            m_new = tl.maximum(m_i, mt)
+            p = tl.exp2((s_row - mt[:, None]) * L2E)
+            l_i = l_i * tl.exp2((m_i - m_new) * L2E) + tl.sum(p, 1) * tl.exp2((mt - m_new) * L2E)
             m_i = m_new
 
             if COL_STATS:
-                # Column sums from the row exponentials: exp2(s - r) = p * exp2(m_new - r), r = max(m_new) >= every
-                # logit of the tile, so no second exp2 per logit. Exact to fp32 precision while each column's sum
-                # is >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
-                r = tl.max(tl.where(mask_m, m_new, float("-inf")), 0)
-                w = tl.where(mask_m, tl.exp2(m_new - r), 0.0)
+                # Column sums from the row exponentials: exp(s - r) = p * exp(mt - r), r = the tile's largest
+                # logit, so no second exp2 per logit. Exact to fp32 precision while each column's sum is
+                # >= 2^-60 (its significant terms then stay normal floats); else the tile is redone directly.
+                r = tl.max(tl.where(mask_m, mt, float("-inf")), 0)
+                w = tl.where(mask_m, tl.exp2((mt - r) * L2E), 0.0)
                 c_l = tl.sum(p * w[:, None], 0)
-                if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:
+                if tl.min(tl.where(mask_n, c_l, 1.0), 0) >= 8.673617379884035e-19:  # 2^-60
                     c_m = tl.zeros([BLOCK_N], dtype=tl.float32) + r
                 else:
                     s_col = tl.where(mask_m[:, None], s2, float("-inf"))
                     c_m = tl.max(s_col, 0)
-                    c_l = tl.sum(tl.exp2(s_col - c_m[None, :]), 0)
+                    c_l = tl.sum(tl.exp2((s_col - c_m[None, :]) * L2E), 0)
                 cptr = pid_g.to(tl.int64) * Bk + offs_n
                 # The previous row block's store of this slice may come from other threads of this program.
                 tl.debug_barrier()
                 o_m = tl.load(COL_M + cptr, mask=mask_n, other=float("-inf"))
                 o_l = tl.load(COL_L + cptr, mask=mask_n, other=0.0)
                 n_m = tl.maximum(o_m, c_m)
-                n_l = o_l * tl.exp2(o_m - n_m) + c_l * tl.exp2(c_m - n_m)
+                n_l = o_l * tl.exp2((o_m - n_m) * L2E) + c_l * tl.exp2((c_m - n_m) * L2E)
                 tl.store(COL_M + cptr, n_m, mask=mask_n)
                 tl.store(COL_L + cptr, n_l, mask=mask_n)
 
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(ROW_PART + pid_h.to(tl.int64) * Bq + offs_m, lse, mask=mask_m)
+        # (max, sum) partials, combined in float64 on the host side: the LSE is rounded once, at the end (a
+        # rounded fp32 LSE at |lse| ~ 100 is a systematic per-row error in every backward probability).
+        rptr = pid_h.to(tl.int64) * Bq + offs_m
+        tl.store(ROW_PART + rptr, m_i, mask=mask_m)
+        tl.store(ROW_PART + n_splits.to(tl.int64) * Bq + rptr, l_i, mask=mask_m)
 
 
 _clip_fwd_tuned = triton.autotune(
@@ -169,7 +188,7 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
     Bk = k.shape[0]
     dev = q.device
     G, H = _grid_split(Bq, Bk, _target(dev), col_stats)
-    row_part = torch.empty((H, Bq), device=dev, dtype=torch.float32)
+    row_part = torch.empty((2, H, Bq), device=dev, dtype=torch.float32)
     pos = torch.empty(Bq, device=dev, dtype=torch.float32)
     if col_stats:
         col_m = torch.full((G, Bk), float("-inf"), device=dev, dtype=torch.float32)
@@ -184,10 +203,10 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
         return (G if col_stats else triton.cdiv(Bq, META["BLOCK_M"]), H)
 
     launch(_clip_fwd_kernel, _clip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
-    lse_row = reduce_lse(row_part)
+    lse_row = reduce_lse(row_part[0], row_part[1])
     lse_col = None
     if col_stats:
-        lse_col = reduce_lse((col_m + torch.log2(col_l)) * _LN2)
+        lse_col = reduce_lse(col_m, col_l)
     return lse_row, lse_col, pos
 
 
@@ -228,7 +247,7 @@ def clip_sym_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     return loss, lse_row, lse_col
 
 
-def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss):
+def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, need_q: bool = True, need_k: bool = True):
     """Gradients of ``clip_sym_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)``.
 
     ``G = (0.5 * (P_row + P_col) - I) / B * grad_loss`` with ``P_row = exp(S - lse_row)``, ``P_col = exp(S -
@@ -242,7 +261,7 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss):
     lse_col = check_vector(lse_col, "lse_col", B, q.device)
     g = _grad_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse_row, lse_col, g, offset=0, inv_n=1.0 / B,
-                                       mode=MODE_CLIP_SYM)
+                                       mode=MODE_CLIP_SYM, need_q=need_q, need_k=need_k)
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 
@@ -265,7 +284,7 @@ def clip_dir_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     return (lse - pos).mean(), lse
 
 
-def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss):
+def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, need_q: bool = True, need_k: bool = True):
     """Gradients of ``clip_dir_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)`` with ``G = (P - onehot) / Bq *
     grad_loss``."""
     q, k, scale32, bias32 = _prep(q, k, scale, bias)
@@ -274,7 +293,7 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss):
     lse = check_vector(lse, "lse", Bq, q.device)
     g = _grad_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse, None, g, offset=offset, inv_n=1.0 / Bq,
-                                       mode=MODE_CLIP_DIR)
+                                       mode=MODE_CLIP_DIR, need_q=need_q, need_k=need_k)
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 

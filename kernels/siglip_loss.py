@@ -127,7 +127,7 @@ def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torc
     return (part.double().sum() / Bq).to(torch.float32)
 
 
-def siglip_bwd(q, k, scale, bias, offset: int, grad_loss):
+def siglip_bwd(q, k, scale, bias, offset: int, grad_loss, need_q: bool = True, need_k: bool = True):
     """Gradients of ``siglip_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)``, with
     ``dS_ij = -z_ij * sigmoid(-z_ij * S_ij) / Bq * grad_loss``, ``dscale = sum dS * (q k^T)``, ``dbias = sum dS``."""
     q, k, scale32, bias32 = _prep(q, k, scale, bias)
@@ -138,7 +138,7 @@ def siglip_bwd(q, k, scale, bias, offset: int, grad_loss):
     else:
         g = torch.tensor(float(grad_loss), device=q.device, dtype=torch.float32)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, None, None, g, offset=offset, inv_n=1.0 / Bq,
-                                       mode=MODE_SIGLIP)
+                                       mode=MODE_SIGLIP, need_q=need_q, need_k=need_k)
     dscale = ds.reshape(scale.shape).to(torch.float32)
     dbias = db.reshape(bias.shape).to(torch.float32) if bias is not None else None
     return dq, dk, dscale, dbias

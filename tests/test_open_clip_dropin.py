@@ -132,4 +132,7 @@ def test_siglip_dropin_matches_open_clip_on_model_features():
         results.append([value.detach(), bias.grad.clone()] + [p.grad.clone() for p in model.parameters()
                                                               if p.grad is not None])
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # Normwise per tensor (elementwise rtol is meaningless for entries near 0): the fused loss sums in another
+        # order (and computes dscale centred on the positives), so individual entries differ at rounding level.
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= 1e-6 + 1e-5 * b.double().abs().max().item(), (err, b.abs().max().item())

@@ -277,7 +277,7 @@ def test_results_are_deterministic_and_inputs_untouched():
 def gemm_backward(monkeypatch):
     """The GEMM-assisted backward with 16-column chunks (several chunks and a ragged last one)."""
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm")
-    monkeypatch.setattr(_pairwise, "GEMM_WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(_pairwise, "BWD_MEMORY_BYTES", 1)
     monkeypatch.setattr(_pairwise, "_MIN_CHUNK", 16)
 
 
@@ -310,6 +310,33 @@ def test_gemm_backward_matches_float64(kind, gemm_backward):
         assert db.shape == bias.shape
     else:
         assert db is None
+
+
+@pytest.mark.parametrize("elem", [2, 4])
+@pytest.mark.parametrize("D", [64, 256, 512, 768, 1024])
+def test_default_backward_fits_64mb_at_every_batch(D, elem, monkeypatch):
+    """The chooser (a pure function of B, D, dtype size and the budget) keeps the default backward's extra memory
+    within BIOCLIP_FAST_BWD_MEMORY_MB (64 MiB) from B = 1 to B = 1M, and uses the one-recompute GEMM backward where
+    that fits (mid-size B at wide D)."""
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "auto")
+    monkeypatch.setattr(_pairwise, "interpreting", lambda: False)
+    budget = 64 * 2**20
+    picked = set()
+    for B in [1, 17, 1000, 4096, 16384, 32768, 65536, 262144, 1 << 20]:
+        strategy, chunk = _pairwise.bwd_plan(B, B, D, elem, "cuda", budget=budget)
+        extra = (_pairwise.gemm_extra_bytes(B, B, D, elem, chunk) if strategy == "gemm"
+                 else _pairwise.fused_extra_bytes(B, B, D))
+        assert extra <= budget, (B, D, elem, strategy, chunk, extra / 2**20)
+        if strategy == "gemm":
+            assert chunk >= min(B, _pairwise._MIN_CHUNK)
+        picked.add(strategy)
+    assert "fused" in picked  # B = 1M never fits a fp32 [B, D] accumulator
+    if D > 128:
+        assert "gemm" in picked, D
+    assert _pairwise.bwd_plan(32768, 32768, 768, 2, "cpu")[0] == "fused"  # Triton on CPU: interpreter only
+    # The old floor (256 columns) alone was a 512 MiB workspace at B = 1M; a forced gemm still honours it.
+    s, c = _pairwise.bwd_plan(1 << 20, 1 << 20, 768, 2, "cuda", budget=budget, choice="gemm")
+    assert s == "gemm" and c == 256
 
 
 def test_backward_strategy_choice(monkeypatch):
@@ -454,7 +481,8 @@ def test_gpu_error_within_twice_dense_torch(kind, B, D, dtype, strategy, monkeyp
 @pytest.mark.parametrize("strategy", ["fused", "gemm"])
 def test_gpu_memory_is_linear_in_batch(strategy, monkeypatch):
     """B = 65,536 (a B x B fp32 logits matrix would be 16 GiB): forward + backward peak stays O(B*D). The fused
-    backward needs O(B) extra; the GEMM-assisted one a 64 MiB tile workspace plus an fp32 dQ accumulator."""
+    backward needs O(B) extra (within the 64 MiB default budget); a forced GEMM-assisted one its workspace plus an
+    fp32 dQ accumulator (``gemm_extra_bytes``)."""
     monkeypatch.setenv("BIOCLIP_FAST_BWD", strategy)
     B, D = 65536, 768
     q = F.normalize(torch.randn(B, D, device="cuda"), dim=-1).to(torch.bfloat16)
@@ -468,7 +496,9 @@ def test_gpu_memory_is_linear_in_batch(strategy, monkeypatch):
     dq, dk, ds, _ = CL.clip_sym_bwd(q, k, scale, None, lr, lc, 1.0)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - dq.nbytes - dk.nbytes
-    budget = 64 * 2**20 + (_pairwise.GEMM_WORKSPACE_BYTES + 4 * B * D if strategy == "gemm" else 0)
+    chunk = _pairwise.bwd_plan(B, B, D, 2, "cuda", choice=strategy)[1]
+    budget = 16 * 2**20 + (_pairwise.gemm_extra_bytes(B, B, D, 2, chunk) if strategy == "gemm"
+                           else _pairwise.BWD_MEMORY_BYTES)
     assert extra < budget, f"extra memory {extra / 2**20:.1f} MiB"
     assert torch.isfinite(loss) and torch.isfinite(dq.float()).all()
 
@@ -477,49 +507,36 @@ def test_gpu_memory_is_linear_in_batch(strategy, monkeypatch):
 # GPU code generation without a GPU: compile for sm_90 with triton's bundled ptxas
 # ----------------------------------------------------------------------------------------------------------------
 
-_AOT_SNIPPET = r"""
-import json, sys
-from bioclip_fast.kernels import _aot, _pairwise as P, clip_loss as C, siglip_loss as S
-out = []
-f, b = P.fwd_configs(768)[0], P.bwd_configs(768)[0]
-cases = [
-    ("clip_fwd_sym", C._clip_fwd_kernel, "bf16", dict(D=768, HAS_BIAS=True, COL_STATS=True, PREC="", **f.kwargs), f),
-    ("siglip_fwd", S._siglip_fwd_kernel, "bf16", dict(D=768, HAS_BIAS=True, PREC="", **f.kwargs), f),
-    ("bwd_sym_dk", P._pairwise_bwd_kernel, "bf16", dict(D=768, MODE=0, X_IS_ROWS=False, HAS_BIAS=False,
-        SCALAR_GRADS=False, PREC="", **b.kwargs), b),
-]
-cases.append(("grad_tile_sym", P._grad_tile_kernel, "bf16", dict(D=768, MODE=0, HAS_BIAS=False, PREC="", **f.kwargs), f))
-b64 = P.bwd_configs(64)[0]
-cases.append(("bwd_siglip_fp32", P._pairwise_bwd_kernel, "fp32", dict(D=64, MODE=2, X_IS_ROWS=True, HAS_BIAS=True,
-    SCALAR_GRADS=True, PREC="ieee", **b64.kwargs), b64))
-for name, kern, dt, consts, cfg in cases:
-    rep = _aot.compile_one(kern, dt, consts, cfg.num_warps, cfg.num_stages, arch=90)
-    out.append(dict(name=name, dtype=dt, **rep))
-print("AOT" + json.dumps(out))
-"""
-
-
 @pytest.mark.slow
-def test_kernels_compile_for_hopper():
-    """The interpreter never runs Triton's GPU compiler; compile the main variants for sm_90 so code-generation
-    errors show up in CPU CI, and check that bf16 tiles hit the Hopper tensor cores (wgmma) with async loads."""
+def test_default_configs_compile_for_hopper_without_spills(tmp_path):
+    """The interpreter never runs Triton's GPU compiler: compile every kernel's default config (the first of each
+    autotune list; what BIOCLIP_FAST_AUTOTUNE=0 runs) for sm_90a at D = 768 bf16 with triton's bundled ptxas, so
+    code-generation errors show up in CPU CI; fail if one spills, misses the Hopper tensor cores (wgmma) or the
+    async loads, or has local-memory traffic in its main loop (SASS via nvdisasm)."""
     import json
     import subprocess
     import sys
 
+    from bioclip_fast.kernels import _pairwise as P
+
     import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's bundled ptxas is not available")
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bindir, t)) for t in ("ptxas", "nvdisasm")):
+        pytest.skip("triton's bundled ptxas/nvdisasm are not available")
+    out = tmp_path / "aot.json"
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SNIPPET], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "bioclip_fast.kernels._aot", "--D", "768", "--dtype", "bf16",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT")][-1]
-    reports = json.loads(line[3:])
-    assert len(reports) == 5
+    reports = json.loads(out.read_text())
+    assert len(reports) == 12  # 3 forward + 3 gradient-tile + 6 backward kernels
     for rep in reports:
         assert rep["registers"] and rep["registers"] <= 255, rep
-        # fp32 uses input_precision="ieee" (exact fp32 FMA, no tensor cores) by design.
-        if rep["dtype"] == "bf16":
-            assert rep["wgmma"] and rep["cp_async"], rep
+        assert rep["spill_store_bytes"] == 0 and rep["spill_load_bytes"] == 0, rep
+        assert rep["ldl"] == 0 and rep["stl"] == 0, rep
+        assert rep["wgmma"] and rep["cp_async"] and rep["hgmma"] > 0, rep
+    # one exp2 per logit in the forward's fast path: MUFU.EX2 per logit (both paths counted) stays small
+    fwd = [r for r in reports if r["kernel"].startswith("clip_fwd dir")]
+    assert fwd and fwd[0]["mufu_ex2_per_logit"] <= 1.5, fwd
+    assert P.fwd_configs(768)[0].kwargs["BLOCK_M"] == 64  # the spill-free default

@@ -13,11 +13,17 @@ from typing import Optional
 import torch
 
 from bioclip_fast.ops import dispatch
+from bioclip_fast.ops.precision import cast_features
 from bioclip_fast.ops.validate import prepare_loss_inputs
 
 
-def _impl(backend: str, device: torch.device):
-    return dispatch.get(dispatch.resolve(backend, device))
+def _impl(backend: str, q: torch.Tensor):
+    return dispatch.get(dispatch.resolve(backend, q.device, q.dtype))
+
+
+def _out_dtype(q: torch.Tensor) -> torch.dtype:
+    """Losses / LSEs are fp32, float64 for float64 features (the reference computes those in float64)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _dbias_out(dbias: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
@@ -25,19 +31,35 @@ def _dbias_out(dbias: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tens
     return torch.zeros_like(scale) if dbias is None else dbias
 
 
+def _grad_out(g: Optional[torch.Tensor], like: torch.Tensor, needed: bool) -> torch.Tensor:
+    # A feature gradient autograd does not need is skipped by the backend; the op returns an empty placeholder.
+    if not needed:
+        return like.new_empty(0)
+    return g
+
+
+def _fake_grad(like: torch.Tensor, needed: bool) -> torch.Tensor:
+    return torch.empty_like(like) if needed else like.new_empty(0)
+
+
+def call_bwd(impl_fn, *args, need_q: bool, need_k: bool):
+    """Call a backend's backward; every backend skips the product of a feature gradient nobody needs."""
+    return impl_fn(*args, need_q=need_q, need_k=need_k)
+
+
 # ------------------------------------------------------------------------------------------------ symmetric
 @torch.library.custom_op("bioclip_fast::clip_sym_fwd", mutates_args=())
 def clip_sym_fwd_op(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, lse_row, lse_col = _impl(backend, q.device).clip_sym_fwd(q.contiguous(), k.contiguous(), scale, bias)
+    loss, lse_row, lse_col = _impl(backend, q).clip_sym_fwd(q.contiguous(), k.contiguous(), scale, bias)
     return loss.reshape(()), lse_row, lse_col
 
 
 @clip_sym_fwd_op.register_fake
 def _(q, k, scale, bias, backend):
-    B = q.shape[0]
-    return q.new_empty((), dtype=torch.float32), q.new_empty(B, dtype=torch.float32), q.new_empty(B, dtype=torch.float32)
+    B, dt = q.shape[0], _out_dtype(q)
+    return q.new_empty((), dtype=dt), q.new_empty(B, dtype=dt), q.new_empty(B, dtype=dt)
 
 
 @torch.library.custom_op("bioclip_fast::clip_sym_bwd", mutates_args=())
@@ -50,16 +72,18 @@ def clip_sym_bwd_op(
     lse_col: torch.Tensor,
     grad_loss: torch.Tensor,
     backend: str,
+    need_q: bool = True,
+    need_k: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, ds, db = _impl(backend, q.device).clip_sym_bwd(
-        q.contiguous(), k.contiguous(), scale, bias, lse_row, lse_col, grad_loss.float()
-    )
-    return dq, dk, ds, _dbias_out(db, scale)
+    dq, dk, ds, db = call_bwd(_impl(backend, q).clip_sym_bwd, q.contiguous(), k.contiguous(), scale, bias, lse_row,
+                              lse_col, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k)
+    return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, _dbias_out(db, scale)
 
 
 @clip_sym_bwd_op.register_fake
-def _(q, k, scale, bias, lse_row, lse_col, grad_loss, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(scale if bias is None else bias)
+def _(q, k, scale, bias, lse_row, lse_col, grad_loss, backend, need_q=True, need_k=True):
+    return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
+            torch.empty_like(scale if bias is None else bias))
 
 
 def _sym_setup(ctx, inputs, output):
@@ -72,8 +96,9 @@ def _sym_setup(ctx, inputs, output):
 
 def _sym_backward(ctx, grad_loss, _grad_lse_row, _grad_lse_col):
     q, k, scale, bias, lse_row, lse_col = ctx.saved_tensors
-    dq, dk, ds, db = clip_sym_bwd_op(q, k, scale, bias, lse_row, lse_col, grad_loss, ctx.backend)
-    return dq, dk, ds, (db if ctx.has_bias else None), None
+    nq, nk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq, dk, ds, db = clip_sym_bwd_op(q, k, scale, bias, lse_row, lse_col, grad_loss, ctx.backend, nq, nk)
+    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None
 
 
 clip_sym_fwd_op.register_autograd(_sym_backward, setup_context=_sym_setup)
@@ -84,13 +109,14 @@ clip_sym_fwd_op.register_autograd(_sym_backward, setup_context=_sym_setup)
 def clip_dir_fwd_op(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse = _impl(backend, q.device).clip_dir_fwd(q.contiguous(), k.contiguous(), scale, bias, offset)
+    loss, lse = _impl(backend, q).clip_dir_fwd(q.contiguous(), k.contiguous(), scale, bias, offset)
     return loss.reshape(()), lse
 
 
 @clip_dir_fwd_op.register_fake
 def _(q, k, scale, bias, offset, backend):
-    return q.new_empty((), dtype=torch.float32), q.new_empty(q.shape[0], dtype=torch.float32)
+    dt = _out_dtype(q)
+    return q.new_empty((), dtype=dt), q.new_empty(q.shape[0], dtype=dt)
 
 
 @torch.library.custom_op("bioclip_fast::clip_dir_bwd", mutates_args=())
@@ -103,16 +129,18 @@ def clip_dir_bwd_op(
     offset: int,
     grad_loss: torch.Tensor,
     backend: str,
+    need_q: bool = True,
+    need_k: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, ds, db = _impl(backend, q.device).clip_dir_bwd(
-        q.contiguous(), k.contiguous(), scale, bias, lse, offset, grad_loss.float()
-    )
-    return dq, dk, ds, _dbias_out(db, scale)
+    dq, dk, ds, db = call_bwd(_impl(backend, q).clip_dir_bwd, q.contiguous(), k.contiguous(), scale, bias, lse,
+                              offset, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k)
+    return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, _dbias_out(db, scale)
 
 
 @clip_dir_bwd_op.register_fake
-def _(q, k, scale, bias, lse, offset, grad_loss, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(scale if bias is None else bias)
+def _(q, k, scale, bias, lse, offset, grad_loss, backend, need_q=True, need_k=True):
+    return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
+            torch.empty_like(scale if bias is None else bias))
 
 
 def _dir_setup(ctx, inputs, output):
@@ -123,8 +151,9 @@ def _dir_setup(ctx, inputs, output):
 
 def _dir_backward(ctx, grad_loss, _grad_lse):
     q, k, scale, bias, lse = ctx.saved_tensors
-    dq, dk, ds, db = clip_dir_bwd_op(q, k, scale, bias, lse, ctx.offset, grad_loss, ctx.backend)
-    return dq, dk, ds, (db if ctx.has_bias else None), None, None
+    nq, nk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq, dk, ds, db = clip_dir_bwd_op(q, k, scale, bias, lse, ctx.offset, grad_loss, ctx.backend, nq, nk)
+    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None, None
 
 
 clip_dir_fwd_op.register_autograd(_dir_backward, setup_context=_dir_setup)
@@ -141,9 +170,12 @@ def clip_sym_loss(
     check_finite_inputs: bool = True,
     q_name: str = "image_features",
     k_name: str = "text_features",
+    compute_dtype="auto",
 ) -> torch.Tensor:
-    """½(CE(S, diag) + CE(Sᵀ, diag)) with S = scale·q@kᵀ + bias, never materializing S. Differentiable in all."""
+    """½(CE(S, diag) + CE(Sᵀ, diag)) with S = scale·q@kᵀ + bias, never materializing S. Differentiable in all.
+    ``compute_dtype``: dtype of the products on CUDA (see ``bioclip_fast.ops.precision``)."""
     scale_t, bias_t, _ = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=True)
+    q, k = cast_features(q, k, compute_dtype)
     return clip_sym_fwd_op(q, k, scale_t, bias_t, backend)[0]
 
 
@@ -158,7 +190,9 @@ def clip_dir_loss(
     check_finite_inputs: bool = True,
     q_name: str = "q",
     k_name: str = "k",
+    compute_dtype="auto",
 ) -> torch.Tensor:
     """mean_i CE(S_i, i+offset) with S = scale·q@kᵀ + bias (q: local rows, k: e.g. all-gathered columns)."""
     scale_t, bias_t, offset = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset)
+    q, k = cast_features(q, k, compute_dtype)
     return clip_dir_fwd_op(q, k, scale_t, bias_t, offset, backend)[0]

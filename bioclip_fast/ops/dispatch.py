@@ -58,9 +58,15 @@ def available(name: str) -> bool:
     return not isinstance(_load(name), Exception)
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on ``device`` (``auto`` honours ``BIOCLIP_FAST_BACKEND``)."""
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for ``backend`` on ``device`` (``auto`` honours ``BIOCLIP_FAST_BACKEND``).
+
+    float64 features always take the torch reference (it computes in float64; the kernels are fp32 at most), so
+    open_clip users passing float64 features get float64 results rather than an error.
+    """
     check_backend(backend)
+    if dtype == torch.float64:
+        return "torch"
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower()
         if env and env != "auto":

@@ -11,23 +11,25 @@ from typing import Optional
 import torch
 
 from bioclip_fast.ops import dispatch
+from bioclip_fast.ops.clip_loss import _fake_grad, _grad_out, _out_dtype, call_bwd
+from bioclip_fast.ops.precision import cast_features
 from bioclip_fast.ops.validate import prepare_loss_inputs
 
 
-def _impl(backend: str, device: torch.device):
-    return dispatch.get(dispatch.resolve(backend, device))
+def _impl(backend: str, q: torch.Tensor):
+    return dispatch.get(dispatch.resolve(backend, q.device, q.dtype))
 
 
 @torch.library.custom_op("bioclip_fast::siglip_fwd", mutates_args=())
 def siglip_fwd_op(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str
 ) -> torch.Tensor:
-    return _impl(backend, q.device).siglip_fwd(q.contiguous(), k.contiguous(), scale, bias, offset).reshape(())
+    return _impl(backend, q).siglip_fwd(q.contiguous(), k.contiguous(), scale, bias, offset).reshape(())
 
 
 @siglip_fwd_op.register_fake
 def _(q, k, scale, bias, offset, backend):
-    return q.new_empty((), dtype=torch.float32)
+    return q.new_empty((), dtype=_out_dtype(q))
 
 
 @torch.library.custom_op("bioclip_fast::siglip_bwd", mutates_args=())
@@ -39,16 +41,18 @@ def siglip_bwd_op(
     offset: int,
     grad_loss: torch.Tensor,
     backend: str,
+    need_q: bool = True,
+    need_k: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, ds, db = _impl(backend, q.device).siglip_bwd(
-        q.contiguous(), k.contiguous(), scale, bias, offset, grad_loss.float()
-    )
-    return dq, dk, ds, (torch.zeros_like(scale) if db is None else db)
+    dq, dk, ds, db = call_bwd(_impl(backend, q).siglip_bwd, q.contiguous(), k.contiguous(), scale, bias, offset,
+                              grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k)
+    return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, (torch.zeros_like(scale) if db is None else db)
 
 
 @siglip_bwd_op.register_fake
-def _(q, k, scale, bias, offset, grad_loss, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(scale if bias is None else bias)
+def _(q, k, scale, bias, offset, grad_loss, backend, need_q=True, need_k=True):
+    return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
+            torch.empty_like(scale if bias is None else bias))
 
 
 def _setup(ctx, inputs, output):
@@ -59,8 +63,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_loss):
     q, k, scale, bias = ctx.saved_tensors
-    dq, dk, ds, db = siglip_bwd_op(q, k, scale, bias, ctx.offset, grad_loss, ctx.backend)
-    return dq, dk, ds, (db if ctx.has_bias else None), None, None
+    nq, nk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq, dk, ds, db = siglip_bwd_op(q, k, scale, bias, ctx.offset, grad_loss, ctx.backend, nq, nk)
+    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None, None
 
 
 siglip_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -77,9 +82,11 @@ def siglip_loss(
     check_finite_inputs: bool = True,
     q_name: str = "image_features",
     k_name: str = "text_features",
+    compute_dtype="auto",
 ) -> torch.Tensor:
     """−(1/Bq)·Σ_ij logsigmoid(z_ij·(scale·q_i·k_j + bias)), z = +1 iff j == i + offset; never materializes S."""
     scale_t, bias_t, offset = prepare_loss_inputs(
         q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset, need_all_positives=False
     )
+    q, k = cast_features(q, k, compute_dtype)
     return siglip_fwd_op(q, k, scale_t, bias_t, offset, backend)

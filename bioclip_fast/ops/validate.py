@@ -5,7 +5,7 @@ import numbers
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: the torch reference
 
 
 def as_scalar_tensor(value, name: str, like: torch.Tensor, *, optional: bool = False) -> torch.Tensor | None:
@@ -27,7 +27,7 @@ def as_scalar_tensor(value, name: str, like: torch.Tensor, *, optional: bool = F
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-    return value.float()
+    return value.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
 def check_features(
@@ -45,7 +45,7 @@ def check_features(
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16, float64")
         if t.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)})")
         if t.shape[1] == 0:
@@ -61,16 +61,17 @@ def check_features(
 
 
 def check_finite(**tensors: torch.Tensor | None) -> None:
-    """One fused reduction per tensor; a single host sync for all of them.
+    """One fused reduction per tensor. On CPU a ValueError naming the tensors; on an accelerator an asynchronous
+    device-side assert (no device->host sync per step: the step is not stalled waiting for the flag).
 
-    Pass ``check_finite=False`` to the losses to skip it (it costs one read of each tensor and a sync).
+    Pass ``check_finite=False`` to the losses to skip it (it costs one read of each tensor).
     """
     names = [n for n, t in tensors.items() if t is not None]
     if not names:
         return
     flags = torch.stack([torch.isfinite(tensors[n]).all() for n in names])
-    if torch.compiler.is_compiling():
-        # No host sync inside a compiled graph: an async device-side assert (RuntimeError) instead.
+    if torch.compiler.is_compiling() or flags.device.type != "cpu":
+        # No host sync: an async device-side assert (RuntimeError at the next sync) instead.
         torch._assert_async(flags.all(), f"non-finite values (NaN or Inf) in one of {', '.join(names)}")
         return
     if bool(flags.all()):

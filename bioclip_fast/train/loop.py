@@ -53,8 +53,9 @@ def make_loss(cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
         return ClipLoss(**kw)
     from bioclip_fast.loss import FusedClipLoss
 
-    # the trainer checks the loss itself (and may skip the step), so no per-input finiteness reduction here
-    return FusedClipLoss(**kw, check_finite=False)
+    # the trainer checks the loss itself (and may skip the step), so no per-input finiteness reduction here;
+    # it hands the loss fp32 features outside autocast: bf16 runs multiply in bf16 (tensor cores) like open_clip
+    return FusedClipLoss(**kw, check_finite=False, compute_dtype="bf16" if cfg.precision == "bf16" else "fp32")
 
 
 def auto_threads(local_world: int = 1) -> int:

@@ -1,0 +1,114 @@
+"""The prepared GPU check (benchmarks/gpu_check.sh) on a machine without a GPU: its plan, its clean refusal, its
+package plumbing and its outputs' writers; plus the bench-loss "fp32-train" point it relies on (run on CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args, timeout=300):
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(Path.home())}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(ROOT))
+
+
+def _site(tmp_path):
+    """A --site folder as device-pack.sh makes them: an unpacked package tree plus a pure-Python wheel."""
+    site = tmp_path / "site"
+    (site / "tinypkg").mkdir(parents=True)
+    (site / "tinypkg" / "__init__.py").write_text("VALUE = 1\n")
+    with zipfile.ZipFile(site / "wheelpkg-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("wheelpkg/__init__.py", "VALUE = 2\n")
+    return site
+
+
+def test_readme_dry_run_prints_the_time_boxed_plan(tmp_path):
+    site = _site(tmp_path)
+    proc = _run(str(tmp_path / "gpu"), "--site", str(site), "--dry-run")  # README: gpu_check.sh OUT --site DIR --dry-run
+    assert proc.returncode == 0, proc.stderr
+    for step in ("pytest", "loss", "kernels", "decode", "train"):
+        assert f"  {step}" in proc.stdout
+    assert "-m gpu" in proc.stdout and "fp32-train" in proc.stdout and "--bwd fused gemm" in proc.stdout
+    assert "1048576" in proc.stdout  # the ladder reaches B = 1M
+    boxes = [float(line.split("box")[1].split()[0]) for line in proc.stdout.splitlines() if " box " in line]
+    assert sum(boxes) <= 8 * 60 - 20  # each step time-boxed, all of them within 8 minutes
+    assert "wheelpkg-1.0-py3-none-any.whl" in proc.stdout  # wheels go on PYTHONPATH
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: the check would run for real")
+def test_readme_command_without_gpu_exits_3_with_one_line(tmp_path):
+    proc = _run(str(tmp_path / "gpu"), "--site", str(_site(tmp_path)))  # README: gpu_check.sh OUT --site DIR
+    assert proc.returncode == 3
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "gpu").exists()  # validated before doing any work
+
+
+def test_bad_site_and_usage_are_one_line_errors(tmp_path):
+    proc = _run(str(tmp_path / "gpu"), "--site", str(tmp_path / "missing"), "--dry-run")
+    assert proc.returncode != 0 and "--site" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run()
+    assert proc.returncode == 2 and "gpu_check.sh OUTDIR" in proc.stdout
+
+
+def test_site_wheels_import_and_source_tree_maps_kernels(tmp_path):
+    gc = _load_gpu_check()
+    paths = gc.site_paths([str(_site(tmp_path))])
+    code = "import tinypkg, wheelpkg; print(tinypkg.VALUE + wheelpkg.VALUE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "3", out.stderr
+    # Without an installed bioclip_fast (here: an isolated interpreter), a symlink tree maps kernels/ like setup.py.
+    iso = tmp_path / "iso.sh"
+    iso.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')  # no site-packages: nothing installed
+    iso.chmod(0o755)
+    tree, how = gc.package_root(str(iso), {"PATH": "/usr/bin:/bin"})
+    if tree is None:
+        pytest.skip("bioclip_fast imports even in isolated mode (installed into the interpreter itself)")
+    assert how == "symlink tree"
+    assert (Path(tree) / "bioclip_fast" / "kernels" / "_pairwise.py").exists()
+    assert (Path(tree) / "bioclip_fast" / "loss.py").exists()
+
+
+def test_summary_png_without_matplotlib_is_a_valid_png(tmp_path):
+    gc = _load_gpu_check()
+    path = tmp_path / "bars.png"
+    gc._plain_bars_png(path, [3.0, 10.0, 0.0], ["#2a9d8f", "#e76f51", "#bbbbbb"])
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-12:]
+    res = {"steps": [{"name": "pytest", "status": "ok", "seconds": 3.0, "box_s": 100.0}],
+           "environment": {}, "total_seconds": 3.0}
+    assert gc.summary_png(res, tmp_path / "s.png") and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_loss_fp32_train_point_runs_on_cpu(tmp_path):
+    """The ladder's fp32-train dtype: fp32 features, every implementation under bf16 autocast."""
+    from bioclip_fast.bench_cli import main
+
+    out = tmp_path / "loss"
+    rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32-train", "--impls", "ours",
+               "open_clip", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert rc == 0
+    (result,) = [p for p in out.glob("loss_cpu_*.json") if not p.name.endswith(".partial.json")]
+    rows = json.loads(result.read_text())["measurements"]
+    assert {r["dtype"] for r in rows} == {"fp32-train"} and all("seconds" in r for r in rows), rows
+    ours, ref = (next(r for r in rows if r["impl"] == i) for i in ("ours", "open_clip"))
+    assert abs(ours["loss"] - ref["loss"]) < 0.05 * abs(ref["loss"])  # open_clip multiplies in bf16 here
+    assert not list(out.glob("*.partial.json"))
