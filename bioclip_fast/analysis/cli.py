@@ -136,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
     from bioclip_fast.eval.cli import default_device, resolve_checkpoints
+    from bioclip_fast.eval.datasets import check_data_source
     from bioclip_fast.eval.report import markdown_table, write_json
 
+    check_data_source(args.data)  # a shard spec that matches nothing fails before any model is loaded
     if args.data == "butterflies":
         if args.inter_attribute is None:
             args.inter_attribute = ["family"]

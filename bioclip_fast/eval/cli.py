@@ -200,6 +200,9 @@ def _run(args: argparse.Namespace) -> int:
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise SystemExit(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}")
+    from bioclip_fast.eval.datasets import check_data_source
+
+    check_data_source(args.data)  # a shard spec that matches nothing fails before any model is loaded
     device = args.device or default_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
