@@ -321,7 +321,7 @@ def test_eval_keeps_last_batch_by_default_and_replay_needs_captions(data):
     ev = make_loader(data["shards"], 8, image_size=S, num_workers=0, train=False)
     assert ev.drop_last is False and len(ev) == 8 and len(_keys(_collect(ev))) == 60
     assert make_loader(data["shards"], 8, image_size=S, num_workers=0).drop_last is True
-    with pytest.raises(ValueError, match="no '.txt' caption member"):
+    with pytest.raises(DataError, match="no '.txt' caption member"):
         make_loader(data["shards"], 8, replay_shards=data["shards"], replay_batch_size=2)
 
 
@@ -403,6 +403,7 @@ def provider(tmp_path_factory):
                         scientific="a photo of Danaus plexippus.")
         if i % 4 == 1:
             s["drop"] = ["taxon_com.txt", "com.txt"]
+            want.update(taxonomic_common=t.text("taxonomic_common"), common=t.text("common"))
             dropped += 2
         samples.append(s)
         expect[s["key"]] = want

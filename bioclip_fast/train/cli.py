@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bioclip_fast").setLevel(logging.INFO)  # ours at INFO; open_clip's chatter stays quiet
-    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config", "local_rank")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config", "local_rank", "debug")}
     try:
         cfg = resolve_config(cli, config_file=args.config)
         validate_static(cfg)

@@ -270,6 +270,8 @@ def resolve_config(
             raise ConfigError(f"give either {glob_key} (global) or {gpu_key}, not both")
         if glob_key in given and gpu_key not in given:
             setattr(cfg, gpu_key, None)  # an explicit global batch replaces the preset's per-GPU figure
+    if given & {"batch_size", "batch_size_per_gpu"} and not given & {"replay_batch_size", "replay_batch_size_per_gpu"}:
+        cfg.replay_batch_size_per_gpu = None  # a changed biology batch: replay follows the paper's 320/2,816 ratio
     return cfg
 
 
