@@ -368,21 +368,58 @@ class BatchReader:
 
     def read_positions(self, epoch: int, positions: list[int], rng_key: tuple[int, ...], replace: bool,
                        plan: EpochPlan | None = None) -> dict[str, Any]:
+        """Read (and with decode=True decode) the samples at rank-local `positions`.
+
+        The fast path locates the whole batch at once, reads every image straight into one batch buffer
+        (`os.preadv`, one copy), validates headers in place and draws all crop boxes in one vectorized call. Corrupt
+        samples are replaced (train) or dropped (eval) through the per-sample path.
+        """
         plan = plan or self.plan(epoch)
         c = self.cfg
-        uniforms = np.random.default_rng([c.seed, *rng_key, 0xC209]).random(
-            (len(positions), cpu_ops.UNIFORMS_PER_SLOT))
-        images, boxes, jpegs, keys, labels, captions, member_caps, skipped = [], [], [], [], [], [], [], []
+        n = len(positions)
+        uniforms = np.random.default_rng([c.seed, *rng_key, 0xC209]).random((n, cpu_ops.UNIFORMS_PER_SLOT))
+        shard_idx, within = plan.locate_array(positions)
+        ents = {s: self.shards.entries(s) for s in np.unique(shard_idx).tolist()}
+        offs = np.zeros(n, np.int64)
+        sizes = np.zeros(n, np.int64)
+        for s, e in ents.items():
+            m = shard_idx == s
+            j = within[m]
+            has = e.img_ext[j] >= 0
+            offs[m] = e.img_off[j]
+            sizes[m] = np.where(has, e.img_size[j], -1)
+        starts = np.zeros(n + 1, np.int64)
+        np.cumsum(np.maximum(sizes, 0), out=starts[1:])
+        buf = np.empty(int(starts[-1]), np.uint8)
+        mv = memoryview(buf)
+        sl, wl, st, sz, of = shard_idx.tolist(), within.tolist(), starts.tolist(), sizes.tolist(), offs.tolist()
+        for k in range(n):
+            if sz[k] > 0:
+                os.preadv(self._fd(sl[k]), [mv[st[k]:st[k] + sz[k]]], of[k])
+
+        caption_kind = self.shards.kind == "caption"
+        pieces: list[Any] = []  # per kept slot: memoryview into `buf` or bytes of a replacement sample
+        keys, labels, captions, member_caps, skipped, dims, kept_slots, images = [], [], [], [], [], [], [], []
         in_batch = set(positions)
         fallback = iter(range(1, plan.n + 1))
-        shard_idx, within = plan.locate_array(positions)
-        for slot, (s, j) in enumerate(zip(shard_idx.tolist(), within.tolist())):
+        for k in range(n):
+            s, j = sl[k], wl[k]
+            e = ents[s]
+            data = mv[st[k]:st[k] + sz[k]] if sz[k] >= 0 else None
             while True:
-                key, data, label, caption, caps = self._read(s, j)
+                key = e.keys[j]
+                label = -1 if caption_kind else int(e.labels[j])
                 try:
-                    if self.shards.kind == "bio" and label < 0:
+                    if data is None:
+                        raise cpu_ops.CorruptImage("sample has no image member")
+                    if not caption_kind and label < 0:
                         raise cpu_ops.CorruptImage("no taxonomy in the sample's text members")
-                    img, box = self._prepare(data, uniforms[slot])
+                    wh = cpu_ops.image_size(data)
+                    if self.decode:  # the PIL path decodes here, so a decoder failure is replaced like any other
+                        box = (cpu_ops.random_resized_crop_box(wh[0], wh[1], uniforms[k], c.crop_scale,
+                                                               c.crop_ratio) if c.train
+                               else cpu_ops.center_crop_box(*wh))
+                        images.append(cpu_ops.decode_crop_resize(bytes(data), box, c.image_size))
                     break
                 except cpu_ops.CorruptImage as err:
                     skipped.append(f"{key}: {err}")
@@ -400,31 +437,44 @@ class BatchReader:
                         ) from None
                     in_batch.add(cand)
                     (s, j), = plan.locate([cand])
+                    e = self.shards.entries(s)
+                    _, data, _, _, _ = self._read(s, j)
             if s is None:
                 continue
             keys.append(key)
             labels.append(label)
-            boxes.append(box)
-            if caption is not None:
-                captions.append(caption.decode("utf-8", errors="replace").strip())
-            if caps is not None:
-                member_caps.append(caps)
-            if self.decode:
-                images.append(img)
+            dims.append(wh)
+            kept_slots.append(k)
+            pieces.append(data)
+            if caption_kind:
+                if e.txt_off[j] >= 0:
+                    raw = os.pread(self._fd(s), int(e.txt_size[j]), int(e.txt_off[j]))
+                    captions.append(raw.decode("utf-8", errors="replace").strip())
+                else:
+                    captions.append("")
             else:
-                jpegs.append(data)
+                member_caps.append(tuple(e.strings[x] if x >= 0 else None for x in e.captions[:, j].tolist()))
+        wh_arr = np.asarray(dims, dtype=np.int64).reshape(-1, 2)
+        if c.train:
+            boxes = cpu_ops.random_resized_crop_boxes(wh_arr[:, 0], wh_arr[:, 1], uniforms[kept_slots],
+                                                      c.crop_scale, c.crop_ratio)
+        else:
+            boxes = np.asarray([cpu_ops.center_crop_box(w, h) for w, h in dims], dtype=np.int64).reshape(-1, 4)
         out: dict[str, Any] = {"key": keys, "label": torch.as_tensor(labels, dtype=torch.long),
-                               "skipped": skipped, "box": np.asarray(boxes, dtype=np.int32).reshape(-1, 4)}
+                               "skipped": skipped, "box": boxes.astype(np.int32).reshape(-1, 4)}
         if self.decode:
-            s = c.image_size
-            arr = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)
+            size = c.image_size
+            arr = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
             out["image_u8"] = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
         else:
             # one tensor for the whole batch: DataLoader moves it through shared memory instead of pickling
-            out["jpeg"] = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else \
-                torch.empty(0, dtype=torch.uint8)
-            out["jpeg_sizes"] = np.asarray([len(d) for d in jpegs], dtype=np.int64)
-        if self.shards.kind == "caption":
+            if len(pieces) == n and not skipped:
+                out["jpeg"] = torch.from_numpy(buf)  # the fast path: already one buffer, no copy
+            else:
+                out["jpeg"] = torch.frombuffer(bytearray(b"".join(bytes(p) for p in pieces)), dtype=torch.uint8) \
+                    if pieces else torch.empty(0, dtype=torch.uint8)
+            out["jpeg_sizes"] = np.asarray([len(p) for p in pieces], dtype=np.int64)
+        if caption_kind:
             out["caption"] = captions
         else:
             out["captions"] = member_caps
@@ -683,13 +733,14 @@ class Loader:
         fallback = 0
         for tt in self.text_types:
             col = TEXT_TYPES.index(tt) if tt in TEXT_TYPES else None
-            texts = []
-            for b, i in enumerate(idx):
-                s = member_captions[b][col] if member_captions is not None and col is not None else None
+            if member_captions is None or col is None:  # no members (or a rank-tagged type): from the taxonomy
+                out[tt] = [self.classes[i].text(tt) for i in idx]
+                continue
+            texts = [mc[col] for mc in member_captions]
+            for b, s in enumerate(texts):
                 if s is None:
-                    s = self.classes[i].text(tt)
-                    fallback += col is not None
-                texts.append(s)
+                    texts[b] = self.classes[idx[b]].text(tt)
+                    fallback += 1
             out[tt] = texts
         self.stats["caption_fallback"] += fallback
         return out

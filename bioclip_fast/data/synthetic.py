@@ -59,14 +59,14 @@ def write_tol_shard(path: str | os.PathLike, samples: Sequence[Mapping], *, fmt=
 def write_tol_shards(root: str | os.PathLike, n_shards: int, per_shard: int, *, payload: str = "small",
                      seed: int = 0, prefix: str = "shard-") -> list[Path]:
     """`n_shards` foreign shards of `per_shard` samples cycling through TAXA (keys unique across shards).
-    payload="small": 24 px JPEGs (~1.5 KB, fast tests); "realistic": 128 px noise JPEGs of ~20-40 KB (the
+    payload="small": 24 px JPEGs (~1.5 KB, fast tests); "realistic": 176-232 px noise JPEGs of ~20-40 KB (the
     benchmarks' TreeOfLife-like payload sizes). Both decode."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if payload == "small":
         pool = [jpeg_bytes(seed * 101 + i) for i in range(8)]
     elif payload == "realistic":
-        pool = [jpeg_bytes(seed * 101 + i, size=112 + 4 * (i % 8), quality=75) for i in range(16)]
+        pool = [jpeg_bytes(seed * 101 + i, size=176 + 8 * (i % 8), quality=75) for i in range(16)]
     else:
         raise ValueError(f"payload must be 'small' or 'realistic', got {payload!r}")
     paths = []
