@@ -839,7 +839,11 @@ def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, st
     `replay` {"image": [R,3,S,S], "text": [R, L], "key": [...]} when `replay_shards` and `replay_batch_size` are
     given. `backend="auto"` uses DALI (GPU decode) on a CUDA device and the PIL backend otherwise; `backend="dali"`
     with `device="cpu"` runs DALI's CPU operators. Extra keywords: `shuffle` (default: `train`), `crop_scale`
-    (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`.
+    (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`, `index_dir` (a `bioclip-fast index-shards --out`
+    directory; default: next to the shards, or $BIOCLIP_FAST_INDEX_DIR), `progress`.
+
+    `shards` is any shard spec (`bioclip_fast.data.shardspec`): a directory, glob, brace pattern, '::' list,
+    shard-list file, or a list of these. Captions come from each sample's caption members; see `Loader.captions`.
 
     `drop_last` defaults to `train`: training drops the incomplete last batch (equal batches on every rank), eval
     keeps it so every sample is seen exactly once.
