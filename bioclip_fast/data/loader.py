@@ -625,7 +625,7 @@ class Loader:
                       "backend": backend}
         self.skipped_keys: list[str] = []
         self._token_row: dict[str, int] = {}  # caption string -> row of the token table
-        self._token_table: torch.Tensor | None = None
+        self._token_table: np.ndarray | None = None  # int32 [rows, context length]
         self._mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
 
@@ -761,15 +761,16 @@ class Loader:
             if len(self._token_row) + len(new) > self.TOKEN_CACHE_ROWS:
                 self._token_row, self._token_table = {}, None
                 new = list(dict.fromkeys(s for col in texts.values() for s in col))
-            toks = self.tokenizer(new).to(torch.int32)
+            toks = self.tokenizer(new).to(torch.int32).numpy()
             base = len(self._token_row)
-            self._token_table = toks if self._token_table is None else torch.cat([self._token_table, toks])
+            self._token_table = toks if self._token_table is None else np.concatenate([self._token_table, toks])
             for k, s in enumerate(new):
                 self._token_row[s] = base + k
         out = {}
-        for tt, col in texts.items():
-            rows = torch.as_tensor([self._token_row[s] for s in col], dtype=torch.long)
-            out[tt] = self._token_table[rows].long().to(self.device, non_blocking=True)
+        row = self._token_row
+        for tt, col in texts.items():  # numpy gather: no per-op torch dispatch or thread wake-ups in the main loop
+            rows = np.fromiter((row[s] for s in col), dtype=np.int64, count=len(col))
+            out[tt] = torch.from_numpy(self._token_table[rows].astype(np.int64)).to(self.device, non_blocking=True)
         return out
 
     def _context_length(self) -> int:
