@@ -330,11 +330,11 @@ def _sidecar_is_current(path: Path, st: os.stat_result) -> bool:
             and meta.get("mtime_ns") == st.st_mtime_ns and meta.get("text_types") == list(TEXT_TYPES))
 
 
-def _index_task(args: tuple[str, str]) -> tuple[str, int, int]:
+def _index_task(args: tuple[str, str]) -> tuple[str, int, int, dict[str, Any]]:
     path, out = args
     idx = index_shard(path)
     idx.save(out)
-    return path, idx.count, idx.bytes_read
+    return path, idx.count, idx.bytes_read, summarize(idx)
 
 
 def summarize(idx: ShardIndex) -> dict[str, Any]:
@@ -413,20 +413,25 @@ def index_shards(shards, out: str | os.PathLike | None = None, *, workers: int =
     todo = [(p, str(sidecar_path(out, n))) for p, n, st in zip(paths, names, stats)
             if not (resume and _sidecar_is_current(sidecar_path(out, n), st))]
     bytes_read = 0
+    fresh: dict[str, dict[str, Any]] = {}
     pbar = tqdm(total=len(todo), desc="index-shards", unit="shard", disable=not progress)
     try:
         if workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(min(workers, len(todo))) as pool:
-                for _, _, b in pool.map(_index_task, todo, chunksize=max(1, len(todo) // (workers * 8))):
+                for p, _, b, s in pool.map(_index_task, todo, chunksize=max(1, len(todo) // (workers * 8))):
                     bytes_read += b
+                    fresh[p] = s
                     pbar.update(1)
         else:
             for t in todo:
-                bytes_read += _index_task(t)[2]
+                p, _, b, s = _index_task(t)
+                bytes_read += b
+                fresh[p] = s
                 pbar.update(1)
     finally:
         pbar.close()
-    summaries = [summarize(ShardIndex.load(sidecar_path(out, n))) for n in names]
+    summaries = [fresh[p] if p in fresh else summarize(ShardIndex.load(sidecar_path(out, n)))
+                 for p, n in zip(paths, names)]
     manifest = build_manifest(summaries, paths=paths)
     # keep entries of other shards already indexed into this directory (indexing a dataset in parts)
     old = load_index_manifest(out) if resume and merge else None

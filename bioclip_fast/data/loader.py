@@ -64,6 +64,28 @@ class ShardEntries:
         return len(self.keys)
 
 
+class TaxonTable(Sequence):
+    """The class list as a sequence of Taxon built on access: a 952k-taxon index would otherwise spend tens of
+    seconds per process constructing objects that a training run mostly never touches."""
+
+    def __init__(self, rows: list[dict[str, str]]):
+        self._rows = rows
+        self._cache: dict[int, Taxon] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self._rows)
+        t = self._cache.get(i)
+        if t is None:
+            t = self._cache[i] = Taxon.from_row(self._rows[i])
+        return t
+
+
 # cached shard tables per process, bounded by samples held (a 10,000-sample shard is ~0.5 MB of arrays + keys)
 CACHE_SAMPLES = 1 << 19
 
@@ -91,7 +113,7 @@ class ShardSet:
         self._index_dir: dict[int, Any] = {}
         self._expected_size: dict[int, int] = {}
         counts = np.zeros(len(self.paths), dtype=np.int64)
-        labels: dict[str, Taxon] = {}
+        labels: dict[str, dict[str, str] | None] = {}  # class label -> taxon row (dict; Taxon built on access)
         manifests: dict[Any, dict] = {}
         for i, p in enumerate(self.paths):
             if p in found:
@@ -108,7 +130,7 @@ class ShardSet:
         for d, m in manifests.items():
             for c in m["classes"]:
                 if c["label"] in labels and labels[c["label"]] is None:
-                    labels[c["label"]] = Taxon.from_row(c)
+                    labels[c["label"]] = c
         missing = [i for i in range(len(self.paths)) if i not in self._index_dir]
         self.indexed_at_startup = len(missing)  # shards without an index (all ranks together)
         self.indexed_locally = 0  # of those, indexed by this process
@@ -117,11 +139,11 @@ class ShardSet:
                 counts[i] = summary["count"]
                 self._expected_size[i] = summary["size"]
                 for t in summary["taxa"]:
-                    tax = Taxon.from_row(t)
-                    labels.setdefault(tax.label, tax)
+                    labels.setdefault(Taxon.from_row(t).label, t)
         self.counts = counts
-        self.classes: list[Taxon] = [labels[k] for k in sorted(labels)] if kind == "bio" else []
-        self.class_index = {t.label: i for i, t in enumerate(self.classes)}
+        order = sorted(labels) if kind == "bio" else []
+        self.classes: Sequence[Taxon] = TaxonTable([labels[k] for k in order])
+        self.class_index = {lab: i for i, lab in enumerate(order)}
         if self.counts.sum() == 0:
             raise DataError(f"the shards hold no samples: {self.paths[:3]}{'...' if len(self.paths) > 3 else ''}")
         self._cache: OrderedDict[int, ShardEntries] = OrderedDict()
@@ -589,7 +611,7 @@ class Loader:
 
         self.source = ShardSet(shards, kind="bio", progress=progress, index_dir=index_dir, rank=rank,
                                world_size=world_size)
-        self.classes: list[Taxon] = self.source.classes
+        self.classes: Sequence[Taxon] = self.source.classes
         cfg = SourceConfig(batch_size, image_size, train, self.seed, rank, world_size, self.shuffle,
                            shuffle_buffer, drop_last, tuple(crop_scale), tuple(crop_ratio))
         if backend == "auto":
