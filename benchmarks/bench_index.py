@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SET = 24236  # TreeOfLife-200M shards

@@ -83,7 +83,6 @@ def braceexpand(pattern: str) -> list[str]:
     else:
         items = _split_top(body)
         if len(items) == 1:  # "{x}" is literal, as in bash and braceexpand
-            items = ["{" + body + "}"]
             return [head + "{" + body + "}" + t for t in braceexpand(tail)]
     tails = braceexpand(tail)
     out = []
