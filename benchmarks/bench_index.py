@@ -187,19 +187,20 @@ def plot(index_res: dict, read_res: dict, tag: str) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / f"index_{tag}.png", dpi=110)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
     labels, vals = [], []
     for k, v in read_res["read_path"].items():
-        labels.append(f"read path\n{k}\n(per CPU-s)")
+        labels.append(f"read path, {k} shards x samples (per CPU-s)")
         vals.append(v["samples_per_cpu_s"])
     for name, rate in read_res.get("decode_per_process", {}).items():
-        labels.append(f"decode\n{name}")
+        labels.append(f"decode: {name} (per core)")
         vals.append(rate)
-    ax.bar(labels, vals, color=["#4a4"] * len(read_res["read_path"]) + ["#888"] * (len(labels) - len(read_res["read_path"])))
-    ax.axhline(20000, ls="--", c="k", lw=1, label="target: 20,000 samples/s per worker")
-    ax.set_yscale("log")
-    ax.set_ylabel("samples/s per process")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    n_read = len(read_res["read_path"])
+    ax.barh(labels[::-1], vals[::-1], color=(["#4a4"] * n_read + ["#888"] * (len(labels) - n_read))[::-1])
+    ax.axvline(20000, ls="--", c="k", lw=1, label="target: 20,000 samples/s per worker")
+    ax.set_xscale("log")
+    ax.set_xlabel("samples/s per process")
+    ax.legend(loc="lower right")
     ax.set_title(f"read path (no decode) vs decode, per process ({tag}; load {read_res['load_avg'][0]:.2f})")
     fig.tight_layout()
     fig.savefig(RESULTS / f"readpath_{tag}.png", dpi=110)
@@ -214,7 +215,12 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None, help="where to write the synthetic shards (default: a new temp dir)")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--skip-read-path", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from the JSON results")
     args = p.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"index_{args.tag}.json").read_text()),
+             json.loads((RESULTS / f"readpath_{args.tag}.json").read_text()), args.tag)
+        return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     root = Path(tempfile.mkdtemp(prefix="bench_index-", dir=args.tmp))
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
