@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
-from tests._tolerances import assert_normwise_close
 import torch
 
 import open_clip
@@ -15,6 +13,8 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from bioclip_fast import FusedClipLoss, FusedSigLipLoss
 from bioclip_fast.integrations import open_clip as integration
+
+from tests._tolerances import assert_normwise_close
 
 
 def _args(**kw):
