@@ -488,7 +488,8 @@ def test_ranks_split_indexing_without_an_index(tmp_path):
 
     d = tmp_path / "tol"
     write_tol_shards(d, 6, 3)
-    mp.spawn(_rank_split_worker, args=(2, str(tmp_path / "init"), str(d), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_rank_split_worker, args=(2, str(tmp_path / "init"), str(d), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")  # fork: no second torch import per rank
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert (r0["local"], r1["local"], r0["all"]) == (3, 3, 6)  # each rank indexed half, then they exchanged
     assert r0["counts"] == r1["counts"] == [3] * 6 and r0["classes"] == r1["classes"] and len(r0["classes"]) == 4

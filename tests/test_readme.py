@@ -144,7 +144,7 @@ def run_make(argv: list[str], ctx: Ctx) -> None:
         return
     assert target == "train" and last.endswith("bioclip-fast train"), last
     cmd = shlex.split(last) + ["--max-steps", "3", "--max-minutes", "none", "--schedule-clock", "steps",
-                               "--no-progress", "--out", str(ctx.tmp / "run")]
+                               "--no-progress", "--eval-templates", "simple", "--out", str(ctx.tmp / "run")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "zero-shot" in res.stdout and (ctx.tmp / "run" / "model.pt").is_file()
@@ -200,6 +200,9 @@ def run_eval(argv: list[str], ctx: Ctx) -> None:
     cmd = _substitute(argv, ctx)
     if "--out" not in cmd:
         cmd += ["--out", str(ctx.tmp / "eval")]
+    for flag, value in (("--templates", "simple"), ("--folds", "2")):  # shrink: 1 template instead of 80, 2 folds
+        if flag not in cmd and _accepts(cmd, flag):
+            cmd += [flag, value]
     _main(cmd + ["--no-progress"] if "--no-progress" not in cmd and _accepts(cmd, "--no-progress") else cmd)
 
 
