@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bioclip_fast.train.cli", "train a BioCLIP-2-style model (default: tiny model on bundled butterflies)"),
     "make-shards": ("bioclip_fast.data.shards_cli", "images + metadata CSV -> TreeOfLife-200M-layout webdataset shards"),
+    "index-shards": ("bioclip_fast.data.index_cli", "index shards (headers + text members only) for a fast start"),
     "eval": ("bioclip_fast.eval.cli", "zero-shot / few-shot / linear-probe evaluation"),
     "analyze": ("bioclip_fast.analysis.cli", "emergent-property analysis of an embedding space"),
     "predict": ("bioclip_fast.predict_cli", "classify images (pybioclip-compatible)"),

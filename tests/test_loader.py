@@ -14,6 +14,7 @@ from bioclip_fast.data import bundled, make_loader
 from bioclip_fast.data.loader import _dali_import_error
 from bioclip_fast.data.replay import build_bundled_replay
 from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_index, read_metadata
+from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon
 
 ROOT = bundled.butterflies_root()
@@ -248,7 +249,7 @@ def test_argument_errors(data):
         make_loader(data["shards"], 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="fewer than one batch"):
         make_loader(data["shards"], 100)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(DataError, match=r"\.nope': no such file or directory"):
         make_loader([data["shards"][0] + ".nope"], 8)
     with pytest.raises(ValueError, match="unknown text types"):
         make_loader(data["shards"], 8, text_types=("latin",))
@@ -320,7 +321,7 @@ def test_eval_keeps_last_batch_by_default_and_replay_needs_captions(data):
     ev = make_loader(data["shards"], 8, image_size=S, num_workers=0, train=False)
     assert ev.drop_last is False and len(ev) == 8 and len(_keys(_collect(ev))) == 60
     assert make_loader(data["shards"], 8, image_size=S, num_workers=0).drop_last is True
-    with pytest.raises(ValueError, match="no '.txt' caption member"):
+    with pytest.raises(DataError, match="no '.txt' caption member"):
         make_loader(data["shards"], 8, replay_shards=data["shards"], replay_batch_size=2)
 
 
@@ -373,3 +374,165 @@ def test_crop_boxes_follow_torchvision_random_resized_crop():
         assert abs(area(ours) - area(ref)) < 0.025  # > 3 standard errors; a wrong scale range is off by > 0.1
         assert abs(np.log(ours[:, 2] / ours[:, 3]).mean() - np.log(ref[:, 2] / ref[:, 3]).mean()) < 0.03
     assert center_crop_box(300, 200) == (50, 0, 200, 200)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shard index, captions from the shards' members, read path (issue 9 items 1-4)
+# ---------------------------------------------------------------------------------------------------------------------
+from tests._fixtures_data import TAXA, jpeg_bytes, write_tol_shard, write_tol_shards  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory):
+    """Foreign shards whose caption members disagree with what their taxonomy members would give (provider names,
+    other common names), with some caption members missing (-> rebuilt from the taxonomy, counted)."""
+    d = tmp_path_factory.mktemp("provider")
+    samples, expect, dropped = [], {}, 0
+    for i in range(24):
+        t = TAXA[i % 4]
+        s = {"key": f"p{i:03d}", "taxon": t, "jpg": jpeg_bytes(i)}
+        want = {tt: t.text(tt) for tt in TEXT_TYPES}
+        if i % 3 == 0:  # the provider's own names, as in ToL-200M's caption members
+            s["override"] = {"com.txt": f"a photo of provider common name {i % 4}.",
+                             "sci_com.txt": f"a photo of {t.scientific_name} with common name provider {i % 4}.",
+                             "taxon.txt": f"a photo of {t.taxonomic_name} (accepted name {i}).",
+                             "sci.txt": "a photo of  Danaus   plexippus."}  # whitespace normalized
+            want.update(common=f"a photo of provider common name {i % 4}.",
+                        scientific_common=f"a photo of {t.scientific_name} with common name provider {i % 4}.",
+                        taxonomic=f"a photo of {t.taxonomic_name} (accepted name {i}).",
+                        scientific="a photo of Danaus plexippus.")
+        if i % 4 == 1:
+            s["drop"] = ["taxon_com.txt", "com.txt"]
+            want.update(taxonomic_common=t.text("taxonomic_common"), common=t.text("common"))
+            dropped += 2
+        samples.append(s)
+        expect[s["key"]] = want
+    write_tol_shard(d / "a.tar", samples[:12])
+    write_tol_shard(d / "b.tar", samples[12:])
+    return {"dir": d, "expect": expect, "dropped": dropped}
+
+
+def test_captions_come_from_the_shard_members(provider):
+    calls = []
+
+    def tokenizer(texts):  # the real tokenizer, recording what it is asked to tokenize
+        calls.extend(texts)
+        return TOKENIZER(texts)
+
+    ld = make_loader(str(provider["dir"]), 5, image_size=S, num_workers=0, train=False, tokenizer=tokenizer)
+    seen = 0
+    for b in ld:
+        for tt in TEXT_TYPES:
+            want = [provider["expect"][k][tt] for k in b["key"]]
+            assert torch.equal(b["text"][tt], TOKENIZER(want)), tt
+        seen += len(b["key"])
+    assert seen == 24
+    assert ld.stats["caption_fallback"] == provider["dropped"]
+    # each distinct caption string tokenized once (tokenizer probes of the context length aside)
+    texts = [c for c in calls if c != "x"]
+    assert len(texts) == len(set(texts))
+    assert set(texts) == {v for e in provider["expect"].values() for v in e.values()}
+
+
+def test_loader_uses_the_index_and_never_scans(provider, tmp_path, monkeypatch):
+    from bioclip_fast.data import index as index_mod
+    from bioclip_fast.data.index import index_shards
+    from bioclip_fast.data.loader import ShardSet
+
+    cache = tmp_path / "cache"
+    index_shards(str(provider["dir"]), cache, progress=False)
+
+    def no_scan(path):
+        raise AssertionError(f"shard {path} was scanned although an index exists")
+
+    monkeypatch.setattr(index_mod, "index_shard", no_scan)
+    ld = make_loader(str(provider["dir"]), 6, image_size=S, num_workers=0, train=False, index_dir=str(cache))
+    assert ld.source.indexed_at_startup == 0 and len(ld.classes) == 4
+    assert sum(len(b["key"]) for b in ld) == 24 and ld.stats["caption_fallback"] == provider["dropped"]
+    monkeypatch.setenv("BIOCLIP_FAST_INDEX_DIR", str(cache))  # the cache dir through the environment
+    assert ShardSet(str(provider["dir"])).indexed_at_startup == 0
+    # a shard rewritten after indexing is refused with the fix, not read at wrong offsets
+    monkeypatch.undo()
+    shutil.copy(provider["dir"] / "a.tar", tmp_path / "a.tar")
+    write_tol_shards(tmp_path / "other", 1, 2)
+    shutil.copy(tmp_path / "other" / "shard-000000.tar", provider["dir"] / "a.tar")
+    try:
+        ss = ShardSet(str(provider["dir"]), index_dir=str(cache))
+        with pytest.raises(DataError, match=r"a\.tar changed since it was indexed .* re-run `bioclip-fast index"):
+            ss.entries(0)
+    finally:
+        shutil.copy(tmp_path / "a.tar", provider["dir"] / "a.tar")
+
+
+def _rank_split_worker(rank, world, init_file, shard_dir, out_dir):
+    import json as _json
+
+    import torch.distributed as dist
+
+    from bioclip_fast.data.loader import ShardSet
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ss = ShardSet(shard_dir, rank=rank, world_size=world)
+        Path(out_dir, f"{rank}.json").write_text(_json.dumps(
+            {"local": ss.indexed_locally, "all": ss.indexed_at_startup, "counts": ss.counts.tolist(),
+             "classes": [t.label for t in ss.classes]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_split_indexing_without_an_index(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    d = tmp_path / "tol"
+    write_tol_shards(d, 6, 3)
+    mp.start_processes(_rank_split_worker, args=(2, str(tmp_path / "init"), str(d), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")  # fork: no second torch import per rank
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert (r0["local"], r1["local"], r0["all"]) == (3, 3, 6)  # each rank indexed half, then they exchanged
+    assert r0["counts"] == r1["counts"] == [3] * 6 and r0["classes"] == r1["classes"] and len(r0["classes"]) == 4
+
+
+def test_read_path_loads_each_small_shard_once(tmp_path):
+    """60 shards x 10 samples: the 8-lane order touches more shards than a fixed 24-entry cache held; each shard's
+    table must be loaded once per process, not re-parsed on every miss."""
+    from bioclip_fast.data.index import index_shards
+    from bioclip_fast.data.loader import BatchReader, ShardSet, SourceConfig
+
+    write_tol_shards(tmp_path / "s", 60, 10)
+    index_shards(str(tmp_path / "s"), progress=False)
+    ss = ShardSet(str(tmp_path / "s"))
+    cfg = SourceConfig(batch_size=50, image_size=S, train=True, seed=0, rank=0, world_size=1, shuffle=True,
+                       shuffle_buffer=500, drop_last=True, crop_scale=(0.9, 1.0), crop_ratio=(0.75, 4 / 3))
+    reader = BatchReader(ss, cfg, decode=False)
+    keys = []
+    for b in range(12):
+        raw = reader.read_positions(0, list(range(b * 50, (b + 1) * 50)), (0, 0, b), replace=True)
+        keys += raw["key"]
+        assert raw["jpeg_sizes"].sum() == raw["jpeg"].numel() and len(raw["captions"]) == 50
+    assert len(set(keys)) == 600 and ss.loads == 60
+
+
+def test_empty_dir_and_csv_as_shards_are_one_line_errors(tmp_path, capsys):
+    from bioclip_fast.cli import main as cli_main
+
+    (tmp_path / "empty").mkdir()
+    csv = tmp_path / "meta.csv"
+    csv.write_text("image,species\na.jpg,x\n")
+    with pytest.raises(DataError, match=r"no \.tar shards in this directory"):
+        make_loader(str(tmp_path / "empty"), 4)
+    with pytest.raises(DataError, match=r"is a CSV file, not a tar shard"):
+        make_loader([str(csv)], 4)
+    cases = [(["train", "--data", str(tmp_path / "empty"), "--max-steps", "1"], "no .tar shards in this directory"),
+             (["train", "--data", str(csv), "--max-steps", "1"], "is a CSV file, not a tar shard"),
+             (["train", "--val-data", str(tmp_path / "empty"), "--max-steps", "1"], "--val-data: shard spec"),
+             (["eval", "--checkpoint", str(csv), "--data", str(tmp_path / "empty") + "/*.tar"], "no files match"),
+             (["eval", "--checkpoint", str(csv), "--data", f"{tmp_path}/x-{{0..3}}.tar"], "4 of 4 expanded")]
+    for argv, msg in cases:
+        rc = cli_main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, argv
+        assert err.startswith(f"bioclip-fast {argv[0]}: error: ") and msg in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -208,8 +208,10 @@ def validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
     from bioclip_fast.eval.cli import default_device, resolve_checkpoints
+    from bioclip_fast.eval.datasets import check_data_source
     from bioclip_fast.eval.report import markdown_table, write_json
 
+    check_data_source(args.data)  # a shard spec that matches nothing fails before any model is loaded
     if args.data == "butterflies":
         if args.inter_attribute is None:
             args.inter_attribute = ["family"]

@@ -60,20 +60,22 @@ def image_size(data: bytes) -> tuple[int, int]:
     A JPEG must have an EOI (FF D9) after its last scan: with the header parse this catches garbage bytes and
     truncated files before they reach a GPU decoder that would fail the whole batch.
     """
-    from PIL import Image
-
     if len(data) < 16:
         raise CorruptImage(f"only {len(data)} bytes")
-    if data[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in data[-64:]:
+    jpeg = bytes(data[:3]) == b"\xff\xd8\xff"  # bytes(): `data` may be a memoryview into a batch buffer
+    if jpeg and b"\xff\xd9" not in bytes(data[-64:]):
         # Camera trailers may follow EOI; entropy-coded data cannot contain FF D9 / FF DA (0xFF is byte-stuffed),
         # so a complete image has an EOI after its last start-of-scan marker.
-        if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda") or data.rfind(b"\xff\xda") < 0:
+        whole = bytes(data)
+        if whole.rfind(b"\xff\xd9") < whole.rfind(b"\xff\xda") or whole.rfind(b"\xff\xda") < 0:
             raise CorruptImage("JPEG without end-of-image marker (truncated)")
-    if data[:3] == b"\xff\xd8\xff":
+    if jpeg:
         w, h = _jpeg_size(data)
     else:  # PNG/WebP/...: let PIL read the header
+        from PIL import Image
+
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(bytes(data))) as img:
                 w, h = img.size
         except Exception as e:  # noqa: BLE001
             raise CorruptImage(f"{type(e).__name__}: {e}") from None
@@ -82,31 +84,42 @@ def image_size(data: bytes) -> tuple[int, int]:
     return w, h
 
 
+def random_resized_crop_boxes(w, h, u: np.ndarray, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params for a batch, vectorized: w, h [B]; u [B, UNIFORMS_PER_SLOT]
+    uniforms in [0, 1) -> int64 boxes [B, 4] (x, y, w, h). The first of N_ATTEMPTS draws that fits wins, else the
+    central crop with the ratio clamped into range."""
+    w = np.asarray(w, dtype=np.int64).reshape(-1)
+    h = np.asarray(h, dtype=np.int64).reshape(-1)
+    u = np.asarray(u, dtype=np.float64).reshape(len(w), N_ATTEMPTS, 4)
+    area = (w * h).astype(np.float64)[:, None]
+    log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    aspect = np.exp(log_r0 + (log_r1 - log_r0) * u[..., 1])
+    cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    ch = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    W, H = w[:, None], h[:, None]
+    ok = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
+    first = np.argmax(ok, axis=1)
+    rows = np.arange(len(w))
+    found = ok[rows, first]
+    cw1, ch1 = cw[rows, first], ch[rows, first]
+    x = np.minimum((u[rows, first, 2] * (w - cw1 + 1)).astype(np.int64), w - cw1)
+    y = np.minimum((u[rows, first, 3] * (h - ch1 + 1)).astype(np.int64), h - ch1)
+    # fallback: central crop with the ratio clamped into range
+    in_ratio = w / np.maximum(h, 1)
+    fw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.round(h * ratio[1]).astype(np.int64), w))
+    fh = np.where(in_ratio < ratio[0], np.round(w / ratio[0]).astype(np.int64), h)
+    out = np.stack([np.where(found, x, (w - fw) // 2), np.where(found, y, (h - fh) // 2),
+                    np.where(found, cw1, fw), np.where(found, ch1, fh)], axis=1)
+    return out
+
+
 def random_resized_crop_box(
     w: int, h: int, u: np.ndarray, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO
 ) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, driven by `u` (UNIFORMS_PER_SLOT uniforms in [0, 1))."""
-    area = w * h
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    u = np.asarray(u, dtype=np.float64).reshape(N_ATTEMPTS, 4).tolist()  # Python floats: no numpy-scalar overhead
-    for u_area, u_ratio, u_x, u_y in u:
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
-        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u_ratio)
-        cw = int(round(math.sqrt(target_area * aspect)))
-        ch = int(round(math.sqrt(target_area / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            x = min(int(u_x * (w - cw + 1)), w - cw)
-            y = min(int(u_y * (h - ch + 1)), h - ch)
-            return x, y, cw, ch
-    # fallback: central crop with the ratio clamped into range
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    return (w - cw) // 2, (h - ch) // 2, cw, ch
+    """torchvision's RandomResizedCrop.get_params, driven by `u` (UNIFORMS_PER_SLOT uniforms in [0, 1)); one row of
+    `random_resized_crop_boxes` (the batch form the loader uses)."""
+    return tuple(int(v) for v in random_resized_crop_boxes([w], [h], np.asarray(u).reshape(1, -1), scale, ratio)[0])
 
 
 def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:

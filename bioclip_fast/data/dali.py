@@ -92,7 +92,8 @@ class _Demux:
                 continue
             bio_in = _inputs(raw)
             self.bio.append(bio_in)
-            meta = {"key": raw["key"], "label": raw["label"], "skipped": self.pending_skipped,
+            meta = {"key": raw["key"], "label": raw["label"], "captions": raw.get("captions"),
+                    "skipped": self.pending_skipped,
                     "_advance": self.pending_advance, "inputs": bio_in}
             self.pending_advance, self.pending_skipped = 0, []
             if self.with_replay:
@@ -174,7 +175,9 @@ class DaliDecoder:
         skipped = list(meta["skipped"])
         image, keep = self._cpu_part(meta["inputs"], meta["key"], skipped)
         label = meta["label"][keep]
-        batch = {"image": image, "text": ld.tokens(label), "key": [meta["key"][i] for i in keep],
+        caps = meta.get("captions")
+        batch = {"image": image, "text": ld.tokens(label, [caps[i] for i in keep] if caps is not None else None),
+                 "key": [meta["key"][i] for i in keep],
                  "label": label.to(self.device), "skipped": skipped, "_advance": meta["_advance"]}
         if "replay" in meta:
             r = meta["replay"]
@@ -222,7 +225,8 @@ class DaliDecoder:
                     yield batch
                     continue
                 meta = self.demux.meta.popleft()
-                batch = {"image": _to_torch(images, self.device), "text": ld.tokens(meta["label"]),
+                batch = {"image": _to_torch(images, self.device),
+                         "text": ld.tokens(meta["label"], meta.get("captions")),
                          "key": meta["key"], "label": meta["label"].to(self.device), "skipped": meta["skipped"],
                          "_advance": meta["_advance"]}
                 if replay_images is not None:

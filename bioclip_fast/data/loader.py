@@ -21,25 +21,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from bioclip_fast.data import cpu as cpu_ops
-from bioclip_fast.data.shards import (
-    index_tar,
-    load_manifest,
-    read_index,
-    resolve_shards,
-    taxon_from_texts,
-)
+from bioclip_fast.data.shardspec import resolve_shards
+from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon, validate_text_types
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "bioclip_fast/loader-state/1"
 BACKENDS = ("auto", "dali", "cpu")
@@ -50,107 +47,144 @@ BACKENDS = ("auto", "dali", "cpu")
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ShardEntries:
-    """Per-sample random-access info of one shard."""
+    """Per-sample random-access info of one shard (compact arrays; see `bioclip_fast.data.index.ShardIndex`)."""
 
     keys: list[str]
-    members: list[dict[str, tuple[int, int]]]  # ext -> (offset, size)
-    labels: np.ndarray | None  # global class index per sample (bio shards)
+    img_off: np.ndarray
+    img_size: np.ndarray
+    img_ext: np.ndarray
+    txt_off: np.ndarray
+    txt_size: np.ndarray
+    labels: np.ndarray | None  # global class index per sample (bio shards), -1 without taxonomy
+    captions: np.ndarray  # [len(TEXT_TYPES), n] ids into `strings`, -1 = member missing
+    strings: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
-def _read_members(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    idx = Path(path).with_suffix(".idx")
-    if idx.is_file():
-        return read_index(idx)
-    return [(k, {ext: (off, size) for ext, off, size, _ in m}) for k, m in index_tar(path)]
+class TaxonTable(Sequence):
+    """The class list as a sequence of Taxon built on access: a 952k-taxon index would otherwise spend tens of
+    seconds per process constructing objects that a training run mostly never touches."""
+
+    def __init__(self, rows: list[dict[str, str]]):
+        self._rows = rows
+        self._cache: dict[int, Taxon] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self._rows)
+        t = self._cache.get(i)
+        if t is None:
+            t = self._cache[i] = Taxon.from_row(self._rows[i])
+        return t
 
 
-def _read_member_bytes(f, members: dict[str, tuple[int, int]], ext: str) -> bytes | None:
-    if ext not in members:
-        return None
-    off, size = members[ext]
-    f.seek(off)
-    return f.read(size)
+# cached shard tables per process, bounded by samples held (a 10,000-sample shard is ~0.5 MB of arrays + keys)
+CACHE_SAMPLES = 1 << 19
 
 
 class ShardSet:
     """A list of shards with per-shard counts (known up front) and lazily loaded per-sample entries.
 
-    `kind="bio"`: samples carry a taxon -> class label (from our sidecar `.json` + manifest, or parsed from the
-    text members of foreign shards). `kind="caption"`: samples carry a `.txt` caption (replay).
+    Counts and classes come from a shard index (`bioclip-fast index-shards`; `bioclip_index.json` next to the shards
+    or in `index_dir` / $BIOCLIP_FAST_INDEX_DIR): one manifest read, no shard is opened at startup. Shards without
+    an index are indexed from their tar headers and text members (never image bytes); under torch.distributed each
+    rank indexes 1/world of them and the ranks exchange the summaries. `kind="bio"`: samples carry a taxon -> class
+    label and caption members; `kind="caption"`: samples carry a `.txt` caption (replay).
     """
 
-    def __init__(self, shards, kind: str = "bio", progress: bool = False):
+    def __init__(self, shards, kind: str = "bio", progress: bool = False, *, index_dir=None, rank: int = 0,
+                 world_size: int = 1):
+        from bioclip_fast.data.index import find_index, load_index_manifest
+
         if kind not in ("bio", "caption"):
             raise ValueError(f"kind must be 'bio' or 'caption', got {kind!r}")
-        self.paths = resolve_shards(shards)
+        self.paths = resolve_shards(shards, name="replay shards" if kind == "caption" else "shards")
         self.kind = kind
-        counts = []
-        self._sidecar_labels: dict[int, np.ndarray] = {}  # shard -> global labels, when read eagerly
-        self.classes: list[Taxon] = []
-        manifests: dict[str, dict | None] = {}
-        for p in self.paths:
-            d = os.path.dirname(os.path.abspath(p))
-            if d not in manifests:
-                manifests[d] = load_manifest(d) if kind == "bio" else None
-        # global classes: union of manifest classes (sorted by label) + taxa found in foreign shards
-        labels: dict[str, Taxon] = {}
-        for m in manifests.values():
-            for c in (m or {}).get("classes", []):
-                labels.setdefault(c["label"], Taxon.from_row(c))
-        self._dir_class_labels = {d: [c["label"] for c in m["classes"]] for d, m in manifests.items() if m}
-        foreign: dict[int, list[Taxon | None]] = {}
-        from tqdm import tqdm
-
-        for i, p in enumerate(tqdm(self.paths, desc="index shards", unit="shard", disable=not progress)):
-            d = os.path.dirname(os.path.abspath(p))
-            m = manifests[d]
-            if m is not None:
-                entry = next((s for s in m["shards"] if s["name"] == os.path.basename(p)), None)
-                if entry is None:
-                    raise ValueError(f"{p} is not listed in {d}/manifest.json (stale manifest?)")
-                counts.append(int(entry["count"]))
-                continue
-            if kind == "caption":
-                idx = Path(p).with_suffix(".idx")
-                if idx.is_file():
-                    with idx.open() as f:
-                        counts.append(int(f.readline().split()[1]))
-                else:
-                    counts.append(len(index_tar(p)))
-                continue
-            taxa = self._scan_taxa(p)
-            foreign[i] = taxa
-            for t in taxa:
-                if t is not None:
-                    labels.setdefault(t.label, t)
-            counts.append(len(taxa))
-        self.counts = np.asarray(counts, dtype=np.int64)
-        if kind == "bio":
-            self.classes = [labels[k] for k in sorted(labels)]
-            self.class_index = {t.label: i for i, t in enumerate(self.classes)}
-            for i, taxa in foreign.items():
-                self._sidecar_labels[i] = np.asarray(
-                    [self.class_index[t.label] if t is not None else -1 for t in taxa], dtype=np.int64
-                )
+        index_dirs = [d for d in (index_dir, os.environ.get("BIOCLIP_FAST_INDEX_DIR")) if d]
+        found = find_index(self.paths, index_dirs)
+        self._index_dir: dict[int, Any] = {}
+        self._expected_size: dict[int, int] = {}
+        counts = np.zeros(len(self.paths), dtype=np.int64)
+        labels: dict[str, dict[str, str] | None] = {}  # class label -> taxon row (dict; Taxon built on access)
+        manifests: dict[Any, dict] = {}
+        for i, p in enumerate(self.paths):
+            if p in found:
+                d, entry = found[p]
+                self._index_dir[i] = d
+                self._expected_size[i] = int(entry["size"])
+                counts[i] = int(entry["count"])
+                if kind == "bio":
+                    if d not in manifests:
+                        manifests[d] = load_index_manifest(d)
+                    cls = manifests[d]["classes"]
+                    for c in entry["classes"]:
+                        labels.setdefault(cls[c]["label"], None)  # built below, once per label
+        for d, m in manifests.items():
+            for c in m["classes"]:
+                if c["label"] in labels and labels[c["label"]] is None:
+                    labels[c["label"]] = c
+        missing = [i for i in range(len(self.paths)) if i not in self._index_dir]
+        self.indexed_at_startup = len(missing)  # shards without an index (all ranks together)
+        self.indexed_locally = 0  # of those, indexed by this process
+        if missing:
+            for i, summary in self._index_missing(missing, rank, world_size, progress).items():
+                counts[i] = summary["count"]
+                self._expected_size[i] = summary["size"]
+                for t in summary["taxa"]:
+                    labels.setdefault(Taxon.from_row(t).label, t)
+        self.counts = counts
+        order = sorted(labels) if kind == "bio" else []
+        self.classes: Sequence[Taxon] = TaxonTable([labels[k] for k in order])
+        self.class_index = {lab: i for i, lab in enumerate(order)}
         if self.counts.sum() == 0:
-            raise ValueError(f"the shards hold no samples: {self.paths[:3]}{'...' if len(self.paths) > 3 else ''}")
+            raise DataError(f"the shards hold no samples: {self.paths[:3]}{'...' if len(self.paths) > 3 else ''}")
         self._cache: OrderedDict[int, ShardEntries] = OrderedDict()
+        self._cached_samples = 0
+        self.loads = 0  # shard tables loaded by this process (cache misses)
         self._lock = threading.Lock()
         if kind == "caption":  # fail at construction, not inside a worker, when the shards have no captions
             first = next(i for i, c in enumerate(self.counts) if c > 0)
-            members = self.entries(first).members[0]
-            if "txt" not in members:
-                raise ValueError(
-                    f"replay shard {self.paths[first]} has no '.txt' caption member (members: {sorted(members)}); "
-                    "replay needs LAION-style .jpg+.txt shards, e.g. bioclip_fast.data.bundled.replay_shards()"
+            e = self.entries(first)
+            if e.txt_off[0] < 0:
+                raise DataError(
+                    f"replay shard {self.paths[first]} has no '.txt' caption member; replay needs LAION-style "
+                    ".jpg+.txt shards, e.g. bioclip_fast.data.bundled.replay_shards()"
                 )
 
-    @staticmethod
-    def _scan_taxa(path: str) -> list[Taxon | None]:
-        """Taxon of every sample of a shard without our sidecar, from its text members."""
-        from bioclip_fast.data.shards import iter_shard_samples
+    def _index_missing(self, missing: list[int], rank: int, world_size: int, progress: bool) -> dict[int, dict]:
+        """Summaries (count, size, taxa) of shards without an index: each rank indexes 1/world, then all-gather."""
+        from tqdm import tqdm
 
-        return [s["taxon"] for s in iter_shard_samples([path])]
+        from bioclip_fast.data.index import index_shard, summarize
+
+        dist = torch.distributed
+        split = world_size > 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size
+        mine = missing[rank::world_size] if split else missing
+        if len(missing) > 1 and rank == 0:
+            log.warning("%d of %d shard(s) have no index; indexing their headers now%s (run `bioclip-fast "
+                        "index-shards` once to skip this)", len(missing), len(self.paths),
+                        f", split over {world_size} ranks" if split else "")
+        self.indexed_locally = len(mine)
+        local = {}
+        for i in tqdm(mine, desc="index shards", unit="shard", disable=not progress):
+            s = summarize(index_shard(self.paths[i]))
+            s.pop("taxon_counts", None)
+            local[i] = s
+        if not split:
+            return local
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        out: dict[int, dict] = {}
+        for part in gathered:
+            out.update(part)
+        return out
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -162,34 +196,41 @@ class ShardSet:
     def fingerprint(self) -> str:
         return json.dumps([[os.path.basename(p), int(c)] for p, c in zip(self.paths, self.counts)])
 
+    def _load(self, i: int):
+        from bioclip_fast.data.index import ShardIndex, index_shard, sidecar_path
+
+        path = self.paths[i]
+        if i in self._index_dir:
+            size = os.stat(path).st_size
+            if size != self._expected_size[i]:
+                raise DataError(f"{path} changed since it was indexed ({size} bytes, the index says "
+                                f"{self._expected_size[i]}); re-run `bioclip-fast index-shards`")
+            return ShardIndex.load(sidecar_path(self._index_dir[i], os.path.basename(path)))
+        return index_shard(path)
+
     def entries(self, i: int) -> ShardEntries:
         with self._lock:
             if i in self._cache:
                 self._cache.move_to_end(i)
                 return self._cache[i]
+        idx = self._load(i)
+        self.loads += 1
         path = self.paths[i]
-        rows = _read_members(path)
-        keys = [k for k, _ in rows]
-        members = [m for _, m in rows]
+        if idx.count != self.counts[i]:
+            raise DataError(f"{path}: holds {idx.count} samples, the index says {self.counts[i]}; re-run "
+                            "`bioclip-fast index-shards`")
         labels = None
         if self.kind == "bio":
-            if i in self._sidecar_labels:
-                labels = self._sidecar_labels[i]
-            else:
-                side = Path(path).with_suffix(".json")
-                meta = json.loads(side.read_text())
-                local = self._dir_class_labels[os.path.dirname(os.path.abspath(path))]
-                remap = np.asarray([self.class_index[lab] for lab in local], dtype=np.int64)
-                labels = remap[np.asarray(meta["labels"], dtype=np.int64)]
-                if meta["keys"] != keys:
-                    raise ValueError(f"{side} does not match {path} (keys differ); rebuild the shards")
-        if len(keys) != self.counts[i]:
-            raise ValueError(f"{path}: index has {len(keys)} samples, the manifest says {self.counts[i]}")
-        e = ShardEntries(keys, members, labels)
+            remap = np.asarray([self.class_index[lab] for lab in idx.taxon_labels()] + [-1], dtype=np.int64)
+            labels = remap[idx.taxon.astype(np.int64)]  # -1 -> the appended -1
+        e = ShardEntries(idx.keys, idx.img_off, idx.img_size, idx.img_ext, idx.txt_off, idx.txt_size, labels,
+                         idx.captions, idx.strings)
         with self._lock:
-            self._cache[i] = e
-            while len(self._cache) > 24:  # the shards of the active shuffle window (one or two per lane)
-                self._cache.popitem(last=False)
+            if i not in self._cache:
+                self._cache[i] = e
+                self._cached_samples += len(e)
+            while self._cached_samples > CACHE_SAMPLES and len(self._cache) > 1:
+                self._cached_samples -= len(self._cache.popitem(last=False)[1])
         return e
 
 
@@ -233,24 +274,32 @@ class EpochPlan:
                 self._perm_cache.popitem(last=False)
         return self._perm_cache[k]
 
+    def locate_array(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(shard indices, indices within shard) of rank-local positions, vectorized."""
+        p = np.array(positions, dtype=np.int64, copy=True).reshape(-1)
+        if p.size and (p.min() < 0 or p.max() >= self.n):
+            bad = int(p[(p < 0) | (p >= self.n)][0])
+            raise IndexError(f"position {bad} outside the rank's {self.n} samples")
+        if self.block > 1 and p.size:
+            k = p // self.block
+            for kk in np.unique(k):
+                m = k == kk
+                p[m] = kk * self.block + self._block_perm(int(kk))[p[m] - kk * self.block]
+        if self.lanes > 1 and p.size:
+            full = self._lane_base * self.lanes
+            inside = p < full
+            lane = np.where(inside, p % self.lanes, p - full)
+            k = np.where(inside, p // self.lanes, self._lane_base)
+            p = np.asarray(self._lane_start, dtype=np.int64)[lane] + k
+        g = self.start + p
+        s = np.searchsorted(self.cum, g, side="right")
+        within = g - np.where(s > 0, self.cum[np.maximum(s - 1, 0)], 0)
+        return self.order[s].astype(np.int64), within.astype(np.int64)
+
     def locate(self, positions: Sequence[int]) -> list[tuple[int, int]]:
         """(shard index, index within shard) of rank-local positions."""
-        out = []
-        for p in positions:
-            if not 0 <= p < self.n:
-                raise IndexError(f"position {p} outside the rank's {self.n} samples")
-            if self.block > 1:
-                k = p // self.block
-                p = k * self.block + int(self._block_perm(k)[p - k * self.block])
-            if self.lanes > 1:
-                full = self._lane_base * self.lanes
-                lane, k = (p % self.lanes, p // self.lanes) if p < full else (p - full, self._lane_base)
-                p = self._lane_start[lane] + k
-            g = self.start + p
-            s = int(np.searchsorted(self.cum, g, side="right"))
-            within = g - (int(self.cum[s - 1]) if s else 0)
-            out.append((int(self.order[s]), within))
-        return out
+        s, j = self.locate_array(positions)
+        return list(zip(s.tolist(), j.tolist()))
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -282,7 +331,7 @@ class BatchReader:
     def __init__(self, shards: ShardSet, cfg: SourceConfig, decode: bool, ext: str = "jpg"):
         self.shards, self.cfg, self.decode, self.ext = shards, cfg, decode, ext
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
-        self._files: OrderedDict[int, Any] = OrderedDict()
+        self._files: OrderedDict[int, int] = OrderedDict()
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
@@ -294,23 +343,37 @@ class BatchReader:
                 self._plans.popitem(last=False)
         return self._plans[epoch]
 
-    def _file(self, i: int):
-        if i not in self._files:
-            self._files[i] = open(self.shards.paths[i], "rb")  # noqa: SIM115 - cached, closed on eviction
-            while len(self._files) > 24:
-                self._files.popitem(last=False)[1].close()
-        return self._files[i]
+    def _fd(self, i: int) -> int:
+        fd = self._files.get(i)
+        if fd is None:
+            fd = self._files[i] = os.open(self.shards.paths[i], os.O_RDONLY)
+            while len(self._files) > 256:  # cached descriptors, closed on eviction
+                os.close(self._files.popitem(last=False)[1])
+        return fd
 
-    def _read(self, plan: EpochPlan, pos: int) -> tuple[str, bytes | None, int, bytes | None]:
-        (s, j), = plan.locate([pos])
+    def __del__(self):
+        for fd in getattr(self, "_files", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __getstate__(self):  # workers open their own descriptors
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()
+        return state
+
+    def _read(self, s: int, j: int) -> tuple[str, bytes | None, int, bytes | None, tuple | None]:
+        """(key, image bytes, label, replay caption bytes, member captions per TEXT_TYPES) of sample j of shard s."""
         e = self.shards.entries(s)
-        f = self._file(s)
-        m = e.members[j]
-        ext = next((x for x in (self.ext, "jpeg", "png", "webp") if x in m), self.ext)
-        data = _read_member_bytes(f, m, ext)
-        label = int(e.labels[j]) if e.labels is not None else -1
-        caption = _read_member_bytes(f, e.members[j], "txt") if self.shards.kind == "caption" else None
-        return e.keys[j], data, label, caption
+        fd = self._fd(s)
+        data = os.pread(fd, int(e.img_size[j]), int(e.img_off[j])) if e.img_ext[j] >= 0 else None
+        if self.shards.kind == "caption":
+            caption = os.pread(fd, int(e.txt_size[j]), int(e.txt_off[j])) if e.txt_off[j] >= 0 else b""
+            return e.keys[j], data, -1, caption, None
+        ids = e.captions[:, j]
+        caps = tuple(e.strings[c] if c >= 0 else None for c in ids.tolist())
+        return e.keys[j], data, int(e.labels[j]), None, caps
 
     def _prepare(self, data: bytes | None, u: np.ndarray):
         """-> (image uint8 HWC | None, box) or raises CorruptImage."""
@@ -326,26 +389,63 @@ class BatchReader:
 
     def read_positions(self, epoch: int, positions: list[int], rng_key: tuple[int, ...], replace: bool,
                        plan: EpochPlan | None = None) -> dict[str, Any]:
+        """Read (and with decode=True decode) the samples at rank-local `positions`.
+
+        The fast path locates the whole batch at once, reads every image straight into one batch buffer
+        (`os.preadv`, one copy), validates headers in place and draws all crop boxes in one vectorized call. Corrupt
+        samples are replaced (train) or dropped (eval) through the per-sample path.
+        """
         plan = plan or self.plan(epoch)
         c = self.cfg
-        uniforms = np.random.default_rng([c.seed, *rng_key, 0xC209]).random(
-            (len(positions), cpu_ops.UNIFORMS_PER_SLOT))
-        images, boxes, jpegs, keys, labels, captions, skipped = [], [], [], [], [], [], []
+        n = len(positions)
+        uniforms = np.random.default_rng([c.seed, *rng_key, 0xC209]).random((n, cpu_ops.UNIFORMS_PER_SLOT))
+        shard_idx, within = plan.locate_array(positions)
+        ents = {s: self.shards.entries(s) for s in np.unique(shard_idx).tolist()}
+        offs = np.zeros(n, np.int64)
+        sizes = np.zeros(n, np.int64)
+        for s, e in ents.items():
+            m = shard_idx == s
+            j = within[m]
+            has = e.img_ext[j] >= 0
+            offs[m] = e.img_off[j]
+            sizes[m] = np.where(has, e.img_size[j], -1)
+        starts = np.zeros(n + 1, np.int64)
+        np.cumsum(np.maximum(sizes, 0), out=starts[1:])
+        buf = np.empty(int(starts[-1]), np.uint8)
+        mv = memoryview(buf)
+        sl, wl, st, sz, of = shard_idx.tolist(), within.tolist(), starts.tolist(), sizes.tolist(), offs.tolist()
+        for k in range(n):
+            if sz[k] > 0:
+                os.preadv(self._fd(sl[k]), [mv[st[k]:st[k] + sz[k]]], of[k])
+
+        caption_kind = self.shards.kind == "caption"
+        pieces: list[Any] = []  # per kept slot: memoryview into `buf` or bytes of a replacement sample
+        keys, labels, captions, member_caps, skipped, dims, kept_slots, images = [], [], [], [], [], [], [], []
         in_batch = set(positions)
         fallback = iter(range(1, plan.n + 1))
-        for slot, pos in enumerate(positions):
-            cand = pos
+        for k in range(n):
+            s, j = sl[k], wl[k]
+            e = ents[s]
+            data = mv[st[k]:st[k] + sz[k]] if sz[k] >= 0 else None
             while True:
-                key, data, label, caption = self._read(plan, cand)
+                key = e.keys[j]
+                label = -1 if caption_kind else int(e.labels[j])
                 try:
-                    if self.shards.kind == "bio" and label < 0:
+                    if data is None:
+                        raise cpu_ops.CorruptImage("sample has no image member")
+                    if not caption_kind and label < 0:
                         raise cpu_ops.CorruptImage("no taxonomy in the sample's text members")
-                    img, box = self._prepare(data, uniforms[slot])
+                    wh = cpu_ops.image_size(data)
+                    if self.decode:  # the PIL path decodes here, so a decoder failure is replaced like any other
+                        box = (cpu_ops.random_resized_crop_box(wh[0], wh[1], uniforms[k], c.crop_scale,
+                                                               c.crop_ratio) if c.train
+                               else cpu_ops.center_crop_box(*wh))
+                        images.append(cpu_ops.decode_crop_resize(bytes(data), box, c.image_size))
                     break
                 except cpu_ops.CorruptImage as err:
                     skipped.append(f"{key}: {err}")
                     if not replace:
-                        cand = None
+                        s = None
                         break
                     # nearest earlier sample of the rank's order outside this batch (wrapping around)
                     for t in fallback:
@@ -357,30 +457,48 @@ class BatchReader:
                             f"no decodable image left to replace corrupt samples (shards {self.shards.paths[:3]})"
                         ) from None
                     in_batch.add(cand)
-            if cand is None:
+                    (s, j), = plan.locate([cand])
+                    e = self.shards.entries(s)
+                    _, data, _, _, _ = self._read(s, j)
+            if s is None:
                 continue
             keys.append(key)
             labels.append(label)
-            boxes.append(box)
-            if caption is not None:
-                captions.append(caption.decode("utf-8", errors="replace").strip())
-            if self.decode:
-                images.append(img)
+            dims.append(wh)
+            kept_slots.append(k)
+            pieces.append(data)
+            if caption_kind:
+                if e.txt_off[j] >= 0:
+                    raw = os.pread(self._fd(s), int(e.txt_size[j]), int(e.txt_off[j]))
+                    captions.append(raw.decode("utf-8", errors="replace").strip())
+                else:
+                    captions.append("")
             else:
-                jpegs.append(data)
+                member_caps.append(tuple(e.strings[x] if x >= 0 else None for x in e.captions[:, j].tolist()))
+        wh_arr = np.asarray(dims, dtype=np.int64).reshape(-1, 2)
+        if c.train:
+            boxes = cpu_ops.random_resized_crop_boxes(wh_arr[:, 0], wh_arr[:, 1], uniforms[kept_slots],
+                                                      c.crop_scale, c.crop_ratio)
+        else:
+            boxes = np.asarray([cpu_ops.center_crop_box(w, h) for w, h in dims], dtype=np.int64).reshape(-1, 4)
         out: dict[str, Any] = {"key": keys, "label": torch.as_tensor(labels, dtype=torch.long),
-                               "skipped": skipped, "box": np.asarray(boxes, dtype=np.int32).reshape(-1, 4)}
+                               "skipped": skipped, "box": boxes.astype(np.int32).reshape(-1, 4)}
         if self.decode:
-            s = c.image_size
-            arr = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)
+            size = c.image_size
+            arr = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
             out["image_u8"] = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
         else:
             # one tensor for the whole batch: DataLoader moves it through shared memory instead of pickling
-            out["jpeg"] = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else \
-                torch.empty(0, dtype=torch.uint8)
-            out["jpeg_sizes"] = np.asarray([len(d) for d in jpegs], dtype=np.int64)
-        if self.shards.kind == "caption":
+            if len(pieces) == n and not skipped:
+                out["jpeg"] = torch.from_numpy(buf)  # the fast path: already one buffer, no copy
+            else:
+                out["jpeg"] = torch.frombuffer(bytearray(b"".join(bytes(p) for p in pieces)), dtype=torch.uint8) \
+                    if pieces else torch.empty(0, dtype=torch.uint8)
+            out["jpeg_sizes"] = np.asarray([len(p) for p in pieces], dtype=np.int64)
+        if caption_kind:
             out["caption"] = captions
+        else:
+            out["captions"] = member_caps
         return out
 
 
@@ -456,7 +574,7 @@ class Loader:
                  replay_shards=None, replay_batch_size: int = 0, shuffle: bool | None = None,
                  crop_scale: tuple[float, float] = cpu_ops.DEFAULT_SCALE,
                  crop_ratio: tuple[float, float] = cpu_ops.DEFAULT_RATIO, dali_threads: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, index_dir: str | os.PathLike | None = None):
         import open_clip
 
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -490,8 +608,9 @@ class Loader:
         self.num_workers, self.drop_last, self.dali_threads = num_workers, drop_last, dali_threads
         self.shuffle = train if shuffle is None else bool(shuffle)
 
-        self.source = ShardSet(shards, kind="bio", progress=progress)
-        self.classes: list[Taxon] = self.source.classes
+        self.source = ShardSet(shards, kind="bio", progress=progress, index_dir=index_dir, rank=rank,
+                               world_size=world_size)
+        self.classes: Sequence[Taxon] = self.source.classes
         cfg = SourceConfig(batch_size, image_size, train, self.seed, rank, world_size, self.shuffle,
                            shuffle_buffer, drop_last, tuple(crop_scale), tuple(crop_ratio))
         if backend == "auto":
@@ -504,7 +623,8 @@ class Loader:
         self.replay_batch_size = replay_batch_size
         self._replay = None
         if replay_shards is not None:
-            self.replay_source = ShardSet(replay_shards, kind="caption")
+            self.replay_source = ShardSet(replay_shards, kind="caption", index_dir=index_dir, rank=rank,
+                                          world_size=world_size)
             rcfg = dataclasses.replace(cfg, batch_size=replay_batch_size, seed=self.seed + 1, drop_last=True,
                                        shuffle=True)
             self._replay = BatchReader(self.replay_source, rcfg, decode=decode)
@@ -521,10 +641,12 @@ class Loader:
         self._dali = None
         self.epoch = 0
         self._consumed = 0  # batches of `epoch` already yielded
-        self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "replay_samples": 0, "backend": backend}
+        # caption_fallback: (sample, text type) pairs whose caption member was missing, rebuilt from the taxonomy
+        self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "replay_samples": 0, "caption_fallback": 0,
+                      "backend": backend}
         self.skipped_keys: list[str] = []
-        self._token_row: dict[int, int] = {}  # class index -> row of the token tables
-        self._token_table: dict[str, torch.Tensor] = {}
+        self._token_row: dict[str, int] = {}  # caption string -> row of the token table
+        self._token_table: np.ndarray | None = None  # int32 [rows, context length]
         self._mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
 
@@ -619,25 +741,58 @@ class Loader:
         x = image_u8.to(self.device, non_blocking=True).float()
         return (x - self._mean_t.to(x.device)) / self._std_t.to(x.device)
 
-    def tokens(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Token ids [B, L] of each text type for class labels.
+    # distinct caption strings kept tokenized (int32 [N, 77]: 39 MB at this bound); cleared when full
+    TOKEN_CACHE_ROWS = 1 << 17
 
-        Each class is tokenized once, on first sight (ToL-scale label sets are never tokenized up front), into a
-        per-type table; a batch is then one gather per text type.
-        """
+    def captions(self, labels: torch.Tensor, member_captions: Sequence[Sequence[str | None]] | None = None,
+                 ) -> dict[str, list[str]]:
+        """Caption strings of each text type for a batch: the shard's caption member (`.taxon.txt`, `.sci.txt`,
+        `.com.txt`, `.sci_com.txt`, `.taxon_com.txt`) when the sample has it, else rebuilt from the taxonomy (counted
+        in `stats["caption_fallback"]`)."""
         idx = labels.tolist()
-        new = sorted({i for i in idx if i not in self._token_row})
-        if new:
-            for tt in self.text_types:
-                toks = self.tokenizer([self.classes[i].text(tt) for i in new]).long()
-                self._token_table[tt] = torch.cat([self._token_table[tt], toks]) if tt in self._token_table else toks
-            for i in new:
-                self._token_row[i] = len(self._token_row)
-        if not idx:
+        out: dict[str, list[str]] = {}
+        fallback = 0
+        for tt in self.text_types:
+            col = TEXT_TYPES.index(tt) if tt in TEXT_TYPES else None
+            if member_captions is None or col is None:  # no members (or a rank-tagged type): from the taxonomy
+                out[tt] = [self.classes[i].text(tt) for i in idx]
+                continue
+            texts = [mc[col] for mc in member_captions]
+            for b, s in enumerate(texts):
+                if s is None:
+                    texts[b] = self.classes[idx[b]].text(tt)
+                    fallback += 1
+            out[tt] = texts
+        self.stats["caption_fallback"] += fallback
+        return out
+
+    def tokens(self, labels: torch.Tensor, member_captions: Sequence[Sequence[str | None]] | None = None,
+               ) -> dict[str, torch.Tensor]:
+        """Token ids [B, L] of each text type for a batch (see `captions`).
+
+        Each distinct caption string is tokenized once, on first sight (ToL-scale caption sets are never tokenized up
+        front), into a bounded table; a batch is then one gather per text type.
+        """
+        if not len(labels):
             empty = torch.zeros((0, self._context_length()), dtype=torch.long, device=self.device)
             return {tt: empty for tt in self.text_types}
-        rows = torch.as_tensor([self._token_row[i] for i in idx], dtype=torch.long)
-        return {tt: self._token_table[tt][rows].to(self.device, non_blocking=True) for tt in self.text_types}
+        texts = self.captions(labels, member_captions)
+        new = list(dict.fromkeys(s for col in texts.values() for s in col if s not in self._token_row))
+        if new:
+            if len(self._token_row) + len(new) > self.TOKEN_CACHE_ROWS:
+                self._token_row, self._token_table = {}, None
+                new = list(dict.fromkeys(s for col in texts.values() for s in col))
+            toks = self.tokenizer(new).to(torch.int32).numpy()
+            base = len(self._token_row)
+            self._token_table = toks if self._token_table is None else np.concatenate([self._token_table, toks])
+            for k, s in enumerate(new):
+                self._token_row[s] = base + k
+        out = {}
+        row = self._token_row
+        for tt, col in texts.items():  # numpy gather: no per-op torch dispatch or thread wake-ups in the main loop
+            rows = np.fromiter((row[s] for s in col), dtype=np.int64, count=len(col))
+            out[tt] = torch.from_numpy(self._token_table[rows].astype(np.int64)).to(self.device, non_blocking=True)
+        return out
 
     def _context_length(self) -> int:
         if not hasattr(self, "_ctx_len"):
@@ -645,7 +800,8 @@ class Loader:
         return self._ctx_len
 
     def _finish_cpu(self, raw: dict[str, Any]) -> dict[str, Any]:
-        batch = {"image": self.normalize(raw["image_u8"]), "text": self.tokens(raw["label"]), "key": raw["key"],
+        batch = {"image": self.normalize(raw["image_u8"]), "text": self.tokens(raw["label"], raw.get("captions")),
+                 "key": raw["key"],
                  "label": raw["label"].to(self.device), "skipped": raw["skipped"]}
         if "replay" in raw:
             r = raw["replay"]
@@ -705,7 +861,11 @@ def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, st
     `replay` {"image": [R,3,S,S], "text": [R, L], "key": [...]} when `replay_shards` and `replay_batch_size` are
     given. `backend="auto"` uses DALI (GPU decode) on a CUDA device and the PIL backend otherwise; `backend="dali"`
     with `device="cpu"` runs DALI's CPU operators. Extra keywords: `shuffle` (default: `train`), `crop_scale`
-    (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`.
+    (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`, `index_dir` (a `bioclip-fast index-shards --out`
+    directory; default: next to the shards, or $BIOCLIP_FAST_INDEX_DIR), `progress`.
+
+    `shards` is any shard spec (`bioclip_fast.data.shardspec`): a directory, glob, brace pattern, '::' list,
+    shard-list file, or a list of these. Captions come from each sample's caption members; see `Loader.captions`.
 
     `drop_last` defaults to `train`: training drops the incomplete last batch (equal batches on every rank), eval
     keeps it so every sample is seen exactly once.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv as csv_module
 import dataclasses
-import glob
 import hashlib
 import io
 import json
@@ -29,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bioclip_fast.data.shardspec import resolve_shards  # noqa: F401 - the one resolver, re-exported
+from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon
 
 FORMAT = "bioclip_fast/shards/1"
@@ -36,12 +37,50 @@ MANIFEST = "manifest.json"
 IDX_VERSION = "v1.2"
 REQUIRED_COLUMNS = ("image",)
 TAXON_COLUMNS = RANKS + ("scientific_name",)
+# columns a full metadata CSV has (the bundled metadata.csv); a missing one is an error unless allowed
+EXPECTED_COLUMNS = REQUIRED_COLUMNS + RANKS + ("scientific_name", "common_name")
+
+
+def _norm_column(name: str) -> str:
+    """'commonName' / 'Common Name' / 'COMMON-NAME' -> 'common_name' (for suggestions only)."""
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.strip())
+    return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+
+
+def check_columns(header: Sequence[str], path: str | os.PathLike, *, allow_missing: bool = False) -> None:
+    """Validate a metadata CSV header: every taxonomy column present, or an error naming the missing ones and the
+    header columns that look like them (`Family` -> `family`, `commonName` -> `common_name`)."""
+    import difflib
+
+    present = set(header)
+    missing = [c for c in EXPECTED_COLUMNS if c not in present]
+    if not missing:
+        return
+    unknown = [h for h in header if h not in EXPECTED_COLUMNS]
+    by_norm = {}
+    for h in unknown:
+        by_norm.setdefault(_norm_column(h), h)
+    hints = []
+    for c in missing:
+        close = difflib.get_close_matches(c, list(by_norm), n=1, cutoff=0.7)
+        if close:
+            hints.append(f"'{by_norm[close[0]]}' -> '{c}'")
+    if hints:
+        raise DataError(f"{path}: missing column(s) {missing}; the header has similar column(s), rename them: "
+                        f"{', '.join(hints)}")
+    if "image" in missing:
+        raise DataError(f"{path}: header {list(header)} lacks the required column 'image'")
+    if not allow_missing:
+        raise DataError(f"{path}: missing taxonomy column(s) {missing} (expected {list(EXPECTED_COLUMNS)}); captions "
+                        "would silently lack them. Add the columns (empty values are fine) or pass "
+                        "--allow-missing-columns")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # metadata CSV
 # ---------------------------------------------------------------------------------------------------------------------
-def read_metadata(csv_path: str | os.PathLike) -> list[dict[str, str]]:
+def read_metadata(csv_path: str | os.PathLike, *, check_all_columns: bool = False,
+                  allow_missing: bool = False) -> list[dict[str, str]]:
     """Read and validate a metadata CSV (`image` + taxonomy columns, as the bundled `metadata.csv`).
 
     Every row must have as many fields as the header, a non-empty `image`, and at least one rank or a
@@ -56,6 +95,8 @@ def read_metadata(csv_path: str | os.PathLike) -> list[dict[str, str]]:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise ValueError(f"{path}: empty file, expected a header row with an 'image' column") from None
+        if check_all_columns:
+            check_columns(header, path, allow_missing=allow_missing)
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ValueError(f"{path}: header {header} lacks required column(s) {missing}")
@@ -261,6 +302,8 @@ def make_shards(
     resize: str = "shorter",
     quality: int = 95,
     progress: bool = True,
+    allow_missing_columns: bool = False,
+    index: bool = True,
 ) -> dict[str, Any]:
     """Build TreeOfLife-200M-layout shards from images + metadata; returns the manifest (also in `manifest.json`).
 
@@ -284,7 +327,7 @@ def make_shards(
         raise FileNotFoundError(f"image_root is not a directory: {image_root}")
     if isinstance(csv, (str, os.PathLike)):
         source = str(csv)
-        rows = read_metadata(csv)
+        rows = read_metadata(csv, check_all_columns=True, allow_missing=allow_missing_columns)
     else:
         source = "<rows>"
         rows = [dict(r) for r in csv]
@@ -344,7 +387,7 @@ def make_shards(
 
     # shards numbered beyond this build (left by an earlier, larger build) would be picked up by directory globs
     for stale in out_dir.glob("shard-*.*"):
-        m = re.fullmatch(r"shard-(\d{6})\.(tar|idx|json)", stale.name)
+        m = re.fullmatch(r"shard-(\d{6})\.(tar|idx|json|tar\.bfidx\.npz)", stale.name)
         if m and int(m.group(1)) >= n_shards:
             stale.unlink()
 
@@ -381,7 +424,7 @@ def make_shards(
                     os.replace(tmp_tar, tar_path)
                     write_index(tar_path)
                 else:
-                    for p in (tar_path, tar_path.with_suffix(".idx")):
+                    for p in (tar_path, tar_path.with_suffix(".idx"), Path(str(tar_path) + ".bfidx.npz")):
                         p.unlink(missing_ok=True)
             finally:
                 if os.path.exists(tmp_tar):
@@ -401,7 +444,13 @@ def make_shards(
         skipped_all.extend(meta["skipped"])
         for lab in meta["labels"]:
             class_counts[lab] += 1
-        shards.append({"name": f"shard-{i:06d}.tar", "count": meta["count"], "skipped": len(meta["skipped"])})
+        if meta["count"]:  # a chunk whose images were all skipped has no tar: the manifest lists only real files
+            shards.append({"name": f"shard-{i:06d}.tar", "count": meta["count"], "skipped": len(meta["skipped"])})
+    if not shards:
+        first = skipped_all[0] if skipped_all else {"image": "?", "error": "?"}
+        raise DataError(f"make-shards wrote nothing: all {len(skipped_all)} image(s) were skipped (e.g. "
+                        f"{first['image']}: {first['error']}); check the image root {image_root} "
+                        "(--images; CSV image paths are relative to it)")
     manifest = {
         "format": FORMAT,
         "fingerprint": fp,
@@ -418,39 +467,16 @@ def make_shards(
         "seconds": round(time.time() - t0, 2),
     }
     _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    if index:  # the loader's shard index (offsets, taxa, caption members): no header scan at training startup
+        from bioclip_fast.data.index import index_shards
+
+        index_shards([str(out_dir / s["name"]) for s in shards], out_dir, workers=workers, progress=False, merge=False)
     return manifest
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------------------------------
-def resolve_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Shard paths from a directory, a file, a glob, a brace pattern ("shard-{000000..000009}.tar") or a list."""
-    if isinstance(shards, (str, os.PathLike)):
-        spec = str(shards)
-        if os.path.isdir(spec):
-            out = sorted(glob.glob(os.path.join(spec, "*.tar")))
-            if not out:
-                raise FileNotFoundError(f"no .tar shards in directory {spec}")
-            return out
-        if "{" in spec:
-            import braceexpand
-
-            out = list(braceexpand.braceexpand(spec))
-        elif any(c in spec for c in "*?["):
-            out = sorted(glob.glob(spec))
-        else:
-            out = [spec]
-    else:
-        out = [str(s) for s in shards]
-    if not out:
-        raise FileNotFoundError(f"no shards match {shards!r}")
-    missing = [s for s in out if not os.path.isfile(s)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}")
-    return out
-
-
 def load_manifest(shard_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():

@@ -21,24 +21,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'shorter': keep aspect ratio; 'square': squash like BioCLIP's make_wds.py")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     parser.add_argument("--no-resume", action="store_true", help="rebuild every shard even if already complete")
+    parser.add_argument("--allow-missing-columns", action="store_true",
+                        help="build even if taxonomy columns are missing (captions then lack those ranks)")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.data.bundled import butterflies_root
     from bioclip_fast.data.shards import make_shards
+    from bioclip_fast.errors import UsageError
 
     csv = args.csv or str(butterflies_root() / "metadata.csv")
     images = args.images or os.path.dirname(os.path.abspath(csv))
-    try:
-        manifest = make_shards(
-            images, csv, args.out, samples_per_shard=args.samples_per_shard, workers=args.workers,
-            image_size=args.image_size, resume=not args.no_resume, resize=args.resize, quality=args.quality,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"bioclip-fast make-shards: error: {e}", file=sys.stderr)
-        return 2
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.samples_per_shard < 1:
+        raise UsageError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+    if not os.path.isfile(csv):
+        raise UsageError(f"--csv: file not found: {csv}")
+    if not os.path.isdir(images):
+        raise UsageError(f"--images: not a directory: {images}")
+    manifest = make_shards(
+        images, csv, args.out, samples_per_shard=args.samples_per_shard, workers=args.workers,
+        image_size=args.image_size, resume=not args.no_resume, resize=args.resize, quality=args.quality,
+        progress=not args.no_progress, allow_missing_columns=args.allow_missing_columns,
+    )
     summary = {k: manifest[k] for k in ("num_samples", "num_skipped", "num_classes")}
     summary["shards"] = len(manifest["shards"])
     summary["manifest"] = os.path.join(args.out, "manifest.json")

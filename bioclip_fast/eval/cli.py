@@ -299,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = validate(args)
     ckpts, labels = resolve_checkpoints(args.checkpoints)
+    from bioclip_fast.eval.datasets import check_data_source
+
+    check_data_source(args.data)  # a shard spec that matches nothing fails before any model is loaded
     device = args.device or default_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ loader's batches carry them under ``"skipped"`` (``[{"image", "error"}]``) and
 from __future__ import annotations
 
 import csv
-import glob
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -227,23 +226,29 @@ def butterfly_rows(split: str = "val") -> tuple[list[dict[str, str]], Path]:
 
 
 def _is_shards(source: str) -> bool:
-    if source.endswith(".tar") or any(ch in source for ch in "*?{"):
+    """Shard specs (see `bioclip_fast.data.shardspec`): .tar, brace/glob patterns, '::' lists, shard-list files,
+    directories of .tar files."""
+    from bioclip_fast.data.shardspec import LIST_SUFFIXES
+
+    if source.endswith(".tar") or "::" in source or any(ch in source for ch in "*?{"):
         return True
     p = Path(source)
+    if p.is_file() and source.lower().endswith(LIST_SUFFIXES):
+        return True
     return p.is_dir() and any(p.glob("*.tar")) and not any(p.glob("*.csv"))
 
 
+def check_data_source(source: str) -> None:
+    """Validate a shard-spec `--data` before any model is loaded (DataError naming the spec); other sources are
+    checked when read."""
+    if source != "butterflies" and not source.lower().endswith(".csv") and _is_shards(source):
+        _shard_list(source)
+
+
 def _shard_list(source: str) -> list[str]:
-    p = Path(source)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.glob("*.tar"))
-    elif "{" in source:
-        files = [source]  # webdataset brace notation, expanded by the loader
-    else:
-        files = sorted(glob.glob(source)) if any(ch in source for ch in "*?") else [source]
-    if not files:
-        raise FileNotFoundError(f"no shards match {source!r}")
-    return files
+    from bioclip_fast.data.shardspec import resolve_shards
+
+    return resolve_shards(source, name="--data")
 
 
 def load_eval_data(

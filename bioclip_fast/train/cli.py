@@ -71,7 +71,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(cli, config_file=args.config)
     validate_static(cfg)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
+        import os
+
+        from bioclip_fast.train.config import PAPER_GPUS, resolve_batches
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batches = resolve_batches(cfg, world)
+        out = cfg.to_dict()
+        out["batches"] = {**batches, "world_size_from": "$WORLD_SIZE" if "WORLD_SIZE" in os.environ else "default 1"}
+        if cfg.batch_size_per_gpu is not None:  # what the per-GPU figures give on the paper's 32 GPUs
+            out["batches"][f"global_on_{PAPER_GPUS}_gpus"] = {
+                "batch": cfg.batch_size_per_gpu * PAPER_GPUS,
+                "replay": (cfg.replay_batch_size_per_gpu or 0) * PAPER_GPUS}
+        print(json.dumps(out, indent=1))
         return 0
     from bioclip_fast.train.loop import NonFiniteLossError, Trainer
 

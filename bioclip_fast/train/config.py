@@ -3,8 +3,11 @@
 Precedence (later wins): dataclass defaults (= the BioCLIP 2 recipe) < preset < `--config FILE` < explicit CLI flags.
 
 Presets:
-- ``bioclip2``: the dataclass defaults — ViT-L/14, AdamW (0.9, 0.98), eps 1e-6, wd 0.2 (not on gains, biases,
-  logit_scale), lr 1e-4, 1,875 warmup steps then cosine, bf16, logit_scale clamped to ln(100), DeepSpeed ZeRO-2.
+- ``bioclip2``: the paper's recipe — ViT-L/14 (initialize it with `--pretrained` = open_clip's `laion2b_s32b_b82k`
+  weights file), 2,816 biology + 320 replay images per GPU (on 32 GPUs: global 90,112 + 10,240), gradient
+  checkpointing on, AdamW (0.9, 0.98), eps 1e-6, wd 0.2 (not on gains, biases, logit_scale), lr 1e-4, 1,875 warmup
+  steps then cosine, bf16, logit_scale clamped to ln(100), DeepSpeed ZeRO-2. An explicit global `--batch-size`
+  (or `--replay-batch-size`) replaces the per-GPU figure.
 - ``butterflies``: the no-argument CPU run — `bioclip-nano` (32 px ViT) on the bundled butterfly shards, batch 128,
   fp32 (bf16 autocast is slower on CPUs without AVX512-BF16), plain torch fused AdamW (DeepSpeed adds nothing on one
   process), lr 2e-3 with 30 warmup steps, wd 0.1, and a cosine schedule that follows the wall clock so the run
@@ -52,10 +55,16 @@ class TrainConfig:
     init_logit_scale: float = _f(math.log(1 / 0.07), "initial logit_scale (log of the inverse temperature)")
     logit_scale_max: float = _f(math.log(100), "clamp logit_scale to at most this after every step (ln 100)")
     # --- data
-    data: list[str] = _f([BUNDLED], "training shards: files, directories, globs or brace patterns; 'bundled'")
+    data: list[str] = _f([BUNDLED], "training shards: directories, globs, brace patterns ('shard-{000000..021399}"
+                         ".tar'), '::'-joined lists, shard-list .txt files, .tar files; or 'bundled'")
+    index_dir: str | None = _f(None, "shard index directory written by `bioclip-fast index-shards --out` (default: "
+                               "next to the shards)")
     val_data: list[str] | None = _f(None, "held-out shards for zero-shot eval (default: bundled val if data is bundled)")
     replay_data: list[str] | None = _f(None, "experience-replay shards (e.g. LAION), projected with continual_proj")
-    replay_batch_size: int | None = _f(None, "global replay batch (default: batch_size when replay_data is set)")
+    replay_batch_size: int | None = _f(None, "GLOBAL replay batch (default: the paper's ratio, 320/2,816 of the "
+                                       "biology batch, per GPU)")
+    replay_batch_size_per_gpu: int | None = _f(None, "replay images per GPU (preset bioclip2: 320); global = this x "
+                                               "world size; overrides replay_batch_size")
     replay_weight: float = _f(1.0, "weight of the replay CLIP loss added to the biology loss")
     text_types: list[str] | None = _f(None, "caption types to draw per step (default: all taxonomy.TEXT_TYPES)")
     data_backend: str = _f("auto", "loader backend", choices=("auto", "dali", "cpu"))
@@ -63,7 +72,9 @@ class TrainConfig:
     shuffle_buffer: int = _f(5000, "shuffle block size (samples) within each rank's slice of an epoch")
     crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop area range for training images (BioCLIP: 0.9 1.0)")
     # --- optimization
-    batch_size: int = _f(32768, "GLOBAL batch size (all ranks); BioCLIP used 32,768")
+    batch_size: int = _f(90112, "GLOBAL biology batch (all ranks); BioCLIP 2: 90,112 = 2,816 per GPU x 32 GPUs")
+    batch_size_per_gpu: int | None = _f(None, "biology images per GPU (preset bioclip2: 2,816); global = this x "
+                                        "world size; overrides batch_size")
     epochs: int = _f(30, "passes over the training data")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs for the schedule)")
     max_minutes: float | None = _f(None, "wall-clock budget for the training loop (minutes)")
@@ -148,8 +159,12 @@ class TrainConfig:
         return list(self.data) == [BUNDLED]
 
 
+# BioCLIP 2 (arXiv 2505.23883): 32 GPUs x (2,816 biology + 320 replay) images
+PAPER_GPUS, PAPER_BATCH_PER_GPU, PAPER_REPLAY_PER_GPU = 32, 2816, 320
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "bioclip2": {},
+    "bioclip2": {"model": "ViT-L-14", "batch_size_per_gpu": PAPER_BATCH_PER_GPU,
+                 "replay_batch_size_per_gpu": PAPER_REPLAY_PER_GPU, "grad_checkpointing": True, "precision": "bf16"},
     "butterflies": {
         "model": "bioclip-nano",
         "data": [BUNDLED],
@@ -263,9 +278,39 @@ def resolve_config(
     cfg.update(file_values, source=str(config_file))
     cfg.update(cli, source="command line")
     cfg.preset = preset
+    given = {k.replace("-", "_") for k in (*file_values, *cli)}
+    for glob_key, gpu_key in (("batch_size", "batch_size_per_gpu"), ("replay_batch_size", "replay_batch_size_per_gpu")):
+        if glob_key in given and gpu_key in given and cfg.__dict__[gpu_key] is not None:
+            raise ConfigError(f"give either {glob_key} (global) or {gpu_key}, not both")
+        if glob_key in given and gpu_key not in given:
+            setattr(cfg, gpu_key, None)  # an explicit global batch replaces the preset's per-GPU figure
+    if given & {"batch_size", "batch_size_per_gpu"} and not given & {"replay_batch_size", "replay_batch_size_per_gpu"}:
+        cfg.replay_batch_size_per_gpu = None  # a changed biology batch: replay follows the paper's 320/2,816 ratio
     if cfg.pretrained and "model" not in cli and "model" not in file_values:
         cfg.model = pretrained_model_name(cfg.pretrained) or cfg.model  # our checkpoints say their architecture
     return cfg
+
+
+def resolve_batches(cfg: TrainConfig, world_size: int) -> dict[str, int]:
+    """Per-GPU and global biology/replay batches for a world size; sets cfg.batch_size / replay_batch_size (global).
+
+    The replay batch defaults to the paper's 320/2,816 of the per-GPU biology batch (at least 1 per GPU)."""
+    if cfg.batch_size_per_gpu is not None:
+        cfg.batch_size = cfg.batch_size_per_gpu * world_size
+    per_gpu = cfg.batch_size // world_size if cfg.batch_size % world_size == 0 else cfg.batch_size / world_size
+    out = {"world_size": world_size, "batch_per_gpu": per_gpu, "batch_global": cfg.batch_size,
+           "replay_per_gpu": 0, "replay_global": 0}
+    if cfg.replay_data:
+        if cfg.replay_batch_size_per_gpu is not None:
+            cfg.replay_batch_size = cfg.replay_batch_size_per_gpu * world_size
+        elif cfg.replay_batch_size is None:
+            per = max(1, round(cfg.batch_size / world_size * PAPER_REPLAY_PER_GPU / PAPER_BATCH_PER_GPU))
+            cfg.replay_batch_size = per * world_size
+        out["replay_global"] = cfg.replay_batch_size
+        out["replay_per_gpu"] = cfg.replay_batch_size / world_size
+        if cfg.replay_batch_size % world_size == 0:
+            out["replay_per_gpu"] = cfg.replay_batch_size // world_size
+    return out
 
 
 def pretrained_model_name(path: str) -> str | None:
@@ -331,6 +376,9 @@ def validate_static(cfg: TrainConfig) -> None:
         bad(f"threads must be positive, got {cfg.threads}")
     if cfg.replay_batch_size is not None and cfg.replay_batch_size <= 0:
         bad(f"replay_batch_size must be positive, got {cfg.replay_batch_size}")
+    for name in ("batch_size_per_gpu", "replay_batch_size_per_gpu"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            bad(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.replay_batch_size is not None and not cfg.replay_data:
         bad("replay_batch_size is set but replay_data is not")
     if cfg.continual_proj is False and cfg.replay_data:
@@ -423,22 +471,18 @@ def _check_templates(spec: str) -> None:
 
 
 def _check_paths(name: str, specs: list[str] | None) -> None:
+    """Resolve every shard spec now (one directory listing per brace pattern), so a typo fails before any work."""
     if not specs:
         return
-    import glob
+    from bioclip_fast.data.shardspec import resolve_shards
+    from bioclip_fast.errors import DataError
 
-    for spec in specs:
-        if spec == BUNDLED or "::" in spec or spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
-            continue
-        if "{" in spec:  # webdataset brace pattern: check its directory
-            parent = Path(spec.split("{", 1)[0]).parent
-            if not parent.is_dir():
-                raise ConfigError(f"{name}: directory of shard pattern {spec!r} not found: {parent}")
-            continue
-        if any(c in spec for c in "*?[") and not glob.glob(spec):
-            raise ConfigError(f"{name}: no files match {spec!r}")
-        if not any(c in spec for c in "*?[") and not Path(spec).exists():
-            raise ConfigError(f"{name}: data path not found: {spec}")
+    real = [s for s in specs if s != BUNDLED]
+    if real:
+        try:
+            resolve_shards(real, name="--" + name.replace("_", "-"))
+        except DataError as e:
+            raise ConfigError(str(e)) from None
 
 
 def validate_runtime(cfg: TrainConfig, *, world_size: int, per_rank_batch_min: int = 1) -> None:

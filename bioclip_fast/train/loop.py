@@ -96,6 +96,9 @@ class Trainer:
         self.cfg = cfg
         self.info = info or dist_info_from_env()
         validate_static(cfg)
+        from bioclip_fast.train.config import resolve_batches
+
+        self.batches = resolve_batches(cfg, self.info.world_size)  # per-GPU figures -> global batch sizes
         validate_runtime(cfg, world_size=self.info.world_size)
         rundir.validate_run_dir(cfg)  # before the process group: no rank has written into --out yet
         self.device = resolve_device(cfg.device, self.info)
@@ -209,7 +212,7 @@ class Trainer:
             device=self.device, rank=self.info.rank, world_size=self.info.world_size, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, drop_last=True,
             replay_shards=self._shards(cfg.replay_data, "train"), replay_batch_size=self.local_replay,
-            crop_scale=tuple(cfg.crop_scale),
+            crop_scale=tuple(cfg.crop_scale), index_dir=cfg.index_dir,
         )
 
     def _val_specs(self) -> list[str] | None:
@@ -597,7 +600,8 @@ class Trainer:
             return None
         val = make_loader(specs, min(256, max(self.local_batch, 32)), image_size=self.image_size, mean=self.mean,
                           std=self.std, tokenizer=self.tokenizer, train=False, drop_last=False,
-                          backend=self.cfg.data_backend, device=self.device, num_workers=0)
+                          backend=self.cfg.data_backend, device=self.device, num_workers=0,
+                          index_dir=self.cfg.index_dir)
         was_training = model.training
         model.eval()
         model.to(self.device)

@@ -1,0 +1,487 @@
+"""Shard index: per-sample byte offsets, taxa and captions of webdataset shards, without reading image bytes.
+
+`index_shard(path)` walks a tar's 512-byte headers, seeks over image payloads and reads only the small text
+members (the taxonomy members and the five caption members of TreeOfLife-200M, or a replay shard's `.txt`).
+`bioclip-fast index-shards SPEC [--out DIR] [--workers N]` writes, per shard, a sidecar `<name>.bfidx.npz` (keys,
+image/caption offsets, per-sample taxon and caption-string ids into shard-local tables) and one manifest
+`bioclip_index.json` (counts, sizes, the global class table, each shard's classes). It is resumable (a shard whose
+sidecar matches its size and mtime is skipped) and can write to a cache directory when the dataset mount is
+read-only. The loader reads only the manifest at startup; sidecars are loaded per shard, on first use, in the
+worker that reads it.
+
+Sidecars are `.npz` of plain arrays (`np.load(allow_pickle=False)`): nothing is unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bioclip_fast.errors import DataError
+from bioclip_fast.taxonomy import TEXT_TYPE_KEYS, TEXT_TYPES, Taxon
+
+INDEX_FORMAT = "bioclip_fast/index/1"
+INDEX_MANIFEST = "bioclip_index.json"
+SIDECAR_SUFFIX = ".bfidx.npz"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_TEXT_BYTES = 64 * 1024  # text members larger than this are skipped (not captions)
+# caption member of each of the five training text types (the reference's text type -> member mapping)
+CAPTION_MEMBERS = tuple(TEXT_TYPE_KEYS[tt] for tt in TEXT_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tar header walking
+# ---------------------------------------------------------------------------------------------------------------------
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    s = field.split(b"\0", 1)[0].strip()
+    return int(s, 8) if s else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            break
+        n = int(data[pos:sp])
+        rec = data[sp + 1 : pos + n - 1].decode("utf-8", "replace")
+        k, _, v = rec.partition("=")
+        out[k] = v
+        pos += n
+    return out
+
+
+class _Reader:
+    """pread-based reader that counts the bytes it requests (the benchmark's 'bytes read')."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.bytes_read = 0
+
+    def read(self, n: int, off: int) -> bytes:
+        b = os.pread(self.fd, n, off)
+        self.bytes_read += len(b)
+        return b
+
+    def close(self):
+        os.close(self.fd)
+
+
+def walk_tar(path: str, want_text=lambda ext: ext.endswith("txt")):
+    """Yield (member name, data offset, size, text bytes | None) for regular files, reading headers and only the
+    payloads `want_text(ext)` accepts (<= MAX_TEXT_BYTES). Returns the reader's byte count via StopIteration.value."""
+    r = _Reader(path)
+    try:
+        off = 0
+        block = r.read(512, 0)
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        zero_blocks = 0
+        while len(block) == 512:
+            if block == b"\0" * 512:
+                zero_blocks += 1
+                if zero_blocks == 2:
+                    break
+                off += 512
+                block = r.read(512, off)
+                continue
+            zero_blocks = 0
+            try:
+                chk = _octal(block[148:156])
+                size = _octal(block[124:136])
+            except ValueError:
+                chk, size = -1, 0
+            if chk != sum(block[:148]) + 256 + sum(block[156:]):
+                raise DataError(f"{path}: damaged tar archive or not a tar (bad header at byte {off})")
+            typ = block[156:157]
+            name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if block[257:262] == b"ustar":
+                prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if prefix:
+                    name = prefix + "/" + name
+            data_off = off + 512
+            padded = (size + 511) & ~511
+            nxt = data_off + padded
+            if nxt > r.size:
+                raise DataError(f"{path}: damaged tar archive (member {name!r} runs past the end of the file; "
+                                "truncated?)")
+            if typ in (b"L", b"x", b"g"):  # GNU long name / pax headers: read their (small) payload
+                payload = r.read(padded + 512, data_off)
+                if typ == b"L":
+                    long_name = payload[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
+                elif typ == b"x":
+                    pax = _pax_records(payload[:size])
+                off, block = nxt, payload[padded:]
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            if "path" in pax:
+                name = pax["path"]
+            if "size" in pax:
+                size = int(pax["size"])
+                padded = (size + 511) & ~511
+                nxt = data_off + padded
+            pax = {}
+            text = None
+            if typ in (b"0", b"\0", b"7"):
+                base = name.rsplit("/", 1)[-1]
+                dot = base.find(".")
+                ext = base[dot + 1 :] if dot > 0 else ""
+                if ext and size <= MAX_TEXT_BYTES and want_text(ext):
+                    chunk = r.read(padded + 512, data_off)  # payload + the next header in one call
+                    text = chunk[:size]
+                    yield name, data_off, size, text
+                    off, block = nxt, chunk[padded:]
+                    continue
+                yield name, data_off, size, None
+            off = nxt
+            block = r.read(512, off)  # seek over the payload: image bytes are never read
+        return r.bytes_read
+    finally:
+        r.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one shard's index
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ShardIndex:
+    """Random-access table of one shard. Arrays have one row per sample, in archive order."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    keys: list[str]
+    img_off: np.ndarray  # int64, -1 when the sample has no image member
+    img_size: np.ndarray  # int64
+    img_ext: np.ndarray  # int8 index into IMAGE_EXTS, -1 none
+    txt_off: np.ndarray  # int64 `.txt` member (replay captions), -1 none
+    txt_size: np.ndarray
+    taxon: np.ndarray  # int32 index into `taxa`, -1 when the members give no taxonomy
+    taxa: list[dict[str, str]]  # shard-local taxa (Taxon.to_dict())
+    captions: np.ndarray  # int32 [len(TEXT_TYPES), n] index into `strings`, -1 when the member is missing
+    strings: list[str]  # shard-local unique caption strings
+    bytes_read: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+    def members(self, j: int) -> dict[str, tuple[int, int]]:
+        """{ext: (offset, size)} of sample j's image and `.txt` members (what the loader reads)."""
+        out = {}
+        if self.img_ext[j] >= 0:
+            out[IMAGE_EXTS[int(self.img_ext[j])]] = (int(self.img_off[j]), int(self.img_size[j]))
+        if self.txt_off[j] >= 0:
+            out["txt"] = (int(self.txt_off[j]), int(self.txt_size[j]))
+        return out
+
+    def taxon_labels(self) -> list[str]:
+        return [Taxon.from_row(t).label for t in self.taxa]
+
+    # ---- (de)serialization: plain arrays only -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        meta = {"format": INDEX_FORMAT, "name": self.name, "size": self.size, "mtime_ns": self.mtime_ns,
+                "keys": self.keys, "taxa": self.taxa, "strings": self.strings, "text_types": list(TEXT_TYPES)}
+        blob = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), dtype=np.uint8)
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, meta=blob, img_off=self.img_off, img_size=self.img_size, img_ext=self.img_ext,
+                         txt_off=self.txt_off, txt_size=self.txt_size, taxon=self.taxon, captions=self.captions)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ShardIndex":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                arrays = {k: z[k] for k in ("img_off", "img_size", "img_ext", "txt_off", "txt_size", "taxon",
+                                            "captions")}
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: unreadable shard index ({type(e).__name__}: {e}); re-run index-shards") from None
+        if meta.get("format") != INDEX_FORMAT or meta.get("text_types") != list(TEXT_TYPES):
+            raise DataError(f"{path}: shard index of another format ({meta.get('format')}); re-run index-shards")
+        return cls(meta["name"], int(meta["size"]), int(meta["mtime_ns"]), meta["keys"], taxa=meta["taxa"],
+                   strings=meta["strings"], **arrays)
+
+
+def _taxon_of(texts: dict[str, str]) -> Taxon | None:
+    from bioclip_fast.data.shards import taxon_from_texts
+
+    return taxon_from_texts(texts)
+
+
+def index_shard(path: str | os.PathLike) -> ShardIndex:
+    """Index one webdataset tar: headers + small text members only (image payloads are seeked over)."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot index shard ({e.strerror})") from None
+    samples: list[tuple[str, dict[str, tuple[int, int]], dict[str, str]]] = []
+    gen = walk_tar(path)
+    bytes_read = 0
+    try:
+        while True:
+            name, off, size, text = next(gen)
+            base = name.rsplit("/", 1)[-1]
+            dot = base.find(".")
+            if dot <= 0:
+                continue  # hidden or extension-less files are not samples (as in webdataset)
+            key, ext = name[: len(name) - len(base)] + base[:dot], base[dot + 1 :]
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}, {}))
+            samples[-1][1][ext] = (off, size)
+            if text is not None:
+                samples[-1][2][ext] = text.decode("utf-8", errors="replace")
+    except StopIteration as stop:
+        bytes_read = stop.value or 0
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    n = len(samples)
+    img_off = np.full(n, -1, np.int64)
+    img_size = np.zeros(n, np.int64)
+    img_ext = np.full(n, -1, np.int8)
+    txt_off = np.full(n, -1, np.int64)
+    txt_size = np.zeros(n, np.int64)
+    taxon = np.full(n, -1, np.int32)
+    captions = np.full((len(TEXT_TYPES), n), -1, np.int32)
+    taxa: list[dict[str, str]] = []
+    taxa_ids: dict[Taxon, int] = {}
+    strings: list[str] = []
+    string_ids: dict[str, int] = {}
+    for j, (_, members, texts) in enumerate(samples):
+        for e_i, e in enumerate(IMAGE_EXTS):
+            if e in members:
+                img_off[j], img_size[j] = members[e]
+                img_ext[j] = e_i
+                break
+        if "txt" in members:
+            txt_off[j], txt_size[j] = members["txt"]
+        t = _taxon_of(texts)
+        if t is not None:
+            if t not in taxa_ids:
+                taxa_ids[t] = len(taxa)
+                taxa.append(t.to_dict())
+            taxon[j] = taxa_ids[t]
+        for ti, member in enumerate(CAPTION_MEMBERS):
+            s = texts.get(member)
+            if s is None:
+                continue
+            s = " ".join(s.split())
+            if not s:
+                continue
+            if s not in string_ids:
+                string_ids[s] = len(strings)
+                strings.append(s)
+            captions[ti, j] = string_ids[s]
+    return ShardIndex(os.path.basename(path), int(st.st_size), int(st.st_mtime_ns), [s[0] for s in samples],
+                      img_off, img_size, img_ext, txt_off, txt_size, taxon, taxa, captions, strings,
+                      bytes_read=bytes_read)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a directory's index: sidecars + manifest
+# ---------------------------------------------------------------------------------------------------------------------
+def sidecar_path(index_dir: str | os.PathLike, shard_name: str) -> Path:
+    return Path(index_dir) / (shard_name + SIDECAR_SUFFIX)
+
+
+def load_index_manifest(index_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(index_dir) / INDEX_MANIFEST
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the shard index manifest ({e.strerror})") from None
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: corrupt shard index manifest ({e}); re-run index-shards") from None
+    if m.get("format") != INDEX_FORMAT:
+        raise DataError(f"{path}: unknown index format {m.get('format')!r} (expected {INDEX_FORMAT}); "
+                        "re-run index-shards")
+    return m
+
+
+def _sidecar_is_current(path: Path, st: os.stat_result) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+    except Exception:  # noqa: BLE001 - any unreadable sidecar is rebuilt
+        return False
+    return (meta.get("format") == INDEX_FORMAT and meta.get("size") == st.st_size
+            and meta.get("mtime_ns") == st.st_mtime_ns and meta.get("text_types") == list(TEXT_TYPES))
+
+
+def _index_task(args: tuple[str, str]) -> tuple[str, int, int, dict[str, Any]]:
+    path, out = args
+    idx = index_shard(path)
+    idx.save(out)
+    return path, idx.count, idx.bytes_read, summarize(idx)
+
+
+def summarize(idx: ShardIndex) -> dict[str, Any]:
+    """What the manifest (and a rank exchange) records of one shard."""
+    return {"name": idx.name, "count": idx.count, "size": idx.size, "mtime_ns": idx.mtime_ns, "taxa": idx.taxa,
+            "taxon_counts": np.bincount(idx.taxon[idx.taxon >= 0], minlength=len(idx.taxa)).tolist()}
+
+
+def build_manifest(summaries: Sequence[dict[str, Any]], *, paths: Sequence[str] | None = None) -> dict[str, Any]:
+    """Manifest of shard summaries: global classes (sorted by label) and each shard's class ids."""
+    classes: dict[str, dict[str, str]] = {}
+    counts: dict[str, int] = {}
+    for s in summaries:
+        for t, c in zip(s["taxa"], s.get("taxon_counts", [0] * len(s["taxa"]))):
+            lab = Taxon.from_row(t).label
+            classes.setdefault(lab, t)
+            counts[lab] = counts.get(lab, 0) + int(c)
+    labels = sorted(classes)
+    cid = {lab: i for i, lab in enumerate(labels)}
+    shards = []
+    for i, s in enumerate(summaries):
+        entry = {"name": s["name"], "count": s["count"], "size": s["size"], "mtime_ns": s["mtime_ns"],
+                 "classes": sorted({cid[Taxon.from_row(t).label] for t in s["taxa"]})}
+        if paths is not None:
+            entry["path"] = os.path.abspath(paths[i])
+        shards.append(entry)
+    return {"format": INDEX_FORMAT, "num_samples": sum(s["count"] for s in summaries), "num_classes": len(labels),
+            "shards": shards, "classes": [{"label": lab, "count": counts[lab], **classes[lab]} for lab in labels]}
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def index_shards(shards, out: str | os.PathLike | None = None, *, workers: int = 1, progress: bool = True,
+                 resume: bool = True, merge: bool = True) -> dict[str, Any]:
+    """Index every shard of a spec (see `shardspec`) into sidecars + `bioclip_index.json`; returns a summary.
+
+    `out`: index directory (default: the shards' directory, which must then be the same for all shards).
+    Resumable: shards whose sidecar matches their size and mtime are not read again. With `merge`, entries of
+    other shards already in the directory's manifest are kept (a dataset indexed in parts).
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    from bioclip_fast.data.shardspec import resolve_shards
+
+    paths = resolve_shards(shards, name="index-shards")
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"index-shards: two shards are both named {dup!r}; index each directory separately")
+    if out is None:
+        dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
+        if len(dirs) != 1:
+            raise DataError(f"index-shards: the shards lie in {len(dirs)} directories; pass --out DIR")
+        out = dirs.pop()
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise DataError(f"index-shards: cannot write the index to {out} ({e.strerror}); pass --out with a writable "
+                        "cache directory") from None
+    t0 = time.perf_counter()
+    stats = [os.stat(p) for p in paths]
+    todo = [(p, str(sidecar_path(out, n))) for p, n, st in zip(paths, names, stats)
+            if not (resume and _sidecar_is_current(sidecar_path(out, n), st))]
+    bytes_read = 0
+    fresh: dict[str, dict[str, Any]] = {}
+    pbar = tqdm(total=len(todo), desc="index-shards", unit="shard", disable=not progress)
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(min(workers, len(todo))) as pool:
+                for p, _, b, s in pool.map(_index_task, todo, chunksize=max(1, len(todo) // (workers * 8))):
+                    bytes_read += b
+                    fresh[p] = s
+                    pbar.update(1)
+        else:
+            for t in todo:
+                p, _, b, s = _index_task(t)
+                bytes_read += b
+                fresh[p] = s
+                pbar.update(1)
+    finally:
+        pbar.close()
+    summaries = [fresh[p] if p in fresh else summarize(ShardIndex.load(sidecar_path(out, n)))
+                 for p, n in zip(paths, names)]
+    manifest = build_manifest(summaries, paths=paths)
+    # keep entries of other shards already indexed into this directory (indexing a dataset in parts)
+    old = load_index_manifest(out) if resume and merge else None
+    if old:
+        manifest = _merge_manifests(old, manifest, out)
+    _atomic_json(out / INDEX_MANIFEST, manifest)
+    total = sum(st.st_size for st in stats)
+    return {"index_dir": str(out), "shards": len(paths), "indexed": len(todo), "reused": len(paths) - len(todo),
+            "samples": sum(s["count"] for s in summaries), "classes": manifest["num_classes"],
+            "bytes_read": bytes_read, "shard_bytes": total,
+            "bytes_read_fraction": bytes_read / max(1, sum(st.st_size for (p, _), st in
+                                                           zip(todo, [os.stat(p) for p, _ in todo]))) if todo else 0.0,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _merge_manifests(old: dict[str, Any], new: dict[str, Any], out: Path) -> dict[str, Any]:
+    new_names = {s["name"] for s in new["shards"]}
+    keep = [s for s in old["shards"] if s["name"] not in new_names and sidecar_path(out, s["name"]).is_file()]
+    if not keep:
+        return new
+    summaries, paths = [], []
+    for s in keep:
+        summaries.append(summarize(ShardIndex.load(sidecar_path(out, s["name"]))))
+        paths.append(s.get("path", s["name"]))
+    for s in new["shards"]:
+        summaries.append(summarize(ShardIndex.load(sidecar_path(out, s["name"]))))
+        paths.append(s.get("path", s["name"]))
+    order = sorted(range(len(summaries)), key=lambda i: summaries[i]["name"])
+    return build_manifest([summaries[i] for i in order], paths=[paths[i] for i in order])
+
+
+def find_index(shard_paths: Sequence[str], index_dirs: Iterable[str | os.PathLike] = ()) -> dict[str, tuple[Path, dict]]:
+    """{shard path: (index dir, manifest entry)} for shards covered by an index in `index_dirs` or next to them.
+
+    Reads one manifest per directory; stats nothing (staleness is checked when a shard is opened)."""
+    manifests: dict[str, dict[str, Any] | None] = {}
+    candidates = [str(d) for d in index_dirs if d]
+    found: dict[str, tuple[Path, dict]] = {}
+    by_name_cache: dict[str, dict[str, dict]] = {}
+    for p in shard_paths:
+        name = os.path.basename(p)
+        for d in candidates + [os.path.dirname(os.path.abspath(p))]:
+            if d not in manifests:
+                manifests[d] = load_index_manifest(d)
+                if manifests[d] is not None:
+                    by_name_cache[d] = {s["name"]: s for s in manifests[d]["shards"]}
+            if manifests[d] is None:
+                continue
+            entry = by_name_cache[d].get(name)
+            if entry is not None:
+                found[p] = (Path(d), entry)
+                break
+    return found

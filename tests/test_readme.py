@@ -1,0 +1,263 @@
+"""Every command line in README.md's ```bash blocks is run here, as written, with small data substituted for paths.
+
+How it works: `readme_commands()` extracts the commands (backslash continuations joined, `#` comments dropped).
+`RUNNERS` maps a regex on the command to a runner that substitutes small data for the README's paths (a regex
+table `SUBSTITUTIONS` and per-runner maps), may append flags that only shrink the run (`--max-steps`, a tiny
+`--model`, small batches, `--nproc-per-node 1`), and runs it: `bioclip-fast ...` in-process through
+`bioclip_fast.cli.main` (asserting exit 0), `torchrun ...` and `make ...` as subprocesses.
+
+A README command that no runner matches FAILS `test_every_readme_command_has_a_runner` (so the README cannot show a
+command nobody runs). To register a new one:
+
+1. write `def run_<name>(argv: list[str], ctx: Ctx) -> None` that maps the README's placeholder paths to small data
+   (`ctx` has temp dirs, the bundled butterfly shards/images, foreign TreeOfLife-layout shards, a trained tiny model,
+   see `Ctx`), runs the command and asserts on its output files;
+2. add `(r"^bioclip-fast <subcommand>\\b", run_<name>)` to `RUNNERS` (first match wins; keep patterns specific).
+
+Keep runners tiny (a few seconds each): the whole suite runs on 2 CPU cores. `make test` is checked, not run (it
+would run this suite recursively): its recipe must be `python -m pytest` and `.ci/run` must call it. `make train` runs
+its recipe's last command with `--max-steps` appended.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bioclip_fast.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+
+
+def readme_commands(text: str | None = None) -> list[str]:
+    """Command lines of the README's ```bash blocks (continuations joined, comments and blank lines dropped)."""
+    text = README.read_text() if text is None else text
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            tokens = shlex.split(line, comments=True)
+            if tokens:
+                cmds.append(shlex.join(tokens))
+    return cmds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared small data
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Ctx:
+    tmp: Path  # a fresh temp dir per command
+    shared: Path  # module-wide temp dir with the data below
+    tol: Path  # 4 foreign TreeOfLife-layout shards shard-000000..000003.tar (no manifest, no index)
+    laion: Path  # replay shards 00000.tar, 00001.tar (.jpg + .txt)
+    csv: Path  # a 20-row metadata CSV of bundled butterflies (image paths relative to `images`)
+    images: Path  # the bundled butterfly image root
+    image_dir: Path  # a folder of 4 images (predict/embed)
+    pretrained: Path  # a bioclip-nano checkpoint file (stands in for the laion2b ViT-L-14 weights)
+    trained_dir: Callable[[], Path]  # the suite's trained tiny model run dir (built on first use)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, request):
+    from bioclip_fast.data import bundled
+    from bioclip_fast.data.replay import build_bundled_replay
+    from bioclip_fast.data.shards import read_metadata
+    from bioclip_fast.data.synthetic import write_tol_shards
+
+    d = tmp_path_factory.mktemp("readme")
+    write_tol_shards(d / "tol", 4, 6)
+    build_bundled_replay(d / "laion-src", samples_per_shard=40)
+    (d / "laion").mkdir()
+    for i, p in enumerate(sorted((d / "laion-src").glob("*.tar"))[:2]):
+        shutil.copy(p, d / "laion" / f"{i:05d}.tar")
+    root = bundled.butterflies_root()
+    rows = read_metadata(root / "metadata.csv")[::41][:20]
+    csv = d / "my_metadata.csv"
+    cols = ["image", "kingdom", "phylum", "class", "order", "family", "genus", "species", "scientific_name",
+            "common_name"]
+    csv.write_text("\n".join([",".join(cols)] + [",".join(r[c] for c in cols) for r in rows]) + "\n")
+    (d / "images").mkdir()
+    for r in rows[:4]:
+        shutil.copy(root / r["image"], d / "images" / Path(r["image"]).name)
+    from bioclip_fast.model import create_model, save_model
+
+    pre = d / "ViT-L-14-laion2b_s32b_b82k.bin"
+    save_model(pre, create_model("bioclip-nano"))
+    return Ctx(tmp=d, shared=d, tol=d / "tol", laion=d / "laion", csv=csv, images=root, image_dir=d / "images",
+               pretrained=pre, trained_dir=lambda: request.getfixturevalue("trained_model_dir"))
+
+
+# README placeholder path -> small data (regex on one argv token; first match wins)
+def _substitute(argv: list[str], ctx: Ctx, extra: dict[str, str] | None = None) -> list[str]:
+    table = {
+        r"^/tol200m/shard-\{000000\.\.\d+\}\.tar$": f"{ctx.tol}/shard-{{000000..000003}}.tar",
+        r"^/laion/\{00000\.\.\d+\}\.tar$": f"{ctx.laion}/{{00000..00001}}.tar",
+        r"^/scratch/tol-index$": str(ctx.shared / "tol-index"),
+        r"^[\w.-]*laion2b[\w.-]*\.bin$": str(ctx.pretrained),
+        r"^my_metadata\.csv$": str(ctx.csv),
+        r"^my_images/?$": str(ctx.images),
+        r"^images/$": str(ctx.image_dir),
+        r"^shards/$": str(ctx.tmp / "shards"),
+        r"^runs/[\w<>.-]+$": str(ctx.tmp / "run"),
+        r"^runs/[\w<>-]+/model\.pt$": None,  # a trained model (resolved lazily: it takes a minute)
+        r"^embeddings\.parquet$": str(ctx.tmp / "embeddings.parquet"),
+        **(extra or {}),
+    }
+    out = []
+    for tok in argv:
+        for pat, rep in table.items():
+            if re.match(pat, tok):
+                tok = str(ctx.trained_dir() / "model.pt") if rep is None else rep
+                break
+        out.append(tok)
+    return out
+
+
+def _main(argv: list[str]) -> None:
+    assert argv[0] == "bioclip-fast", argv
+    rc = main(argv[1:])
+    assert rc == 0, f"exit {rc}: {shlex.join(argv)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runners
+# ---------------------------------------------------------------------------------------------------------------------
+def run_make(argv: list[str], ctx: Ctx) -> None:
+    target = argv[1]
+    dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    last = dry.stdout.strip().splitlines()[-1]
+    if target == "test":  # running it here would run this suite recursively: check the recipe and CI instead
+        assert re.fullmatch(r"\S*python -m pytest", last), last
+        assert "make test" in (REPO / ".ci" / "run").read_text()
+        return
+    assert target == "train" and last.endswith("bioclip-fast train"), last
+    cmd = shlex.split(last) + ["--max-steps", "3", "--max-minutes", "none", "--schedule-clock", "steps",
+                               "--no-progress", "--eval-templates", "simple", "--out", str(ctx.tmp / "run")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "zero-shot" in res.stdout and (ctx.tmp / "run" / "model.pt").is_file()
+
+
+def run_make_shards(argv: list[str], ctx: Ctx) -> None:
+    _main(_substitute(argv, ctx) + ["--no-progress"])
+    manifest = json.loads((ctx.tmp / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 20 and (ctx.tmp / "shards" / "bioclip_index.json").is_file()
+
+
+def run_index_shards(argv: list[str], ctx: Ctx) -> None:
+    _main(_substitute(argv, ctx) + ["--no-progress"])
+    m = json.loads((ctx.shared / "tol-index" / "bioclip_index.json").read_text())
+    assert m["num_samples"] == 24
+
+
+def _train_shrink(print_config: bool) -> list[str]:
+    if print_config:
+        return []
+    return ["--model", "bioclip-nano", "--max-steps", "2", "--batch-size-per-gpu", "8",
+            "--replay-batch-size-per-gpu", "4", "--precision", "fp32", "--num-workers", "0", "--no-progress",
+            "--no-eval-at-end", "--save-every", "0", "--shuffle-buffer", "16"]
+
+
+def run_torchrun_train(argv: list[str], ctx: Ctx) -> None:
+    if "--index-dir" in argv and not (ctx.shared / "tol-index" / "bioclip_index.json").exists():
+        run_index_shards(["bioclip-fast", "index-shards", "/tol200m/shard-{000000..000003}.tar", "--out",
+                          "/scratch/tol-index"], ctx)
+    cmd = _substitute(argv, ctx)
+    i = cmd.index("--nproc-per-node")
+    cmd[i + 1] = "1"  # one CPU process stands in for 8 GPUs
+    cmd = [str(Path(sys.executable).parent / "torchrun")] + cmd[1:] + _train_shrink(False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ctx.tmp, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = ctx.tmp / "run"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "bioclip2" and cfg["grad_checkpointing"] is True
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert len([m for m in metrics if "loss" in m]) == 2 and all("loss_replay" in m for m in metrics if "loss" in m)
+
+
+def run_train(argv: list[str], ctx: Ctx) -> None:
+    if "--index-dir" in argv and not (ctx.shared / "tol-index" / "bioclip_index.json").exists():
+        run_index_shards(["bioclip-fast", "index-shards", "/tol200m/shard-{000000..000003}.tar", "--out",
+                          "/scratch/tol-index"], ctx)
+    pc = "--print-config" in argv
+    _main(_substitute(argv, ctx) + _train_shrink(pc))
+
+
+def run_eval(argv: list[str], ctx: Ctx) -> None:
+    cmd = _substitute(argv, ctx)
+    if "--out" not in cmd:
+        cmd += ["--out", str(ctx.tmp / "eval")]
+    for flag, value in (("--templates", "simple"), ("--folds", "2")):  # shrink: 1 template instead of 80, 2 folds
+        if flag not in cmd and _accepts(cmd, flag):
+            cmd += [flag, value]
+    _main(cmd + ["--no-progress"] if "--no-progress" not in cmd and _accepts(cmd, "--no-progress") else cmd)
+
+
+def run_predict_embed(argv: list[str], ctx: Ctx) -> None:
+    _main(_substitute(argv, ctx))
+    if argv[1] == "embed":
+        assert (ctx.tmp / "embeddings.parquet").is_file()
+
+
+def _accepts(cmd: list[str], flag: str) -> bool:
+    from bioclip_fast.cli import COMMANDS
+
+    import argparse
+    import importlib
+
+    module = importlib.import_module(COMMANDS[cmd[1]][0])
+    p = argparse.ArgumentParser()
+    (module.add_arguments_for(cmd[1], p) if hasattr(module, "add_arguments_for") else module.add_arguments(p))
+    return any(flag in a.option_strings for a in p._actions)
+
+
+RUNNERS: list[tuple[str, Callable[[list[str], Ctx], None]]] = [
+    (r"^make (train|test)$", run_make),
+    (r"^bioclip-fast make-shards\b", run_make_shards),
+    (r"^bioclip-fast index-shards\b", run_index_shards),
+    (r"^torchrun .*-m bioclip_fast train\b", run_torchrun_train),
+    (r"^bioclip-fast train\b", run_train),
+    (r"^bioclip-fast (eval|analyze)\b", run_eval),
+    (r"^bioclip-fast (predict|embed)\b", run_predict_embed),
+]
+
+
+def _runner_for(cmd: str):
+    return next((fn for pat, fn in RUNNERS if re.search(pat, cmd)), None)
+
+
+COMMANDS = readme_commands()
+
+
+def test_readme_has_commands_and_extraction_is_exact():
+    assert len(COMMANDS) >= 5
+    sample = "```bash\nfoo --a 'x y' \\\n    --b 2   # note\n# only a comment\n\nbar\n```\n```python\nnot_me\n```"
+    assert readme_commands(sample) == ["foo --a 'x y' --b 2", "bar"]
+
+
+def test_every_readme_command_has_a_runner():
+    missing = [c for c in COMMANDS if _runner_for(c) is None]
+    assert not missing, ("README commands that no test runs (register a runner in tests/test_readme.py, see its "
+                         f"docstring): {missing}")
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c[:60] for c in COMMANDS])
+def test_readme_command_runs(cmd, shared, tmp_path, monkeypatch):
+    runner = _runner_for(cmd)
+    if runner is None:
+        pytest.fail(f"no runner for README command {cmd!r}")
+    monkeypatch.chdir(tmp_path)
+    runner(shlex.split(cmd), dataclasses.replace(shared, tmp=tmp_path))
