@@ -224,7 +224,37 @@ def _accepts(cmd: list[str], flag: str) -> bool:
     return any(flag in a.option_strings for a in p._actions)
 
 
+def covered_by(test_file: str, test_name: str) -> Callable[[list[str], Ctx], None]:
+    """A README command whose realistic run needs the fixtures of another test file (a hub-snapshot model and species
+    table in a fake offline HF cache, benchmark folders in their published layouts, a preempted run): that test runs
+    it. The runner checks that the test exists and that every flag of the README command appears in that test's file
+    (either the test reads the command from README.md, or it spells the same flags), so the two cannot drift apart."""
+
+    def run(argv: list[str], ctx: Ctx) -> None:
+        source = (REPO / test_file).read_text()
+        assert f"def {test_name}(" in source, f"{test_file}::{test_name} is gone; it ran README command {argv}"
+        reads_readme = "README.md" in source
+        flags = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+        missing = [f for f in flags if f not in source]
+        assert reads_readme or not missing, f"{test_file}::{test_name} does not run README flags {missing}"
+
+    run.__name__ = f"covered_by[{test_file}::{test_name}]"
+    return run
+
+
 RUNNERS: list[tuple[str, Callable[[list[str], Ctx], None]]] = [
+    # run as written by other test files (the most specific patterns first)
+    (r"^bioclip-fast eval --suite\b", covered_by("tests/test_eval_suite.py", "test_suite_readme_command")),
+    (r"^bioclip-fast analyze .*--(fishnet|finches|newt)\b",
+     covered_by("tests/test_analysis_visual.py", "test_analyze_demo_model_on_butterflies_and_the_three_protocols")),
+    (r"^bioclip-fast (predict|embed) images/ (--model|--rank)|^bioclip-fast (list-tol-taxa|list-models|export)\b",
+     covered_by("tests/test_pybioclip_parity.py", "test_readme_predict_commands_run_as_written")),
+    (r"^bioclip-fast train --out runs/demo\b",
+     covered_by("tests/test_train_faults.py", "test_readme_preemption_commands_run_as_written")),
+    (r"^bash benchmarks/gpu_check\.sh .*--dry-run$",
+     covered_by("tests/test_loss_gpu_check.py", "test_readme_dry_run_prints_the_time_boxed_plan")),
+    (r"^bash benchmarks/gpu_check\.sh ",
+     covered_by("tests/test_loss_gpu_check.py", "test_readme_command_without_gpu_exits_3_with_one_line")),
     (r"^make (train|test)$", run_make),
     (r"^bioclip-fast make-shards\b", run_make_shards),
     (r"^bioclip-fast index-shards\b", run_index_shards),
