@@ -361,11 +361,19 @@ def load_model(
 ) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
     """Load a model for inference: returns (model in eval mode, eval preprocess, tokenizer, meta).
 
-    ``path``: our checkpoint (``model.pt``) or its run directory — they describe their architecture; a plain
-    open_clip state dict (``.pt``/``.bin``/``.safetensors``) needs ``model_name``.
+    ``path``: our checkpoint (``model.pt``) or its run directory — they describe their architecture; an open_clip
+    hub snapshot (``local-dir:DIR``, a folder with ``open_clip_config.json``, or ``hf-hub:ORG/NAME`` from the local
+    HF cache); a plain open_clip state dict (``.pt``/``.bin``/``.safetensors``) needs ``model_name``.
     """
     from bioclip_fast.errors import CheckpointError
 
+    spec = str(path)
+    if spec.startswith(("local-dir:", "hf-hub:")) or (Path(spec).is_dir() and not (Path(spec) / "model.pt").exists()
+                                                      and (Path(spec) / "open_clip_config.json").is_file()):
+        from bioclip_fast import hub  # released weights as open_clip hub snapshots (pybioclip's model strings)
+
+        loaded = hub.load(spec, device=device)
+        return loaded.model, loaded.preprocess, loaded.tokenizer, loaded.meta
     path = checkpoint_path(path)
     ckpt = read_weights_file(path)
     if is_our_checkpoint(ckpt):
