@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from bioclip_fast.errors import UsageError
+
 IMPLS = ("ours", "reference", "open_clip", "inf_cl")
 # "fp32-train": fp32 features as a trainer hands them, every implementation called under bf16 autocast (open_clip's
 # training setup; ours follows autocast through compute_dtype="auto", so its products run in bf16 on tensor cores).
@@ -281,17 +283,17 @@ def run(args) -> int:
     if dev_name == "auto":
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
     if dev_name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+        raise UsageError("--device cuda requested but no CUDA device is available")
     device = torch.device(dev_name)
     cuda = device.type == "cuda"
     if args.threads is not None:
         if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
+            raise UsageError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     if not cuda:
         _fix_mmap_threshold()
     if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+        raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     if args.quick:
         sizes, dims, dtypes = [1024, 2048, 4096], [512], ["fp32"]
     elif cuda:

@@ -447,3 +447,31 @@ def test_make_shards_wrong_image_root_fails_and_manifest_lists_real_shards(tmp_p
     assert "shard-000001.tar" not in names and len(names) == 4
     assert all((tmp_path / "o2" / n).is_file() for n in names)
     assert [s["name"] for s in load_index_manifest(tmp_path / "o2")["shards"]] == names
+
+
+def test_index_shards_skips_and_lists_damaged_shards(tmp_path, capsys):
+    """A damaged shard among many does not lose the indexing job: the others are indexed, the damaged ones are listed
+    (manifest and stderr); only a spec with no indexable shard at all is an error."""
+    import json
+
+    from bioclip_fast.cli import main
+    from bioclip_fast.data.synthetic import write_tol_shards
+
+    write_tol_shards(tmp_path, 3, 4)
+    shards = sorted(tmp_path.glob("*.tar"))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])  # truncated mid-member
+    (tmp_path / "zz-garbage.tar").write_bytes(b"garbage!")
+    assert main(["index-shards", str(tmp_path), "--no-progress", "--workers", "1"]) == 0
+    cap = capsys.readouterr()
+    assert "2 damaged shard(s) skipped" in cap.err and "Traceback" not in cap.err
+    manifest = json.loads((tmp_path / "bioclip_index.json").read_text())
+    assert set(manifest["damaged_shards"]) == {shards[1].name, "zz-garbage.tar"}
+    assert "not a tar archive" in manifest["damaged_shards"]["zz-garbage.tar"]
+    assert json.loads(cap.out)["samples"] == 8
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.tar").write_bytes(b"garbage!")
+    assert main(["index-shards", str(only_bad), "--no-progress"]) == 2
+    assert "no shard could be indexed" in capsys.readouterr().err

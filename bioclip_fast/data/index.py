@@ -87,6 +87,8 @@ def walk_tar(path: str, want_text=lambda ext: ext.endswith("txt")):
         long_name: str | None = None
         pax: dict[str, str] = {}
         zero_blocks = 0
+        if 0 < len(block) < 512:
+            raise DataError(f"{path}: not a tar archive ({r.size} bytes, shorter than one tar header)")
         while len(block) == 512:
             if block == b"\0" * 512:
                 zero_blocks += 1
@@ -330,9 +332,14 @@ def _sidecar_is_current(path: Path, st: os.stat_result) -> bool:
             and meta.get("mtime_ns") == st.st_mtime_ns and meta.get("text_types") == list(TEXT_TYPES))
 
 
-def _index_task(args: tuple[str, str]) -> tuple[str, int, int, dict[str, Any]]:
+def _index_task(args: tuple[str, str]) -> tuple[str, int, int, dict[str, Any] | str]:
+    """One shard: (path, samples, bytes read, summary), or a damaged shard's reason in place of the summary (a long
+    indexing job skips and lists damaged shards instead of losing the others)."""
     path, out = args
-    idx = index_shard(path)
+    try:
+        idx = index_shard(path)
+    except DataError as e:
+        return path, 0, 0, str(e)
     idx.save(out)
     return path, idx.count, idx.bytes_read, summarize(idx)
 
@@ -430,16 +437,25 @@ def index_shards(shards, out: str | os.PathLike | None = None, *, workers: int =
                 pbar.update(1)
     finally:
         pbar.close()
+    damaged = {p: s for p, s in fresh.items() if isinstance(s, str)}
+    if damaged and len(damaged) == len(paths):
+        raise DataError(f"index-shards: no shard could be indexed; e.g. {next(iter(damaged.values()))}")
+    kept = [(p, n, st) for p, n, st in zip(paths, names, stats) if p not in damaged]
+    paths, names, stats = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
     summaries = [fresh[p] if p in fresh else summarize(ShardIndex.load(sidecar_path(out, n)))
                  for p, n in zip(paths, names)]
     manifest = build_manifest(summaries, paths=paths)
+    if damaged:
+        manifest["damaged_shards"] = {os.path.basename(p): why for p, why in damaged.items()}
     # keep entries of other shards already indexed into this directory (indexing a dataset in parts)
     old = load_index_manifest(out) if resume and merge else None
     if old:
         manifest = _merge_manifests(old, manifest, out)
     _atomic_json(out / INDEX_MANIFEST, manifest)
     total = sum(st.st_size for st in stats)
+    todo = [t for t in todo if t[0] not in damaged]
     return {"index_dir": str(out), "shards": len(paths), "indexed": len(todo), "reused": len(paths) - len(todo),
+            "damaged": {os.path.basename(p): why for p, why in damaged.items()},
             "samples": sum(s["count"] for s in summaries), "classes": manifest["num_classes"],
             "bytes_read": bytes_read, "shard_bytes": total,
             "bytes_read_fraction": bytes_read / max(1, sum(st.st_size for (p, _), st in

@@ -28,4 +28,9 @@ def run(args: argparse.Namespace) -> int:
     summary = index_shards(args.shards, args.out, workers=args.workers, progress=not args.no_progress,
                            resume=not args.no_resume)
     print(json.dumps(summary))
+    if summary["damaged"]:
+        import sys
+
+        print(f"bioclip-fast index-shards: warning: {len(summary['damaged'])} damaged shard(s) skipped and listed in "
+              f"the manifest's damaged_shards, e.g. {next(iter(summary['damaged'].values()))}", file=sys.stderr)
     return 0

@@ -284,16 +284,6 @@ def validate(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
-def report_errors(fn, args: argparse.Namespace) -> int:
-    """Kept for callers outside eval (predict_cli): input errors become one line on stderr and exit code 2.
-    ``eval`` and ``analyze`` raise instead and let :func:`bioclip_fast.cli.run_subcommand` print the line."""
-    try:
-        return fn(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.eval.report import confusion_matrix, markdown_table, plot_confusion, write_json
 
