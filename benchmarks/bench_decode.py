@@ -23,7 +23,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,15 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from bioclip_fast.sysinfo import cpu_name
 
 
 def _time_batches(make_iter, images: int, batch_size: int, sync) -> dict:

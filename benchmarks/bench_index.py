@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bioclip_fast.sysinfo import cpu_name
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SET = 24236  # TreeOfLife-200M shards
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     root = Path(tempfile.mkdtemp(prefix="bench_index-", dir=args.tmp))
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu_count": os.cpu_count(), "machine": _cpu()}
+            "cpu_count": os.cpu_count(), "machine": cpu_name()}
     try:
         meta["load_avg_before"] = list(os.getloadavg())
         res = bench_index(root / "tol", args)
@@ -253,16 +255,6 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

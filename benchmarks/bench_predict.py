@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bioclip_fast.sysinfo import cpu_name
+
 BENCH_CFG = {  # a cheap 224 px image tower with BioCLIP 2's 768-d embedding; a slim text tower (unused here)
     "embed_dim": 768,
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 384, "head_width": 64, "patch_size": 32},
@@ -43,16 +45,6 @@ BENCH_CFG = {  # a cheap 224 px image tower with BioCLIP 2's 768-d embedding; a 
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def write_table(folder: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> dict:

@@ -220,16 +220,9 @@ def environment(device) -> dict:
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        name = platform.processor() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        info["device_name"] = name
+        from bioclip_fast.sysinfo import cpu_name
+
+        info["device_name"] = cpu_name()
         info["threads"] = torch.get_num_threads()
         info["cpu_count"] = os.cpu_count()
         try:
