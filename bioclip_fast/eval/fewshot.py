@@ -102,13 +102,7 @@ def few_shot_eval(
         yq = _as_labels(query_labels, xq.shape[0], "query_labels")
         if xq.shape[1] != x.shape[1]:
             raise ValueError(f"features have dim {x.shape[1]} but query_features have dim {xq.shape[1]}")
-    if folds < 1:
-        raise ValueError(f"folds must be >= 1, got {folds}")
-    shots = [int(k) for k in shots]
-    if not shots or min(shots) < 1:
-        raise ValueError(f"shots must be positive integers, got {shots}")
-    if len(np.unique(y)) < 2:
-        raise ValueError("few-shot evaluation needs at least 2 classes in labels")
+    shots = _check_protocol(y, folds, shots)
 
     out: dict[str, Any] = {}
     for k in shots:
@@ -130,6 +124,18 @@ def few_shot_eval(
             nq.append(int(len(qy)))
         out[f"{k}-shot"] = {"top1": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs, "n_query": nq}
     return out
+
+
+def _check_protocol(y: np.ndarray, folds: int, shots: Sequence[int]) -> list[int]:
+    """Validate folds/shots/labels shared by both protocols; returns the shots as ints."""
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    shots = [int(k) for k in shots]
+    if not shots or min(shots) < 1:
+        raise ValueError(f"shots must be positive integers, got {shots}")
+    if len(np.unique(y)) < 2:
+        raise ValueError("few-shot evaluation needs at least 2 classes in labels")
+    return shots
 
 
 def reference_support_split(labels: Any, shots: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,13 +169,7 @@ def reference_few_shot_eval(features: Any, labels: Any, *, shots: Sequence[int] 
     """
     x = _as_2d(features, "features")
     y = _as_labels(labels, x.shape[0], "labels")
-    if folds < 1:
-        raise ValueError(f"folds must be >= 1, got {folds}")
-    shots = [int(k) for k in shots]
-    if not shots or min(shots) < 1:
-        raise ValueError(f"shots must be positive integers, got {shots}")
-    if len(np.unique(y)) < 2:
-        raise ValueError("few-shot evaluation needs at least 2 classes in labels")
+    shots = _check_protocol(y, folds, shots)
     out: dict[str, Any] = {}
     for k in shots:
         accs, nq = [], []
