@@ -135,7 +135,11 @@ def _main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def run_make(argv: list[str], ctx: Ctx) -> None:
     target = argv[1]
-    dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
+    # under `make test` (CI) the environment carries MAKELEVEL/MAKEFLAGS: a nested make would then print
+    # "make[1]: Entering/Leaving directory" lines around the recipe
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO, capture_output=True, text=True,
+                         env=env)
     assert dry.returncode == 0, dry.stderr
     last = dry.stdout.strip().splitlines()[-1]
     if target == "test":  # running it here would run this suite recursively: check the recipe and CI instead
