@@ -111,6 +111,10 @@ class Trainer:
         replay_global = (cfg.replay_batch_size or cfg.batch_size) if cfg.replay_data else 0
         self.local_replay = replay_global // self.info.world_size
 
+        if self.info.world_size > 1 and torch.distributed.is_initialized():
+            # every rank has validated --out (above) before rank 0 writes into it; the process group's own start-up
+            # is no such barrier when it already exists (several Trainers in one process)
+            torch.distributed.barrier()
         self.run_dir = self._make_run_dir()
         self.config_fingerprint = rundir.config_fingerprint(cfg.to_dict(), self.engine_kind)
         self.resume_skipped: list[tuple[Path, str]] = []
