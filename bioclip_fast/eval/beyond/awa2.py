@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bioclip_fast.eval.beyond.common import extract_features, mlp_probe_predict, require, summarize_runs
+from bioclip_fast.eval.beyond.common import mlp_probe_runs, require, summarize_runs
 from bioclip_fast.eval.datasets import IMAGE_EXTENSIONS
 
 
@@ -80,22 +80,17 @@ def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_
 
     tr_paths, tr_y, _ = read_split(root, "train")
     te_paths, te_y, _ = read_split(root, "test")
-    tr = extract_features(model, preprocess, tr_paths, normalize=False, device=device, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress, desc="AwA2 train")
-    te = extract_features(model, preprocess, te_paths, normalize=False, device=device, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress, desc="AwA2 test")
-    ytr, yte = tr_y[tr["index"]], te_y[te["index"]]
-    scores, all_attr = [], []
-    for run in range(runs):
-        pred = mlp_probe_predict(tr["features"], ytr, te["features"], epochs=epochs, lr=lr, batch_size=batch_size,
-                                 seed=seed + run, device=device)
-        scores.append(reference_macro_f1(yte, pred))
-        all_attr.append(float(f1_score(yte, pred, average="macro", zero_division=0)))
+    probe = mlp_probe_runs(model, preprocess, tr_paths, tr_y, te_paths, te_y, name="AwA2", runs=runs, seed=seed,
+                           epochs=epochs, lr=lr, device=device, batch_size=batch_size, num_workers=num_workers,
+                           progress=progress)
+    ytr, yte = probe["y_train"], probe["y_test"]
+    scores = [reference_macro_f1(yte, pred) for pred in probe["preds"]]
+    all_attr = [float(f1_score(yte, pred, average="macro", zero_division=0)) for pred in probe["preds"]]
     return {
         "benchmark": "AwA2", "metric": "macro-F1 (reference call: attributes 0 and 1, see docs)",
         **summarize_runs(scores), "macro_f1_all_attributes": float(np.mean(all_attr)),
         "n_train": int(len(ytr)), "n_test": int(len(yte)), "n_attributes": int(tr_y.shape[1]),
-        "skipped": tr["skipped"] + te["skipped"],
+        "skipped": probe["skipped"],
         "protocol": f"raw features; MLP 512 + dropout 0.5, BCE, Adam lr {lr}, StepLR(20, 0.5), {epochs} epochs, "
                     f"logits > 0.5; train classes -> test classes; {runs} runs seeded {seed}..{seed + runs - 1}",
     }

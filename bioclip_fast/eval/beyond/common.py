@@ -137,6 +137,23 @@ def mlp_probe_predict(
     return (logits > 0.5).numpy().astype(np.int64)
 
 
+def mlp_probe_runs(model, preprocess, train_paths, train_y, test_paths, test_y, *, name: str, runs: int, seed: int,
+                   epochs: int, lr: float, device, batch_size: int, num_workers: int, progress: bool) -> dict[str, Any]:
+    """The FishNet / AwA2 protocol around :func:`mlp_probe_predict`: raw (unnormalized) train/test features, one probe
+    per run seeded ``seed + run``. Returns the kept targets ``y_train``/``y_test``, the test predictions of each run
+    (``preds``) and the skipped images of both splits."""
+    feats = {}
+    for split, paths in (("train", train_paths), ("test", test_paths)):
+        feats[split] = extract_features(model, preprocess, paths, normalize=False, device=device,
+                                        batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                        desc=f"{name} {split}")
+    tr, te = feats["train"], feats["test"]
+    ytr, yte = train_y[tr["index"]], test_y[te["index"]]
+    preds = [mlp_probe_predict(tr["features"], ytr, te["features"], epochs=epochs, lr=lr, batch_size=batch_size,
+                               seed=seed + run, device=device) for run in range(runs)]
+    return {"y_train": ytr, "y_test": yte, "preds": preds, "skipped": tr["skipped"] + te["skipped"]}
+
+
 def summarize_runs(scores: Sequence[float]) -> dict[str, Any]:
     a = np.asarray(scores, dtype=np.float64)
     return {"score": float(a.mean()), "std": float(a.std()), "runs": [float(v) for v in a]}

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bioclip_fast.eval.beyond.common import extract_features, mlp_probe_predict, require, summarize_runs
+from bioclip_fast.eval.beyond.common import mlp_probe_runs, require, summarize_runs
 
 TARGETS = ("FeedingPath", "Tropical", "Temperate", "Subtropical", "Boreal", "Polar", "freshwater", "saltwater",
            "brackish")
@@ -78,22 +78,17 @@ def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_
     """FishNet exact-match accuracy (fraction) of the reference MLP probe; see the module docstring."""
     tr_paths, tr_y, _ = read_split(root, "train")
     te_paths, te_y, _ = read_split(root, "test")
-    tr = extract_features(model, preprocess, tr_paths, normalize=False, device=device, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress, desc="FishNet train")
-    te = extract_features(model, preprocess, te_paths, normalize=False, device=device, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress, desc="FishNet test")
-    ytr, yte = tr_y[tr["index"]], te_y[te["index"]]
-    scores, per_attr = [], []
-    for run in range(runs):
-        pred = mlp_probe_predict(tr["features"], ytr, te["features"], epochs=epochs, lr=lr, batch_size=batch_size,
-                                 seed=seed + run, device=device)
-        scores.append(float(np.all(pred == yte, axis=1).mean()))
-        per_attr.append((pred == yte).mean(axis=0))
+    probe = mlp_probe_runs(model, preprocess, tr_paths, tr_y, te_paths, te_y, name="FishNet", runs=runs, seed=seed,
+                           epochs=epochs, lr=lr, device=device, batch_size=batch_size, num_workers=num_workers,
+                           progress=progress)
+    ytr, yte = probe["y_train"], probe["y_test"]
+    scores = [float(np.all(pred == yte, axis=1).mean()) for pred in probe["preds"]]
+    per_attr = [(pred == yte).mean(axis=0) for pred in probe["preds"]]
     return {
         "benchmark": "FishNet", "metric": "exact-match accuracy of 9 habitat/trait attributes", **summarize_runs(scores),
         "attribute_accuracy": dict(zip(TARGETS, np.mean(per_attr, axis=0).tolist())),
         "n_train": int(len(ytr)), "n_test": int(len(yte)),
-        "skipped": tr["skipped"] + te["skipped"],
+        "skipped": probe["skipped"],
         "protocol": f"raw features; MLP 512 + dropout 0.5, BCE, Adam lr {lr}, StepLR(20, 0.5), {epochs} epochs, "
                     f"logits > 0.5; {runs} runs seeded {seed}..{seed + runs - 1}",
     }
