@@ -621,7 +621,7 @@ def gemm_extra_bytes(Bq: int, Bk: int, D: int, elem: int, chunk: int) -> int:
 
 
 def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int | None = None,
-             choice: str | None = None) -> tuple[str, int]:
+             choice: str | None = None, *, grads_fp32: bool = False, cast: bool = False):
     """(strategy, chunk) of the backward for a [Bq, D] x [Bk, D] problem whose features are ``elem`` bytes each.
 
     ``gemm`` (one recompute of the logits: a gradient-tile kernel + cuBLAS, 6*Bq*Bk*D FLOPs) wherever its extra
@@ -631,14 +631,31 @@ def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int 
     O(B) extra memory: the logits are recomputed in the dQ and in the dK kernel). With the 64 MiB default at
     D = 768 bf16 that is gemm up to B ~ 18k and fused above, so the default stays within budget at every B.
 
-    ``choice`` (default: ``BIOCLIP_FAST_BWD``, auto|fused|gemm) forces a strategy; a forced gemm takes the widest
-    chunk within the budget, but at least ``_MIN_CHUNK`` columns (the caller asked for it).
+    With fp32 gradients (``grads_fp32``: fp32 features, whatever the compute dtype; ``cast``: the products run
+    in another dtype, ``elem`` bytes, on per-chunk casts) the gradients themselves are the accumulators:
+    ``gemm2d`` (one recompute, (row x column)-chunked, ``gemm2d_extra_bytes``) fits the budget at every B and is
+    the default on CUDA for D > 128, and for any D where the fused kernels' full casts of q and k would not fit.
+
+    ``choice`` (default: ``BIOCLIP_FAST_BWD``, auto|fused|gemm|gemm2d) forces a strategy; a forced gemm takes the
+    widest chunk within the budget, but at least ``_MIN_CHUNK`` columns (the caller asked for it); a forced gemm2d
+    without fp32 gradients runs gemm. Returns (strategy, chunk): chunk is the column count for gemm, the (rows,
+    cols) pair for gemm2d, 0 for fused.
     """
     if choice is None:
         choice = os.environ.get("BIOCLIP_FAST_BWD", "auto").strip().lower()
-    if choice not in ("auto", "fused", "gemm"):
-        raise ValueError(f"BIOCLIP_FAST_BWD must be auto, fused or gemm, got {choice!r}")
+    if choice not in ("auto", "fused", "gemm", "gemm2d"):
+        raise ValueError(f"BIOCLIP_FAST_BWD must be auto, fused, gemm or gemm2d, got {choice!r}")
     budget = BWD_MEMORY_BYTES if budget is None else int(budget)
+    if grads_fp32:
+        chunks2d = gemm2d_chunks(Bq, Bk, D, elem, cast, budget)
+        if choice == "gemm2d":
+            return "gemm2d", chunks2d or (min(Bq, _MIN_CHUNK), min(Bk, _MIN_CHUNK))
+        if choice == "auto" and device_type == "cuda" and not interpreting() and chunks2d is not None:
+            copies = (Bq + Bk) * D * elem if cast else 0  # what the other strategies' full casts would add
+            if D > 128 or fused_extra_bytes(Bq, Bk, D) + copies > budget:
+                return "gemm2d", chunks2d
+    elif choice == "gemm2d":
+        choice = "gemm"
     fixed = gemm_extra_bytes(Bq, Bk, D, elem, 0)
     per_col = Bq * elem + 8 * D + 4 * 2 * triton.cdiv(Bq, 16) // 16 + 8
     fit = max(0, budget - fixed) // per_col
@@ -651,6 +668,32 @@ def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int 
         return "gemm", max(chunk, min(Bk, _MIN_CHUNK))
     ok = device_type == "cuda" and not interpreting() and D > 128 and chunk >= min(Bk, _MIN_CHUNK)
     return ("gemm", chunk) if ok else ("fused", 0)
+
+
+def fwd_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: int | None = None) -> tuple[int, int]:
+    """(rows, cols) per forward launch. Without a cast the kernels read q and k as they are: one launch. With one
+    (fp32 features, bf16/fp16 products), the casts of a row chunk and a column chunk plus the launch's partials
+    and the float64 running LSEs must fit ``budget``: all of q and k at once where they do, else about square
+    chunks (each launch is still a (G x H) grid over thousands of tiles)."""
+    if not cast:
+        return Bq, Bk
+    budget = BWD_MEMORY_BYTES if budget is None else int(budget)
+    per = D * op_elem + 2 * 4 * 24  # a cast row + its share of the (G, H)-split partials (G, H <= ~24)
+    avail = max(0, budget - 8 * (Bq + Bk))
+    if (Bq + Bk) * per <= avail:
+        return Bq, Bk
+    s = max(128, _floor128(avail // (2 * per)))
+    rows, cols = min(Bq, s), min(Bk, s)
+    if rows == Bq:
+        cols = min(Bk, max(cols, _floor128(max(0, avail - Bq * per) // per)))
+    elif cols == Bk:
+        rows = min(Bq, max(rows, _floor128(max(0, avail - Bk * per) // per)))
+    return rows, cols
+
+
+def merge_lse64(run: torch.Tensor, part: torch.Tensor) -> None:
+    """run = logaddexp(run, part) in place (float64 running LSEs of a chunked forward: rounded to fp32 once)."""
+    torch.logaddexp(run, part, out=run)
 
 
 def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None = None, elem: int = 2) -> str:
@@ -716,14 +759,169 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
     return dq, dk, ds * coef, db * coef
 
 
-def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
-                      need_q: bool = True, need_k: bool = True):
-    """(dq, dk, dscale_sum, dbias_sum) by the strategy ``bwd_plan`` picks; a gradient not needed is None and
-    its product is skipped (the dQ kernel still runs for the scalar gradients)."""
+# ----------------------------------------------------------------------------------------------------------------
+# One-recompute backward with bounded memory at every B: (row chunk x column chunk) gradient tiles, accumulated in
+# place into fp32 gradients by cuBLAS. Needs fp32 gradients (fp32 features: the trainer's path and open_clip's
+# normalized features), which are then the accumulators; the products run in the compute dtype (bf16 on the tensor
+# cores) on per-chunk casts, so no [B, D] copy in another dtype exists either.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _floor128(n: int) -> int:
+    return n // 128 * 128
+
+
+def gemm2d_extra_bytes(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, rows: int, cols: int) -> int:
+    """Extra memory of ``pairwise_bwd_gemm2d`` with ``rows x cols`` chunks: the gradient tile workspace, the casts of
+    one row chunk and one column chunk (when the compute dtype differs from the features'), per-program partials
+    and the centres. The fp32 gradients it accumulates into are its outputs."""
+    rows, cols = min(rows, Bq), min(cols, Bk)
+    parts = 2 * 4 * triton.cdiv(rows, 16) * triton.cdiv(cols, 16)
+    casts = (rows + cols) * D * op_elem if cast else 0
+    return rows * cols * op_elem + casts + parts + fused_extra_bytes(Bq, Bk, D)
+
+
+def gemm2d_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: int,
+                  min_chunk: int | None = None) -> tuple[int, int] | None:
+    """Largest (rows, cols) chunks, about square (the read-modify-write traffic of the fp32 gradients goes as
+    1/rows + 1/cols), whose ``gemm2d_extra_bytes`` fits ``budget``; None when even ``min_chunk`` x ``min_chunk``
+    does not fit. The shorter side is taken whole when it fits (one chunk: its cast is made once)."""
+    floor = _MIN_CHUNK if min_chunk is None else min_chunk
+    avail = budget - fused_extra_bytes(Bq, Bk, D)
+    d_term = D * op_elem if cast else 0
+
+    def fill(fixed: int, long: int) -> int:  # chunk of the long side given the short side's chunk
+        per = fixed * op_elem + d_term + 8 * triton.cdiv(fixed, 16) // 16 + 8
+        n = max(0, avail - fixed * d_term) // per
+        return long if n >= long else _floor128(n) if n >= 128 else n
+
+    # about square: s * s * op_elem + 2 * s * d_term <= avail
+    s = int(((d_term ** 2 + op_elem * avail) ** 0.5 - d_term) / op_elem) if avail > 0 else 0
+    s = _floor128(s) if s >= 128 else s
+    if Bq <= Bk:
+        rows = min(Bq, max(s, min(Bq, floor)))
+        cols = fill(rows, Bk)
+    else:
+        cols = min(Bk, max(s, min(Bk, floor)))
+        rows = fill(cols, Bq)
+        rows, cols = rows, cols
+    while rows > 0 and cols > 0 and gemm2d_extra_bytes(Bq, Bk, D, op_elem, cast, rows, cols) > budget:
+        if rows >= cols:
+            rows = max(1, rows - 128)
+        else:
+            cols = max(1, cols - 128)
+        if rows == 1 or cols == 1:
+            break
+    if rows < min(Bq, floor) or cols < min(Bk, floor) or \
+            gemm2d_extra_bytes(Bq, Bk, D, op_elem, cast, rows, cols) > budget:
+        return None
+    return rows, cols
+
+
+def pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
+                        op_dtype: torch.dtype | None = None, chunks: tuple[int, int] | None = None, cen_r=None,
+                        need_q: bool = True, need_k: bool = True):
+    """(dq, dk, dscale_sum, dbias_sum) of a pairwise loss with fp32 features, each logits tile computed once.
+
+    For every (row chunk r, column chunk c): ``_grad_tile_kernel`` writes G_rc (compute dtype) into a [rows, cols]
+    workspace, then ``dq[r] += G_rc k_c`` and ``dk[c] += G_rc^T q_r`` accumulate in place in the fp32 gradients
+    (cuBLAS, fp32 accumulation). ``op_dtype`` (bf16/fp16) casts q_r and k_c per chunk; None computes in fp32 (the
+    matmul precision torch is set to). Extra memory: ``gemm2d_extra_bytes``, bounded at every B."""
     Bq, D = q.shape
     Bk = k.shape[0]
-    strategy, chunk = bwd_plan(Bq, Bk, D, q.element_size(), q.device.type)
+    if q.dtype != torch.float32:
+        raise ValueError(f"the chunked GEMM backward accumulates into fp32 gradients; got {q.dtype} features")
+    dev = q.device
+    op = op_dtype or q.dtype
+    cast = op != q.dtype
+    if chunks is None:
+        chunks = gemm2d_chunks(Bq, Bk, D, torch.empty((), dtype=op).element_size(), cast, BWD_MEMORY_BYTES)
+        if chunks is None:
+            chunks = (min(Bq, _MIN_CHUNK), min(Bk, _MIN_CHUNK))
+    rows, cols = max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
+    if cen_r is None:
+        cen_r = positive_dots(q, k, offset)
+    cen_c = cen_r if mode == MODE_CLIP_SYM else None
+    gscale = grad_prescale(op)
+    coef = grad.to(torch.float32) * inv_n
+    factor = scale.to(torch.float32) * coef / gscale  # on device: no host sync
+    dq = torch.zeros((Bq, D), device=dev, dtype=torch.float32) if need_q else None
+    dk = torch.zeros((Bk, D), device=dev, dtype=torch.float32) if need_k else None
+    w = torch.empty(rows * cols, device=dev, dtype=op)
+    n_part = triton.cdiv(rows, 16) * triton.cdiv(cols, 16)  # >= programs per launch for every config
+    ds_part = torch.zeros(n_part, device=dev, dtype=torch.float32)
+    db_part = torch.zeros_like(ds_part)
+    ds = torch.zeros((), device=dev, dtype=torch.float32)
+    db = torch.zeros((), device=dev, dtype=torch.float32)
+    dummy = ds_part
+    meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(op), GSCALE=gscale)
+    k_whole = k.to(op) if cols >= Bk else None  # one column chunk: cast once
+    for r0 in range(0, Bq, rows):
+        r1 = min(Bq, r0 + rows)
+        R = r1 - r0
+        q_r = q[r0:r1].to(op)  # a view when op is fp32
+        for c0 in range(0, Bk, cols):
+            c1 = min(Bk, c0 + cols)
+            C = c1 - c0
+            k_c = k_whole if k_whole is not None else k[c0:c1].to(op)
+            wc = w[:R * C].view(R, C)
+            ds_part.zero_()
+            db_part.zero_()
+            # Local row / column indices: row i of the chunk is global row r0 + i, so its positive (global column
+            # r0 + i + offset) is local column i + (offset + r0 - c0).
+            args = (q_r, k_c, scale, bias if bias is not None else dummy,
+                    lse_r[r0:r1] if lse_r is not None else dummy,
+                    lse_c[c0:c1] if lse_c is not None else dummy, cen_r[r0:r1],
+                    cen_c[c0:c1] if cen_c is not None else dummy, wc, ds_part, db_part, R, C, 0, C,
+                    int(offset + r0 - c0), size_bucket(max(Bq, Bk)))
+
+            def grid(META, R=R, C=C):
+                return (triton.cdiv(R, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
+
+            launch(_grad_tile_kernel, _grad_tile_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
+            ds += ds_part.sum()
+            db += db_part.sum()
+            if need_q:
+                _addmm_f32(dq[r0:r1], wc, k_c)
+            if need_k:
+                _addmm_f32(dk[c0:c1], wc.T, q_r)
+    if need_q:
+        dq.mul_(factor)
+    if need_k:
+        dk.mul_(factor)
+    return dq, dk, ds * coef, db * coef
+
+
+def _addmm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b in place, out fp32, a/b in the compute dtype (fp32 accumulation, no temporary on CUDA)."""
+    if a.dtype == torch.float32:
+        out.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out += a.float() @ b.float()
+
+
+def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
+                      need_q: bool = True, need_k: bool = True, op_dtype: torch.dtype | None = None):
+    """(dq, dk, dscale_sum, dbias_sum) by the strategy ``bwd_plan`` picks; a gradient not needed is None and
+    its product is skipped (the dQ kernel still runs for the scalar gradients). ``op_dtype``: the dtype the
+    products run in when it differs from the features' (fp32 features, bf16/fp16 compute)."""
+    Bq, D = q.shape
+    Bk = k.shape[0]
+    op = op_dtype or q.dtype
+    cast = op != q.dtype
+    op_elem = torch.empty((), dtype=op).element_size()
+    strategy, chunk = bwd_plan(Bq, Bk, D, op_elem, q.device.type, grads_fp32=q.dtype == torch.float32, cast=cast)
     cen = positive_dots(q, k, offset)
+    if strategy == "gemm2d":
+        return pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode,
+                                   op_dtype=op, chunks=chunk, cen_r=cen, need_q=need_q, need_k=need_k)
+    if cast:  # the other strategies read whole operands: full copies in the compute dtype, grads cast back
+        out = pairwise_bwd_both(q.to(op), k.to(op), scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n,
+                                mode=mode, need_q=need_q, need_k=need_k)
+        return (out[0].to(q.dtype) if out[0] is not None else None,
+                out[1].to(k.dtype) if out[1] is not None else None, out[2], out[3])
     if strategy == "gemm":
         return pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode,
                                  chunk=chunk, cen_r=cen, need_q=need_q, need_k=need_k)
@@ -796,11 +994,21 @@ def check_vector(t: torch.Tensor, name: str, n: int, device: torch.device) -> to
     return t.detach().to(torch.float32).contiguous()
 
 
-def reduce_lse(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def compute_operand(q: torch.Tensor, compute: torch.dtype | None) -> torch.dtype | None:
+    """The products' dtype when it differs from the features': only fp32 features are cast (per chunk)."""
+    if compute is None or compute == q.dtype:
+        return None
+    if q.dtype != torch.float32 or compute not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"compute={compute} needs fp32 features and a bf16/fp16 compute dtype, got {q.dtype}")
+    return compute
+
+
+def reduce_lse(m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Combine per-split (max, sum of exp below it) partials [S, N] (natural units) into the LSE [N], in float64
-    (O(S*N), a few MB at most) so the fp32 result is rounded once."""
+    (O(S*N), a few MB at most) so the fp32 result is rounded once (``dtype=torch.float64``: not rounded, for a
+    chunked forward that merges several launches)."""
     part = m.double() + torch.log(l.double())
-    return torch.logsumexp(part, dim=0).to(torch.float32)
+    return torch.logsumexp(part, dim=0).to(dtype)
 
 
 def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:

@@ -44,9 +44,12 @@ from bioclip_fast.kernels._pairwise import (
     check_features,
     check_scalar,
     check_vector,
+    compute_operand,
     dot_precision,
+    fwd_chunks,
     fwd_configs,
     launch,
+    merge_lse64,
     mma,
     pairwise_bwd_both,
     pairwise_flops,
@@ -183,13 +186,14 @@ def _grid_split(n_rows: int, n_cols: int, target: int, col_stats: bool) -> tuple
     return 0, min(cols128, max(1, triton.cdiv(target, rows128)))  # G is the row-block count (set per config)
 
 
-def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
+def _clip_fwd_launch(q, k, scale, bias, offset: int, col_stats: bool, pos: torch.Tensor):
+    """One forward launch over q [Bq, D] x k [Bk, D] (operands as given): float64 (row LSE, column LSE or None);
+    writes the positive logits of the rows whose positive column lies in k into ``pos``."""
     Bq, D = q.shape
     Bk = k.shape[0]
     dev = q.device
     G, H = _grid_split(Bq, Bk, _target(dev), col_stats)
     row_part = torch.empty((2, H, Bq), device=dev, dtype=torch.float32)
-    pos = torch.empty(Bq, device=dev, dtype=torch.float32)
     if col_stats:
         col_m = torch.full((G, Bk), float("-inf"), device=dev, dtype=torch.float32)
         col_l = torch.zeros((G, Bk), device=dev, dtype=torch.float32)
@@ -203,11 +207,41 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool):
         return (G if col_stats else triton.cdiv(Bq, META["BLOCK_M"]), H)
 
     launch(_clip_fwd_kernel, _clip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
-    lse_row = reduce_lse(row_part[0], row_part[1])
-    lse_col = None
-    if col_stats:
-        lse_col = reduce_lse(col_m, col_l)
-    return lse_row, lse_col, pos
+    lse_row = reduce_lse(row_part[0], row_part[1], torch.float64)
+    lse_col = reduce_lse(col_m, col_l, torch.float64) if col_stats else None
+    return lse_row, lse_col
+
+
+def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool, op_dtype: torch.dtype | None = None,
+              chunks: tuple[int, int] | None = None):
+    """fp32 (row LSE, column LSE or None, positive logits). ``op_dtype``: compute dtype when it differs from the
+    features' (fp32 features, bf16/fp16 products): q and k are cast in (row x column) chunks that fit the memory
+    budget (``fwd_chunks``), each chunk pair is one launch, and the LSEs are merged in float64."""
+    Bq, D = q.shape
+    Bk = k.shape[0]
+    op = op_dtype or q.dtype
+    if chunks is None:
+        chunks = fwd_chunks(Bq, Bk, D, torch.empty((), dtype=op).element_size(), op != q.dtype)
+    rows, cols = max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
+    pos = torch.empty(Bq, device=q.device, dtype=torch.float32)
+    if rows >= Bq and cols >= Bk:
+        lr, lc = _clip_fwd_launch(q.to(op), k.to(op), scale, bias, offset, col_stats, pos)
+        return lr.to(torch.float32), (lc.to(torch.float32) if lc is not None else None), pos
+    lse_row = torch.full((Bq,), float("-inf"), device=q.device, dtype=torch.float64)
+    lse_col = torch.full((Bk,), float("-inf"), device=q.device, dtype=torch.float64) if col_stats else None
+    k_whole = k.to(op) if cols >= Bk else None  # one column chunk: cast once
+    for r0 in range(0, Bq, rows):
+        r1 = min(Bq, r0 + rows)
+        q_r = q[r0:r1].to(op)
+        for c0 in range(0, Bk, cols):
+            c1 = min(Bk, c0 + cols)
+            k_c = k_whole if k_whole is not None else k[c0:c1].to(op)
+            # Row i of the chunk is global row r0 + i: its positive is local column i + (offset + r0 - c0).
+            lr, lc = _clip_fwd_launch(q_r, k_c, scale, bias, offset + r0 - c0, col_stats, pos[r0:r1])
+            merge_lse64(lse_row[r0:r1], lr)
+            if col_stats:
+                merge_lse64(lse_col[c0:c1], lc)
+    return lse_row.to(torch.float32), (lse_col.to(torch.float32) if col_stats else None), pos
 
 
 def _target(dev):
@@ -233,21 +267,24 @@ def _scalar_grads(ds, db, scale, bias):
     return dscale, dbias
 
 
-def clip_sym_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+def clip_sym_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 compute: torch.dtype | None = None):
     """Symmetric CLIP loss with positives on the diagonal (q, k both [B, D]).
 
     Returns ``(loss, lse_row, lse_col)`` (fp32): ``loss = 0.5 * (mean_i(lse_row_i - S_ii) + mean_j(lse_col_j -
-    S_jj))``, ``lse_row_i = logsumexp_j S_ij``, ``lse_col_j = logsumexp_i S_ij``.
+    S_jj))``, ``lse_row_i = logsumexp_j S_ij``, ``lse_col_j = logsumexp_i S_ij``. ``compute``: the products'
+    dtype when it differs from the features' (fp32 features, bf16/fp16 tensor-core products; cast per chunk).
     """
     q, k, scale32, bias32 = _prep(q, k, scale, bias)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"symmetric CLIP loss needs as many rows in q ({q.shape[0]}) as in k ({k.shape[0]})")
-    lse_row, lse_col, pos = _clip_fwd(q, k, scale32, bias32, 0, col_stats=True)
+    lse_row, lse_col, pos = _clip_fwd(q, k, scale32, bias32, 0, col_stats=True, op_dtype=compute_operand(q, compute))
     loss = 0.5 * ((lse_row - pos).mean() + (lse_col - pos).mean())
     return loss, lse_row, lse_col
 
 
-def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, need_q: bool = True, need_k: bool = True):
+def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, need_q: bool = True, need_k: bool = True,
+                 compute: torch.dtype | None = None):
     """Gradients of ``clip_sym_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)``.
 
     ``G = (0.5 * (P_row + P_col) - I) / B * grad_loss`` with ``P_row = exp(S - lse_row)``, ``P_col = exp(S -
@@ -261,7 +298,8 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, need_q: bool = 
     lse_col = check_vector(lse_col, "lse_col", B, q.device)
     g = _grad_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse_row, lse_col, g, offset=0, inv_n=1.0 / B,
-                                       mode=MODE_CLIP_SYM, need_q=need_q, need_k=need_k)
+                                       mode=MODE_CLIP_SYM, need_q=need_q, need_k=need_k,
+                                       op_dtype=compute_operand(q, compute))
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 
@@ -274,17 +312,19 @@ def _check_offset(offset, Bq, Bk):
                          f"Bk ({Bk})")
 
 
-def clip_dir_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, offset: int):
+def clip_dir_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, offset: int,
+                 compute: torch.dtype | None = None):
     """One direction of the CLIP loss: rows q [Bq, D] against columns k [Bk, D], positive of row i at column
     ``i + offset`` (multi-GPU local loss: offset = rank * Bq). Returns ``(loss, lse)``, ``loss = mean_i(lse_i -
     S_{i, i+offset})``."""
     q, k, scale32, bias32 = _prep(q, k, scale, bias)
     _check_offset(offset, q.shape[0], k.shape[0])
-    lse, _, pos = _clip_fwd(q, k, scale32, bias32, offset, col_stats=False)
+    lse, _, pos = _clip_fwd(q, k, scale32, bias32, offset, col_stats=False, op_dtype=compute_operand(q, compute))
     return (lse - pos).mean(), lse
 
 
-def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, need_q: bool = True, need_k: bool = True):
+def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, need_q: bool = True, need_k: bool = True,
+                 compute: torch.dtype | None = None):
     """Gradients of ``clip_dir_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)`` with ``G = (P - onehot) / Bq *
     grad_loss``."""
     q, k, scale32, bias32 = _prep(q, k, scale, bias)
@@ -293,7 +333,8 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, need_q: bool = 
     lse = check_vector(lse, "lse", Bq, q.device)
     g = _grad_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse, None, g, offset=offset, inv_n=1.0 / Bq,
-                                       mode=MODE_CLIP_DIR, need_q=need_q, need_k=need_k)
+                                       mode=MODE_CLIP_DIR, need_q=need_q, need_k=need_k,
+                                       op_dtype=compute_operand(q, compute))
     dscale, dbias = _scalar_grads(ds, db, scale, bias)
     return dq, dk, dscale, dbias
 

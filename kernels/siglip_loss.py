@@ -21,7 +21,9 @@ from bioclip_fast.kernels._pairwise import (
     MODE_SIGLIP,
     check_features,
     check_scalar,
+    compute_operand,
     dot_precision,
+    fwd_chunks,
     fwd_configs,
     launch,
     mma,
@@ -103,11 +105,8 @@ def _prep(q, k, scale, bias):
     return q, k, scale32, bias32
 
 
-def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               offset: int = 0) -> torch.Tensor:
-    """SigLIP loss of rows q [Bq, D] against columns k [Bk, D] (fp32 scalar tensor)."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
-    _check_offset(offset)
+def _siglip_fwd_launch(q, k, scale32, bias32, offset: int) -> torch.Tensor:
+    """One launch over q [Bq, D] x k [Bk, D] (operands as given): the float64 sum of its loss terms."""
     Bq, D = q.shape
     Bk = k.shape[0]
     dev = q.device
@@ -124,10 +123,37 @@ def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torc
 
     launch(_siglip_fwd_kernel, _siglip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
     # Partials are O(B/BLOCK_M * H) numbers: sum them in float64 so the total does not depend on the split.
-    return (part.double().sum() / Bq).to(torch.float32)
+    return part.double().sum()
 
 
-def siglip_bwd(q, k, scale, bias, offset: int, grad_loss, need_q: bool = True, need_k: bool = True):
+def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               offset: int = 0, compute: torch.dtype | None = None,
+               chunks: tuple[int, int] | None = None) -> torch.Tensor:
+    """SigLIP loss of rows q [Bq, D] against columns k [Bk, D] (fp32 scalar tensor). ``compute``: the products'
+    dtype when it differs from the features' (fp32 features, bf16/fp16 products): q and k are cast per (row x
+    column) chunk within the memory budget (``fwd_chunks``), one launch per chunk pair."""
+    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    _check_offset(offset)
+    Bq, D = q.shape
+    Bk = k.shape[0]
+    op = compute_operand(q, compute) or q.dtype
+    if chunks is None:
+        chunks = fwd_chunks(Bq, Bk, D, torch.empty((), dtype=op).element_size(), op != q.dtype)
+    rows, cols = max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
+    total = torch.zeros((), device=q.device, dtype=torch.float64)
+    k_whole = k.to(op) if cols >= Bk else None
+    for r0 in range(0, Bq, rows):
+        r1 = min(Bq, r0 + rows)
+        q_r = q[r0:r1].to(op)
+        for c0 in range(0, Bk, cols):
+            k_c = k_whole if k_whole is not None else k[c0:min(Bk, c0 + cols)].to(op)
+            # Row i of the chunk is global row r0 + i: its positive is local column i + (offset + r0 - c0).
+            total += _siglip_fwd_launch(q_r, k_c, scale32, bias32, offset + r0 - c0)
+    return (total / Bq).to(torch.float32)
+
+
+def siglip_bwd(q, k, scale, bias, offset: int, grad_loss, need_q: bool = True, need_k: bool = True,
+               compute: torch.dtype | None = None):
     """Gradients of ``siglip_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)``, with
     ``dS_ij = -z_ij * sigmoid(-z_ij * S_ij) / Bq * grad_loss``, ``dscale = sum dS * (q k^T)``, ``dbias = sum dS``."""
     q, k, scale32, bias32 = _prep(q, k, scale, bias)
@@ -138,7 +164,8 @@ def siglip_bwd(q, k, scale, bias, offset: int, grad_loss, need_q: bool = True, n
     else:
         g = torch.tensor(float(grad_loss), device=q.device, dtype=torch.float32)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, None, None, g, offset=offset, inv_n=1.0 / Bq,
-                                       mode=MODE_SIGLIP, need_q=need_q, need_k=need_k)
+                                       mode=MODE_SIGLIP, need_q=need_q, need_k=need_k,
+                                       op_dtype=compute_operand(q, compute))
     dscale = ds.reshape(scale.shape).to(torch.float32)
     dbias = db.reshape(bias.shape).to(torch.float32) if bias is not None else None
     return dq, dk, dscale, dbias

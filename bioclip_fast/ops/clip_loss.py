@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from bioclip_fast.ops import dispatch
-from bioclip_fast.ops.precision import cast_features
+from bioclip_fast.ops.precision import compute_kw, operands
 from bioclip_fast.ops.validate import prepare_loss_inputs
 
 
@@ -42,22 +42,24 @@ def _fake_grad(like: torch.Tensor, needed: bool) -> torch.Tensor:
     return torch.empty_like(like) if needed else like.new_empty(0)
 
 
-def call_bwd(impl_fn, *args, need_q: bool, need_k: bool):
+def call_bwd(impl_fn, *args, need_q: bool, need_k: bool, compute: str = ""):
     """Call a backend's backward; every backend skips the product of a feature gradient nobody needs."""
-    return impl_fn(*args, need_q=need_q, need_k=need_k)
+    return impl_fn(*args, need_q=need_q, need_k=need_k, **compute_kw(compute))
 
 
 # ------------------------------------------------------------------------------------------------ symmetric
 @torch.library.custom_op("bioclip_fast::clip_sym_fwd", mutates_args=())
 def clip_sym_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], backend: str
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], backend: str,
+    compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, lse_row, lse_col = _impl(backend, q).clip_sym_fwd(q.contiguous(), k.contiguous(), scale, bias)
+    loss, lse_row, lse_col = _impl(backend, q).clip_sym_fwd(q.contiguous(), k.contiguous(), scale, bias,
+                                                            **compute_kw(compute))
     return loss.reshape(()), lse_row, lse_col
 
 
 @clip_sym_fwd_op.register_fake
-def _(q, k, scale, bias, backend):
+def _(q, k, scale, bias, backend, compute=""):
     B, dt = q.shape[0], _out_dtype(q)
     return q.new_empty((), dtype=dt), q.new_empty(B, dtype=dt), q.new_empty(B, dtype=dt)
 
@@ -74,22 +76,23 @@ def clip_sym_bwd_op(
     backend: str,
     need_q: bool = True,
     need_k: bool = True,
+    compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, ds, db = call_bwd(_impl(backend, q).clip_sym_bwd, q.contiguous(), k.contiguous(), scale, bias, lse_row,
-                              lse_col, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k)
+                              lse_col, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
     return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, _dbias_out(db, scale)
 
 
 @clip_sym_bwd_op.register_fake
-def _(q, k, scale, bias, lse_row, lse_col, grad_loss, backend, need_q=True, need_k=True):
+def _(q, k, scale, bias, lse_row, lse_col, grad_loss, backend, need_q=True, need_k=True, compute=""):
     return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
             torch.empty_like(scale if bias is None else bias))
 
 
 def _sym_setup(ctx, inputs, output):
-    q, k, scale, bias, backend = inputs
+    q, k, scale, bias, backend, compute = inputs
     _, lse_row, lse_col = output
-    ctx.backend = backend
+    ctx.backend, ctx.compute = backend, compute
     ctx.has_bias = bias is not None
     ctx.save_for_backward(q, k, scale, bias, lse_row, lse_col)
 
@@ -97,8 +100,9 @@ def _sym_setup(ctx, inputs, output):
 def _sym_backward(ctx, grad_loss, _grad_lse_row, _grad_lse_col):
     q, k, scale, bias, lse_row, lse_col = ctx.saved_tensors
     nq, nk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dq, dk, ds, db = clip_sym_bwd_op(q, k, scale, bias, lse_row, lse_col, grad_loss, ctx.backend, nq, nk)
-    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None
+    dq, dk, ds, db = clip_sym_bwd_op(q, k, scale, bias, lse_row, lse_col, grad_loss, ctx.backend, nq, nk,
+                                     ctx.compute)
+    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None, None
 
 
 clip_sym_fwd_op.register_autograd(_sym_backward, setup_context=_sym_setup)
@@ -107,14 +111,16 @@ clip_sym_fwd_op.register_autograd(_sym_backward, setup_context=_sym_setup)
 # ------------------------------------------------------------------------------------------------ one direction
 @torch.library.custom_op("bioclip_fast::clip_dir_fwd", mutates_args=())
 def clip_dir_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str,
+    compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse = _impl(backend, q).clip_dir_fwd(q.contiguous(), k.contiguous(), scale, bias, offset)
+    loss, lse = _impl(backend, q).clip_dir_fwd(q.contiguous(), k.contiguous(), scale, bias, offset,
+                                               **compute_kw(compute))
     return loss.reshape(()), lse
 
 
 @clip_dir_fwd_op.register_fake
-def _(q, k, scale, bias, offset, backend):
+def _(q, k, scale, bias, offset, backend, compute=""):
     dt = _out_dtype(q)
     return q.new_empty((), dtype=dt), q.new_empty(q.shape[0], dtype=dt)
 
@@ -131,29 +137,31 @@ def clip_dir_bwd_op(
     backend: str,
     need_q: bool = True,
     need_k: bool = True,
+    compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, ds, db = call_bwd(_impl(backend, q).clip_dir_bwd, q.contiguous(), k.contiguous(), scale, bias, lse,
-                              offset, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k)
+                              offset, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
     return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, _dbias_out(db, scale)
 
 
 @clip_dir_bwd_op.register_fake
-def _(q, k, scale, bias, lse, offset, grad_loss, backend, need_q=True, need_k=True):
+def _(q, k, scale, bias, lse, offset, grad_loss, backend, need_q=True, need_k=True, compute=""):
     return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
             torch.empty_like(scale if bias is None else bias))
 
 
 def _dir_setup(ctx, inputs, output):
-    q, k, scale, bias, offset, backend = inputs
-    ctx.backend, ctx.offset, ctx.has_bias = backend, offset, bias is not None
+    q, k, scale, bias, offset, backend, compute = inputs
+    ctx.backend, ctx.offset, ctx.has_bias, ctx.compute = backend, offset, bias is not None, compute
     ctx.save_for_backward(q, k, scale, bias, output[1])
 
 
 def _dir_backward(ctx, grad_loss, _grad_lse):
     q, k, scale, bias, lse = ctx.saved_tensors
     nq, nk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dq, dk, ds, db = clip_dir_bwd_op(q, k, scale, bias, lse, ctx.offset, grad_loss, ctx.backend, nq, nk)
-    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None, None
+    dq, dk, ds, db = clip_dir_bwd_op(q, k, scale, bias, lse, ctx.offset, grad_loss, ctx.backend, nq, nk,
+                                     ctx.compute)
+    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None, None, None
 
 
 clip_dir_fwd_op.register_autograd(_dir_backward, setup_context=_dir_setup)
@@ -175,8 +183,8 @@ def clip_sym_loss(
     """½(CE(S, diag) + CE(Sᵀ, diag)) with S = scale·q@kᵀ + bias, never materializing S. Differentiable in all.
     ``compute_dtype``: dtype of the products on CUDA (see ``bioclip_fast.ops.precision``)."""
     scale_t, bias_t, _ = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=True)
-    q, k = cast_features(q, k, compute_dtype)
-    return clip_sym_fwd_op(q, k, scale_t, bias_t, backend)[0]
+    q, k, compute = operands(q, k, compute_dtype, backend)
+    return clip_sym_fwd_op(q, k, scale_t, bias_t, backend, compute)[0]
 
 
 def clip_dir_loss(
@@ -194,5 +202,5 @@ def clip_dir_loss(
 ) -> torch.Tensor:
     """mean_i CE(S_i, i+offset) with S = scale·q@kᵀ + bias (q: local rows, k: e.g. all-gathered columns)."""
     scale_t, bias_t, offset = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset)
-    q, k = cast_features(q, k, compute_dtype)
-    return clip_dir_fwd_op(q, k, scale_t, bias_t, offset, backend)[0]
+    q, k, compute = operands(q, k, compute_dtype, backend)
+    return clip_dir_fwd_op(q, k, scale_t, bias_t, offset, backend, compute)[0]

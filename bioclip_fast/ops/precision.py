@@ -83,3 +83,33 @@ def cast_features(q: torch.Tensor, k: torch.Tensor, compute_dtype="auto"):
     if k.dtype != op:
         k = k.to(op)
     return q, k
+
+
+_COMPUTE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def operands(q: torch.Tensor, k: torch.Tensor, compute_dtype="auto", backend: str = "auto"):
+    """``(q, k, compute)`` for the loss ops. fp32 features whose products run in bf16/fp16 on the Triton backend
+    stay fp32 and the op casts them per chunk (``compute`` = "bf16"/"fp16"): the gradients are then fp32 and
+    accumulate in place (one recompute of each logits tile at every B within the backward's memory budget), and
+    no full-size copy of the features in the compute dtype exists. Otherwise the features are cast here as
+    ``cast_features`` does and ``compute`` is ""."""
+    op = operand_dtype(q.dtype, q.device.type, compute_dtype)
+    if op == q.dtype and op == k.dtype:
+        return q, k, ""
+    if q.dtype == torch.float32 and k.dtype == torch.float32 and op in _COMPUTE_NAMES:
+        from bioclip_fast.ops import dispatch
+
+        if dispatch.resolve(backend, q.device, q.dtype) == "triton":
+            return q, k, _COMPUTE_NAMES[op]
+    q, k = cast_features(q, k, compute_dtype)
+    return q, k, ""
+
+
+def compute_kw(compute: str) -> dict:
+    """Keyword arguments for a backend call: ``{"compute": dtype}`` when the op casts per chunk (Triton only)."""
+    if not compute:
+        return {}
+    if compute not in ("bf16", "fp16"):
+        raise ValueError(f"compute must be '', 'bf16' or 'fp16', got {compute!r}")
+    return {"compute": _NAMES[compute]}

@@ -12,7 +12,7 @@ import torch
 
 from bioclip_fast.ops import dispatch
 from bioclip_fast.ops.clip_loss import _fake_grad, _grad_out, _out_dtype, call_bwd
-from bioclip_fast.ops.precision import cast_features
+from bioclip_fast.ops.precision import compute_kw, operands
 from bioclip_fast.ops.validate import prepare_loss_inputs
 
 
@@ -22,13 +22,15 @@ def _impl(backend: str, q: torch.Tensor):
 
 @torch.library.custom_op("bioclip_fast::siglip_fwd", mutates_args=())
 def siglip_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str,
+    compute: str = "",
 ) -> torch.Tensor:
-    return _impl(backend, q).siglip_fwd(q.contiguous(), k.contiguous(), scale, bias, offset).reshape(())
+    return _impl(backend, q).siglip_fwd(q.contiguous(), k.contiguous(), scale, bias, offset,
+                                        **compute_kw(compute)).reshape(())
 
 
 @siglip_fwd_op.register_fake
-def _(q, k, scale, bias, offset, backend):
+def _(q, k, scale, bias, offset, backend, compute=""):
     return q.new_empty((), dtype=_out_dtype(q))
 
 
@@ -43,29 +45,30 @@ def siglip_bwd_op(
     backend: str,
     need_q: bool = True,
     need_k: bool = True,
+    compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, ds, db = call_bwd(_impl(backend, q).siglip_bwd, q.contiguous(), k.contiguous(), scale, bias, offset,
-                              grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k)
+                              grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
     return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, (torch.zeros_like(scale) if db is None else db)
 
 
 @siglip_bwd_op.register_fake
-def _(q, k, scale, bias, offset, grad_loss, backend, need_q=True, need_k=True):
+def _(q, k, scale, bias, offset, grad_loss, backend, need_q=True, need_k=True, compute=""):
     return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
             torch.empty_like(scale if bias is None else bias))
 
 
 def _setup(ctx, inputs, output):
-    q, k, scale, bias, offset, backend = inputs
-    ctx.backend, ctx.offset, ctx.has_bias = backend, offset, bias is not None
+    q, k, scale, bias, offset, backend, compute = inputs
+    ctx.backend, ctx.offset, ctx.has_bias, ctx.compute = backend, offset, bias is not None, compute
     ctx.save_for_backward(q, k, scale, bias)
 
 
 def _backward(ctx, grad_loss):
     q, k, scale, bias = ctx.saved_tensors
     nq, nk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dq, dk, ds, db = siglip_bwd_op(q, k, scale, bias, ctx.offset, grad_loss, ctx.backend, nq, nk)
-    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None, None
+    dq, dk, ds, db = siglip_bwd_op(q, k, scale, bias, ctx.offset, grad_loss, ctx.backend, nq, nk, ctx.compute)
+    return (dq if nq else None), (dk if nk else None), ds, (db if ctx.has_bias else None), None, None, None
 
 
 siglip_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -88,5 +91,5 @@ def siglip_loss(
     scale_t, bias_t, offset = prepare_loss_inputs(
         q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset, need_all_positives=False
     )
-    q, k = cast_features(q, k, compute_dtype)
-    return siglip_fwd_op(q, k, scale_t, bias_t, offset, backend)
+    q, k, compute = operands(q, k, compute_dtype, backend)
+    return siglip_fwd_op(q, k, scale_t, bias_t, offset, backend, compute)
