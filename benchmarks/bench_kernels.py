@@ -25,7 +25,13 @@ import torch.nn.functional as F
 
 
 def _dtype(name):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    """Feature dtype; "fp32-bf16" = fp32 features with bf16 products (the trainer's path: cast per chunk inside
+    the launchers, fp32 gradients, the one-recompute gemm2d backward)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-bf16": torch.float32}[name]
+
+
+def _compute(name):
+    return torch.bfloat16 if name == "fp32-bf16" else None
 
 
 def _inputs(kind, B, D, dtype, gen):
@@ -36,27 +42,27 @@ def _inputs(kind, B, D, dtype, gen):
     return q, k, offset
 
 
-def _fns(kind, q, k, scale, bias, offset):
+def _fns(kind, q, k, scale, bias, offset, compute=None):
     from bioclip_fast.kernels import clip_loss as CL
     from bioclip_fast.kernels import siglip_loss as SL
 
     if kind == "sym":
         def fwd():
-            return CL.clip_sym_fwd(q, k, scale, bias)
+            return CL.clip_sym_fwd(q, k, scale, bias, compute=compute)
         saved = fwd()
 
         def bwd():
-            return CL.clip_sym_bwd(q, k, scale, bias, saved[1], saved[2], 1.0)
+            return CL.clip_sym_bwd(q, k, scale, bias, saved[1], saved[2], 1.0, compute=compute)
     elif kind == "dir":
         def fwd():
-            return CL.clip_dir_fwd(q, k, scale, bias, offset)
+            return CL.clip_dir_fwd(q, k, scale, bias, offset, compute=compute)
         saved = fwd()
 
         def bwd():
-            return CL.clip_dir_bwd(q, k, scale, bias, saved[1], offset, 1.0)
+            return CL.clip_dir_bwd(q, k, scale, bias, saved[1], offset, 1.0, compute=compute)
     else:
         def fwd():
-            return SL.siglip_fwd(q, k, scale, bias, offset)
+            return SL.siglip_fwd(q, k, scale, bias, offset, compute=compute)
         saved = fwd()
 
         def bwd():
@@ -104,7 +110,8 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
     scale = torch.tensor(14.3, device="cuda")
     bias = torch.tensor(-10.0, device="cuda") if kind == "siglip" else None
     t0 = time.perf_counter()
-    fwd, bwd, saved = _fns(kind, q, k, scale, bias, offset)
+    compute = _compute(dtype_name)
+    fwd, bwd, saved = _fns(kind, q, k, scale, bias, offset, compute)
     bwd()
     torch.cuda.synchronize()
     tune_s = time.perf_counter() - t0
@@ -117,7 +124,7 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
     t_bwd = triton.testing.do_bench(bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
     t_all = triton.testing.do_bench(both, warmup=args.warmup, rep=args.rep, return_mode="median")
     Bq, Bk = q.shape[0], k.shape[0]
-    mm_a, mm_b = q, k.T
+    mm_a, mm_b = (q, k.T) if compute is None else (q.to(compute), k.T.to(compute))
     t_mm = triton.testing.do_bench(lambda: mm_a @ mm_b, warmup=args.warmup, rep=args.rep, return_mode="median")
 
     torch.cuda.synchronize()
@@ -135,7 +142,9 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
 
     flop_fwd = 2 * Bq * Bk * D
     loss = saved[0] if isinstance(saved, tuple) else saved
-    actual = _pairwise.bwd_plan(Bq, Bk, D, q.element_size(), q.device.type)[0]
+    op_elem = 2 if compute is not None else q.element_size()
+    actual = _pairwise.bwd_plan(Bq, Bk, D, op_elem, q.device.type, grads_fp32=q.dtype == torch.float32,
+                                cast=compute is not None)[0]
     cfgs = list(_pairwise._pairwise_bwd_tuned.cache.values())
     slices = max((-(-D // (c.kwargs["NUM_ACC"] * c.kwargs["BLOCK_DO"])) for c in cfgs), default=1)
     rec = {
@@ -165,7 +174,7 @@ def executed_flops(Bq: int, Bk: int, D: int, strategy: str, slices: int = 1) -> 
     """FLOPs the GPU executes for forward + backward: forward 2; gemm backward: tile recompute 2 + two cuBLAS
     products 4; fused backward: per kernel (dQ, dK) the logits once per D slice (2 * slices) + its product 2."""
     unit = Bq * Bk * D
-    if strategy == "gemm":
+    if strategy in ("gemm", "gemm2d"):
         return 8 * unit
     return 2 * unit + 2 * (2 * slices + 2) * unit
 
@@ -174,9 +183,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--B", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--D", type=int, nargs="+", default=[768])
-    ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32", "fp32-bf16"],
+                    help="feature dtype; fp32-bf16 = fp32 features, bf16 products (the trainer's path)")
     ap.add_argument("--kinds", nargs="+", default=["sym"], choices=["sym", "dir", "siglip"])
-    ap.add_argument("--bwd", nargs="+", default=["fused", "gemm"], choices=["auto", "fused", "gemm"],
+    ap.add_argument("--bwd", nargs="+", default=["fused", "gemm"], choices=["auto", "fused", "gemm", "gemm2d"],
                     help="backward strategies to time (BIOCLIP_FAST_BWD)")
     ap.add_argument("--warmup", type=int, default=25, help="ms (do_bench)")
     ap.add_argument("--rep", type=int, default=200, help="ms (do_bench)")

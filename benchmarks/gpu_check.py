@@ -106,7 +106,7 @@ def plan(args, out: Path) -> dict[str, list[str]]:
         "loss": loss_common + ["--batch-sizes", "4096", "16384", "65536", "262144", "1048576",
                                "--dtypes", "bf16", "fp32-train", "--out", str(out / "loss")],
         "kernels": [py, str(ROOT / "benchmarks" / "bench_kernels.py"), "--B", "16384", "32768", "--D", "768",
-                    "--dtype", "bf16", "--kinds", "sym", "dir", "--bwd", "fused", "gemm", "--rep", "100",
+                    "--dtype", "bf16", "fp32-bf16", "--kinds", "sym", "dir", "--bwd", "fused", "gemm2d", "--rep", "100",
                     "--out", str(out / "kernels")],
         "decode": [py, str(ROOT / "benchmarks" / "bench_decode.py"), "--images", "1500", "--backends", "all",
                    "--out", str(out / "decode")],

@@ -527,14 +527,16 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
 
 @triton.jit
 def _grad_tile_kernel(
-    Q, K, SCALE, BIAS, LSE_R, LSE_C, CEN_R, CEN_C, W, DS_PART, DB_PART,
+    Q, K, SCALE, BIAS, LSE_R, LSE_C, CEN_R, CEN_C, W, DS_PART, DB_PART, RS_PART,
     Bq, Bk, c0, C, offset,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """W[i, j - c0] = GSCALE * G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block,
-    plus centred partial sums for dscale / dbias (see ``_pairwise_bwd_kernel``)."""
+    plus centred partial sums for dscale / dbias (see ``_pairwise_bwd_kernel``). One-direction CLIP also writes
+    the block's row sums of P to ``RS_PART[pid_n, i]``: the host renormalizes dQ with them (as the fused dQ kernel
+    does), since G leaves the tile before its row is complete."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -574,8 +576,10 @@ def _grad_tile_kernel(
             ds = tl.sum(tl.sum(tl.where(valid, (pa - onehot) * (t - cr[:, None]) + (pb - onehot) * (t - cc[None, :]),
                                         0.0), 1), 0) * 0.5
         else:
-            g = tl.where(valid, row_probs(t, scale, bias, lr[:, None]) - onehot, 0.0)
+            p = tl.where(valid, row_probs(t, scale, bias, lr[:, None]), 0.0)
+            g = p - tl.where(valid, onehot, 0.0)
             ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1), 0)
+            tl.store(RS_PART + pid_n.to(tl.int64) * Bq + offs_m, tl.sum(p, 1), mask=mask_m)
         db = 0.0  # CLIP: sum G = 0 exactly (a logit shift changes neither softmax)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]
     tl.store(w_ptrs, (g * GSCALE).to(W.dtype.element_ty), mask=mask_m[:, None] & (offs_w[None, :] < C))
@@ -616,8 +620,9 @@ def gemm_extra_bytes(Bq: int, Bk: int, D: int, elem: int, chunk: int) -> int:
     tiles, the fp32 dQ accumulator (every dtype: cuBLAS accumulates into it), two fp32 [chunk, D] dK temporaries,
     per-program partials and the centres."""
     chunk = min(chunk, Bk)
-    parts = 2 * triton.cdiv(Bq, 16) * triton.cdiv(chunk, 16)
-    return Bq * chunk * elem + 4 * Bq * D + 2 * 4 * chunk * D + 4 * parts + fused_extra_bytes(Bq, Bk, D)
+    parts = 2 * triton.cdiv(Bq, 16) * triton.cdiv(chunk, 16) + triton.cdiv(chunk, 16) * Bq  # + row-sum partials
+    return (Bq * chunk * elem + 4 * Bq * D + 2 * 4 * chunk * D + 4 * parts + 8 * Bq
+            + fused_extra_bytes(Bq, Bk, D))
 
 
 def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int | None = None,
@@ -657,7 +662,7 @@ def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int 
     elif choice == "gemm2d":
         choice = "gemm"
     fixed = gemm_extra_bytes(Bq, Bk, D, elem, 0)
-    per_col = Bq * elem + 8 * D + 4 * 2 * triton.cdiv(Bq, 16) // 16 + 8
+    per_col = Bq * elem + 8 * D + 4 * 2 * triton.cdiv(Bq, 16) // 16 + Bq // 4 + 8
     fit = max(0, budget - fixed) // per_col
     chunk = min(Bk, fit // 128 * 128 if fit < Bk else Bk)
     while chunk > 0 and gemm_extra_bytes(Bq, Bk, D, elem, chunk) > budget:  # rounding in the estimate above
@@ -729,6 +734,9 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
     ds = torch.zeros((), device=dev, dtype=torch.float32)
     db = torch.zeros((), device=dev, dtype=torch.float32)
     dummy = ds_part
+    renorm = mode == MODE_CLIP_DIR and need_q
+    rs_part = torch.zeros((triton.cdiv(chunk, 16), Bq) if renorm else 1, device=dev, dtype=torch.float32)
+    rs = torch.zeros(Bq if renorm else 0, device=dev, dtype=torch.float64)
     meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype), GSCALE=gscale)
     for c0 in range(0, Bk, chunk):
         C = min(chunk, Bk - c0)
@@ -737,14 +745,18 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
         db_part.zero_()
         args = (q, k, scale, bias if bias is not None else dummy, lse_r if lse_r is not None else dummy,
                 lse_c if lse_c is not None else dummy, cen_r, cen_c if cen_c.numel() else dummy, wc, ds_part,
-                db_part, Bq, Bk, c0, C, int(offset), size_bucket(max(Bq, Bk)))
+                db_part, rs_part, Bq, Bk, c0, C, int(offset), size_bucket(max(Bq, Bk)))
 
         def grid(META, C=C):
             return (triton.cdiv(Bq, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
 
+        if renorm:
+            rs_part.zero_()
         launch(_grad_tile_kernel, _grad_tile_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
         ds += ds_part.sum()
         db += db_part.sum()
+        if renorm:
+            rs += rs_part.sum(0, dtype=torch.float64)
         kc = k[c0:c0 + C]
         if need_q:
             if q.dtype == torch.float32:
@@ -755,8 +767,25 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
                 dq_acc += _mm_f32(wc, kc)
         if need_k:
             dk[c0:c0 + C] = _mm_f32(wc.T, q).mul_(factor).to(k.dtype)
+    if renorm:
+        renormalize_rows(dq_acc, rs, k, offset, gscale)
     dq = dq_acc.mul_(factor).to(q.dtype) if need_q else None
     return dq, dk, ds * coef, db * coef
+
+
+def renormalize_rows(acc: torch.Tensor, rs: torch.Tensor, k: torch.Tensor, offset: int, gscale: float,
+                     rows: int = 1024) -> None:
+    """One-direction CLIP dQ with its row softmax renormalized, in place: ``acc`` holds ``sum_j gscale * (P_ij -
+    onehot_ij) k_j`` with P from the stored LSE, whose rows sum to ``rs`` = 1 + (rounding of the LSE) instead of
+    1; near-duplicate columns turn that per-row error into a large one in ``P k``. The renormalized row is
+    ``(acc_i + gscale k_pos) / rs_i - gscale k_pos``, exactly what the fused dQ kernel computes. Chunked over
+    rows: a few MB of temporaries at any B. ``k`` in the dtype the products used."""
+    inv = (1.0 / rs).to(torch.float32)
+    for r0 in range(0, acc.shape[0], rows):
+        r1 = min(acc.shape[0], r0 + rows)
+        kpos = k[r0 + offset:r1 + offset].to(torch.float32, copy=True)  # never a view of the caller's k
+        c = inv[r0:r1, None]
+        acc[r0:r1].mul_(c).add_(kpos.mul_(c - 1.0).mul_(gscale))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -776,7 +805,7 @@ def gemm2d_extra_bytes(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, rows:
     one row chunk and one column chunk (when the compute dtype differs from the features'), per-program partials
     and the centres. The fp32 gradients it accumulates into are its outputs."""
     rows, cols = min(rows, Bq), min(cols, Bk)
-    parts = 2 * 4 * triton.cdiv(rows, 16) * triton.cdiv(cols, 16)
+    parts = 2 * 4 * triton.cdiv(rows, 16) * triton.cdiv(cols, 16) + 4 * triton.cdiv(cols, 16) * rows + 8 * Bq
     casts = (rows + cols) * D * op_elem if cast else 0
     return rows * cols * op_elem + casts + parts + fused_extra_bytes(Bq, Bk, D)
 
@@ -791,7 +820,7 @@ def gemm2d_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: in
     d_term = D * op_elem if cast else 0
 
     def fill(fixed: int, long: int) -> int:  # chunk of the long side given the short side's chunk
-        per = fixed * op_elem + d_term + 8 * triton.cdiv(fixed, 16) // 16 + 8
+        per = fixed * op_elem + d_term + 8 * triton.cdiv(fixed, 16) // 16 + fixed // 4 + 8
         n = max(0, avail - fixed * d_term) // per
         return long if n >= long else _floor128(n) if n >= 128 else n
 
@@ -854,6 +883,9 @@ def pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, i
     ds = torch.zeros((), device=dev, dtype=torch.float32)
     db = torch.zeros((), device=dev, dtype=torch.float32)
     dummy = ds_part
+    renorm = mode == MODE_CLIP_DIR and need_q
+    rs_part = torch.zeros((triton.cdiv(cols, 16), rows) if renorm else 1, device=dev, dtype=torch.float32)
+    rs = torch.zeros(Bq if renorm else 0, device=dev, dtype=torch.float64)
     meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(op), GSCALE=gscale)
     k_whole = k.to(op) if cols >= Bk else None  # one column chunk: cast once
     for r0 in range(0, Bq, rows):
@@ -872,24 +904,42 @@ def pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, i
             args = (q_r, k_c, scale, bias if bias is not None else dummy,
                     lse_r[r0:r1] if lse_r is not None else dummy,
                     lse_c[c0:c1] if lse_c is not None else dummy, cen_r[r0:r1],
-                    cen_c[c0:c1] if cen_c is not None else dummy, wc, ds_part, db_part, R, C, 0, C,
+                    cen_c[c0:c1] if cen_c is not None else dummy, wc, ds_part, db_part, rs_part, R, C, 0, C,
                     int(offset + r0 - c0), size_bucket(max(Bq, Bk)))
 
             def grid(META, R=R, C=C):
                 return (triton.cdiv(R, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
 
+            if renorm:
+                rs_part.zero_()
             launch(_grad_tile_kernel, _grad_tile_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
             ds += ds_part.sum()
             db += db_part.sum()
+            if renorm:  # the kernel's row stride is this chunk's R
+                n_cb = rs_part.shape[0]
+                rs[r0:r1] += rs_part.view(-1)[:n_cb * R].view(n_cb, R).sum(0, dtype=torch.float64)
             if need_q:
                 _addmm_f32(dq[r0:r1], wc, k_c)
             if need_k:
                 _addmm_f32(dk[c0:c1], wc.T, q_r)
+    if renorm:
+        renormalize_rows(dq, rs, k if not cast else _CastView(k, op), offset, gscale)
     if need_q:
         dq.mul_(factor)
     if need_k:
         dk.mul_(factor)
     return dq, dk, ds * coef, db * coef
+
+
+class _CastView:
+    """``k[a:b]`` in the compute dtype, cast per slice (``renormalize_rows`` reads the positives' rows in the
+    dtype the products used, without a full-size copy)."""
+
+    def __init__(self, k: torch.Tensor, dtype: torch.dtype):
+        self.k, self.dtype = k, dtype
+
+    def __getitem__(self, sl):
+        return self.k[sl].to(self.dtype)
 
 
 def _addmm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -1015,7 +1065,7 @@ def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:
     """Model FLOPs of a fused pairwise loss, the count the benchmarks report: forward 2*Bq*Bk*D (the logits
     GEMM); forward + backward 8*Bq*Bk*D (logits, the backward's recompute, dQ, dK).
 
-    Executed: forward 2*Bq*Bk*D; the GEMM backward 6*Bq*Bk*D (one recompute of each logits tile); the fused
+    Executed: forward 2*Bq*Bk*D; the GEMM backwards (gemm, gemm2d) 6*Bq*Bk*D (one recompute of each logits tile); the fused
     backward 4*Bq*Bk*D plus 2*Bq*Bk*D per D slice in each of its two kernels (benchmarks/bench_kernels.py's
     ``executed_flops``).
     """

@@ -14,7 +14,11 @@ merges the tile's column (max, sum-exp) into ``col_m/col_l[g, cols]``, a slice t
 A tiny torch log-sum-exp over H (rows) and G (columns) finishes the vectors. Extra memory is
 ``(H*Bq + 2*G*Bk) * 4`` bytes with G, H ~ sqrt(4 * #SMs); about 9 MB at B = 32k on an H100.
 
-Backward (``_pairwise.pairwise_bwd_both``), two strategies, ``BIOCLIP_FAST_BWD=auto|fused|gemm``:
+Backward (``_pairwise.pairwise_bwd_both``), three strategies, ``BIOCLIP_FAST_BWD=auto|fused|gemm|gemm2d``:
+- ``gemm2d`` (fp32 features only; the products in bf16/fp16 with ``compute``, cast per chunk): for each (row
+  chunk, column chunk) a Triton kernel writes G into a workspace and cuBLAS accumulates ``dQ_r += G k_c`` and
+  ``dK_c += G^T q_r`` in place in the fp32 gradients: each logits tile computed once (6*B^2*D), extra memory
+  ``_pairwise.gemm2d_extra_bytes`` (workspace + the two chunk casts), within the budget at every B.
 - ``gemm``: a Triton kernel writes G for a chunk of columns into a workspace and cuBLAS computes ``dQ += G k_c``
   (fp32 accumulator) and ``dK_c = G^T q``: each logits tile computed once (6*B^2*D backward FLOPs, two thirds in
   cuBLAS); extra memory ``_pairwise.gemm_extra_bytes`` (workspace + 4*Bq*D accumulator).
@@ -22,8 +26,15 @@ Backward (``_pairwise.pairwise_bwd_both``), two strategies, ``BIOCLIP_FAST_BWD=a
   recomputes the logits tile, forms G in registers and accumulates ``G @ k`` / ``G^T @ q`` in fp32 registers.
   No atomics, deterministic, O(B) extra memory. For D > 512 a 64-row dX block no longer fits in registers without
   spills (ptxas), so the kernels split D in two slices (the logits recomputed per slice).
-- ``auto`` (``_pairwise.bwd_plan``): ``gemm`` wherever its extra memory fits ``BIOCLIP_FAST_BWD_MEMORY_MB``
-  (64 MiB) on CUDA for D > 128, else ``fused``: within 64 MiB at every B.
+- ``auto`` (``_pairwise.bwd_plan``): fp32 features -> ``gemm2d`` (D > 128, or wherever the other strategies'
+  full casts would not fit); bf16/fp16 features -> ``gemm`` wherever its extra memory fits
+  ``BIOCLIP_FAST_BWD_MEMORY_MB`` (64 MiB) on CUDA for D > 128, else ``fused``: within 64 MiB at every B.
+  With bf16/fp16 gradients no single-recompute schedule fits a fixed budget at every B: whichever of dQ / dK is
+  not owned by the program holding a tile has partial sums for all B rows live at some point (B*D values kept at
+  more than bf16 precision); fp32 gradients are themselves that storage.
+Forward with ``compute`` (fp32 features, bf16/fp16 products): q and k are cast per (row x column) chunk within
+the budget (``_pairwise.fwd_chunks``: one launch up to B*D*2*2 <= budget), one launch per chunk pair, LSEs merged
+in float64 and rounded once.
 Numerics (all backends): the owned softmax is renormalized (exactly for one-direction rows, to first order for the
 symmetric loss), probabilities are formed from ``t * scale + (bias - lse)`` in natural units, and the scale
 gradient is centred on each row's positive dot product (see ``_pairwise._pairwise_bwd_kernel``).

@@ -100,10 +100,24 @@ def assert_flash_attention_rule(kind, name, ours, truth, torch32):
             f"{name} {kind} {key}: error {err_ours:.3e} > 2 x torch fp32 error {err_torch:.3e} + {atol:.1e}")
 
 
+def _force_gemm_backward(monkeypatch, strategy):
+    """The Triton GEMM-assisted backwards (the CUDA defaults for wide D) with small ragged chunks: ``gemm`` (column
+    chunks, fp32 dQ accumulator) or ``gemm2d`` (row x column chunks into the fp32 gradients)."""
+    from bioclip_fast.kernels import _pairwise
+
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", strategy)
+    monkeypatch.setattr(_pairwise, "BWD_MEMORY_BYTES", 1)
+    monkeypatch.setattr(_pairwise, "_MIN_CHUNK", 48)
+    monkeypatch.setattr(_pairwise, "gemm2d_chunks", lambda *a, **kw: (48, 56))
+
+
 @pytest.mark.parametrize("image_noise", [0.05, 10.0], ids=["near-dup-images", "random-images"])
 @pytest.mark.parametrize("kind", ["sym", "dir", "siglip"])
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-def test_near_duplicate_batch_flash_attention_rule(backend, kind, image_noise):
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "triton-gemm", "triton-gemm2d"])
+def test_near_duplicate_batch_flash_attention_rule(backend, kind, image_noise, monkeypatch):
+    if backend.startswith("triton-"):
+        _force_gemm_backward(monkeypatch, backend.split("-")[1])
+        backend = "triton"
     mod = _backend(backend)
     q, k = near_duplicate_batch(seed=3, image_noise=image_noise)
     offset = 0

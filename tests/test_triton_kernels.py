@@ -503,6 +503,43 @@ def test_gpu_memory_is_linear_in_batch(strategy, monkeypatch):
     assert torch.isfinite(loss) and torch.isfinite(dq.float()).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [32768, 65536])
+def test_gpu_trainer_path_one_recompute_within_64mb(B):
+    """The trainer's call (fp32 features, compute_dtype bf16) at B = 32k / 64k, D = 768: the op casts per chunk
+    and the gemm2d backward accumulates into the fp32 gradients, so forward + backward use at most the 64 MiB
+    budget beyond the features and their gradients (+ 16 MiB for the loss / LSE vectors and allocator rounding),
+    and the gradients match the cast-before-the-op path to bf16 rounding."""
+    from bioclip_fast.ops.clip_loss import clip_sym_loss
+
+    D = 768
+    assert _pairwise.bwd_plan(B, B, D, 2, "cuda", grads_fp32=True, cast=True)[0] == "gemm2d"
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q0 = F.normalize(torch.randn(B, D, device="cuda", generator=gen), dim=-1)
+    k0 = F.normalize(q0 + 0.3 * torch.randn(B, D, device="cuda", generator=gen), dim=-1)
+    scale = torch.tensor(30.0, device="cuda")
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    clip_sym_loss(q, k, scale, compute_dtype="bf16").backward()  # autotune / compile outside the measurement
+    q.grad = k.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = clip_sym_loss(q, k, scale, compute_dtype="bf16")
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - q.grad.nbytes - k.grad.nbytes
+    assert extra <= _pairwise.BWD_MEMORY_BYTES + 16 * 2**20, f"extra memory {extra / 2**20:.1f} MiB"
+    assert q.grad.dtype == torch.float32
+    qb, kb = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    loss_b = CL.clip_sym_fwd(qb.bfloat16(), kb.bfloat16(), scale)[0]
+    assert abs(loss.item() - loss_b.item()) <= 1e-3 * abs(loss_b.item())
+    ref = clip_sym_loss(qb.double(), kb.double(), scale.double())  # torch reference in float64
+    ref.backward()
+    for got, want in ((q.grad, qb.grad), (k.grad, kb.grad)):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2e-2 * want.abs().max().item(), err  # bf16 products of G and the features
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU code generation without a GPU: compile for sm_90 with triton's bundled ptxas
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,3 +577,153 @@ def test_default_configs_compile_for_hopper_without_spills(tmp_path):
     fwd = [r for r in reports if r["kernel"].startswith("clip_fwd dir")]
     assert fwd and fwd[0]["mufu_ex2_per_logit"] <= 1.5, fwd
     assert P.fwd_configs(768)[0].kwargs["BLOCK_M"] == 64  # the spill-free default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fp32 features: chunked forward, one-recompute (row x column)-chunked backward into the fp32 gradients (gemm2d),
+# products in a half-precision compute dtype on per-chunk casts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _problem(kind, gen):
+    Bq, Bk, D = (70, 70, 48) if kind == "sym" else (37, 111, 48)
+    offset = 0 if kind == "sym" else (41 if kind == "dir" else 90)  # siglip: some rows without a positive
+    q, k = _features(Bq, D, gen), _features(Bk, D, gen)
+    return q, k, torch.tensor(14.3), (torch.tensor([-3.0]) if kind == "siglip" else None), offset
+
+
+def _run(kind, q, k, scale, bias, offset, grad, compute=None, fwd_chunks=None):
+    """(loss, dq, dk, dscale, dbias) through the Triton launchers."""
+    if kind == "siglip":
+        loss = SL.siglip_fwd(q, k, scale, bias, offset, compute=compute, chunks=fwd_chunks)
+        return (loss, *SL.siglip_bwd(q, k, scale, bias, offset, grad, compute=compute))
+    if kind == "sym":
+        lr, lc, pos = CL._clip_fwd(q, k, scale, bias, 0, True, op_dtype=compute, chunks=fwd_chunks)
+        loss = 0.5 * ((lr - pos).mean() + (lc - pos).mean())
+        return (loss, *CL.clip_sym_bwd(q, k, scale, bias, lr, lc, grad, compute=compute))
+    lse, _, pos = CL._clip_fwd(q, k, scale, bias, offset, False, op_dtype=compute, chunks=fwd_chunks)
+    return ((lse - pos).mean(), *CL.clip_dir_bwd(q, k, scale, bias, lse, offset, grad, compute=compute))
+
+
+def _ref(kind, q, k, scale, bias, offset, grad):
+    if kind == "sym":
+        return ref_clip_sym(q, k, scale, bias, grad=grad)
+    if kind == "dir":
+        return ref_clip_dir(q, k, scale, bias, offset, grad=grad)
+    return ref_siglip(q, k, scale, bias, offset, grad=grad)
+
+
+@pytest.fixture
+def gemm2d_backward(monkeypatch):
+    """The (row x column)-chunked backward with ragged chunks smaller than the interpreter's 32-wide tiles' sums:
+    several chunks on both axes, positives crossing chunk borders."""
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm2d")
+    real = _pairwise.gemm2d_chunks
+    monkeypatch.setattr(_pairwise, "gemm2d_chunks", lambda *a, **kw: (24, 40))
+    return real
+
+
+@needs_interpreter_or_gpu
+@pytest.mark.parametrize("kind", ["sym", "dir", "siglip"])
+def test_chunked_forward_and_gemm2d_backward_match_float64(kind, gemm2d_backward):
+    gen = torch.Generator().manual_seed(5)
+    q, k, scale, bias, offset = _problem(kind, gen)
+    dev = _device()
+    args = [t.to(dev) if t is not None else None for t in (q, k, scale, bias)]
+    before = [t.clone() for t in args if t is not None]
+    out = _run(kind, *args, offset, torch.tensor(0.5, device=dev), fwd_chunks=(24, 40))
+    assert all(torch.equal(a, b) for a, b in zip([t for t in args if t is not None], before)), "inputs changed"
+    ref = _ref(kind, q, k, scale, bias, offset, 0.5)
+    _check("loss", out[0].cpu(), ref["loss"])
+    for name, got in zip(("dq", "dk", "dscale"), out[1:4]):
+        assert got.dtype == torch.float32
+        _check(name, got.cpu(), ref[name])
+    if bias is not None:
+        _check("dbias", out[4].cpu(), ref["dbias"], atol=1e-5)
+    # the same numbers as one launch / the fused kernels, to rounding
+    whole = _run(kind, *args, offset, torch.tensor(0.5, device=dev), fwd_chunks=(10 ** 6, 10 ** 6))
+    _check("loss vs one launch", out[0].cpu(), whole[0].cpu(), rtol=1e-6)
+
+
+@needs_interpreter_or_gpu
+@pytest.mark.parametrize("kind", ["sym", "dir", "siglip"])
+def test_half_compute_casts_per_chunk_and_returns_fp32_gradients(kind, gemm2d_backward):
+    """compute=fp16 on fp32 features: each chunk is cast inside the launchers, the gradients come back fp32 and
+    equal (to fp16-operand rounding of G) the float64 gradients of the fp16-rounded features."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, scale, bias, offset = _problem(kind, gen)
+    dev = _device()
+    args = [t.to(dev) if t is not None else None for t in (q, k, scale, bias)]
+    out = _run(kind, *args, offset, torch.tensor(1.0, device=dev), compute=torch.float16, fwd_chunks=(24, 40))
+    ref = _ref(kind, q.half().float(), k.half().float(), scale, bias, offset, 1.0)
+    _check("loss", out[0].cpu(), ref["loss"], rtol=1e-5)
+    for name, got in zip(("dq", "dk", "dscale"), out[1:4]):
+        assert got.dtype == torch.float32, name
+        _check(name, got.cpu(), ref[name], rtol=2e-3)  # G and the features enter the products as fp16
+    with pytest.raises(ValueError, match="fp32 features"):
+        SL.siglip_fwd(q.half().to(dev), k.half().to(dev), args[2], None, 0, compute=torch.bfloat16)
+
+
+@needs_interpreter_or_gpu
+def test_ops_take_the_compute_dtype_and_autograd_gives_fp32_gradients():
+    """The custom op with compute="fp16" (what clip_sym_loss passes for fp32 features under bf16/fp16 compute on
+    the Triton backend): fp32 gradients out of autograd, close to the cast-before-the-op path."""
+    from bioclip_fast.ops.clip_loss import clip_sym_fwd_op
+
+    gen = torch.Generator().manual_seed(7)
+    dev = _device()
+    q0, k0 = _features(50, 32, gen).to(dev), _features(50, 32, gen).to(dev)
+    s = torch.tensor(10.0, device=dev)
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    clip_sym_fwd_op(q, k, s, None, "triton", "fp16")[0].backward()
+    qh, kh = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    clip_sym_fwd_op(qh.half(), kh.half(), s, None, "triton")[0].backward()
+    assert q.grad.dtype == torch.float32 and k.grad.dtype == torch.float32
+    _check("dq", q.grad.cpu(), qh.grad.cpu(), rtol=2e-3)
+    _check("dk", k.grad.cpu(), kh.grad.cpu(), rtol=2e-3)
+    torch.library.opcheck(clip_sym_fwd_op, (q0, k0, s, None, "triton", "fp16"))
+
+
+def test_in_op_compute_choice():
+    """fp32 features with bf16/fp16 products on the Triton backend stay fp32 (cast per chunk in the op); every
+    other combination is cast before the op (or not at all)."""
+    from bioclip_fast.ops.precision import in_op_compute
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    assert in_op_compute(f32, f32, bf16, "triton") == "bf16"
+    assert in_op_compute(f32, f32, f16, "triton") == "fp16"
+    assert in_op_compute(f32, f32, f32, "triton") == ""
+    assert in_op_compute(bf16, bf16, bf16, "triton") == ""
+    assert in_op_compute(f32, f32, bf16, "torch") == ""
+    assert in_op_compute(f32, bf16, bf16, "triton") == ""
+
+
+@pytest.mark.parametrize("cast", [True, False])
+@pytest.mark.parametrize("D", [64, 256, 512, 768, 1024])
+def test_fp32_gradients_get_one_recompute_within_64mb_at_every_batch(D, cast, monkeypatch):
+    """With fp32 gradients (the trainer's fp32 features; bf16 products when ``cast``) the chooser takes the
+    one-recompute gemm2d backward at every B from 1 to 1M for D > 128, its extra memory within 64 MiB, with chunks
+    of at least 256 rows and columns; the forward's per-chunk casts fit the same budget."""
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "auto")
+    monkeypatch.setattr(_pairwise, "interpreting", lambda: False)
+    budget = 64 * 2**20
+    elem = 2 if cast else 4
+    for Bq, Bk in [(1, 1), (17, 17), (1000, 1000), (4096, 4096), (16384, 16384), (32768, 32768), (65536, 65536),
+                   (1 << 20, 1 << 20), (2816, 32 * 2816), (320, 1 << 20)]:
+        strategy, chunks = _pairwise.bwd_plan(Bq, Bk, D, elem, "cuda", budget=budget, grads_fp32=True, cast=cast)
+        if strategy == "gemm2d":
+            rows, cols = chunks
+            assert rows >= min(Bq, 256) and cols >= min(Bk, 256), (Bq, D, chunks)
+            extra = _pairwise.gemm2d_extra_bytes(Bq, Bk, D, elem, cast, rows, cols)
+        else:
+            assert D <= 128 and strategy == "fused", (Bq, D, strategy)
+            extra = _pairwise.fused_extra_bytes(Bq, Bk, D) + ((Bq + Bk) * D * elem if cast else 0)
+        assert extra <= budget, (Bq, Bk, D, strategy, chunks, extra / 2**20)
+        if D > 128:
+            assert strategy == "gemm2d", (Bq, D, strategy)
+        rows, cols = _pairwise.fwd_chunks(Bq, Bk, D, elem, cast, budget)
+        fwd_extra = ((min(rows, Bq) + min(cols, Bk)) * (D * elem + 192) + 8 * (Bq + Bk)) if cast else 0
+        assert fwd_extra <= budget, (Bq, Bk, D, rows, cols)
+    # bf16 gradients keep the old rule (no fp32 accumulator fits at B = 32k, D = 768)
+    assert _pairwise.bwd_plan(32768, 32768, 768, 2, "cuda", budget=budget)[0] == "fused"
+    assert _pairwise.bwd_plan(32768, 32768, 768, 2, "cuda", budget=budget, choice="gemm2d")[0] == "gemm"

@@ -100,10 +100,19 @@ def operands(q: torch.Tensor, k: torch.Tensor, compute_dtype="auto", backend: st
     if q.dtype == torch.float32 and k.dtype == torch.float32 and op in _COMPUTE_NAMES:
         from bioclip_fast.ops import dispatch
 
-        if dispatch.resolve(backend, q.device, q.dtype) == "triton":
-            return q, k, _COMPUTE_NAMES[op]
+        compute = in_op_compute(q.dtype, k.dtype, op, dispatch.resolve(backend, q.device, q.dtype))
+        if compute:
+            return q, k, compute
     q, k = cast_features(q, k, compute_dtype)
     return q, k, ""
+
+
+def in_op_compute(q_dtype: torch.dtype, k_dtype: torch.dtype, op: torch.dtype, backend: str) -> str:
+    """"bf16"/"fp16" where the op casts per chunk (fp32 features, half-precision products, Triton backend), else
+    "" (the features are cast before the op, or not at all)."""
+    if backend == "triton" and q_dtype == k_dtype == torch.float32 and op in _COMPUTE_NAMES:
+        return _COMPUTE_NAMES[op]
+    return ""
 
 
 def compute_kw(compute: str) -> dict:
