@@ -758,13 +758,8 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
         if renorm:
             rs += rs_part.sum(0, dtype=torch.float64)
         kc = k[c0:c0 + C]
-        if need_q:
-            if q.dtype == torch.float32:
-                dq_acc.addmm_(wc, kc)
-            elif q.is_cuda:  # accumulate in place in fp32: no [Bq, D] temporary per chunk
-                torch.addmm(dq_acc, wc, kc, out_dtype=torch.float32, out=dq_acc)
-            else:
-                dq_acc += _mm_f32(wc, kc)
+        if need_q:  # accumulate in place in fp32: no [Bq, D] temporary per chunk
+            _addmm_f32(dq_acc, wc, kc)
         if need_k:
             dk[c0:c0 + C] = _mm_f32(wc.T, q).mul_(factor).to(k.dtype)
     if renorm:
@@ -942,14 +937,36 @@ class _CastView:
         return self.k[sl].to(self.dtype)
 
 
+_ADDMM_OUT_DTYPE = [True]  # torch.addmm(out_dtype=) exists (torch >= 2.8 on CUDA); cleared on first failure
+
+
 def _addmm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b in place, out fp32, a/b in the compute dtype (fp32 accumulation, no temporary on CUDA)."""
+    """out += a @ b in place, out fp32, a/b in the compute dtype (fp32 accumulation, no temporary on CUDA).
+    Without ``addmm(out_dtype=)`` (older torch): ``mm(out_dtype=)`` plus an add (a [rows, D] fp32 temporary),
+    else the half-precision product rounded once per chunk, with one warning."""
     if a.dtype == torch.float32:
         out.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    else:
+    elif not a.is_cuda:
         out += a.float() @ b.float()
+    else:
+        if _ADDMM_OUT_DTYPE[0]:
+            try:
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+                return
+            except (TypeError, RuntimeError) as exc:
+                _ADDMM_OUT_DTYPE[0] = False
+                _ADDMM_OUT_DTYPE.append(exc)
+        try:
+            out += torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            if len(_ADDMM_OUT_DTYPE) < 3:
+                _ADDMM_OUT_DTYPE.append("warned")
+                import warnings
+
+                warnings.warn("bioclip_fast: this torch has no fp32-output half-precision matmul "
+                              "(addmm/mm out_dtype); the GEMM backward rounds each chunk's products to "
+                              f"{a.dtype}", RuntimeWarning, stacklevel=2)
+            out += (a @ b).float()
 
 
 def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
