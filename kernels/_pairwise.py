@@ -706,66 +706,100 @@ def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None =
     return bwd_plan(Bq, Bk or Bq, D, elem, device.type)[0]
 
 
+class _GradTiles:
+    """What the GEMM backwards share: the gradient-tile launches over (row range, column range) blocks of the
+    problem, with their scalar-gradient sums and one-direction row sums of P, in a workspace of ``cells``
+    elements reused by every launch.
+
+    ``sweep(q_r, k_c, r0, c0)`` launches ``_grad_tile_kernel`` on rows r0.. x columns c0.. (``q_r`` / ``k_c`` the
+    operands of those rows / columns, in the compute dtype) and returns the [R, C] tile ``gscale * G / coef``."""
+
+    def __init__(self, q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int, op,
+                 rows: int, cols: int, cen_r, need_q: bool):
+        Bq = q.shape[0]
+        dev = q.device
+        self.scale, self.bias, self.lse_r, self.lse_c = scale, bias, lse_r, lse_c
+        self.offset, self.bucket = int(offset), size_bucket(max(Bq, k.shape[0]))
+        self.cen_r = positive_dots(q, k, offset) if cen_r is None else cen_r
+        self.cen_c = self.cen_r if mode == MODE_CLIP_SYM else None
+        self.gscale = grad_prescale(op)
+        self.coef = grad.to(torch.float32) * inv_n
+        self.factor = scale.to(torch.float32) * self.coef / self.gscale  # on device: no host sync
+        self.w = torch.empty(rows * cols, device=dev, dtype=op)
+        n_part = triton.cdiv(rows, 16) * triton.cdiv(cols, 16)  # >= programs per launch for every config
+        self.ds_part = torch.zeros(n_part, device=dev, dtype=torch.float32)
+        self.db_part = torch.zeros_like(self.ds_part)
+        self.ds = torch.zeros((), device=dev, dtype=torch.float32)
+        self.db = torch.zeros((), device=dev, dtype=torch.float32)
+        self.renorm = mode == MODE_CLIP_DIR and need_q
+        self.rs_part = torch.zeros((triton.cdiv(cols, 16), rows) if self.renorm else 1, device=dev,
+                                   dtype=torch.float32)
+        self.rs = torch.zeros(Bq if self.renorm else 0, device=dev, dtype=torch.float64)
+        self.meta = dict(D=q.shape[1], MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(op),
+                         GSCALE=self.gscale)
+
+    def sweep(self, q_r, k_c, r0: int, c0: int) -> torch.Tensor:
+        R, C = q_r.shape[0], k_c.shape[0]
+        dummy = self.ds_part
+        wc = self.w[:R * C].view(R, C)
+        self.ds_part.zero_()
+        self.db_part.zero_()
+        if self.renorm:
+            self.rs_part.zero_()
+        # Local row / column indices: row i of the block is global row r0 + i, so its positive (global column
+        # r0 + i + offset) is local column i + (offset + r0 - c0).
+        args = (q_r, k_c, self.scale, self.bias if self.bias is not None else dummy,
+                self.lse_r[r0:r0 + R] if self.lse_r is not None else dummy,
+                self.lse_c[c0:c0 + C] if self.lse_c is not None else dummy, self.cen_r[r0:r0 + R],
+                self.cen_c[c0:c0 + C] if self.cen_c is not None else dummy, wc, self.ds_part, self.db_part,
+                self.rs_part, R, C, 0, C, self.offset + r0 - c0, self.bucket)
+
+        def grid(META):
+            return (triton.cdiv(R, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
+
+        launch(_grad_tile_kernel, _grad_tile_tuned, grid, args, self.meta, INTERPRET_FWD_CONFIG, q_r.device)
+        self.ds += self.ds_part.sum()
+        self.db += self.db_part.sum()
+        if self.renorm:  # the kernel's row stride is this block's R
+            n_cb = self.rs_part.shape[0]
+            self.rs[r0:r0 + R] += self.rs_part.view(-1)[:n_cb * R].view(n_cb, R).sum(0, dtype=torch.float64)
+        return wc
+
+    def finish_dq(self, acc: torch.Tensor, k_op, offset: int) -> torch.Tensor:
+        """acc (fp32, in place) -> dQ: renormalized one-direction rows, times scale * coef / gscale."""
+        if self.renorm:
+            renormalize_rows(acc, self.rs, k_op, offset, self.gscale)
+        return acc.mul_(self.factor)
+
+    def scalars(self):
+        return self.ds * self.coef, self.db * self.coef
+
+
 def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
-                      chunk: int | None = None, cen_r=None, cen_c=None, need_q: bool = True, need_k: bool = True):
+                      chunk: int | None = None, cen_r=None, need_q: bool = True, need_k: bool = True):
     """(dq, dk, dscale_sum, dbias_sum) of a pairwise loss through gradient-tile chunks and cuBLAS products.
 
-    The logits are computed once per tile (in ``_grad_tile_kernel``); G goes through a [Bq, chunk] workspace.
-    ``need_q`` / ``need_k`` = False skip that product (and return None for it)."""
+    The logits are computed once per tile (in ``_grad_tile_kernel``); G goes through a [Bq, chunk] workspace:
+    ``dQ += G k_c`` into an fp32 accumulator, ``dK_c = G^T q`` whole per chunk. ``need_q`` / ``need_k`` = False
+    skip that product (and return None for it)."""
     Bq, D = q.shape
     Bk = k.shape[0]
-    dev = q.device
     if chunk is None:
-        chunk = bwd_plan(Bq, Bk, D, q.element_size(), dev.type, choice="gemm")[1]
+        chunk = bwd_plan(Bq, Bk, D, q.element_size(), q.device.type, choice="gemm")[1]
     chunk = max(1, min(chunk, Bk))
-    if cen_r is None:
-        cen_r = positive_dots(q, k, offset)
-    if cen_c is None:
-        cen_c = cen_r if mode == MODE_CLIP_SYM else cen_r[:0]
-    gscale = grad_prescale(q.dtype)
-    coef = grad.to(torch.float32) * inv_n
-    factor = scale.to(torch.float32) * coef / gscale  # on device: no host sync
-    dq_acc = torch.zeros((Bq, D), device=dev, dtype=torch.float32) if need_q else None
+    tiles = _GradTiles(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode, op=q.dtype,
+                       rows=Bq, cols=chunk, cen_r=cen_r, need_q=need_q)
+    dq_acc = torch.zeros((Bq, D), device=q.device, dtype=torch.float32) if need_q else None
     dk = torch.empty_like(k) if need_k else None
-    w = torch.empty((Bq, chunk), device=dev, dtype=q.dtype)
-    n_part = triton.cdiv(Bq, 16) * triton.cdiv(chunk, 16)  # >= programs per chunk for every config
-    ds_part = torch.zeros(n_part, device=dev, dtype=torch.float32)
-    db_part = torch.zeros_like(ds_part)
-    ds = torch.zeros((), device=dev, dtype=torch.float32)
-    db = torch.zeros((), device=dev, dtype=torch.float32)
-    dummy = ds_part
-    renorm = mode == MODE_CLIP_DIR and need_q
-    rs_part = torch.zeros((triton.cdiv(chunk, 16), Bq) if renorm else 1, device=dev, dtype=torch.float32)
-    rs = torch.zeros(Bq if renorm else 0, device=dev, dtype=torch.float64)
-    meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(q.dtype), GSCALE=gscale)
     for c0 in range(0, Bk, chunk):
-        C = min(chunk, Bk - c0)
-        wc = w[:, :C] if C == chunk else w.view(-1)[:Bq * C].view(Bq, C)  # reuse the workspace: no new buffer
-        ds_part.zero_()
-        db_part.zero_()
-        args = (q, k, scale, bias if bias is not None else dummy, lse_r if lse_r is not None else dummy,
-                lse_c if lse_c is not None else dummy, cen_r, cen_c if cen_c.numel() else dummy, wc, ds_part,
-                db_part, rs_part, Bq, Bk, c0, C, int(offset), size_bucket(max(Bq, Bk)))
-
-        def grid(META, C=C):
-            return (triton.cdiv(Bq, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
-
-        if renorm:
-            rs_part.zero_()
-        launch(_grad_tile_kernel, _grad_tile_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
-        ds += ds_part.sum()
-        db += db_part.sum()
-        if renorm:
-            rs += rs_part.sum(0, dtype=torch.float64)
-        kc = k[c0:c0 + C]
+        kc = k[c0:c0 + chunk]
+        wc = tiles.sweep(q, kc, 0, c0)
         if need_q:  # accumulate in place in fp32: no [Bq, D] temporary per chunk
             _addmm_f32(dq_acc, wc, kc)
         if need_k:
-            dk[c0:c0 + C] = _mm_f32(wc.T, q).mul_(factor).to(k.dtype)
-    if renorm:
-        renormalize_rows(dq_acc, rs, k, offset, gscale)
-    dq = dq_acc.mul_(factor).to(q.dtype) if need_q else None
-    return dq, dk, ds * coef, db * coef
+            dk[c0:c0 + chunk] = _mm_f32(wc.T, q).mul_(tiles.factor).to(k.dtype)
+    dq = tiles.finish_dq(dq_acc, k, offset).to(q.dtype) if need_q else None
+    return (dq, dk, *tiles.scalars())
 
 
 def renormalize_rows(acc: torch.Tensor, rs: torch.Tensor, k: torch.Tensor, offset: int, gscale: float,
@@ -855,7 +889,6 @@ def pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, i
     Bk = k.shape[0]
     if q.dtype != torch.float32:
         raise ValueError(f"the chunked GEMM backward accumulates into fp32 gradients; got {q.dtype} features")
-    dev = q.device
     op = op_dtype or q.dtype
     cast = op != q.dtype
     if chunks is None:
@@ -863,67 +896,25 @@ def pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, i
         if chunks is None:
             chunks = (min(Bq, _MIN_CHUNK), min(Bk, _MIN_CHUNK))
     rows, cols = max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
-    if cen_r is None:
-        cen_r = positive_dots(q, k, offset)
-    cen_c = cen_r if mode == MODE_CLIP_SYM else None
-    gscale = grad_prescale(op)
-    coef = grad.to(torch.float32) * inv_n
-    factor = scale.to(torch.float32) * coef / gscale  # on device: no host sync
-    dq = torch.zeros((Bq, D), device=dev, dtype=torch.float32) if need_q else None
-    dk = torch.zeros((Bk, D), device=dev, dtype=torch.float32) if need_k else None
-    w = torch.empty(rows * cols, device=dev, dtype=op)
-    n_part = triton.cdiv(rows, 16) * triton.cdiv(cols, 16)  # >= programs per launch for every config
-    ds_part = torch.zeros(n_part, device=dev, dtype=torch.float32)
-    db_part = torch.zeros_like(ds_part)
-    ds = torch.zeros((), device=dev, dtype=torch.float32)
-    db = torch.zeros((), device=dev, dtype=torch.float32)
-    dummy = ds_part
-    renorm = mode == MODE_CLIP_DIR and need_q
-    rs_part = torch.zeros((triton.cdiv(cols, 16), rows) if renorm else 1, device=dev, dtype=torch.float32)
-    rs = torch.zeros(Bq if renorm else 0, device=dev, dtype=torch.float64)
-    meta = dict(D=D, MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(op), GSCALE=gscale)
+    tiles = _GradTiles(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode, op=op,
+                       rows=rows, cols=cols, cen_r=cen_r, need_q=need_q)
+    dq = torch.zeros((Bq, D), device=q.device, dtype=torch.float32) if need_q else None
+    dk = torch.zeros((Bk, D), device=q.device, dtype=torch.float32) if need_k else None
     k_whole = k.to(op) if cols >= Bk else None  # one column chunk: cast once
     for r0 in range(0, Bq, rows):
-        r1 = min(Bq, r0 + rows)
-        R = r1 - r0
-        q_r = q[r0:r1].to(op)  # a view when op is fp32
+        q_r = q[r0:r0 + rows].to(op)  # a view when op is fp32
         for c0 in range(0, Bk, cols):
-            c1 = min(Bk, c0 + cols)
-            C = c1 - c0
-            k_c = k_whole if k_whole is not None else k[c0:c1].to(op)
-            wc = w[:R * C].view(R, C)
-            ds_part.zero_()
-            db_part.zero_()
-            # Local row / column indices: row i of the chunk is global row r0 + i, so its positive (global column
-            # r0 + i + offset) is local column i + (offset + r0 - c0).
-            args = (q_r, k_c, scale, bias if bias is not None else dummy,
-                    lse_r[r0:r1] if lse_r is not None else dummy,
-                    lse_c[c0:c1] if lse_c is not None else dummy, cen_r[r0:r1],
-                    cen_c[c0:c1] if cen_c is not None else dummy, wc, ds_part, db_part, rs_part, R, C, 0, C,
-                    int(offset + r0 - c0), size_bucket(max(Bq, Bk)))
-
-            def grid(META, R=R, C=C):
-                return (triton.cdiv(R, META["BLOCK_M"]), triton.cdiv(C, META["BLOCK_N"]))
-
-            if renorm:
-                rs_part.zero_()
-            launch(_grad_tile_kernel, _grad_tile_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
-            ds += ds_part.sum()
-            db += db_part.sum()
-            if renorm:  # the kernel's row stride is this chunk's R
-                n_cb = rs_part.shape[0]
-                rs[r0:r1] += rs_part.view(-1)[:n_cb * R].view(n_cb, R).sum(0, dtype=torch.float64)
+            k_c = k_whole if k_whole is not None else k[c0:c0 + cols].to(op)
+            wc = tiles.sweep(q_r, k_c, r0, c0)
             if need_q:
-                _addmm_f32(dq[r0:r1], wc, k_c)
+                _addmm_f32(dq[r0:r0 + rows], wc, k_c)
             if need_k:
-                _addmm_f32(dk[c0:c1], wc.T, q_r)
-    if renorm:
-        renormalize_rows(dq, rs, k if not cast else _CastView(k, op), offset, gscale)
+                _addmm_f32(dk[c0:c0 + cols], wc.T, q_r)
     if need_q:
-        dq.mul_(factor)
+        tiles.finish_dq(dq, _CastView(k, op) if cast else k, offset)
     if need_k:
-        dk.mul_(factor)
-    return dq, dk, ds * coef, db * coef
+        dk.mul_(tiles.factor)
+    return (dq, dk, *tiles.scalars())
 
 
 class _CastView:
