@@ -216,7 +216,7 @@ class Trainer:
             device=self.device, rank=self.info.rank, world_size=self.info.world_size, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, drop_last=True,
             replay_shards=self._shards(cfg.replay_data, "train"), replay_batch_size=self.local_replay,
-            crop_scale=tuple(cfg.crop_scale), index_dir=cfg.index_dir,
+            crop_scale=tuple(cfg.crop_scale), index_dir=cfg.index_dir, max_bad_fraction=cfg.max_bad_fraction,
         )
 
     def _val_specs(self) -> list[str] | None:
@@ -325,6 +325,7 @@ class Trainer:
             "loader": self.loader.state_dict() if self.loader is not None else None,
             "elapsed_s": self._elapsed(),
             "skipped_steps": self.skipped_steps,
+            "collapse": self.collapse.state_dict(),
         }
         meta = {"config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
                 "time": datetime.now(timezone.utc).isoformat()}
@@ -403,6 +404,10 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if state.get("collapse") is not None:  # absent in checkpoints of older versions: the count restarts
+            self.collapse.load_state_dict(state["collapse"])
+            if self.collapse.warning is not None:
+                self.warnings.append(self.collapse.warning)
         self.last_saved_step = self.step
         self.last_checkpoint = found
         self._ckpt_bytes = ckpt.checkpoint_bytes(found)
@@ -506,6 +511,8 @@ class Trainer:
                 post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
                 if budget:
                     post["left"] = f"{max(budget - self._elapsed(), 0):.0f}s"
+                if rec.get("bad_samples"):
+                    post["bad"] = rec["bad_samples"]
                 bar.set_postfix(post, refresh=False)
             if not res["skipped"]:
                 warning = self.collapse.update(self.step, res.get("loss_bio", res["loss"]))
@@ -565,6 +572,12 @@ class Trainer:
         }
         if self.engine.last_grad_norm is not None:
             rec["grad_norm"] = self.engine.last_grad_norm
+        if self.loader is not None:  # this rank's counts so far (host-side dicts the batches fed: no sync)
+            st = self.loader.stats
+            rec["bad_samples"] = st["skipped_corrupt"]
+            rec["bad_shards"] = st["bad_shards"]
+            if st["bad_samples"]:
+                rec["bad_by_reason"] = dict(st["bad_samples"])
         return rec
 
     # ------------------------------------------------------------------------------------------------ the end

@@ -1,0 +1,131 @@
+"""Shards damaged after they were indexed (truncated on a shared filesystem, a JPEG payload overwritten, a shard
+shortened while the loader holds its table): training skips and counts the bad samples (per reason, across worker
+processes), keeps every batch full, warns once per damaged shard, and stops with one line only past
+--max-bad-fraction. Foreign shards (plain tarfile, no manifest of ours), indexed with `bioclip-fast index-shards`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bioclip_fast.cli import main
+from bioclip_fast.data import make_loader
+from bioclip_fast.data.index import ShardIndex, sidecar_path
+from bioclip_fast.data.synthetic import write_tol_shards
+
+N_SHARDS, PER_SHARD, BATCH = 4, 16, 16
+TRAIN = ["--model", "bioclip-micro", "--batch-size", str(BATCH), "--max-minutes", "none", "--schedule-clock",
+         "steps", "--warmup-steps", "1", "--threads", "1", "--no-eval-at-end", "--no-progress", "--engine", "torch",
+         "--precision", "fp32", "--save-every", "0", "--shuffle-buffer", "16"]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damage") / "clean"
+    write_tol_shards(root, N_SHARDS, PER_SHARD)
+    assert main(["index-shards", str(root), "--no-progress"]) == 0
+    return root
+
+
+def _damaged(indexed: Path, dest: Path, *, truncate: bool = True, corrupt: bool = True) -> dict:
+    """A copy of the indexed shards (index included), then: shard 2 cut to a third of its size, and the JPEG payload
+    of sample 5 of shard 1 overwritten with noise (its header and the tar still intact)."""
+    shutil.copytree(indexed, dest)
+    shards = sorted(dest.glob("*.tar"))
+    out = {"dir": dest, "truncated": str(shards[2]), "corrupt": str(shards[1])}
+    if truncate:
+        os.truncate(shards[2], shards[2].stat().st_size // 3)
+    if corrupt:
+        idx = ShardIndex.load(sidecar_path(dest, shards[1].name))
+        off, size = int(idx.img_off[5]), int(idx.img_size[5])
+        buf = bytearray(shards[1].read_bytes())
+        buf[off + 20:off + size - 2] = np.random.default_rng(0).integers(0, 256, size - 22, np.uint8).tobytes()
+        shards[1].write_bytes(bytes(buf))
+        out["corrupt_key"] = idx.keys[5]
+    return out
+
+
+def _damage_lines(err: str) -> list[str]:
+    return [x for x in err.splitlines() if "damaged shard" in x]
+
+
+def test_training_skips_and_counts_damaged_shards_across_workers(indexed, tmp_path):
+    """One epoch (4 steps x 16) with 2 worker processes: the truncated shard's 16 samples and the corrupt JPEG are
+    skipped, each counted once by reason; every batch is full; each damaged shard is named once on stderr; the
+    metrics, the summary and results.json carry the counts."""
+    d = _damaged(indexed, tmp_path / "shards")
+    out = tmp_path / "run"
+    cap = subprocess.run([sys.executable, "-m", "bioclip_fast", "train", *TRAIN, "--data", str(d["dir"]),
+                          "--max-steps", "4", "--num-workers", "2", "--max-bad-fraction", "0.5", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert cap.returncode == 0, cap.stderr[-3000:]
+    lines = _damage_lines(cap.stderr)
+    assert len(lines) == 2, cap.stderr[-3000:]
+    truncated = [x for x in lines if d["truncated"] in x]
+    assert len(truncated) == 1 and "changed since it was indexed" in truncated[0]
+    assert len([x for x in lines if d["corrupt"] in x]) == 1
+    assert "bad samples : 17 skipped and replaced (corrupt_image 1, shard_changed 16); 2 damaged shard(s)" in cap.stdout
+    res = json.loads((out / "results.json").read_text())
+    st = res["loader_stats"]
+    assert st["bad_samples"] == {"shard_changed": PER_SHARD, "corrupt_image": 1}
+    assert st["skipped_corrupt"] == PER_SHARD + 1 and st["bad_shards"] == 2
+    assert st["samples"] == 4 * BATCH and st["batches"] == 4  # full batches: bad samples were replaced
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["bad_samples"] == PER_SHARD + 1 and recs[-1]["bad_shards"] == 2
+    assert recs[-1]["bad_by_reason"] == {"shard_changed": PER_SHARD, "corrupt_image": 1}
+    assert [r["bad_samples"] for r in recs] == sorted(r["bad_samples"] for r in recs)  # running counts
+
+
+def test_too_many_bad_samples_stop_in_one_line(indexed, tmp_path, capsys):
+    """The default --max-bad-fraction (0.01) with a quarter of the data unreadable: one line naming the shard, exit
+    2, no traceback; an invalid fraction is refused before any work."""
+    d = _damaged(indexed, tmp_path / "shards", corrupt=False)
+    out = tmp_path / "run"
+    rc = main(["train", *TRAIN, "--data", str(d["dir"]), "--max-steps", "4", "--num-workers", "2",
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    errors = [x for x in err.splitlines() if x.startswith("bioclip-fast train: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "max_bad_fraction=0.01" in errors[0] and d["truncated"] in errors[0] and "shard_changed" in errors[0]
+
+    bad_out = tmp_path / "never"
+    assert main(["train", *TRAIN, "--data", str(d["dir"]), "--max-bad-fraction", "1.5", "--out", str(bad_out)]) == 2
+    err = capsys.readouterr().err
+    assert "max_bad_fraction must be in [0, 1]" in err and "Traceback" not in err
+    assert not bad_out.exists()
+
+
+def test_shard_shortened_while_in_use_and_resume_keeps_counts(indexed, tmp_path, caplog):
+    """The loader already holds shard 2's table when the file is cut: its members past the new end are short reads
+    (past_eof), never decoded from stale buffer bytes; the samples before the cut are still used. The counts and the
+    damaged-shard list survive a state_dict round trip (no second warning after a resume)."""
+    d = _damaged(indexed, tmp_path / "shards", truncate=False, corrupt=False)
+    victim = Path(d["truncated"])
+    kw = dict(image_size=32, num_workers=0, seed=3, shuffle_buffer=16, max_bad_fraction=None)
+    ld = make_loader(str(d["dir"]), BATCH, **kw)
+    idx = ShardIndex.load(sidecar_path(d["dir"], victim.name))
+    for s in range(N_SHARDS):
+        ld.source.entries(s)  # every table cached, as after some steps of a run
+    cut = int(idx.img_off[10])  # samples 0-9 of the shard stay whole, 10-15 lose their image
+    os.truncate(victim, cut)
+    with caplog.at_level("WARNING", logger="bioclip_fast"):
+        batches = list(ld)
+    assert all(len(b["key"]) == BATCH for b in batches) and len(batches) == N_SHARDS
+    keys = [k for b in batches for k in b["key"]]
+    lost = set(idx.keys[10:])
+    assert ld.stats["bad_samples"] == {"past_eof": len(lost)} and ld.stats["bad_shards"] == 1
+    assert not lost & set(keys) and set(idx.keys[:10]) <= set(keys)
+    assert sum(str(victim) in r.getMessage() for r in caplog.records) == 1
+    assert "runs past the end of the file" in ld.bad_shards[str(victim)]
+
+    state = ld.state_dict()
+    again = make_loader(str(d["dir"]), BATCH, **kw)
+    again.load_state_dict(json.loads(json.dumps(state)))  # a checkpoint's loader state is plain data
+    assert again.stats["bad_samples"] == {"past_eof": len(lost)} and again.bad_shards == ld.bad_shards
