@@ -4,6 +4,7 @@ processes), keeps every batch full, warns once per damaged shard, and stops with
 --max-bad-fraction. Foreign shards (plain tarfile, no manifest of ours), indexed with `bioclip-fast index-shards`."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from bioclip_fast.cli import main
 from bioclip_fast.data import make_loader
 from bioclip_fast.data.index import ShardIndex, sidecar_path
 from bioclip_fast.data.synthetic import write_tol_shards
+from bioclip_fast.errors import DataError
 
 N_SHARDS, PER_SHARD, BATCH = 4, 16, 16
 TRAIN = ["--model", "bioclip-micro", "--batch-size", str(BATCH), "--max-minutes", "none", "--schedule-clock",
@@ -129,3 +131,31 @@ def test_shard_shortened_while_in_use_and_resume_keeps_counts(indexed, tmp_path,
     again = make_loader(str(d["dir"]), BATCH, **kw)
     again.load_state_dict(json.loads(json.dumps(state)))  # a checkpoint's loader state is plain data
     assert again.stats["bad_samples"] == {"past_eof": len(lost)} and again.bad_shards == ld.bad_shards
+
+
+def test_read_errors_are_counted_per_sample_and_the_limit_names_the_shard(indexed, monkeypatch, caplog):
+    """EIO on every read of one shard (a failing disk or network mount; injected at the system call): its samples
+    are skipped as read_error and replaced, the shard is warned about once; with a limit below the damaged share
+    (16 of 64 > 0.1) iterating raises one DataError naming it."""
+    victim = str(sorted(indexed.glob("*.tar"))[3])
+    real = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if os.readlink(f"/proc/self/fd/{fd}") == victim:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    kw = dict(image_size=32, num_workers=0, seed=5, shuffle_buffer=16)
+    ld = make_loader(str(indexed), BATCH, **kw)
+    with caplog.at_level("WARNING", logger="bioclip_fast"):
+        batches = list(ld)
+    assert [len(b["key"]) for b in batches] == [BATCH] * N_SHARDS
+    assert ld.stats["bad_samples"] == {"read_error": PER_SHARD} and list(ld.bad_shards) == [victim]
+    warned = [r.getMessage() for r in caplog.records if victim in r.getMessage()]
+    assert len(warned) == 1 and "Input/output error" in warned[0]
+
+    strict = make_loader(str(indexed), BATCH, max_bad_fraction=0.1, **kw)
+    with pytest.raises(DataError, match=r"bad samples in epoch 0 on rank 0, more than max_bad_fraction=0\.1 of "
+                                        r"the 64 samples per epoch \(read_error \d+\); damaged shard\(s\): .*000003"):
+        list(strict)
