@@ -159,3 +159,43 @@ def test_read_errors_are_counted_per_sample_and_the_limit_names_the_shard(indexe
     with pytest.raises(DataError, match=r"bad samples in epoch 0 on rank 0, more than max_bad_fraction=0\.1 of "
                                         r"the 64 samples per epoch \(read_error \d+\); damaged shard\(s\): .*000003"):
         list(strict)
+
+
+def test_a_data_stop_mid_run_checkpoints_and_resumes_after_repair(indexed, tmp_path):
+    """A shard cut to nothing during step 2 (the loader holds its table): the next fetch exceeds the limit, the run
+    writes a checkpoint at step 2 and stops with one DataError saying so; with the shard restored, --resume auto
+    continues from step 2 to the end."""
+    from bioclip_fast.train import checkpoint as ckpt
+    from bioclip_fast.train.config import resolve_config
+    from bioclip_fast.train.loop import Trainer
+
+    d = _damaged(indexed, tmp_path / "shards", truncate=False, corrupt=False)
+    victim = Path(d["truncated"])
+    intact = victim.read_bytes()
+    cfg = {"model": "bioclip-micro", "precision": "fp32", "engine": "torch", "lr": 1e-3, "warmup_steps": 1,
+           "max_steps": 6, "schedule_clock": "steps", "progress": False, "eval_at_end": False, "batch_size": BATCH,
+           "num_workers": 0, "threads": 1, "save_every": 0, "shuffle_buffer": 16, "data": [str(d["dir"])],
+           "out": str(tmp_path / "run")}
+    run = Trainer(resolve_config(cfg))
+    real_step = run.train_step
+
+    def step_then_cut(inputs):
+        out = real_step(inputs)
+        if run.step == 1:  # inside step 2 (0-based 1)
+            os.truncate(victim, 0)
+        return out
+
+    run.train_step = step_then_cut
+    with pytest.raises(DataError, match=r"past_eof .* Stopped after step 2; checkpoint .*step_0*2 written; after "
+                                        r"repairing the data continue with --resume auto"):
+        run.fit()
+    assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / ckpt.ckpt_name(2)) is None
+    run.loader.close()
+
+    victim.write_bytes(intact)
+    resumed = Trainer(resolve_config({**cfg, "resume": "auto"}))
+    assert resumed.step == 2
+    summary = resumed.fit()
+    # the batch that stopped the run was not consumed and its counts were undone: read again, now intact
+    assert summary["steps"] == 6 and summary["loader_stats"]["bad_samples"] == {}
+    assert summary["loader_stats"]["samples"] == 6 * BATCH  # steps 1-2 from the checkpoint, 3-6 after the resume

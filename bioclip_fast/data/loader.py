@@ -877,12 +877,20 @@ class Loader:
         for batch in batches:
             advance = batch.pop("_advance", 1)
             skipped = batch.pop("skipped")
+            rskipped = batch["replay"].pop("skipped") if "replay" in batch else []
+            # a batch that stops the run is not consumed: its counts are undone, a resumed run reads it again
+            undo = self._bad_state() if (skipped or rskipped) and self.max_bad_fraction is not None else None
             self._count_bad(skipped, "bio", len(batch["key"]))
             self.skipped_keys.extend(_key_of(s) for s in skipped)
             if "replay" in batch:
-                self._count_bad(batch["replay"].pop("skipped"), "replay", len(batch["replay"]["key"]))
-            self._check_bad_fraction()
-            self._consumed += advance  # after the check: a stopped run resumes at this batch (data fixed)
+                self._count_bad(rskipped, "replay", len(batch["replay"]["key"]))
+            if undo is not None:
+                try:
+                    self._check_bad_fraction()
+                except DataError:
+                    self._set_bad_state(undo)
+                    raise
+            self._consumed += advance
             if not batch["key"]:
                 continue  # eval batch whose samples were all corrupt
             self.stats["batches"] += 1
@@ -917,6 +925,17 @@ class Loader:
                 log.warning("damaged shard %s: %s (%s); skipping its bad samples%s", b.shard, detail, b.reason,
                             "; further damaged shards are only counted (loader.stats)"
                             if len(self.bad_shards) == WARN_SHARDS else "")
+
+    def _bad_state(self) -> tuple:
+        st = {**self.stats, "bad_samples": dict(self.stats["bad_samples"])}
+        return st, dict(self.bad_shards), dict(self._bad_window), len(self.skipped_keys)
+
+    def _set_bad_state(self, state: tuple) -> None:
+        st, shards, window, n_keys = state
+        self.stats.clear()
+        self.stats.update(st)
+        self.bad_shards, self._bad_window = shards, window
+        del self.skipped_keys[n_keys:]
 
     def _window(self) -> dict[str, int]:
         w = self._bad_window

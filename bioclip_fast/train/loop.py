@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bioclip_fast.errors import CheckpointError
+from bioclip_fast.errors import CheckpointError, DataError
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import rundir
 from bioclip_fast.train.config import ConfigError, TrainConfig, validate_runtime, validate_static
@@ -487,10 +487,13 @@ class Trainer:
         while not (self._stop_agreed or self._should_stop(budget)):
             t0 = time.perf_counter()
             try:
-                batch = next(it)
-            except StopIteration:  # epoch done: the loader moves on to the next epoch
-                it = iter(self.loader)
-                batch = next(it)
+                try:
+                    batch = next(it)
+                except StopIteration:  # epoch done: the loader moves on to the next epoch
+                    it = iter(self.loader)
+                    batch = next(it)
+            except DataError as e:  # too many bad samples (--max-bad-fraction)
+                raise self._data_stop(e) from None
             t1 = time.perf_counter()
             if cfg.schedule_clock == "time":
                 self.engine.scheduler.set_time_progress(self._time_progress(budget))
@@ -532,6 +535,18 @@ class Trainer:
         if self.last_saved_step != self.step:
             self.save()
         return train_seconds, stop
+
+    def _data_stop(self, err: DataError) -> DataError:
+        """The loader gave up on the data: keep the steps done since the last checkpoint (one process; with several,
+        the other ranks are inside a collective and a checkpoint cannot be agreed) and say how to continue."""
+        where = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+        if not self.info.distributed and self.step > 0 and self.last_saved_step != self.step:
+            try:
+                where = f"checkpoint {self.save()} written"
+            except Exception as save_err:  # noqa: BLE001 - the data error is the one to report
+                log.warning("could not write a checkpoint after the data error: %s", save_err)
+        return DataError(f"{err}. Stopped after step {self.step}; {where}; after repairing the data continue with "
+                         f"--resume auto")
 
     def _agree_stop(self) -> bool:
         """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
