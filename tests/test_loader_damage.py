@@ -35,14 +35,26 @@ def indexed(tmp_path_factory):
     return root
 
 
-def _damaged(indexed: Path, dest: Path, *, truncate: bool = True, corrupt: bool = True) -> dict:
-    """A copy of the indexed shards (index included), then: shard 2 cut to a third of its size, and the JPEG payload
-    of sample 5 of shard 1 overwritten with noise (its header and the tar still intact)."""
+def _damaged(indexed: Path, dest: Path, *, truncate: bool = True, corrupt: bool = True, rewrite: bool = False
+             ) -> dict:
+    """A copy of the indexed shards (index included), then: shard 2 cut to a third of its size (its samples wholly
+    before the cut stay usable: `past_eof` counts the others), the JPEG payload of sample 5 of shard 1 overwritten
+    with noise (its header and the tar still intact), and with `rewrite` shard 0 replaced by another, smaller shard
+    under the same name (unusable as indexed: `shard_changed`)."""
     shutil.copytree(indexed, dest)
     shards = sorted(dest.glob("*.tar"))
-    out = {"dir": dest, "truncated": str(shards[2]), "corrupt": str(shards[1])}
+    out = {"dir": dest, "truncated": str(shards[2]), "corrupt": str(shards[1]), "rewritten": str(shards[0])}
     if truncate:
-        os.truncate(shards[2], shards[2].stat().st_size // 3)
+        cut = shards[2].stat().st_size // 3
+        os.truncate(shards[2], cut)
+        idx = ShardIndex.load(sidecar_path(dest, shards[2].name))
+        out["past_eof"] = int(np.sum(idx.img_off + idx.img_size > cut))
+        assert 0 < out["past_eof"] < PER_SHARD
+    if rewrite:
+        other = write_tol_shards(dest / "other", 1, PER_SHARD // 2, seed=7)[0]
+        assert other.stat().st_size < shards[0].stat().st_size
+        os.replace(other, shards[0])
+        (dest / "other").rmdir()
     if corrupt:
         idx = ShardIndex.load(sidecar_path(dest, shards[1].name))
         off, size = int(idx.img_off[5]), int(idx.img_size[5])
@@ -58,29 +70,34 @@ def _damage_lines(err: str) -> list[str]:
 
 
 def test_training_skips_and_counts_damaged_shards_across_workers(indexed, tmp_path):
-    """One epoch (4 steps x 16) with 2 worker processes: the truncated shard's 16 samples and the corrupt JPEG are
-    skipped, each counted once by reason; every batch is full; each damaged shard is named once on stderr; the
-    metrics, the summary and results.json carry the counts."""
-    d = _damaged(indexed, tmp_path / "shards")
+    """One epoch (4 steps x 16) with 2 worker processes: the rewritten shard's 16 samples, the truncated shard's
+    samples past the cut and the corrupt JPEG are skipped, each counted once by reason; every batch is full; each
+    damaged shard is named once on stderr; the metrics, the summary and results.json carry the counts."""
+    d = _damaged(indexed, tmp_path / "shards", rewrite=True)
     out = tmp_path / "run"
     cap = subprocess.run([sys.executable, "-m", "bioclip_fast", "train", *TRAIN, "--data", str(d["dir"]),
                           "--max-steps", "4", "--num-workers", "2", "--max-bad-fraction", "0.5", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert cap.returncode == 0, cap.stderr[-3000:]
     lines = _damage_lines(cap.stderr)
-    assert len(lines) == 2, cap.stderr[-3000:]
+    assert len(lines) == 3, cap.stderr[-3000:]
+    rewritten = [x for x in lines if d["rewritten"] in x]
+    assert len(rewritten) == 1 and "changed since it was indexed" in rewritten[0]
     truncated = [x for x in lines if d["truncated"] in x]
-    assert len(truncated) == 1 and "changed since it was indexed" in truncated[0]
+    assert len(truncated) == 1 and "runs past the end of the file" in truncated[0]
     assert len([x for x in lines if d["corrupt"] in x]) == 1
-    assert "bad samples : 17 skipped and replaced (corrupt_image 1, shard_changed 16); 2 damaged shard(s)" in cap.stdout
+    k = d["past_eof"]
+    want = {"shard_changed": PER_SHARD, "past_eof": k, "corrupt_image": 1}
+    assert (f"bad samples : {PER_SHARD + k + 1} skipped and replaced (corrupt_image 1, past_eof {k}, shard_changed "
+            f"{PER_SHARD}); 3 damaged shard(s)") in cap.stdout
     res = json.loads((out / "results.json").read_text())
     st = res["loader_stats"]
-    assert st["bad_samples"] == {"shard_changed": PER_SHARD, "corrupt_image": 1}
-    assert st["skipped_corrupt"] == PER_SHARD + 1 and st["bad_shards"] == 2
+    assert st["bad_samples"] == want
+    assert st["skipped_corrupt"] == PER_SHARD + k + 1 and st["bad_shards"] == 3
     assert st["samples"] == 4 * BATCH and st["batches"] == 4  # full batches: bad samples were replaced
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert recs[-1]["bad_samples"] == PER_SHARD + 1 and recs[-1]["bad_shards"] == 2
-    assert recs[-1]["bad_by_reason"] == {"shard_changed": PER_SHARD, "corrupt_image": 1}
+    assert recs[-1]["bad_samples"] == PER_SHARD + k + 1 and recs[-1]["bad_shards"] == 3
+    assert recs[-1]["bad_by_reason"] == want
     assert [r["bad_samples"] for r in recs] == sorted(r["bad_samples"] for r in recs)  # running counts
 
 
@@ -95,7 +112,7 @@ def test_too_many_bad_samples_stop_in_one_line(indexed, tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err
     errors = [x for x in err.splitlines() if x.startswith("bioclip-fast train: error:")]
     assert len(errors) == 1, err[-3000:]
-    assert "max_bad_fraction=0.01" in errors[0] and d["truncated"] in errors[0] and "shard_changed" in errors[0]
+    assert "max_bad_fraction=0.01" in errors[0] and d["truncated"] in errors[0] and "past_eof" in errors[0]
 
     bad_out = tmp_path / "never"
     assert main(["train", *TRAIN, "--data", str(d["dir"]), "--max-bad-fraction", "1.5", "--out", str(bad_out)]) == 2

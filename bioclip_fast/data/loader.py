@@ -12,8 +12,8 @@ in the epoch is the whole loader state, a resumed run sees exactly the remaining
 crops come from per-batch seeded uniforms so augmentation repeats too.
 
 Bad samples are skipped and counted in `loader.stats` (`skipped_corrupt` in all, `bad_samples` per reason, see
-`BAD_REASONS`): corrupt image bytes, and in training also shards damaged after they were indexed (truncated or
-rewritten on a shared filesystem, unreadable, read errors, a member running past the end of the file). In training,
+`BAD_REASONS`): corrupt image bytes, and in training also shards damaged after they were indexed (truncated: the
+samples before the cut are still read; rewritten on a shared filesystem, unreadable, read errors). In training,
 a skipped sample is replaced by the nearest earlier sample of the rank's order (outside the batch) so every batch has
 exactly `batch_size` samples (distributed contrastive losses gather equal-size batches); in eval (`train=False`) it
 is simply left out, so every good sample is seen exactly once (a damaged shard stops eval with a DataError).
@@ -52,10 +52,10 @@ BACKENDS = ("auto", "dali", "cpu")
 # why a sample was skipped (the keys of loader.stats["bad_samples"])
 BAD_REASONS = (
     "corrupt_image",  # image bytes that do not decode (or no image member / no taxonomy in the sample)
-    "shard_changed",  # the shard's size or sample count differs from its index: truncated or rewritten since
+    "shard_changed",  # the shard is not the one indexed (grown, rewritten, another sample count): all its samples
     "unreadable",  # the shard cannot be opened or indexed (deleted, permissions, a damaged tar header)
     "read_error",  # an I/O error reading the sample's bytes
-    "past_eof",  # the sample's member runs past the end of the file (the shard shrank while in use)
+    "past_eof",  # the sample's member runs past the end of the file: a truncated shard (its earlier samples are used)
 )
 WARN_SHARDS = 100  # damaged shards named one per line; beyond this they are only counted
 
@@ -245,11 +245,19 @@ class ShardSet:
             size = os.stat(path).st_size
         except OSError as e:
             raise ShardDamaged("unreadable", f"{path}: cannot read shard ({e.strerror or e})") from None
-        if size != self._expected_size[i]:
-            raise ShardDamaged("shard_changed", f"{path} changed since it was indexed ({size} bytes, the index says "
-                                                f"{self._expected_size[i]}); re-run `bioclip-fast index-shards`")
+        changed = ShardDamaged("shard_changed", f"{path} changed since it was indexed ({size} bytes, the index says "
+                                                 f"{self._expected_size[i]}); re-run `bioclip-fast index-shards`")
         if i in self._index_dir:
-            return ShardIndex.load(sidecar_path(self._index_dir[i], os.path.basename(path)))
+            if size > self._expected_size[i]:
+                raise changed
+            idx = ShardIndex.load(sidecar_path(self._index_dir[i], os.path.basename(path)))
+            # shorter: usable as far as it goes if it is the indexed shard cut short (a copy or write that stopped);
+            # the samples past the cut are then short reads, skipped as past_eof
+            if size < self._expected_size[i] and not _prefix_intact(path, idx, size):
+                raise changed
+            return idx
+        if size != self._expected_size[i]:
+            raise changed
         try:
             return index_shard(path)
         except DataError as e:
@@ -279,6 +287,29 @@ class ShardSet:
             while self._cached_samples > CACHE_SAMPLES and len(self._cache) > 1:
                 self._cached_samples -= len(self._cache.popitem(last=False)[1])
         return e
+
+
+def _prefix_intact(path: str, idx, size: int) -> bool:
+    """Whether a shard now `size` bytes long is its indexed version cut short: the tar headers in front of the image
+    members of its first sample and of its last sample still wholly inside the file are intact (checksum) and give
+    the indexed member sizes. Two 512-byte reads; a shard rewritten with other content fails it."""
+    import tarfile
+
+    has = np.asarray(idx.img_ext) >= 0
+    off = np.asarray(idx.img_off, dtype=np.int64)
+    inside = np.flatnonzero(has & (off + np.asarray(idx.img_size, dtype=np.int64) <= size) & (off >= 512))
+    if not inside.size:
+        return False
+    try:
+        with open(path, "rb") as f:
+            for j in {int(inside[0]), int(inside[-1])}:
+                f.seek(int(off[j]) - 512)
+                info = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
+                if info.size != int(idx.img_size[j]):
+                    return False
+    except (OSError, tarfile.TarError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -956,12 +987,13 @@ class Loader:
             total = max(per_epoch, w[stream + "_seen"])
             if w[stream] and w[stream] > f * total:
                 shards = sorted(self.bad_shards)
+                more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
                 reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.stats["bad_samples"].items()))
                 raise DataError(
                     f"{w[stream]} bad {'replay ' if stream == 'replay' else ''}samples in epoch {self.epoch} on rank "
                     f"{self.rank}, more than max_bad_fraction={f:g} of the {total} samples per epoch ({reasons}); "
-                    f"damaged shard(s): {', '.join(shards[:5])}{f' and {len(shards) - 5} more' if len(shards) > 5 else ''}"
-                    f". Repair or re-index them (`bioclip-fast index-shards`), or raise --max-bad-fraction")
+                    + (f"damaged shard(s): {', '.join(shards[:5])}{more}. Repair or re-index them (`bioclip-fast "
+                       "index-shards`)" if shards else "corrupt images") + ", or raise --max-bad-fraction")
 
     def normalize(self, image_u8: torch.Tensor) -> torch.Tensor:
         x = image_u8.to(self.device, non_blocking=True).float()
