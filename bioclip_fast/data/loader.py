@@ -16,7 +16,8 @@ Bad samples are skipped and counted in `loader.stats` (`skipped_corrupt` in all,
 samples before the cut are still read; rewritten on a shared filesystem, unreadable, read errors). In training,
 a skipped sample is replaced by the nearest earlier sample of the rank's order (outside the batch) so every batch has
 exactly `batch_size` samples (distributed contrastive losses gather equal-size batches); in eval (`train=False`) it
-is simply left out, so every good sample is seen exactly once (a damaged shard stops eval with a DataError).
+is simply left out, so every good sample is seen exactly once (a shard that is no longer the indexed one stops
+eval with a DataError).
 
 Like webdataset's `handler=warn_and_continue` a damaged shard is warned about once (one log line naming the shard and
 the reason) and training continues; unlike it, a limit stops a run whose data is largely bad: with
