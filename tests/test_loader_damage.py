@@ -18,6 +18,7 @@ import pytest
 from bioclip_fast.cli import main
 from bioclip_fast.data import make_loader
 from bioclip_fast.data.index import ShardIndex, sidecar_path
+from bioclip_fast.data.loader import _dali_import_error
 from bioclip_fast.data.synthetic import write_tol_shards
 from bioclip_fast.errors import DataError
 
@@ -121,13 +122,15 @@ def test_too_many_bad_samples_stop_in_one_line(indexed, tmp_path, capsys):
     assert not bad_out.exists()
 
 
-def test_shard_shortened_while_in_use_and_resume_keeps_counts(indexed, tmp_path, caplog):
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("dali", marks=pytest.mark.skipif(
+    _dali_import_error() is not None, reason=f"DALI unavailable: {_dali_import_error()}"))])
+def test_shard_shortened_while_in_use_and_resume_keeps_counts(indexed, tmp_path, caplog, backend):
     """The loader already holds shard 2's table when the file is cut: its members past the new end are short reads
     (past_eof), never decoded from stale buffer bytes; the samples before the cut are still used. The counts and the
     damaged-shard list survive a state_dict round trip (no second warning after a resume)."""
     d = _damaged(indexed, tmp_path / "shards", truncate=False, corrupt=False)
     victim = Path(d["truncated"])
-    kw = dict(image_size=32, num_workers=0, seed=3, shuffle_buffer=16, max_bad_fraction=None)
+    kw = dict(image_size=32, num_workers=0, seed=3, shuffle_buffer=16, max_bad_fraction=None, backend=backend)
     ld = make_loader(str(d["dir"]), BATCH, **kw)
     idx = ShardIndex.load(sidecar_path(d["dir"], victim.name))
     for s in range(N_SHARDS):
@@ -216,3 +219,43 @@ def test_a_data_stop_mid_run_checkpoints_and_resumes_after_repair(indexed, tmp_p
     # the batch that stopped the run was not consumed and its counts were undone: read again, now intact
     assert summary["steps"] == 6 and summary["loader_stats"]["bad_samples"] == {}
     assert summary["loader_stats"]["samples"] == 6 * BATCH  # steps 1-2 from the checkpoint, 3-6 after the resume
+
+
+def _caption_shards(root: Path, n: int, per: int) -> list[str]:
+    """LAION-like replay shards (.jpg + .txt), written with plain tarfile, no index."""
+    import io
+    import tarfile
+
+    from bioclip_fast.data.synthetic import jpeg_bytes
+
+    root.mkdir(parents=True)
+    out = []
+    for i in range(n):
+        path = root / f"laion-{i:05d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for k in range(per):
+                for name, data in ((f"{i:03d}{k:05d}.jpg", jpeg_bytes(k)), (f"{i:03d}{k:05d}.txt", b"a photo.")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        out.append(str(path))
+    return out
+
+
+def test_replay_shard_damage_is_counted_apart_and_limited(indexed, tmp_path):
+    """A replay shard (no index: indexed from its headers at start) truncated afterwards: its samples are skipped as
+    shard_changed, counted in replay_bad_samples, replaced (replay parts stay full); the limit applies to the replay
+    stream on its own."""
+    replay = _caption_shards(tmp_path / "replay", 2, PER_SHARD)
+    kw = dict(image_size=32, num_workers=0, seed=1, shuffle_buffer=16, replay_shards=replay, replay_batch_size=8)
+    ld = make_loader(str(indexed), BATCH, max_bad_fraction=None, **kw)
+    strict = make_loader(str(indexed), BATCH, max_bad_fraction=0.2, **kw)
+    os.truncate(replay[1], 4096)
+    batches = list(ld)  # 4 steps x 8 replay samples: the 32 replay samples once
+    assert [len(b["replay"]["key"]) for b in batches] == [8] * N_SHARDS
+    assert not any(k.startswith("001") for b in batches for k in b["replay"]["key"])
+    assert ld.stats["replay_bad_samples"] == PER_SHARD and ld.stats["bad_samples"] == {"shard_changed": PER_SHARD}
+    assert list(ld.bad_shards) == [replay[1]]
+
+    with pytest.raises(DataError, match=r"bad replay samples in epoch 0 .* of the 32 samples per epoch"):
+        list(strict)
