@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,9 @@ def test_too_many_bad_samples_stop_in_one_line(indexed, tmp_path, capsys):
     errors = [x for x in err.splitlines() if x.startswith("bioclip-fast train: error:")]
     assert len(errors) == 1, err[-3000:]
     assert "max_bad_fraction=0.01" in errors[0] and d["truncated"] in errors[0] and "past_eof" in errors[0]
+    # the first batch passed the limit (its bad samples replaced): that step ran, was checkpointed, then the stop
+    assert "Stopped after step 1; checkpoint" in errors[0] and "continue with --resume auto" in errors[0]
+    assert (out / "checkpoints" / "step_00000001").is_dir() and not (out / "model.pt").exists()
 
     bad_out = tmp_path / "never"
     assert main(["train", *TRAIN, "--data", str(d["dir"]), "--max-bad-fraction", "1.5", "--out", str(bad_out)]) == 2
@@ -182,9 +186,10 @@ def test_read_errors_are_counted_per_sample_and_the_limit_names_the_shard(indexe
 
 
 def test_a_data_stop_mid_run_checkpoints_and_resumes_after_repair(indexed, tmp_path):
-    """A shard cut to nothing during step 2 (the loader holds its table): the next fetch exceeds the limit, the run
-    writes a checkpoint at step 2 and stops with one DataError saying so; with the shard restored, --resume auto
-    continues from step 2 to the end."""
+    """A shard cut to nothing during step 2 (the loader holds its table): batch 3 passes the limit; its bad samples
+    were replaced, so step 3 runs, then the run stops (the flag rides in the step's loss all-reduce, so every rank
+    would stop after the same step), writes a checkpoint and raises one DataError saying so; with the shard
+    restored, --resume auto continues from step 3 to the end."""
     from bioclip_fast.train import checkpoint as ckpt
     from bioclip_fast.train.config import resolve_config
     from bioclip_fast.train.loop import Trainer
@@ -206,19 +211,20 @@ def test_a_data_stop_mid_run_checkpoints_and_resumes_after_repair(indexed, tmp_p
         return out
 
     run.train_step = step_then_cut
-    with pytest.raises(DataError, match=r"past_eof .* Stopped after step 2; checkpoint .*step_0*2 written; after "
+    with pytest.raises(DataError, match=r"past_eof .* Stopped after step 3; checkpoint .*step_0*3 written; after "
                                         r"repairing the data continue with --resume auto"):
         run.fit()
-    assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / ckpt.ckpt_name(2)) is None
+    assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / ckpt.ckpt_name(3)) is None
+    bad = dict(run.loader.stats["bad_samples"])
+    assert list(bad) == ["past_eof"] and bad["past_eof"] > 0
     run.loader.close()
 
     victim.write_bytes(intact)
     resumed = Trainer(resolve_config({**cfg, "resume": "auto"}))
-    assert resumed.step == 2
-    summary = resumed.fit()
-    # the batch that stopped the run was not consumed and its counts were undone: read again, now intact
-    assert summary["steps"] == 6 and summary["loader_stats"]["bad_samples"] == {}
-    assert summary["loader_stats"]["samples"] == 6 * BATCH  # steps 1-2 from the checkpoint, 3-6 after the resume
+    assert resumed.step == 3
+    summary = resumed.fit()  # the counts so far come with the checkpoint; the repaired shard adds none
+    assert summary["steps"] == 6 and summary["loader_stats"]["bad_samples"] == bad
+    assert summary["loader_stats"]["samples"] == 6 * BATCH  # steps 1-3 from the checkpoint, 4-6 after the resume
 
 
 def _caption_shards(root: Path, n: int, per: int) -> list[str]:
@@ -259,3 +265,36 @@ def test_replay_shard_damage_is_counted_apart_and_limited(indexed, tmp_path):
 
     with pytest.raises(DataError, match=r"bad replay samples in epoch 0 .* of the 32 samples per epoch"):
         list(strict)
+
+
+@pytest.mark.distributed
+def test_two_ranks_stop_after_the_same_step_with_one_checkpoint(indexed, tmp_path):
+    """torchrun, 2 ranks (gloo, plain torch engine): whichever rank's slice holds the truncated shard passes the limit;
+    the flag rides in the step's loss all-reduce, so both ranks stop after the same step (no hang in a collective),
+    write that checkpoint together, and each prints one error line (the other rank's names the cause)."""
+    import socket
+
+    from bioclip_fast.train import checkpoint as ckpt
+
+    d = _damaged(indexed, tmp_path / "shards", corrupt=False)
+    out = tmp_path / "run"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "bioclip_fast", "train", *TRAIN, "--data", str(d["dir"]),
+           "--max-steps", "4", "--num-workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    err = proc.stdout + proc.stderr
+    # (torchrun adds its own ChildFailedError traceback; none comes from our code)
+    assert proc.returncode != 0 and not re.search(r'bioclip_fast/[\w/]+\.py", line', err), err[-5000:]
+    # the ranks print at the same moment: their lines may share one line of the combined stderr
+    lines = ["bioclip-fast train: error:" + x for x in err.split("bioclip-fast train: error:")[1:]]
+    assert len(lines) == 2, err[-5000:]
+    assert sum(d["truncated"] in x and "past_eof" in x for x in lines) >= 1
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stop = steps[-1]
+    assert steps == list(range(1, stop + 1)) and stop < 4
+    assert all(f"Stopped after step {stop}; checkpoint" in x for x in lines), lines
+    assert ckpt.verify_checkpoint(out / "checkpoints" / ckpt.ckpt_name(stop)) is None

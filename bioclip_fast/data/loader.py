@@ -742,7 +742,7 @@ class Loader:
                  crop_scale: tuple[float, float] = cpu_ops.DEFAULT_SCALE,
                  crop_ratio: tuple[float, float] = cpu_ops.DEFAULT_RATIO, dali_threads: int | None = None,
                  progress: bool = False, index_dir: str | os.PathLike | None = None,
-                 max_bad_fraction: float | None = None):
+                 max_bad_fraction: float | None = None, defer_bad_limit: bool = False):
         import open_clip
 
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -763,6 +763,8 @@ class Loader:
         if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1] (or None: no limit), got {max_bad_fraction!r}")
         self.max_bad_fraction = max_bad_fraction
+        # defer_bad_limit: past the limit, set `bad_limit_error` (the message) and keep yielding instead of raising
+        self.defer_bad_limit, self.bad_limit_error = bool(defer_bad_limit), None
         if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale!r}")
         self.text_types = validate_text_types(text_types)
@@ -910,7 +912,7 @@ class Loader:
             advance = batch.pop("_advance", 1)
             skipped = batch.pop("skipped")
             rskipped = batch["replay"].pop("skipped") if "replay" in batch else []
-            # a batch that stops the run is not consumed: its counts are undone, a resumed run reads it again
+            # a batch that stops iteration is not consumed: its counts are undone, a resumed run reads it again
             undo = self._bad_state() if (skipped or rskipped) and self.max_bad_fraction is not None else None
             self._count_bad(skipped, "bio", len(batch["key"]))
             self.skipped_keys.extend(_key_of(s) for s in skipped)
@@ -919,9 +921,13 @@ class Loader:
             if undo is not None:
                 try:
                     self._check_bad_fraction()
-                except DataError:
-                    self._set_bad_state(undo)
-                    raise
+                except DataError as e:
+                    if not self.defer_bad_limit:
+                        self._set_bad_state(undo)
+                        raise
+                    # the batch itself is fine (its bad samples were replaced): hand it out, and let the trainer
+                    # stop every rank together after this step
+                    self.bad_limit_error = self.bad_limit_error or str(e)
             self._consumed += advance
             if not batch["key"]:
                 continue  # eval batch whose samples were all corrupt
@@ -1122,7 +1128,9 @@ def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, st
     with `device="cpu"` runs DALI's CPU operators. Extra keywords: `shuffle` (default: `train`), `crop_scale`
     (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`, `index_dir` (a `bioclip-fast index-shards --out`
     directory; default: next to the shards, or $BIOCLIP_FAST_INDEX_DIR), `progress`, `max_bad_fraction` (stop with a
-    DataError when more than this fraction of an epoch's samples is bad; default None: skip and count without limit).
+    DataError when more than this fraction of an epoch's samples is bad; default None: skip and count without limit),
+    `defer_bad_limit` (instead of raising, set `loader.bad_limit_error` and go on, the batch being whole: the trainer
+    then stops all ranks together after the step, with a checkpoint).
 
     `shards` is any shard spec (`bioclip_fast.data.shardspec`): a directory, glob, brace pattern, '::' list,
     shard-list file, or a list of these. Captions come from each sample's caption members; see `Loader.captions`.

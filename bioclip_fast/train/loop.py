@@ -166,6 +166,7 @@ class Trainer:
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
         self._signals: StopSignals | None = None
         self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
+        self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
         self.fingerprint = {**self.config_fingerprint, **rundir.data_fingerprint(self.loader)}
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -217,6 +218,7 @@ class Trainer:
             shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, drop_last=True,
             replay_shards=self._shards(cfg.replay_data, "train"), replay_batch_size=self.local_replay,
             crop_scale=tuple(cfg.crop_scale), index_dir=cfg.index_dir, max_bad_fraction=cfg.max_bad_fraction,
+            defer_bad_limit=True,  # past --max-bad-fraction every rank stops after the same step (see _loss_ok)
         )
 
     def _val_specs(self) -> list[str] | None:
@@ -252,16 +254,21 @@ class Trainer:
 
     def _loss_ok(self, loss: torch.Tensor) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
-        # The stop-signal flag rides in the same all-reduce: no extra collective, no extra host sync (see signals.py).
+        # The stop-signal flag and the bad-data flag (this rank's loader passed --max-bad-fraction) ride in the same
+        # all-reduce: no extra collective, no extra host sync (see signals.py).
         value = loss.detach().float().reshape(())
+        bad_data = self.loader is not None and self.loader.bad_limit_error is not None
         # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
-        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0)])
+        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0),
+                         value.new_full((), 1.0 if bad_data else 0.0)])
         if self.info.distributed:
             torch.distributed.all_reduce(t)
-        loss_sum, stops = t.tolist()
+        loss_sum, stops, data_stops = t.tolist()
         self._last_loss = loss_sum / self.info.world_size
         if stops > 0:
             self._stop_agreed = True
+        if data_stops > 0:
+            self._data_stop_agreed = True
         return math.isfinite(self._last_loss)
 
     def train_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -467,6 +474,9 @@ class Trainer:
                 train_seconds, stop = self._loop(budget, jsonl, show_total)
             finally:
                 self._signals = None
+        if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
+            raise self._data_stop(DataError(self.loader.bad_limit_error or "another rank's data passed "
+                                            "--max-bad-fraction (its log names the damaged shards)"))
         if stop:
             return self._stopped(train_seconds, signals.received)
         return self._finish(train_seconds)
@@ -484,7 +494,7 @@ class Trainer:
             log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s", cfg.model, self.device,
                      f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
                      info.world_size, self.engine.kind, self.run_dir)
-        while not (self._stop_agreed or self._should_stop(budget)):
+        while not (self._stop_agreed or self._data_stop_agreed or self._should_stop(budget)):
             t0 = time.perf_counter()
             try:
                 try:
@@ -526,7 +536,8 @@ class Trainer:
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not self._stop_agreed:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not (self._stop_agreed or
+                                                                           self._data_stop_agreed):
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
         bar.close()
@@ -537,10 +548,13 @@ class Trainer:
         return train_seconds, stop
 
     def _data_stop(self, err: DataError) -> DataError:
-        """The loader gave up on the data: keep the steps done since the last checkpoint (one process; with several,
-        the other ranks are inside a collective and a checkpoint cannot be agreed) and say how to continue."""
+        """The data stopped the run: --max-bad-fraction passed (agreed by all ranks in the step's reduction; the
+        checkpoint is written), or a loader error at once (then a checkpoint is written here by a single process;
+        with several the other ranks are inside a collective and cannot join one). Says how to continue."""
         where = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
-        if not self.info.distributed and self.step > 0 and self.last_saved_step != self.step:
+        if self.last_checkpoint is not None and self.last_saved_step == self.step:
+            where = f"checkpoint {self.last_checkpoint} written"
+        elif not self.info.distributed and self.step > 0:
             try:
                 where = f"checkpoint {self.save()} written"
             except Exception as save_err:  # noqa: BLE001 - the data error is the one to report
