@@ -914,7 +914,8 @@ class Loader:
             rskipped = batch["replay"].pop("skipped") if "replay" in batch else []
             # a batch that stops iteration is not consumed: its counts are undone, a resumed run reads it again
             undo = self._bad_state() if (skipped or rskipped) and self.max_bad_fraction is not None else None
-            self._count_bad(skipped, "bio", len(batch["key"]))
+            # positions the batch covered: in training every bad one was filled by a replacement
+            self._count_bad(skipped, "bio", len(batch["key"]) + (0 if self.train else len(skipped)))
             self.skipped_keys.extend(_key_of(s) for s in skipped)
             if "replay" in batch:
                 self._count_bad(rskipped, "replay", len(batch["replay"]["key"]))
@@ -938,13 +939,13 @@ class Loader:
             yield batch
         self._consumed = self._len  # ran to the end (trailing all-corrupt batches included)
 
-    def _count_bad(self, skipped: list, stream: str, good: int) -> None:
-        """Count a batch's skipped samples (BadSample from the workers; plain strings from the DALI CPU fallback),
-        and warn once per damaged shard."""
+    def _count_bad(self, skipped: list, stream: str, positions: int) -> None:
+        """Count a batch's skipped samples (BadSample from the workers; plain strings from the DALI CPU fallback)
+        out of the `positions` it covered, and warn once per damaged shard."""
         st = self.stats
         st["skipped_corrupt"] += len(skipped)
         window = self._window()
-        window[stream + "_seen"] += good + len(skipped)
+        window[stream + "_seen"] += positions
         if not skipped:
             return
         window[stream] += len(skipped)
