@@ -293,8 +293,11 @@ def test_two_ranks_stop_after_the_same_step_with_one_checkpoint(indexed, tmp_pat
     lines = ["bioclip-fast train: error:" + x for x in err.split("bioclip-fast train: error:")[1:]]
     assert len(lines) == 2, err[-5000:]
     assert sum(d["truncated"] in x and "past_eof" in x for x in lines) >= 1
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs]
     stop = steps[-1]
+    # rank 0's own count, and the sum over both ranks (which includes the samples that stopped the run)
+    assert recs[-1]["bad_samples_all_ranks"] >= max(1, recs[-1]["bad_samples"])
     assert steps == list(range(1, stop + 1)) and stop < 4
     assert all(f"Stopped after step {stop}; checkpoint" in x for x in lines), lines
     assert ckpt.verify_checkpoint(out / "checkpoints" / ckpt.ckpt_name(stop)) is None

@@ -254,16 +254,18 @@ class Trainer:
 
     def _loss_ok(self, loss: torch.Tensor) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
-        # The stop-signal flag and the bad-data flag (this rank's loader passed --max-bad-fraction) ride in the same
-        # all-reduce: no extra collective, no extra host sync (see signals.py).
+        # The stop-signal flag, the bad-data flag (this rank's loader passed --max-bad-fraction) and the rank's bad
+        # sample count ride in the same all-reduce: no extra collective, no extra host sync (see signals.py).
         value = loss.detach().float().reshape(())
         bad_data = self.loader is not None and self.loader.bad_limit_error is not None
+        bad_count = float(self.loader.stats["skipped_corrupt"]) if self.loader is not None else 0.0
         # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
         t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0),
-                         value.new_full((), 1.0 if bad_data else 0.0)])
+                         value.new_full((), 1.0 if bad_data else 0.0), value.new_full((), bad_count)])
         if self.info.distributed:
             torch.distributed.all_reduce(t)
-        loss_sum, stops, data_stops = t.tolist()
+        loss_sum, stops, data_stops, bad_all = t.tolist()
+        self._bad_samples_all_ranks = int(round(bad_all))  # fp32: exact to 2^24
         self._last_loss = loss_sum / self.info.world_size
         if stops > 0:
             self._stop_agreed = True
@@ -502,7 +504,7 @@ class Trainer:
                 except StopIteration:  # epoch done: the loader moves on to the next epoch
                     it = iter(self.loader)
                     batch = next(it)
-            except DataError as e:  # too many bad samples (--max-bad-fraction)
+            except DataError as e:  # the loader gave up at once (e.g. no readable sample left to fill a batch)
                 raise self._data_stop(e) from None
             t1 = time.perf_counter()
             if cfg.schedule_clock == "time":
@@ -601,10 +603,13 @@ class Trainer:
         }
         if self.engine.last_grad_norm is not None:
             rec["grad_norm"] = self.engine.last_grad_norm
-        if self.loader is not None:  # this rank's counts so far (host-side dicts the batches fed: no sync)
+        if self.loader is not None:  # this rank's counts so far (host-side dicts the batches fed: no sync); the
+            # sum over ranks came with the step's loss all-reduce
             st = self.loader.stats
             rec["bad_samples"] = st["skipped_corrupt"]
             rec["bad_shards"] = st["bad_shards"]
+            if self.info.distributed:
+                rec["bad_samples_all_ranks"] = getattr(self, "_bad_samples_all_ranks", None)
             if st["bad_samples"]:
                 rec["bad_by_reason"] = dict(st["bad_samples"])
         return rec
