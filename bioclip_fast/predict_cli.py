@@ -21,8 +21,6 @@ from typing import Any, TextIO
 
 from bioclip_fast.errors import UsageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
 RANK_CHOICES = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
 
@@ -104,6 +102,8 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
 def expand_images(items: list[str], not_images: list[str] | None = None) -> Iterator[str]:
     """Files as given (even missing ones, so they are reported); directories expanded recursively to their image
     files. Other files found in a directory are appended to ``not_images`` (reported and skipped)."""
+    from bioclip_fast.eval.datasets import IMAGE_EXTENSIONS  # the one list (imported here: --help stays light)
+
     for item in items:
         p = Path(item)
         if p.is_dir():

@@ -411,6 +411,19 @@ def test_a_collapsed_run_ends_with_a_warning(tmp_path, caplog):
     assert json.loads((out / "results.json").read_text())["warnings"] == summary["warnings"]
 
 
+def test_collapse_count_carries_over_a_resume(tmp_path):
+    """The collapse run count is checkpointed: a run stopped after step 3 (chance-level steps 2-3 counted) and resumed
+    warns at step 4, exactly as the uninterrupted run does, instead of restarting its count."""
+    over = dict(warmup_steps=1, lr=1e-9, init_logit_scale=0.0, collapse_window=3)
+    ref = data_trainer(tmp_path / "ref", max_steps=5, **over).fit()
+    assert any("(steps 2-4)" in w for w in ref["warnings"]), ref["warnings"]
+    first = data_trainer(tmp_path / "run", max_steps=3, **over)
+    assert first.fit()["warnings"] == [] and first.collapse.run == 2
+    resumed = data_trainer(tmp_path / "run", max_steps=5, resume="auto", allow_changed=["max_steps"], **over)
+    assert resumed.step == 3 and resumed.collapse.run == 2
+    assert resumed.fit()["warnings"] == ref["warnings"]
+
+
 # ------------------------------------------------------------------------------------------------ README
 def _readme_block(marker: str) -> list[str]:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -11,10 +11,19 @@ Workers read samples by byte offset (DALI `.idx` files), so any batch can be pro
 in the epoch is the whole loader state, a resumed run sees exactly the remaining samples in the same order, and
 crops come from per-batch seeded uniforms so augmentation repeats too.
 
-Corrupt samples (garbage bytes, truncated JPEGs) are skipped and counted in `loader.stats`. In training, a skipped
-sample is replaced by the nearest earlier sample of the rank's order (outside the batch) so every batch has exactly
-`batch_size` samples (distributed contrastive losses gather equal-size batches); in eval (`train=False`) it is
-simply left out, so every good sample is seen exactly once.
+Bad samples are skipped and counted in `loader.stats` (`skipped_corrupt` in all, `bad_samples` per reason, see
+`BAD_REASONS`): corrupt image bytes, and in training also shards damaged after they were indexed (truncated: the
+samples before the cut are still read; rewritten on a shared filesystem, unreadable, read errors). In training,
+a skipped sample is replaced by the nearest earlier sample of the rank's order (outside the batch) so every batch has
+exactly `batch_size` samples (distributed contrastive losses gather equal-size batches); in eval (`train=False`) it
+is simply left out, so every good sample is seen exactly once (a shard that is no longer the indexed one stops
+eval with a DataError).
+
+Like webdataset's `handler=warn_and_continue` a damaged shard is warned about once (one log line naming the shard and
+the reason) and training continues; unlike it, a limit stops a run whose data is largely bad: with
+`max_bad_fraction=f`, more than f x (the rank's samples per epoch) bad samples met in one epoch raise a DataError
+naming the damaged shards. The counts travel back from the worker processes inside each batch (no extra IPC, no host
+sync), and a sample is counted once, at its own position, never again when it was only tried as a replacement.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +49,39 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "bioclip_fast/loader-state/1"
 BACKENDS = ("auto", "dali", "cpu")
+
+# why a sample was skipped (the keys of loader.stats["bad_samples"])
+BAD_REASONS = (
+    "corrupt_image",  # image bytes that do not decode (or no image member / no taxonomy in the sample)
+    "shard_changed",  # the shard is not the one indexed (grown, rewritten, another sample count): all its samples
+    "unreadable",  # the shard cannot be opened or indexed (deleted, permissions, a damaged tar header)
+    "read_error",  # an I/O error reading the sample's bytes
+    "past_eof",  # the sample's member runs past the end of the file: a truncated shard (its earlier samples are used)
+)
+WARN_SHARDS = 100  # damaged shards named one per line; beyond this they are only counted
+
+
+class ShardDamaged(DataError):
+    """A shard that can no longer be read as indexed; `reason` is one of BAD_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (ShardDamaged, (self.reason, str(self)))
+
+
+class BadSample(NamedTuple):
+    """One skipped sample, as reported by a worker in a batch's `skipped` list."""
+
+    key: str
+    reason: str  # one of BAD_REASONS
+    shard: str  # the shard's path
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.detail}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,13 +242,27 @@ class ShardSet:
         from bioclip_fast.data.index import ShardIndex, index_shard, sidecar_path
 
         path = self.paths[i]
-        if i in self._index_dir:
+        try:
             size = os.stat(path).st_size
-            if size != self._expected_size[i]:
-                raise DataError(f"{path} changed since it was indexed ({size} bytes, the index says "
-                                f"{self._expected_size[i]}); re-run `bioclip-fast index-shards`")
-            return ShardIndex.load(sidecar_path(self._index_dir[i], os.path.basename(path)))
-        return index_shard(path)
+        except OSError as e:
+            raise ShardDamaged("unreadable", f"{path}: cannot read shard ({e.strerror or e})") from None
+        changed = ShardDamaged("shard_changed", f"{path} changed since it was indexed ({size} bytes, the index says "
+                                                 f"{self._expected_size[i]}); re-run `bioclip-fast index-shards`")
+        if i in self._index_dir:
+            if size > self._expected_size[i]:
+                raise changed
+            idx = ShardIndex.load(sidecar_path(self._index_dir[i], os.path.basename(path)))
+            # shorter: usable as far as it goes if it is the indexed shard cut short (a copy or write that stopped);
+            # the samples past the cut are then short reads, skipped as past_eof
+            if size < self._expected_size[i] and not _prefix_intact(path, idx, size):
+                raise changed
+            return idx
+        if size != self._expected_size[i]:
+            raise changed
+        try:
+            return index_shard(path)
+        except DataError as e:
+            raise ShardDamaged("unreadable", str(e)) from None
 
     def entries(self, i: int) -> ShardEntries:
         with self._lock:
@@ -217,8 +273,8 @@ class ShardSet:
         self.loads += 1
         path = self.paths[i]
         if idx.count != self.counts[i]:
-            raise DataError(f"{path}: holds {idx.count} samples, the index says {self.counts[i]}; re-run "
-                            "`bioclip-fast index-shards`")
+            raise ShardDamaged("shard_changed", f"{path}: holds {idx.count} samples, the index says {self.counts[i]}; "
+                                                "re-run `bioclip-fast index-shards`")
         labels = None
         if self.kind == "bio":
             remap = np.asarray([self.class_index[lab] for lab in idx.taxon_labels()] + [-1], dtype=np.int64)
@@ -232,6 +288,29 @@ class ShardSet:
             while self._cached_samples > CACHE_SAMPLES and len(self._cache) > 1:
                 self._cached_samples -= len(self._cache.popitem(last=False)[1])
         return e
+
+
+def _prefix_intact(path: str, idx, size: int) -> bool:
+    """Whether a shard now `size` bytes long is its indexed version cut short: the tar headers in front of the image
+    members of its first sample and of its last sample still wholly inside the file are intact (checksum) and give
+    the indexed member sizes. Two 512-byte reads; a shard rewritten with other content fails it."""
+    import tarfile
+
+    has = np.asarray(idx.img_ext) >= 0
+    off = np.asarray(idx.img_off, dtype=np.int64)
+    inside = np.flatnonzero(has & (off + np.asarray(idx.img_size, dtype=np.int64) <= size) & (off >= 512))
+    if not inside.size:
+        return False
+    try:
+        with open(path, "rb") as f:
+            for j in {int(inside[0]), int(inside[-1])}:
+                f.seek(int(off[j]) - 512)
+                info = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
+                if info.size != int(idx.img_size[j]):
+                    return False
+    except (OSError, tarfile.TarError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -332,6 +411,7 @@ class BatchReader:
         self.shards, self.cfg, self.decode, self.ext = shards, cfg, decode, ext
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         self._files: OrderedDict[int, int] = OrderedDict()
+        self._damaged: dict[int, ShardDamaged] = {}  # shards found unusable by this process: not retried
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
@@ -346,10 +426,46 @@ class BatchReader:
     def _fd(self, i: int) -> int:
         fd = self._files.get(i)
         if fd is None:
-            fd = self._files[i] = os.open(self.shards.paths[i], os.O_RDONLY)
+            try:
+                fd = os.open(self.shards.paths[i], os.O_RDONLY)
+            except OSError as e:
+                raise ShardDamaged("unreadable", f"{self.shards.paths[i]}: cannot open shard ({e.strerror or e})") \
+                    from None
+            self._files[i] = fd
             while len(self._files) > 256:  # cached descriptors, closed on eviction
                 os.close(self._files.popitem(last=False)[1])
         return fd
+
+    def _entries(self, i: int) -> ShardEntries:
+        """The shard's table; raises ShardDamaged (remembered: a damaged shard is not stat'ed again per sample)."""
+        bad = self._damaged.get(i)
+        if bad is not None:
+            raise bad
+        try:
+            return self.shards.entries(i)
+        except ShardDamaged as e:
+            self._damaged[i] = e
+            raise
+
+    def _pread(self, s: int, size: int, offset: int) -> bytes:
+        """`size` bytes at `offset` of shard s; raises ShardDamaged for a read error or a short read."""
+        try:
+            data = os.pread(self._fd(s), size, offset)
+        except OSError as e:
+            raise ShardDamaged("read_error", f"{self.shards.paths[s]}: read error at byte {offset} "
+                                             f"({e.strerror or e})") from None
+        if len(data) != size:
+            raise ShardDamaged("past_eof", self._past_eof(s, offset + size))
+        return data
+
+    def _past_eof(self, s: int, end: int) -> str:
+        path = self.shards.paths[s]
+        try:
+            size = f"{os.fstat(self._fd(s)).st_size} bytes"
+        except (OSError, DataError):
+            size = "unknown size"
+        return f"{path}: a member runs past the end of the file (ends at byte {end}, the file has {size}); " \
+               "the shard was truncated after it was indexed"
 
     def __del__(self):
         for fd in getattr(self, "_files", {}).values():
@@ -361,15 +477,16 @@ class BatchReader:
     def __getstate__(self):  # workers open their own descriptors
         state = dict(self.__dict__)
         state["_files"] = OrderedDict()
+        state["_damaged"] = {}
         return state
 
     def _read(self, s: int, j: int) -> tuple[str, bytes | None, int, bytes | None, tuple | None]:
-        """(key, image bytes, label, replay caption bytes, member captions per TEXT_TYPES) of sample j of shard s."""
-        e = self.shards.entries(s)
-        fd = self._fd(s)
-        data = os.pread(fd, int(e.img_size[j]), int(e.img_off[j])) if e.img_ext[j] >= 0 else None
+        """(key, image bytes, label, replay caption bytes, member captions per TEXT_TYPES) of sample j of shard s.
+        Raises ShardDamaged."""
+        e = self._entries(s)
+        data = self._pread(s, int(e.img_size[j]), int(e.img_off[j])) if e.img_ext[j] >= 0 else None
         if self.shards.kind == "caption":
-            caption = os.pread(fd, int(e.txt_size[j]), int(e.txt_off[j])) if e.txt_off[j] >= 0 else b""
+            caption = self._pread(s, int(e.txt_size[j]), int(e.txt_off[j])) if e.txt_off[j] >= 0 else b""
             return e.keys[j], data, -1, caption, None
         ids = e.captions[:, j]
         caps = tuple(e.strings[c] if c >= 0 else None for c in ids.tolist())
@@ -387,24 +504,41 @@ class BatchReader:
             return cpu_ops.decode_crop_resize(data, box, c.image_size), box
         return None, box
 
+    def _bad_sample(self, s: int, j: int, e: ShardEntries | None, err: Exception) -> BadSample:
+        path = self.shards.paths[s]
+        key = e.keys[j] if e is not None else f"{os.path.basename(path)}#{j}"
+        reason = err.reason if isinstance(err, ShardDamaged) else "corrupt_image"
+        return BadSample(key, reason, path, str(err))
+
     def read_positions(self, epoch: int, positions: list[int], rng_key: tuple[int, ...], replace: bool,
                        plan: EpochPlan | None = None) -> dict[str, Any]:
         """Read (and with decode=True decode) the samples at rank-local `positions`.
 
         The fast path locates the whole batch at once, reads every image straight into one batch buffer
-        (`os.preadv`, one copy), validates headers in place and draws all crop boxes in one vectorized call. Corrupt
-        samples are replaced (train) or dropped (eval) through the per-sample path.
+        (`os.preadv`, one copy), validates headers in place and draws all crop boxes in one vectorized call. Bad
+        samples (BAD_REASONS) are replaced (train) or dropped (eval) through the per-sample path, and listed in
+        `skipped` as BadSample (only those at `positions`: a replacement candidate that is bad too is passed over
+        uncounted, it is counted at its own position). In eval a shard that cannot be read as indexed raises.
         """
         plan = plan or self.plan(epoch)
         c = self.cfg
         n = len(positions)
         uniforms = np.random.default_rng([c.seed, *rng_key, 0xC209]).random((n, cpu_ops.UNIFORMS_PER_SLOT))
         shard_idx, within = plan.locate_array(positions)
-        ents = {s: self.shards.entries(s) for s in np.unique(shard_idx).tolist()}
+        ents: dict[int, ShardEntries] = {}
+        slot_bad: list[ShardDamaged | None] = [None] * n
         offs = np.zeros(n, np.int64)
         sizes = np.zeros(n, np.int64)
-        for s, e in ents.items():
+        for s in np.unique(shard_idx).tolist():
             m = shard_idx == s
+            try:
+                e = ents[s] = self._entries(s)
+            except ShardDamaged as err:
+                if not replace:
+                    raise
+                for k in np.flatnonzero(m).tolist():
+                    slot_bad[k] = err
+                continue
             j = within[m]
             has = e.img_ext[j] >= 0
             offs[m] = e.img_off[j]
@@ -415,51 +549,78 @@ class BatchReader:
         mv = memoryview(buf)
         sl, wl, st, sz, of = shard_idx.tolist(), within.tolist(), starts.tolist(), sizes.tolist(), offs.tolist()
         for k in range(n):
-            if sz[k] > 0:
-                os.preadv(self._fd(sl[k]), [mv[st[k]:st[k] + sz[k]]], of[k])
+            if sz[k] > 0 and slot_bad[k] is None:
+                try:
+                    got = os.preadv(self._fd(sl[k]), [mv[st[k]:st[k] + sz[k]]], of[k])
+                except ShardDamaged as err:  # cannot open the shard
+                    if not replace:
+                        raise
+                    self._damaged[sl[k]] = slot_bad[k] = err
+                    continue
+                except OSError as err:
+                    slot_bad[k] = ShardDamaged("read_error", f"{self.shards.paths[sl[k]]}: read error at byte "
+                                                             f"{of[k]} ({err.strerror or err})")
+                    continue
+                if got != sz[k]:  # buf holds garbage past `got`: never decode it
+                    slot_bad[k] = ShardDamaged("past_eof", self._past_eof(sl[k], of[k] + sz[k]))
 
         caption_kind = self.shards.kind == "caption"
         pieces: list[Any] = []  # per kept slot: memoryview into `buf` or bytes of a replacement sample
         keys, labels, captions, member_caps, skipped, dims, kept_slots, images = [], [], [], [], [], [], [], []
         in_batch = set(positions)
-        fallback = iter(range(1, plan.n + 1))
+        # replacement candidates: the nearest earlier samples of the rank's order, wrapping around; bounded so a run
+        # whose data is nearly all bad stops with a message instead of scanning the whole epoch for every batch
+        fallback = iter(range(1, min(plan.n, max(4096, 16 * n)) + 1))
         for k in range(n):
             s, j = sl[k], wl[k]
-            e = ents[s]
+            e = ents.get(s)
             data = mv[st[k]:st[k] + sz[k]] if sz[k] >= 0 else None
+            bad = slot_bad[k]
+            primary = True
             while True:
-                key = e.keys[j]
-                label = -1 if caption_kind else int(e.labels[j])
                 try:
+                    if bad is not None:
+                        raise bad
+                    key = e.keys[j]
+                    label = -1 if caption_kind else int(e.labels[j])
                     if data is None:
                         raise cpu_ops.CorruptImage("sample has no image member")
                     if not caption_kind and label < 0:
                         raise cpu_ops.CorruptImage("no taxonomy in the sample's text members")
                     wh = cpu_ops.image_size(data)
+                    if caption_kind:  # read inside the try: a failing read is replaced like a bad image
+                        caption = (self._pread(s, int(e.txt_size[j]), int(e.txt_off[j])) if e.txt_off[j] >= 0
+                                   else b"")
                     if self.decode:  # the PIL path decodes here, so a decoder failure is replaced like any other
                         box = (cpu_ops.random_resized_crop_box(wh[0], wh[1], uniforms[k], c.crop_scale,
                                                                c.crop_ratio) if c.train
                                else cpu_ops.center_crop_box(*wh))
                         images.append(cpu_ops.decode_crop_resize(bytes(data), box, c.image_size))
                     break
-                except cpu_ops.CorruptImage as err:
-                    skipped.append(f"{key}: {err}")
+                except (cpu_ops.CorruptImage, ShardDamaged) as err:
+                    if primary:
+                        skipped.append(self._bad_sample(s, j, e, err))
+                        primary = False
                     if not replace:
                         s = None
                         break
-                    # nearest earlier sample of the rank's order outside this batch (wrapping around)
                     for t in fallback:
                         cand = (positions[0] - t) % plan.n
                         if cand not in in_batch:
                             break
                     else:
-                        raise RuntimeError(
-                            f"no decodable image left to replace corrupt samples (shards {self.shards.paths[:3]})"
-                        ) from None
+                        damaged = sorted({b.shard for b in skipped if isinstance(b, BadSample)})
+                        raise DataError(
+                            f"no readable sample left to replace bad ones near position {positions[0]} (damaged "
+                            f"shard(s): {', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''})") from None
                     in_batch.add(cand)
                     (s, j), = plan.locate([cand])
-                    e = self.shards.entries(s)
-                    _, data, _, _, _ = self._read(s, j)
+                    e, bad = None, None
+                    try:
+                        e = self._entries(s)
+                        _, data, _, _, _ = self._read(s, j)
+                    except ShardDamaged as err2:
+                        bad = err2
             if s is None:
                 continue
             keys.append(key)
@@ -468,11 +629,7 @@ class BatchReader:
             kept_slots.append(k)
             pieces.append(data)
             if caption_kind:
-                if e.txt_off[j] >= 0:
-                    raw = os.pread(self._fd(s), int(e.txt_size[j]), int(e.txt_off[j]))
-                    captions.append(raw.decode("utf-8", errors="replace").strip())
-                else:
-                    captions.append("")
+                captions.append(caption.decode("utf-8", errors="replace").strip())
             else:
                 member_caps.append(tuple(e.strings[x] if x >= 0 else None for x in e.captions[:, j].tolist()))
         wh_arr = np.asarray(dims, dtype=np.int64).reshape(-1, 2)
@@ -506,6 +663,10 @@ def _identity(x):
     return x
 
 
+def _key_of(skipped) -> str:
+    return skipped.key if isinstance(skipped, BadSample) else str(skipped).split(":", 1)[0]
+
+
 class _BatchDataset(torch.utils.data.Dataset):
     """Map-style dataset over (epoch, batch index) -> prepared batch (bio + optional replay part)."""
 
@@ -518,6 +679,12 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.batches_per_epoch
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        try:
+            return self._get(item)
+        except DataError as e:  # sent back as a value: re-raised in the main process as the same one-line error
+            return {"_error": str(e)}  # (DataLoader would wrap it in the worker's traceback text)
+
+    def _get(self, item: tuple[int, int]) -> dict[str, Any]:
         epoch, b = item
         bs = self.bio.cfg.batch_size
         plan = self.bio.plan(epoch)
@@ -574,7 +741,8 @@ class Loader:
                  replay_shards=None, replay_batch_size: int = 0, shuffle: bool | None = None,
                  crop_scale: tuple[float, float] = cpu_ops.DEFAULT_SCALE,
                  crop_ratio: tuple[float, float] = cpu_ops.DEFAULT_RATIO, dali_threads: int | None = None,
-                 progress: bool = False, index_dir: str | os.PathLike | None = None):
+                 progress: bool = False, index_dir: str | os.PathLike | None = None,
+                 max_bad_fraction: float | None = None, defer_bad_limit: bool = False):
         import open_clip
 
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -592,6 +760,11 @@ class Loader:
         if replay_batch_size < 0 or (replay_batch_size > 0) != (replay_shards is not None):
             raise ValueError("replay needs both replay_shards and replay_batch_size > 0 "
                              f"(got replay_shards={replay_shards!r}, replay_batch_size={replay_batch_size!r})")
+        if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1] (or None: no limit), got {max_bad_fraction!r}")
+        self.max_bad_fraction = max_bad_fraction
+        # defer_bad_limit: past the limit, set `bad_limit_error` (the message) and keep yielding instead of raising
+        self.defer_bad_limit, self.bad_limit_error = bool(defer_bad_limit), None
         if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale!r}")
         self.text_types = validate_text_types(text_types)
@@ -642,9 +815,14 @@ class Loader:
         self.epoch = 0
         self._consumed = 0  # batches of `epoch` already yielded
         # caption_fallback: (sample, text type) pairs whose caption member was missing, rebuilt from the taxonomy
+        # skipped_corrupt: every skipped sample (bio + replay); bad_samples: the same per reason (BAD_REASONS);
+        # bad_shards: shards with at least one bad sample (named in `self.bad_shards`)
         self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "replay_samples": 0, "caption_fallback": 0,
-                      "backend": backend}
+                      "bad_samples": {}, "bad_shards": 0, "replay_bad_samples": 0, "backend": backend}
         self.skipped_keys: list[str] = []
+        self.bad_shards: dict[str, str] = {}  # shard path -> the first reason met
+        # bad and seen samples of the current epoch, per stream (for max_bad_fraction)
+        self._bad_window = {"epoch": 0, "bio": 0, "bio_seen": 0, "replay": 0, "replay_seen": 0}
         self._token_row: dict[str, int] = {}  # caption string -> row of the token table
         self._token_table: np.ndarray | None = None  # int32 [rows, context length]
         self._mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
@@ -673,7 +851,8 @@ class Loader:
                 "samples_consumed": self._consumed * self.batch_size, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "replay_batch_size": self.replay_batch_size, "dataset": self.source.fingerprint(),
-                "stats": dict(self.stats)}
+                "stats": {**self.stats, "bad_samples": dict(self.stats["bad_samples"])},
+                "bad_shards": dict(self.bad_shards), "bad_window": dict(self._bad_window)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -690,12 +869,20 @@ class Loader:
         self.epoch, self._consumed = int(state["epoch"]), int(state["batches_consumed"])
         self.stats.update(state.get("stats", {}))
         self.stats["backend"] = self.backend
+        self.bad_shards = dict(state.get("bad_shards", {}))
+        self._bad_window.update(state.get("bad_window", {}))
 
     # ---- iteration ------------------------------------------------------------------------------------------------
     def _batch_indices(self):
         return [(self.epoch, b) for b in range(self._consumed, self._len)]
 
     def _raw_batches(self):
+        for raw in self._raw_batches_unchecked():
+            if "_error" in raw:
+                raise DataError(raw["_error"])
+            yield raw
+
+    def _raw_batches_unchecked(self):
         items = self._batch_indices()
         if self.num_workers == 0:
             for it in items:
@@ -722,12 +909,27 @@ class Loader:
         else:
             batches = (self._finish_cpu(raw) for raw in self._raw_batches())
         for batch in batches:
-            self._consumed += batch.pop("_advance", 1)
+            advance = batch.pop("_advance", 1)
             skipped = batch.pop("skipped")
-            self.stats["skipped_corrupt"] += len(skipped)
-            self.skipped_keys.extend(s.split(":", 1)[0] for s in skipped)
+            rskipped = batch["replay"].pop("skipped") if "replay" in batch else []
+            # a batch that stops iteration is not consumed: its counts are undone, a resumed run reads it again
+            undo = self._bad_state() if (skipped or rskipped) and self.max_bad_fraction is not None else None
+            # positions the batch covered: in training every bad one was filled by a replacement
+            self._count_bad(skipped, "bio", len(batch["key"]) + (0 if self.train else len(skipped)))
+            self.skipped_keys.extend(_key_of(s) for s in skipped)
             if "replay" in batch:
-                self.stats["skipped_corrupt"] += len(batch["replay"].pop("skipped"))
+                self._count_bad(rskipped, "replay", len(batch["replay"]["key"]))
+            if undo is not None:
+                try:
+                    self._check_bad_fraction()
+                except DataError as e:
+                    if not self.defer_bad_limit:
+                        self._set_bad_state(undo)
+                        raise
+                    # the batch itself is fine (its bad samples were replaced): hand it out, and let the trainer
+                    # stop every rank together after this step
+                    self.bad_limit_error = self.bad_limit_error or str(e)
+            self._consumed += advance
             if not batch["key"]:
                 continue  # eval batch whose samples were all corrupt
             self.stats["batches"] += 1
@@ -736,6 +938,70 @@ class Loader:
                 self.stats["replay_samples"] += len(batch["replay"]["key"])
             yield batch
         self._consumed = self._len  # ran to the end (trailing all-corrupt batches included)
+
+    def _count_bad(self, skipped: list, stream: str, positions: int) -> None:
+        """Count a batch's skipped samples (BadSample from the workers; plain strings from the DALI CPU fallback)
+        out of the `positions` it covered, and warn once per damaged shard."""
+        st = self.stats
+        st["skipped_corrupt"] += len(skipped)
+        window = self._window()
+        window[stream + "_seen"] += positions
+        if not skipped:
+            return
+        window[stream] += len(skipped)
+        by_reason = st["bad_samples"]
+        for b in skipped:
+            reason = b.reason if isinstance(b, BadSample) else "corrupt_image"
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+            if stream == "replay":
+                st["replay_bad_samples"] += 1
+            if not isinstance(b, BadSample) or b.shard in self.bad_shards:
+                continue
+            detail = b.detail[len(b.shard):].lstrip(": ") if b.detail.startswith(b.shard) else b.detail
+            self.bad_shards[b.shard] = f"{b.reason}: {detail}"[:500]
+            st["bad_shards"] = len(self.bad_shards)
+            if len(self.bad_shards) <= WARN_SHARDS:
+                log.warning("damaged shard %s: %s (%s); skipping its bad samples%s", b.shard, detail, b.reason,
+                            "; further damaged shards are only counted (loader.stats)"
+                            if len(self.bad_shards) == WARN_SHARDS else "")
+
+    def _bad_state(self) -> tuple:
+        st = {**self.stats, "bad_samples": dict(self.stats["bad_samples"])}
+        return st, dict(self.bad_shards), dict(self._bad_window), len(self.skipped_keys)
+
+    def _set_bad_state(self, state: tuple) -> None:
+        st, shards, window, n_keys = state
+        self.stats.clear()
+        self.stats.update(st)
+        self.bad_shards, self._bad_window = shards, window
+        del self.skipped_keys[n_keys:]
+
+    def _window(self) -> dict[str, int]:
+        w = self._bad_window
+        if w["epoch"] != self.epoch:
+            w.update(epoch=self.epoch, bio=0, bio_seen=0, replay=0, replay_seen=0)
+        return w
+
+    def _check_bad_fraction(self) -> None:
+        """Stop when the bad samples met this epoch exceed max_bad_fraction of the stream's samples per epoch (or of
+        the samples read this epoch, for a replay set smaller than an epoch's worth): the known-bad part of the
+        data is then over the limit however the rest reads, and a damaged shard met early never stops a run."""
+        f = self.max_bad_fraction
+        if f is None:
+            return
+        w = self._window()
+        for stream, per_epoch in (("bio", self._bio.plan(self.epoch).n),
+                                  ("replay", self._replay.plan(0).n if self._replay is not None else 0)):
+            total = max(per_epoch, w[stream + "_seen"])
+            if w[stream] and w[stream] > f * total:
+                shards = sorted(self.bad_shards)
+                more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+                reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.stats["bad_samples"].items()))
+                raise DataError(
+                    f"{w[stream]} bad {'replay ' if stream == 'replay' else ''}samples in epoch {self.epoch} on rank "
+                    f"{self.rank}, more than max_bad_fraction={f:g} of the {total} samples per epoch ({reasons}); "
+                    + (f"damaged shard(s): {', '.join(shards[:5])}{more}. Repair or re-index them (`bioclip-fast "
+                       "index-shards`)" if shards else "corrupt images") + ", or raise --max-bad-fraction")
 
     def normalize(self, image_u8: torch.Tensor) -> torch.Tensor:
         x = image_u8.to(self.device, non_blocking=True).float()
@@ -862,7 +1128,10 @@ def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, st
     given. `backend="auto"` uses DALI (GPU decode) on a CUDA device and the PIL backend otherwise; `backend="dali"`
     with `device="cpu"` runs DALI's CPU operators. Extra keywords: `shuffle` (default: `train`), `crop_scale`
     (default open_clip's (0.9, 1.0)), `crop_ratio`, `dali_threads`, `index_dir` (a `bioclip-fast index-shards --out`
-    directory; default: next to the shards, or $BIOCLIP_FAST_INDEX_DIR), `progress`.
+    directory; default: next to the shards, or $BIOCLIP_FAST_INDEX_DIR), `progress`, `max_bad_fraction` (stop with a
+    DataError when more than this fraction of an epoch's samples is bad; default None: skip and count without limit),
+    `defer_bad_limit` (instead of raising, set `loader.bad_limit_error` and go on, the batch being whole: the trainer
+    then stops all ranks together after the step, with a checkpoint).
 
     `shards` is any shard spec (`bioclip_fast.data.shardspec`): a directory, glob, brace pattern, '::' list,
     shard-list file, or a list of these. Captions come from each sample's caption members; see `Loader.captions`.

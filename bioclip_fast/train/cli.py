@@ -121,6 +121,11 @@ def _print_summary(s: dict[str, Any]) -> None:
             f"zero-shot   : top-1 {100 * zs['top1']:.1f}%  top-5 {100 * zs['top5']:.1f}%  on {zs.get('n', '?')} "
             f"held-out images, {of} (chance {100 / max(scored, 1):.0f}%)"
         )
+    ls = s.get("loader_stats") or {}
+    if ls.get("skipped_corrupt"):
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted((ls.get("bad_samples") or {}).items()))
+        lines.append(f"bad samples : {ls['skipped_corrupt']} skipped and replaced ({reasons}); "
+                     f"{ls.get('bad_shards', 0)} damaged shard(s), named in the log")
     for w in s.get("warnings") or []:
         lines.append(f"warning     : {w}")
     lines.append(f"results     : {s['run_dir']}/results.json, plot {s.get('plot')}, model {s.get('model_path')}")

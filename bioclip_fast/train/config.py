@@ -71,6 +71,9 @@ class TrainConfig:
     num_workers: int = _f(4, "data loader worker processes per rank")
     shuffle_buffer: int = _f(5000, "shuffle block size (samples) within each rank's slice of an epoch")
     crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop area range for training images (BioCLIP: 0.9 1.0)")
+    max_bad_fraction: float | None = _f(0.01, "bad samples (corrupt images, shards damaged after indexing) are "
+                                        "skipped and counted; stop when more than this fraction of an epoch's "
+                                        "samples is bad (none = never stop)")
     # --- optimization
     batch_size: int = _f(90112, "GLOBAL biology batch (all ranks); BioCLIP 2: 90,112 = 2,816 per GPU x 32 GPUs")
     batch_size_per_gpu: int | None = _f(None, "biology images per GPU (preset bioclip2: 2,816); global = this x "
@@ -366,6 +369,8 @@ def validate_static(cfg: TrainConfig) -> None:
         bad(f"grad_clip must be positive, got {cfg.grad_clip}")
     if cfg.grad_cache_chunk < 0:
         bad(f"grad_cache_chunk must be >= 0, got {cfg.grad_cache_chunk}")
+    if cfg.max_bad_fraction is not None and not 0 <= cfg.max_bad_fraction <= 1:
+        bad(f"max_bad_fraction must be in [0, 1] (or none), got {cfg.max_bad_fraction}")
     if cfg.collapse_window < 0:
         bad(f"collapse_window must be >= 0, got {cfg.collapse_window}")
     if cfg.save_every < 0 or cfg.log_every <= 0 or cfg.keep_checkpoints <= 0 or cfg.eval_every < 0:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bioclip_fast.errors import CheckpointError
+from bioclip_fast.errors import CheckpointError, DataError
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import rundir
 from bioclip_fast.train.config import ConfigError, TrainConfig, validate_runtime, validate_static
@@ -166,6 +166,7 @@ class Trainer:
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
         self._signals: StopSignals | None = None
         self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
+        self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
         self.fingerprint = {**self.config_fingerprint, **rundir.data_fingerprint(self.loader)}
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -216,7 +217,8 @@ class Trainer:
             device=self.device, rank=self.info.rank, world_size=self.info.world_size, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, drop_last=True,
             replay_shards=self._shards(cfg.replay_data, "train"), replay_batch_size=self.local_replay,
-            crop_scale=tuple(cfg.crop_scale), index_dir=cfg.index_dir,
+            crop_scale=tuple(cfg.crop_scale), index_dir=cfg.index_dir, max_bad_fraction=cfg.max_bad_fraction,
+            defer_bad_limit=True,  # past --max-bad-fraction every rank stops after the same step (see _loss_ok)
         )
 
     def _val_specs(self) -> list[str] | None:
@@ -252,16 +254,23 @@ class Trainer:
 
     def _loss_ok(self, loss: torch.Tensor) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
-        # The stop-signal flag rides in the same all-reduce: no extra collective, no extra host sync (see signals.py).
+        # The stop-signal flag, the bad-data flag (this rank's loader passed --max-bad-fraction) and the rank's bad
+        # sample count ride in the same all-reduce: no extra collective, no extra host sync (see signals.py).
         value = loss.detach().float().reshape(())
+        bad_data = self.loader is not None and self.loader.bad_limit_error is not None
+        bad_count = float(self.loader.stats["skipped_corrupt"]) if self.loader is not None else 0.0
         # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
-        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0)])
+        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0),
+                         value.new_full((), 1.0 if bad_data else 0.0), value.new_full((), bad_count)])
         if self.info.distributed:
             torch.distributed.all_reduce(t)
-        loss_sum, stops = t.tolist()
+        loss_sum, stops, data_stops, bad_all = t.tolist()
+        self._bad_samples_all_ranks = int(round(bad_all))  # fp32: exact to 2^24
         self._last_loss = loss_sum / self.info.world_size
         if stops > 0:
             self._stop_agreed = True
+        if data_stops > 0:
+            self._data_stop_agreed = True
         return math.isfinite(self._last_loss)
 
     def train_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -325,6 +334,7 @@ class Trainer:
             "loader": self.loader.state_dict() if self.loader is not None else None,
             "elapsed_s": self._elapsed(),
             "skipped_steps": self.skipped_steps,
+            "collapse": self.collapse.state_dict(),
         }
         meta = {"config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
                 "time": datetime.now(timezone.utc).isoformat()}
@@ -403,6 +413,10 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if state.get("collapse") is not None:  # absent in checkpoints of older versions: the count restarts
+            self.collapse.load_state_dict(state["collapse"])
+            if self.collapse.warning is not None:
+                self.warnings.append(self.collapse.warning)
         self.last_saved_step = self.step
         self.last_checkpoint = found
         self._ckpt_bytes = ckpt.checkpoint_bytes(found)
@@ -462,6 +476,9 @@ class Trainer:
                 train_seconds, stop = self._loop(budget, jsonl, show_total)
             finally:
                 self._signals = None
+        if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
+            raise self._data_stop(DataError(self.loader.bad_limit_error or "another rank's data passed "
+                                            "--max-bad-fraction (its log names the damaged shards)"))
         if stop:
             return self._stopped(train_seconds, signals.received)
         return self._finish(train_seconds)
@@ -479,13 +496,16 @@ class Trainer:
             log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s", cfg.model, self.device,
                      f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
                      info.world_size, self.engine.kind, self.run_dir)
-        while not (self._stop_agreed or self._should_stop(budget)):
+        while not (self._stop_agreed or self._data_stop_agreed or self._should_stop(budget)):
             t0 = time.perf_counter()
             try:
-                batch = next(it)
-            except StopIteration:  # epoch done: the loader moves on to the next epoch
-                it = iter(self.loader)
-                batch = next(it)
+                try:
+                    batch = next(it)
+                except StopIteration:  # epoch done: the loader moves on to the next epoch
+                    it = iter(self.loader)
+                    batch = next(it)
+            except DataError as e:  # the loader gave up at once (e.g. no readable sample left to fill a batch)
+                raise self._data_stop(e) from None
             t1 = time.perf_counter()
             if cfg.schedule_clock == "time":
                 self.engine.scheduler.set_time_progress(self._time_progress(budget))
@@ -506,6 +526,8 @@ class Trainer:
                 post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
                 if budget:
                     post["left"] = f"{max(budget - self._elapsed(), 0):.0f}s"
+                if rec.get("bad_samples"):
+                    post["bad"] = rec["bad_samples"]
                 bar.set_postfix(post, refresh=False)
             if not res["skipped"]:
                 warning = self.collapse.update(self.step, res.get("loss_bio", res["loss"]))
@@ -516,7 +538,8 @@ class Trainer:
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not self._stop_agreed:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not (self._stop_agreed or
+                                                                           self._data_stop_agreed):
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
         bar.close()
@@ -525,6 +548,21 @@ class Trainer:
         if self.last_saved_step != self.step:
             self.save()
         return train_seconds, stop
+
+    def _data_stop(self, err: DataError) -> DataError:
+        """The data stopped the run: --max-bad-fraction passed (agreed by all ranks in the step's reduction; the
+        checkpoint is written), or a loader error at once (then a checkpoint is written here by a single process;
+        with several the other ranks are inside a collective and cannot join one). Says how to continue."""
+        where = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+        if self.last_checkpoint is not None and self.last_saved_step == self.step:
+            where = f"checkpoint {self.last_checkpoint} written"
+        elif not self.info.distributed and self.step > 0:
+            try:
+                where = f"checkpoint {self.save()} written"
+            except Exception as save_err:  # noqa: BLE001 - the data error is the one to report
+                log.warning("could not write a checkpoint after the data error: %s", save_err)
+        return DataError(f"{err}. Stopped after step {self.step}; {where}; after repairing the data continue with "
+                         f"--resume auto")
 
     def _agree_stop(self) -> bool:
         """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
@@ -565,6 +603,15 @@ class Trainer:
         }
         if self.engine.last_grad_norm is not None:
             rec["grad_norm"] = self.engine.last_grad_norm
+        if self.loader is not None:  # this rank's counts so far (host-side dicts the batches fed: no sync); the
+            # sum over ranks came with the step's loss all-reduce
+            st = self.loader.stats
+            rec["bad_samples"] = st["skipped_corrupt"]
+            rec["bad_shards"] = st["bad_shards"]
+            if self.info.distributed:
+                rec["bad_samples_all_ranks"] = getattr(self, "_bad_samples_all_ranks", None)
+            if st["bad_samples"]:
+                rec["bad_by_reason"] = dict(st["bad_samples"])
         return rec
 
     # ------------------------------------------------------------------------------------------------ the end

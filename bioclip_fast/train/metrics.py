@@ -206,6 +206,16 @@ class CollapseMonitor:
         self.run = 0
         self.warning: str | None = None
 
+    def state_dict(self) -> dict:
+        """The running count and any warning given, saved in checkpoints so a resumed run carries on counting."""
+        return {"run": self.run, "warning": self.warning, "chance": self.chance}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not math.isclose(float(state.get("chance", self.chance)), self.chance, rel_tol=1e-9):
+            return  # another batch size: the count was against another chance level
+        self.run = int(state["run"])
+        self.warning = state.get("warning")
+
     def update(self, step: int, loss: float) -> str | None:
         """Feed the (biology) loss of optimizer step `step` (from 1); returns the warning the first time it fires."""
         if self.window <= 0 or self.warning is not None or step <= self.after_step:

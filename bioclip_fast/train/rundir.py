@@ -35,6 +35,7 @@ RUNTIME_KEYS = frozenset({
     "eval_every", "eval_text_types", "eval_templates", "val_data", "peak_tflops", "progress", "threads",
     "num_workers", "device", "nonfinite", "max_nonfinite_skips", "collapse_window", "grad_checkpointing",
     "channels_last", "pretrained", "data", "replay_data", "deepspeed_config", "engine", "zero_stage", "max_minutes",
+    "max_bad_fraction",
 })
 
 
