@@ -179,7 +179,13 @@ def executed_flops(Bq: int, Bk: int, D: int, strategy: str, slices: int = 1) -> 
     return 2 * unit + 2 * (2 * slices + 2) * unit
 
 
-def main(argv=None) -> int:
+def cases_for(args) -> list[tuple]:
+    """(kind, B, D, dtype, bwd) cases; gemm2d needs fp32 features (for bf16/fp16 ones it would run gemm again)."""
+    return [(kd, B, D, dt, bw) for kd in args.kinds for D in args.D for dt in args.dtype for bw in args.bwd
+            for B in args.B if not (bw == "gemm2d" and not dt.startswith("fp32"))]
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--B", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--D", type=int, nargs="+", default=[768])
@@ -192,15 +198,22 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=200, help="ms (do_bench)")
     ap.add_argument("--check-max-b", type=int, default=16384, help="float64 loss check up to this B")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
-    cases = [(kd, B, D, dt, bw) for kd in args.kinds for D in args.D for dt in args.dtype for bw in args.bwd
-             for B in args.B]
+    cases = cases_for(args)
     rows = []
+    meta = {"device": torch.cuda.get_device_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "python": platform.python_version()}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_kernels.json")
     for case in tqdm(cases, desc="bench kernels"):
         try:
             rows.append(run_case(*case, args))
@@ -208,12 +221,9 @@ def main(argv=None) -> int:
             rows.append({"kind": case[0], "B": case[1], "D": case[2], "dtype": case[3], "bwd": case[4],
                          "error": f"OOM: {exc}"})
             torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "torch": torch.__version__, "triton": __import__("triton").__version__, "python": platform.python_version()}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_kernels.json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
+        with open(path + ".tmp", "w") as f:  # after every case: a time-boxed run (gpu_check.sh) keeps what it has
+            json.dump({"meta": meta, "results": rows, "complete": len(rows) == len(cases)}, f, indent=1)
+        os.replace(path + ".tmp", path)
     print(f"\n{meta['device']}  {meta['date_utc']}  -> {path}")
     print(f"{'kind':6s} {'bwd':5s} {'dtype':5s} {'B':>7s} {'D':>5s} {'fwd ms':>8s} {'bwd ms':>8s} {'f+b ms':>8s} "
           f"{'TF/s rep':>8s} {'TF/s exe':>8s} {'mm TF/s':>8s} {'xMB f/b':>12s} {'relerr':>8s}")

@@ -112,3 +112,19 @@ def test_bench_loss_fp32_train_point_runs_on_cpu(tmp_path):
     ours, ref = (next(r for r in rows if r["impl"] == i) for i in ("ours", "open_clip"))
     assert abs(ours["loss"] - ref["loss"]) < 0.05 * abs(ref["loss"])  # open_clip multiplies in bf16 here
     assert not list(out.glob("*.partial.json"))
+
+
+def test_kernel_step_cases_parse_and_skip_gemm2d_without_fp32_features(tmp_path):
+    """gpu_check's kernel step: its arguments parse in bench_kernels.py, time fused / gemm on bf16 features and
+    fused / gemm / gemm2d on fp32 features with bf16 products (the trainer's path), never gemm2d on bf16 (it would
+    run gemm again)."""
+    gc = _load_gpu_check()
+    cmd = gc.plan(gc.parse_args([str(tmp_path / "gpu")]), tmp_path / "gpu")["kernels"]
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    cases = bk.cases_for(bk.build_parser().parse_args(cmd[2:]))  # cmd = [python, script, args...]
+    pairs = {(dt, bw) for _, _, _, dt, bw in cases}
+    assert pairs == {("bf16", "fused"), ("bf16", "gemm"), ("fp32-bf16", "fused"), ("fp32-bf16", "gemm"),
+                     ("fp32-bf16", "gemm2d")}
+    assert len(cases) == 10
