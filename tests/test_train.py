@@ -411,3 +411,28 @@ def test_replay_data_trains_continual_proj_end_to_end(tmp_path):
     assert not torch.equal(tr.clip.visual.continual_proj, proj0)
     assert not torch.allclose(tr.clip.visual.continual_proj, tr.clip.visual.proj)  # two projectors diverge
     assert not torch.equal(tr.clip.visual.proj, vproj0)
+
+
+def test_loss_check_is_the_steps_one_collective_with_the_parts(monkeypatch):
+    """The loss parts (bio / replay) are averaged over ranks in the loss check's all-reduce (no collective and
+    host read of their own per part), next to the stop and bad-data flags."""
+    import types
+
+    from bioclip_fast.train.loop import Trainer
+
+    calls = []
+
+    def fake_all_reduce(t, *a, **kw):  # 2 ranks: the other rank saw twice these values
+        calls.append(t.clone())
+        t.mul_(2.0)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    me = types.SimpleNamespace(loader=None, info=types.SimpleNamespace(distributed=True, world_size=2),
+                               _signals=None, _stop_agreed=False, _data_stop_agreed=False)
+    me._stop_requested_here = lambda: False
+    ok = Trainer._loss_ok(me, torch.tensor(3.0), {"loss_bio": torch.tensor(2.5), "loss_replay": torch.tensor(0.5)})
+    assert ok and len(calls) == 1 and calls[0].numel() == 6
+    assert me._last_loss == 3.0 and me._last_parts == {"loss_bio": 2.5, "loss_replay": 0.5}
+    calls.clear()
+    assert not Trainer._loss_ok(me, torch.tensor(float("nan")), {"loss_bio": torch.tensor(1.0)})
+    assert len(calls) == 1

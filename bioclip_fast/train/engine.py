@@ -301,7 +301,7 @@ class TorchEngine(_EngineBase):
             schedule=cfg.schedule, clock=cfg.schedule_clock,
         )
         self.autocast = cfg.precision == "bf16"
-        self.last_grad_norm: float | None = None
+        self._grad_norm: torch.Tensor | None = None  # on device; read (host sync) only when a log line asks
         if info.distributed:  # identical initial weights on every rank
             for p in module.parameters():
                 torch.distributed.broadcast(p.data, src=0)
@@ -318,7 +318,7 @@ class TorchEngine(_EngineBase):
         if self.info.distributed:
             _allreduce_mean([p.grad for p in params])
         if self.cfg.grad_clip:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip).detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -327,6 +327,11 @@ class TorchEngine(_EngineBase):
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The last step's gradient norm before clipping (with --grad-clip): a host read, so only at log steps."""
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     def logit_scale_value(self) -> float:
         return float(self.module.clip.logit_scale.detach().float().reshape(-1)[0])

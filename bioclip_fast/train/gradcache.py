@@ -37,12 +37,12 @@ def grad_cache_step(
     inputs: dict[str, torch.Tensor],
     chunk: int,
     *,
-    check_loss: Callable[[torch.Tensor], bool],
+    check_loss: Callable[[torch.Tensor, dict[str, torch.Tensor]], bool],
 ) -> tuple[torch.Tensor, dict[str, float], bool]:
     """One GradCache step. `inputs` has image/text and optionally replay_image/replay_text (per-rank tensors).
 
-    `check_loss(loss)` decides (collectively) whether the loss is usable; if not, nothing is backpropagated and the
-    caller skips or aborts. Returns (loss, loss parts, stepped?) where the engine has received every micro-backward
+    `check_loss(loss, parts)` decides (collectively) whether the loss is usable; if not, nothing is backpropagated
+    and the caller skips or aborts. Returns (loss, loss parts, stepped?) where the engine has received every micro-backward
     but `engine.step()` is left to the caller.
     """
     device = engine.device
@@ -83,7 +83,7 @@ def grad_cache_step(
         bias_leaf = logit_bias.detach().float().requires_grad_(True)
         full["logit_bias"] = bias_leaf
     loss, parts = loss_from_features(full)
-    if not check_loss(loss):
+    if not check_loss(loss, parts):
         return loss.detach(), parts, False
     wrt = list(leaves.values()) + [scale_leaf] + ([bias_leaf] if bias_leaf is not None else [])
     grads = torch.autograd.grad(loss, wrt)

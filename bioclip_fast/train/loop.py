@@ -242,30 +242,27 @@ class Trainer:
             total = total + self.cfg.replay_weight * rep
         return total, parts
 
-    def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().float().reshape(1).clone()
-        if self.info.distributed:
-            torch.distributed.all_reduce(t)
-            t /= self.info.world_size
-        return t
-
     def _stop_requested_here(self) -> bool:
         return self._signals is not None and self._signals.requested
 
-    def _loss_ok(self, loss: torch.Tensor) -> bool:
+    def _loss_ok(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
-        # The stop-signal flag, the bad-data flag (this rank's loader passed --max-bad-fraction) and the rank's bad
-        # sample count ride in the same all-reduce: no extra collective, no extra host sync (see signals.py).
+        # The stop-signal flag, the bad-data flag (this rank's loader passed --max-bad-fraction), the rank's bad
+        # sample count and the loss parts ride in the same all-reduce: the step's one collective of its own and its
+        # one host read (like GradScaler's found-inf check), see signals.py.
         value = loss.detach().float().reshape(())
+        names = list(parts or {})
         bad_data = self.loader is not None and self.loader.bad_limit_error is not None
         bad_count = float(self.loader.stats["skipped_corrupt"]) if self.loader is not None else 0.0
         # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
         t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0),
-                         value.new_full((), 1.0 if bad_data else 0.0), value.new_full((), bad_count)])
+                         value.new_full((), 1.0 if bad_data else 0.0), value.new_full((), bad_count)]
+                        + [parts[k].detach().float().reshape(()) for k in names])
         if self.info.distributed:
             torch.distributed.all_reduce(t)
-        loss_sum, stops, data_stops, bad_all = t.tolist()
+        loss_sum, stops, data_stops, bad_all, *part_sums = t.tolist()
         self._bad_samples_all_ranks = int(round(bad_all))  # fp32: exact to 2^24
+        self._last_parts = {k: v / self.info.world_size for k, v in zip(names, part_sums)}
         self._last_loss = loss_sum / self.info.world_size
         if stops > 0:
             self._stop_agreed = True
@@ -285,17 +282,14 @@ class Trainer:
         else:
             feats = engine.forward(**inputs)
             loss, parts = self.loss_from_features(feats)
-            ok = self._loss_ok(loss)
+            ok = self._loss_ok(loss, parts)
             if ok:
                 engine.backward(loss)
         if not ok:
             return self._handle_nonfinite(parts)
         engine.step()
         self.consecutive_skips = 0
-        out: dict[str, Any] = {"loss": self._last_loss, "skipped": False}
-        for k, v in parts.items():
-            out[k] = float(self._global_mean(v))
-        return out
+        return {"loss": self._last_loss, "skipped": False, **self._last_parts}
 
     def _handle_nonfinite(self, parts) -> dict[str, Any]:
         # steps count from 1, as in metrics.jsonl: this is step self.step + 1
@@ -512,8 +506,9 @@ class Trainer:
             lr = self.engine.lr
             inputs, tt = self.batch_inputs(batch, self.step)
             res = self.train_step(inputs)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            # No device synchronize here: the step's one host read (the loss check, after the forward) already keeps
+            # the host within a step of the GPU, so the windowed rates stay right; a second sync per step would only
+            # leave the GPU idle while the host queues the next step's work.
             t2 = time.perf_counter()
             self.step += 1
             rates = self.meter.record(t1 - t0, t2 - t1, self.module.last_text_fraction)
