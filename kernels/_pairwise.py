@@ -696,9 +696,21 @@ def fwd_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: int |
     return rows, cols
 
 
-def merge_lse64(run: torch.Tensor, part: torch.Tensor) -> None:
-    """run = logaddexp(run, part) in place (float64 running LSEs of a chunked forward: rounded to fp32 once)."""
-    torch.logaddexp(run, part, out=run)
+def _clamp_chunks(chunks: tuple[int, int], Bq: int, Bk: int) -> tuple[int, int]:
+    return max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
+
+
+def chunk_pairs(q: torch.Tensor, k: torch.Tensor, chunks: tuple[int, int], op: torch.dtype):
+    """``(r0, q_r, c0, k_c)`` for every (row chunk, column chunk) pair, the chunks cast to ``op`` (views when the
+    features already are ``op``); a single column chunk is cast once. Row i of ``q_r`` is global row r0 + i, so
+    a positive at global column i + offset is local column i + (offset + r0 - c0) of ``k_c``."""
+    Bq, Bk = q.shape[0], k.shape[0]
+    rows, cols = _clamp_chunks(chunks, Bq, Bk)
+    k_whole = k.to(op) if cols >= Bk else None
+    for r0 in range(0, Bq, rows):
+        q_r = q[r0:r0 + rows].to(op)
+        for c0 in range(0, Bk, cols):
+            yield r0, q_r, c0, (k_whole if k_whole is not None else k[c0:c0 + cols].to(op))
 
 
 def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None = None, elem: int = 2) -> str:
@@ -708,8 +720,8 @@ def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None =
 
 class _GradTiles:
     """What the GEMM backwards share: the gradient-tile launches over (row range, column range) blocks of the
-    problem, with their scalar-gradient sums and one-direction row sums of P, in a workspace of ``cells``
-    elements reused by every launch.
+    problem, with their scalar-gradient sums and one-direction row sums of P, in one ``rows x cols`` workspace
+    reused by every launch.
 
     ``sweep(q_r, k_c, r0, c0)`` launches ``_grad_tile_kernel`` on rows r0.. x columns c0.. (``q_r`` / ``k_c`` the
     operands of those rows / columns, in the compute dtype) and returns the [R, C] tile ``gscale * G / coef``."""
@@ -722,6 +734,7 @@ class _GradTiles:
         self.offset, self.bucket = int(offset), size_bucket(max(Bq, k.shape[0]))
         self.cen_r = positive_dots(q, k, offset) if cen_r is None else cen_r
         self.cen_c = self.cen_r if mode == MODE_CLIP_SYM else None
+        self.op = op
         self.gscale = grad_prescale(op)
         self.coef = grad.to(torch.float32) * inv_n
         self.factor = scale.to(torch.float32) * self.coef / self.gscale  # on device: no host sync
@@ -765,10 +778,10 @@ class _GradTiles:
             self.rs[r0:r0 + R] += self.rs_part.view(-1)[:n_cb * R].view(n_cb, R).sum(0, dtype=torch.float64)
         return wc
 
-    def finish_dq(self, acc: torch.Tensor, k_op, offset: int) -> torch.Tensor:
+    def finish_dq(self, acc: torch.Tensor, k: torch.Tensor, offset: int) -> torch.Tensor:
         """acc (fp32, in place) -> dQ: renormalized one-direction rows, times scale * coef / gscale."""
         if self.renorm:
-            renormalize_rows(acc, self.rs, k_op, offset, self.gscale)
+            renormalize_rows(acc, self.rs, k, offset, self.gscale, self.op)
         return acc.mul_(self.factor)
 
     def scalars(self):
@@ -803,16 +816,16 @@ def pairwise_bwd_gemm(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
 
 
 def renormalize_rows(acc: torch.Tensor, rs: torch.Tensor, k: torch.Tensor, offset: int, gscale: float,
-                     rows: int = 1024) -> None:
+                     op: torch.dtype, rows: int = 1024) -> None:
     """One-direction CLIP dQ with its row softmax renormalized, in place: ``acc`` holds ``sum_j gscale * (P_ij -
     onehot_ij) k_j`` with P from the stored LSE, whose rows sum to ``rs`` = 1 + (rounding of the LSE) instead of
     1; near-duplicate columns turn that per-row error into a large one in ``P k``. The renormalized row is
     ``(acc_i + gscale k_pos) / rs_i - gscale k_pos``, exactly what the fused dQ kernel computes. Chunked over
-    rows: a few MB of temporaries at any B. ``k`` in the dtype the products used."""
+    rows: a few MB of temporaries at any B. ``k_pos`` is rounded to ``op``, the dtype the products used."""
     inv = (1.0 / rs).to(torch.float32)
     for r0 in range(0, acc.shape[0], rows):
         r1 = min(acc.shape[0], r0 + rows)
-        kpos = k[r0 + offset:r1 + offset].to(torch.float32, copy=True)  # never a view of the caller's k
+        kpos = k[r0 + offset:r1 + offset].to(op).to(torch.float32, copy=True)  # never a view of the caller's k
         c = inv[r0:r1, None]
         acc[r0:r1].mul_(c).add_(kpos.mul_(c - 1.0).mul_(gscale))
 
@@ -862,7 +875,6 @@ def gemm2d_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: in
     else:
         cols = min(Bk, max(s, min(Bk, floor)))
         rows = fill(cols, Bq)
-        rows, cols = rows, cols
     while rows > 0 and cols > 0 and gemm2d_extra_bytes(Bq, Bk, D, op_elem, cast, rows, cols) > budget:
         if rows >= cols:
             rows = max(1, rows - 128)
@@ -892,43 +904,30 @@ def pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, i
     op = op_dtype or q.dtype
     cast = op != q.dtype
     if chunks is None:
-        chunks = gemm2d_chunks(Bq, Bk, D, torch.empty((), dtype=op).element_size(), cast, BWD_MEMORY_BYTES)
+        chunks = gemm2d_chunks(Bq, Bk, D, op.itemsize, cast, BWD_MEMORY_BYTES)
         if chunks is None:
             chunks = (min(Bq, _MIN_CHUNK), min(Bk, _MIN_CHUNK))
-    rows, cols = max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
+    rows, cols = _clamp_chunks(chunks, Bq, Bk)
     tiles = _GradTiles(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode, op=op,
                        rows=rows, cols=cols, cen_r=cen_r, need_q=need_q)
     dq = torch.zeros((Bq, D), device=q.device, dtype=torch.float32) if need_q else None
     dk = torch.zeros((Bk, D), device=q.device, dtype=torch.float32) if need_k else None
-    k_whole = k.to(op) if cols >= Bk else None  # one column chunk: cast once
-    for r0 in range(0, Bq, rows):
-        q_r = q[r0:r0 + rows].to(op)  # a view when op is fp32
-        for c0 in range(0, Bk, cols):
-            k_c = k_whole if k_whole is not None else k[c0:c0 + cols].to(op)
-            wc = tiles.sweep(q_r, k_c, r0, c0)
-            if need_q:
-                _addmm_f32(dq[r0:r0 + rows], wc, k_c)
-            if need_k:
-                _addmm_f32(dk[c0:c0 + cols], wc.T, q_r)
+    for r0, q_r, c0, k_c in chunk_pairs(q, k, (rows, cols), op):
+        wc = tiles.sweep(q_r, k_c, r0, c0)
+        if need_q:
+            _addmm_f32(dq[r0:r0 + rows], wc, k_c)
+        if need_k:
+            _addmm_f32(dk[c0:c0 + cols], wc.T, q_r)
     if need_q:
-        tiles.finish_dq(dq, _CastView(k, op) if cast else k, offset)
+        tiles.finish_dq(dq, k, offset)
     if need_k:
         dk.mul_(tiles.factor)
     return (dq, dk, *tiles.scalars())
 
 
-class _CastView:
-    """``k[a:b]`` in the compute dtype, cast per slice (``renormalize_rows`` reads the positives' rows in the
-    dtype the products used, without a full-size copy)."""
-
-    def __init__(self, k: torch.Tensor, dtype: torch.dtype):
-        self.k, self.dtype = k, dtype
-
-    def __getitem__(self, sl):
-        return self.k[sl].to(self.dtype)
-
-
-_ADDMM_OUT_DTYPE = [True]  # torch.addmm(out_dtype=) exists (torch >= 2.8 on CUDA); cleared on first failure
+# What this torch offers for fp32-output half-precision products on CUDA: addmm(out_dtype=) (torch >= 2.8) until a
+# call fails, then mm(out_dtype=); "warned" once the last resort (a rounded product) has been reported.
+_F32_MATMUL = {"addmm": True, "warned": False}
 
 
 def _addmm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -937,27 +936,27 @@ def _addmm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     else the half-precision product rounded once per chunk, with one warning."""
     if a.dtype == torch.float32:
         out.addmm_(a, b)
-    elif not a.is_cuda:
+        return
+    if not a.is_cuda:
         out += a.float() @ b.float()
-    else:
-        if _ADDMM_OUT_DTYPE[0]:
-            try:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-                return
-            except (TypeError, RuntimeError) as exc:
-                _ADDMM_OUT_DTYPE[0] = False
-                _ADDMM_OUT_DTYPE.append(exc)
+        return
+    if _F32_MATMUL["addmm"]:
         try:
-            out += torch.mm(a, b, out_dtype=torch.float32)
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            return
         except (TypeError, RuntimeError):
-            if len(_ADDMM_OUT_DTYPE) < 3:
-                _ADDMM_OUT_DTYPE.append("warned")
-                import warnings
+            _F32_MATMUL["addmm"] = False
+    try:
+        out += torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        if not _F32_MATMUL["warned"]:
+            _F32_MATMUL["warned"] = True
+            import warnings
 
-                warnings.warn("bioclip_fast: this torch has no fp32-output half-precision matmul "
-                              "(addmm/mm out_dtype); the GEMM backward rounds each chunk's products to "
-                              f"{a.dtype}", RuntimeWarning, stacklevel=2)
-            out += (a @ b).float()
+            warnings.warn("bioclip_fast: this torch has no fp32-output half-precision matmul (addmm/mm out_dtype); "
+                          f"the GEMM backward rounds each chunk's products to {a.dtype}", RuntimeWarning,
+                          stacklevel=2)
+        out += (a @ b).float()
 
 
 def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv_n: float, mode: int,
@@ -969,8 +968,8 @@ def pairwise_bwd_both(q, k, scale, bias, lse_r, lse_c, grad, *, offset: int, inv
     Bk = k.shape[0]
     op = op_dtype or q.dtype
     cast = op != q.dtype
-    op_elem = torch.empty((), dtype=op).element_size()
-    strategy, chunk = bwd_plan(Bq, Bk, D, op_elem, q.device.type, grads_fp32=q.dtype == torch.float32, cast=cast)
+    strategy, chunk = bwd_plan(Bq, Bk, D, op.itemsize, q.device.type, grads_fp32=q.dtype == torch.float32,
+                               cast=cast)
     cen = positive_dots(q, k, offset)
     if strategy == "gemm2d":
         return pairwise_bwd_gemm2d(q, k, scale, bias, lse_r, lse_c, grad, offset=offset, inv_n=inv_n, mode=mode,

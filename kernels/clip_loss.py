@@ -55,12 +55,12 @@ from bioclip_fast.kernels._pairwise import (
     check_features,
     check_scalar,
     check_vector,
+    chunk_pairs,
     compute_operand,
     dot_precision,
     fwd_chunks,
     fwd_configs,
     launch,
-    merge_lse64,
     mma,
     pairwise_bwd_both,
     pairwise_flops,
@@ -232,26 +232,16 @@ def _clip_fwd(q, k, scale, bias, offset: int, col_stats: bool, op_dtype: torch.d
     Bk = k.shape[0]
     op = op_dtype or q.dtype
     if chunks is None:
-        chunks = fwd_chunks(Bq, Bk, D, torch.empty((), dtype=op).element_size(), op != q.dtype)
-    rows, cols = max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
+        chunks = fwd_chunks(Bq, Bk, D, op.itemsize, op != q.dtype)
     pos = torch.empty(Bq, device=q.device, dtype=torch.float32)
-    if rows >= Bq and cols >= Bk:
-        lr, lc = _clip_fwd_launch(q.to(op), k.to(op), scale, bias, offset, col_stats, pos)
-        return lr.to(torch.float32), (lc.to(torch.float32) if lc is not None else None), pos
     lse_row = torch.full((Bq,), float("-inf"), device=q.device, dtype=torch.float64)
     lse_col = torch.full((Bk,), float("-inf"), device=q.device, dtype=torch.float64) if col_stats else None
-    k_whole = k.to(op) if cols >= Bk else None  # one column chunk: cast once
-    for r0 in range(0, Bq, rows):
-        r1 = min(Bq, r0 + rows)
-        q_r = q[r0:r1].to(op)
-        for c0 in range(0, Bk, cols):
-            c1 = min(Bk, c0 + cols)
-            k_c = k_whole if k_whole is not None else k[c0:c1].to(op)
-            # Row i of the chunk is global row r0 + i: its positive is local column i + (offset + r0 - c0).
-            lr, lc = _clip_fwd_launch(q_r, k_c, scale, bias, offset + r0 - c0, col_stats, pos[r0:r1])
-            merge_lse64(lse_row[r0:r1], lr)
-            if col_stats:
-                merge_lse64(lse_col[c0:c1], lc)
+    for r0, q_r, c0, k_c in chunk_pairs(q, k, chunks, op):
+        rows, cols = q_r.shape[0], k_c.shape[0]
+        lr, lc = _clip_fwd_launch(q_r, k_c, scale, bias, offset + r0 - c0, col_stats, pos[r0:r0 + rows])
+        torch.logaddexp(lse_row[r0:r0 + rows], lr, out=lse_row[r0:r0 + rows])  # exact for one chunk: -inf + x
+        if col_stats:
+            torch.logaddexp(lse_col[c0:c0 + cols], lc, out=lse_col[c0:c0 + cols])
     return lse_row.to(torch.float32), (lse_col.to(torch.float32) if col_stats else None), pos
 
 

@@ -21,6 +21,7 @@ from bioclip_fast.kernels._pairwise import (
     MODE_SIGLIP,
     check_features,
     check_scalar,
+    chunk_pairs,
     compute_operand,
     dot_precision,
     fwd_chunks,
@@ -138,17 +139,10 @@ def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torc
     Bk = k.shape[0]
     op = compute_operand(q, compute) or q.dtype
     if chunks is None:
-        chunks = fwd_chunks(Bq, Bk, D, torch.empty((), dtype=op).element_size(), op != q.dtype)
-    rows, cols = max(1, min(chunks[0], Bq)), max(1, min(chunks[1], Bk))
+        chunks = fwd_chunks(Bq, Bk, D, op.itemsize, op != q.dtype)
     total = torch.zeros((), device=q.device, dtype=torch.float64)
-    k_whole = k.to(op) if cols >= Bk else None
-    for r0 in range(0, Bq, rows):
-        r1 = min(Bq, r0 + rows)
-        q_r = q[r0:r1].to(op)
-        for c0 in range(0, Bk, cols):
-            k_c = k_whole if k_whole is not None else k[c0:min(Bk, c0 + cols)].to(op)
-            # Row i of the chunk is global row r0 + i: its positive is local column i + (offset + r0 - c0).
-            total += _siglip_fwd_launch(q_r, k_c, scale32, bias32, offset + r0 - c0)
+    for r0, q_r, c0, k_c in chunk_pairs(q, k, chunks, op):
+        total += _siglip_fwd_launch(q_r, k_c, scale32, bias32, offset + r0 - c0)
     return (total / Bq).to(torch.float32)
 
 
