@@ -25,16 +25,47 @@ def _check(t: torch.Tensor, name: str, world_size: int) -> None:
         raise ValueError(f"world_size={world_size} but the default process group has {actual} ranks")
 
 
+# torch >= 2.12 names the single-tensor collectives *_single (the *_into_tensor / *_tensor names warn)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 into one tensor; backward reduce-scatters (sums) the gradient to each rank's slice.
+
+    The same gradients as ``torch.distributed.nn.functional.all_gather`` (deprecated, warns on every call): NCCL
+    reduce-scatters; backends without reduce-scatter (gloo) exchange the slices all-to-all and sum them in rank
+    order, as that function does."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, world_size: int) -> torch.Tensor:
+        ctx.world_size = world_size
+        out = t.new_empty((world_size * t.shape[0], *t.shape[1:]))
+        _all_gather_single(out, t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.world_size
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            gx = grad.new_empty((grad.shape[0] // w, *grad.shape[1:]))
+            _reduce_scatter_single(gx, grad)
+        else:
+            parts = torch.empty_like(grad)
+            dist.all_to_all_single(parts, grad)  # slice r of every rank's gradient arrives here, in rank order
+            gx = parts.view(w, -1, *grad.shape[1:]).sum(dim=0)
+        return gx, None
+
+
 def all_gather_with_grad(t: torch.Tensor, *, name: str = "tensor", world_size: int | None = None) -> torch.Tensor:
     """Concatenate ``t`` from every rank along dim 0; backward reduce-scatters (sums) the gradient back to each
-    rank's slice (``torch.distributed.nn.functional.all_gather``), as open_clip's ``gather_with_grad=True``."""
+    rank's slice, as open_clip's ``gather_with_grad=True`` (``torch.distributed.nn.functional.all_gather``)."""
     world_size = get_world_size() if world_size is None else world_size
     if world_size == 1:
         return t
     _check(t, name, world_size)
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(t.contiguous(), world_size)
 
 
 def all_gather_no_grad(

@@ -464,16 +464,22 @@ def test_readme_preemption_commands_run_as_written(tmp_path, monkeypatch, capsys
     assert json.loads((out / "results.json").read_text())["steps"] == 8
 
 
-def test_checkpoint_without_manifest_from_an_older_version_resumes_with_a_warning(tmp_path, caplog):
-    tr = micro_trainer(tmp_path)
-    tr.train_step(fixed_inputs(tr))
-    tr.step = 1
-    d = tr.save()
+def test_checkpoint_without_manifest_is_incomplete_and_the_previous_one_is_used(tmp_path, caplog):
+    """The manifest is written last: a checkpoint without one is skipped like a bad checksum (here its state.pt is
+    truncated too, which only the manifest could have told), and the intact previous one is resumed."""
+    tr = micro_trainer(tmp_path, keep_checkpoints=3)
+    states = {}
+    for s in (1, 2):
+        tr.train_step(fixed_inputs(tr, seed=s))
+        tr.step = s
+        d = tr.save()
+        states[s] = _weights(tr)
     (d / ckpt.MANIFEST).unlink()
+    _truncate(d / "state.pt")
     with caplog.at_level(logging.WARNING, logger="bioclip_fast"):
-        resumed = micro_trainer(tmp_path, resume="auto")
-    assert resumed.step == 1 and "its files are not verified" in caplog.text
-    assert all(torch.equal(p, q) for p, q in zip(resumed.clip.parameters(), tr.clip.parameters()))
+        resumed = micro_trainer(tmp_path, keep_checkpoints=3, resume="auto")
+    assert resumed.step == 1 and f"skipping checkpoint {d}: manifest.json is missing" in caplog.text
+    assert all(torch.equal(p, states[1][n]) for n, p in _weights(resumed).items())
 
 
 def test_train_help_lists_the_new_flags(capsys):

@@ -137,7 +137,9 @@ def _agree(info, error: str | None) -> None:
     """Collective: raise the first rank's error on every rank (so no rank is left waiting in the next collective)."""
     errors = [e for e in _gather(error, info) if e]
     if errors:
-        raise CheckpointError(errors[0])
+        from bioclip_fast.train.failures import mark_every_rank
+
+        raise mark_every_rank(CheckpointError(errors[0]))
 
 
 # ------------------------------------------------------------------------------------------ sizes, hashes, disk space
@@ -202,10 +204,36 @@ def check_free_space(root: Path, name: str, expected_bytes: int | None) -> str |
             f"--resume auto; the previous checkpoint is intact")
 
 
+def file_size_limit() -> int | None:
+    """The process's file size limit in bytes (`ulimit -f`, RLIMIT_FSIZE), None when unlimited."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def _write_error(path: Path, exc: BaseException, expected_bytes: int | None) -> str:
     """One line for a failed checkpoint write; a full disk (ENOSPC, or torch's opaque stream errors on a disk with
     too little room) names the path and the bytes needed."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    limit = file_size_limit()
+    if (isinstance(exc, OSError) and exc.errno == errno.EFBIG) or (limit is not None and _size(path) >= limit):
+        # torch's writer says "[enforce fail at inline_container.cc] unexpected pos ..." for this (Python ignores
+        # SIGXFSZ, so the write fails with EFBIG instead of killing the process)
+        cap = f" of {_fmt_bytes(limit)} ({limit} bytes)" if limit is not None else ""
+        return (f"file size limit{cap} reached writing checkpoint file {path} (EFBIG; `ulimit -f`, RLIMIT_FSIZE): "
+                f"raise the limit for the job. The partial checkpoint was removed and the previous one is intact; "
+                f"continue with --resume auto")
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     if not full and expected_bytes:
         try:
@@ -371,12 +399,9 @@ def _cheap_check(d: Path) -> tuple[str | None, list[str], dict[str, Any] | None]
         return f"{META} is missing", [], None
     man_p = d / MANIFEST
     if not man_p.is_file():
-        # written by a bioclip_fast before manifests: usable, but only meta.json can be checked
-        try:
-            json.loads(meta_p.read_text())
-        except (OSError, ValueError) as e:
-            return f"{META} is unreadable ({' '.join(str(e).split())})", [], None
-        return None, [], None
+        # the manifest is written last, so a checkpoint without one never finished (or lost it): nothing in it can be
+        # verified, and one rank's files may be unusable while another's load. Skipped like a bad checksum.
+        return f"{MANIFEST} is missing (an incomplete checkpoint: its files cannot be verified)", [], None
     try:
         man = json.loads(man_p.read_text())
         files = man["files"]
@@ -440,8 +465,6 @@ def select_checkpoint(spec: str | os.PathLike, info=None, *, log: Callable[[str]
     for c in map(Path, cands):
         reason = verify_checkpoint(c, info)
         if reason is None:
-            if log is not None and not (c / MANIFEST).is_file():
-                log(f"checkpoint {c} has no {MANIFEST} (written by an older bioclip_fast): its files are not verified")
             return c, skipped
         skipped.append((c, reason))
         if log is not None:
@@ -481,8 +504,20 @@ def _torch_load(path: Path, map_location) -> Any:
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, engine) -> dict[str, Any]:
-    """Restore engine state (model, optimizer, scheduler) and return this rank's trainer state (RNG restored)."""
-    d = Path(ckpt_dir)
+    """Restore engine state (model, optimizer, scheduler) and return this rank's trainer state (RNG restored).
+
+    Collective: a rank that cannot load raises its error on every rank (no rank trains on from a checkpoint another
+    rank could not read)."""
+    err, state = None, None
+    try:
+        state = _load_checkpoint(Path(ckpt_dir), engine)
+    except CheckpointError as e:
+        err = f"rank {engine.info.rank}: {e}" if engine.info.distributed else str(e)
+    _agree(engine.info, err)
+    return state
+
+
+def _load_checkpoint(d: Path, engine) -> dict[str, Any]:
     meta = read_meta(d)
     info = engine.info
     if meta.get("engine") != engine.kind:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, get_origin
 
@@ -61,18 +62,24 @@ def run(args: argparse.Namespace) -> int:
 
     Exit codes of their own: 3 = stopped on a non-finite loss; 75 = stopped by SIGTERM/SIGINT/SIGUSR1 after writing
     a checkpoint (run it again with --resume auto)."""
-    from bioclip_fast.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+    from bioclip_fast.errors import EXIT_NONFINITE, EXIT_PREEMPTED, UsageError
     from bioclip_fast.train.config import resolve_config, validate_static
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bioclip_fast").setLevel(logging.INFO)  # ours at INFO; open_clip's chatter stays quiet
+    from bioclip_fast.train import failures
+
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config", "local_rank",
                                                             "debug")}
-    cfg = resolve_config(cli, config_file=args.config)
-    validate_static(cfg)
+    try:  # the same on every rank: printed once (failures.py)
+        cfg = resolve_config(cli, config_file=args.config)
+        validate_static(cfg)
+    except (UsageError, ValueError) as e:
+        code = failures.handle(e, "bioclip-fast train", debug=getattr(args, "debug", False))
+        if code is None:
+            raise
+        return code
     if args.print_config:
-        import os
-
         from bioclip_fast.train.config import PAPER_GPUS, resolve_batches
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -90,9 +97,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         summary = trainer.fit()
-    except NonFiniteLossError as e:
-        print(f"bioclip-fast train: stopped: {e}", file=sys.stderr)
+    except NonFiniteLossError as e:  # every rank stops at the same step (the loss is all-reduced): rank 0 says it
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"bioclip-fast train: stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except BaseException as e:  # several ranks: one error line per job (failures.py)
+        code = failures.handle(e, "bioclip-fast train", debug=getattr(args, "debug", False))
+        if code is None:
+            raise
+        return code
     if summary.get("preempted"):
         if trainer.info.is_main:
             print(f"bioclip-fast train: stopped by {summary['preempted']} after step {summary['steps']}; checkpoint "
@@ -124,8 +137,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     ls = s.get("loader_stats") or {}
     if ls.get("skipped_corrupt"):
         reasons = ", ".join(f"{k} {v}" for k, v in sorted((ls.get("bad_samples") or {}).items()))
-        lines.append(f"bad samples : {ls['skipped_corrupt']} skipped and replaced ({reasons}); "
-                     f"{ls.get('bad_shards', 0)} damaged shard(s), named in the log")
+        ranks = [r for r in ls.get("per_rank") or [] if r["skipped_corrupt"]]
+        by_rank = (" on " + ", ".join(f"rank {r['rank']}: {r['skipped_corrupt']}" for r in ranks)) if ranks else ""
+        lines.append(f"bad samples : {ls['skipped_corrupt']} skipped and replaced ({reasons}){by_rank}; "
+                     f"{ls.get('bad_shards', 0)} damaged shard(s), named in the log and results.json")
     for w in s.get("warnings") or []:
         lines.append(f"warning     : {w}")
     lines.append(f"results     : {s['run_dir']}/results.json, plot {s.get('plot')}, model {s.get('model_path')}")

@@ -33,6 +33,7 @@ from bioclip_fast.train.engine import (
     resolve_device,
     resolve_engine_kind,
 )
+from bioclip_fast.train.failures import mark_every_rank
 from bioclip_fast.train.gradcache import grad_cache_step
 from bioclip_fast.train.metrics import CollapseMonitor, ThroughputMeter, model_flops, peak_memory_gb, peak_tflops_for
 from bioclip_fast.train.signals import StopSignals
@@ -357,11 +358,12 @@ class Trainer:
         if found is None:
             if skipped:
                 listed = "; ".join(f"{d.name}: {why}" for d, why in skipped)
-                raise CheckpointError(f"resume: no intact checkpoint under {where} ({listed}); start over with "
-                                      f"--overwrite or another --out")
+                raise mark_every_rank(CheckpointError(
+                    f"resume: no intact checkpoint under {where} ({listed}); start over with --overwrite or another "
+                    f"--out"))
             if spec == "auto":
                 return None
-            raise ConfigError(f"resume: no complete checkpoint under {spec}")
+            raise mark_every_rank(ConfigError(f"resume: no complete checkpoint under {spec}"))
         self.resume_skipped = skipped
         meta = ckpt.read_meta(found)
         old = meta.get("fingerprint") or rundir.config_fingerprint(meta.get("config") or {}, meta.get("engine"))
@@ -389,11 +391,11 @@ class Trainer:
         allowed = {k.replace("-", "_") for k in (self.cfg.allow_changed or [])}
         refused = [k for k in changed if k not in allowed]
         if refused:
-            raise ConfigError(
+            raise mark_every_rank(ConfigError(
                 f"resume: checkpoint {found} was written with other settings: "
                 f"{rundir.describe_changes(old, new, refused)}. Exact resume needs the same settings; to change them "
                 f"on purpose add --allow-changed {' '.join(refused)}, or start a new run with another --out"
-            )
+            ))
         if changed and self.info.is_main:
             log.warning("resuming with changed settings (--allow-changed): %s", rundir.describe_changes(old, new, changed))
         return changed
@@ -471,8 +473,9 @@ class Trainer:
             finally:
                 self._signals = None
         if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
-            raise self._data_stop(DataError(self.loader.bad_limit_error or "another rank's data passed "
-                                            "--max-bad-fraction (its log names the damaged shards)"))
+            raise mark_every_rank(self._data_stop(DataError(
+                self.loader.bad_limit_error or "another rank's data passed --max-bad-fraction (its log names the "
+                "damaged shards)")))
         if stop:
             return self._stopped(train_seconds, signals.received)
         return self._finish(train_seconds)
@@ -515,8 +518,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 rec = self._record(res, rates, lr, tt, t2 - t1 + t1 - t0)
                 if info.is_main:
-                    with jsonl.open("a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    append_jsonl(jsonl, rec)
                 self.history.append(rec)
                 post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
                 if budget:
@@ -664,9 +666,40 @@ class Trainer:
         res["chance_top1"] = 1.0 / max(len(val.classes), 1)
         res["tag"], res["step"] = tag, self.step
         if tag != "final":
-            with (self.run_dir / "evals.jsonl").open("a") as f:
-                f.write(json.dumps({k: v for k, v in res.items() if k != "per_class"}) + "\n")
+            append_jsonl(self.run_dir / "evals.jsonl", {k: v for k, v in res.items() if k != "per_class"})
         return res
+
+    def _loader_stats_all_ranks(self) -> dict[str, Any] | None:
+        """The loader's counts summed over every rank (collective: one all_gather_object, once per run): bad samples
+        by reason, damaged shards (each named once, whichever ranks met it), and each rank's own counts."""
+        if self.loader is None:
+            return None
+        mine = {**self.loader.stats, "bad_samples": dict(self.loader.stats["bad_samples"]),
+                "damaged_shards": dict(self.loader.bad_shards)}
+        if not self.info.distributed:
+            parts = [mine]
+        else:
+            parts = [None] * self.info.world_size
+            torch.distributed.all_gather_object(parts, mine)
+        out: dict[str, Any] = {k: v for k, v in mine.items() if not isinstance(v, (int, float, dict))}
+        for k, v in mine.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = sum(p.get(k, 0) for p in parts)
+        reasons: dict[str, int] = {}
+        shards: dict[str, str] = {}
+        for p in parts:
+            for reason, n in p["bad_samples"].items():
+                reasons[reason] = reasons.get(reason, 0) + n
+            for shard, why in p["damaged_shards"].items():
+                shards.setdefault(shard, why)
+        out["bad_samples"] = reasons
+        out["bad_shards"] = len(shards)  # a shard damaged for several ranks counts once
+        out["damaged_shards"] = dict(sorted(shards.items())[:100])  # the first 100 named; bad_shards counts all
+        if self.info.distributed:
+            out["per_rank"] = [{"rank": r, "samples": p.get("samples", 0), "skipped_corrupt": p["skipped_corrupt"],
+                                "bad_samples": p["bad_samples"], "bad_shards": len(p["damaged_shards"])}
+                               for r, p in enumerate(parts)]
+        return out
 
     def _finish(self, train_seconds: float) -> dict[str, Any]:
         from bioclip_fast.train.plots import plot_metrics
@@ -683,7 +716,7 @@ class Trainer:
             "device": str(self.device),
             "model": self.cfg.model,
             "model_path": str(model_path) if model_path else None,
-            "loader_stats": dict(self.loader.stats) if self.loader is not None else None,
+            "loader_stats": self._loader_stats_all_ranks(),
             "warnings": list(self.warnings),
         }
         if self.history:
@@ -706,6 +739,16 @@ class Trainer:
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
+
+
+def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    """Append one JSON record; a failed write (full disk, file size limit) names the file."""
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, f"appending a record to {path.name} failed: {e.strerror or e}; the checkpoints are "
+                               f"intact: free space, then continue with --resume auto", str(path)) from e
 
 
 def _text_types_arg(types: list[str]):
