@@ -489,3 +489,38 @@ def test_train_help_lists_the_new_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--overwrite", "--allow-changed", "--collapse-window", "--resume"):
         assert flag in out
+
+
+# ------------------------------------------------------------------------------------------------ issue 20: disk limits
+def test_full_disk_while_appending_metrics_names_the_file(tmp_path):
+    """metrics.jsonl on a full device (/dev/full: every write fails with ENOSPC): the error names the file."""
+    from bioclip_fast.errors import one_line
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    tr = data_trainer(tmp_path / "run", max_steps=1)
+    (tmp_path / "run" / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError) as e:
+        tr.fit()
+    line = one_line(e.value)
+    assert str(tmp_path / "run" / "metrics.jsonl") in line and "ENOSPC" in line, line
+
+
+def test_file_size_limit_while_saving_gives_one_line_naming_the_file(tmp_path, capsys):
+    """`ulimit -f` below the checkpoint's size: one line naming the file and the limit (not torch's
+    "[enforce fail at inline_container.cc] unexpected pos"); nothing partial is left."""
+    import resource
+
+    out = tmp_path / "run"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = 1 << 20  # 1 MiB: config.json and metrics fit, the bioclip-micro checkpoint (~10 MB) does not
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        code = main(["train", *CLI_MICRO, "--max-steps", "1", "--out", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2
+    line = _one_error_line(capsys, "file size limit of 1.0 MB (1048576 bytes)", "EFBIG", "ulimit -f",
+                           str(out / "checkpoints" / ".tmp-step_00000001"))
+    assert "inline_container" not in line and "unexpected pos" not in line
+    assert not list((out / "checkpoints").glob(".tmp-*"))
