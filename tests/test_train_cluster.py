@@ -175,3 +175,110 @@ def test_one_rank_failing_gives_one_error_line_for_the_job(tmp_path):
     # torchrun's block names rank 1 as the root cause with its line instead of "To enable traceback see ..."
     root = err[err.index("Root Cause"):]
     assert "rank      : 1" in root and "Input/output error (EIO)" in root, root
+
+
+# ------------------------------------------------------------------------------------------------ item 1: --out lock
+def test_stale_locks_are_taken_over_and_live_ones_refused(tmp_path):
+    from bioclip_fast.train import runlock
+    from bioclip_fast.train.config import ConfigError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / runlock.LOCK_NAME
+    # a holder on another host (shared filesystem) that refreshes its lease: refused, naming it
+    lock.write_text(json.dumps({"host": "node-17", "boot_id": "x", "pid": 4242, "started": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(ConfigError, match=r"in use by another run \(host node-17, pid 4242, started 2026-01-01"):
+        runlock.check(out)
+    with pytest.raises(ConfigError, match="node-17"):
+        runlock.acquire(out)
+    # ... whose lease ran out: taken over
+    old = time.time() - runlock.STALE_AFTER_S - 5
+    os.utime(lock, (old, old))
+    runlock.check(out)
+    path, notes = runlock.acquire(out)
+    assert len(notes) == 1 and "took over" in notes[0] and "node-17" in notes[0], notes
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    runlock.release(path)
+    assert not lock.exists()
+    # same host: a live process holds it -> refused; once it is gone (or its pid reused) -> taken over
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({**runlock.my_identity(), "pid": sleeper.pid,
+                                    "pid_start": runlock.process_start(sleeper.pid)}))
+        with pytest.raises(ConfigError, match=f"pid {sleeper.pid} is running"):
+            runlock.acquire(out)
+        lock.write_text(json.dumps({**runlock.my_identity(), "pid": sleeper.pid, "pid_start": "1"}))
+        path, notes = runlock.acquire(out)
+        assert f"pid {sleeper.pid} is another process now" in notes[0], notes
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text(json.dumps({**runlock.my_identity(), "pid": sleeper.pid}))
+    path, notes = runlock.acquire(out)
+    assert f"pid {sleeper.pid} is no longer running" in notes[0], notes
+    runlock.release(path)
+
+
+def _worker_pids(marker: str, exclude: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != exclude:
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.distributed
+def test_one_run_per_out_and_workers_stop_when_their_launcher_dies(tmp_path, capsys):
+    """A 2-rank job owns --out: a second run is refused in one line naming the holder. The scheduler then SIGKILLs
+    torchrun (the requeue case): the orphaned workers notice, agree to stop after the same step, write a verified
+    checkpoint, exit and free --out."""
+    from bioclip_fast.cli import main
+    from bioclip_fast.train import checkpoint as ckpt
+    from bioclip_fast.train import runlock
+
+    out = tmp_path / "run"
+    script = tmp_path / "train_worker.py"
+    script.write_text("import sys\nfrom bioclip_fast.cli import main\nsys.exit(main(['train', *sys.argv[1:]]))\n")
+    log = tmp_path / "job.log"
+    with log.open("w") as f:
+        agent = subprocess.Popen(_torchrun(script, *CLI, "--max-steps", "100000", "--out", str(out)), env=_env(),
+                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        holder = json.loads((out / runlock.LOCK_NAME).read_text())
+        capsys.readouterr()
+        assert main(["train", *CLI, "--max-steps", "5", "--out", str(out), "--resume", "auto"]) == 2
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("bioclip-fast train: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "is in use by another run" in lines[0] and f"pid {holder['pid']}" in lines[0], lines[0]
+        assert f"host {socket.gethostname()}" in lines[0]
+
+        workers = _worker_pids(str(script), exclude=agent.pid)
+        assert len(workers) == 2 and holder["pid"] in workers, (workers, holder)
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        deadline = time.monotonic() + 120
+        while _worker_pids(str(script), exclude=agent.pid):
+            assert time.monotonic() < deadline, "workers still running after their launcher died"
+            time.sleep(0.2)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        for pid in _worker_pids(str(script), exclude=agent.pid):
+            os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "stopped by the launcher's exit" in text, text[-3000:]
+    ckpts = ckpt.list_checkpoints(out / "checkpoints")
+    assert ckpts and ckpt.verify_checkpoint(ckpts[0]) is None
+    files = json.loads((ckpts[0] / "manifest.json").read_text())["files"]
+    assert "trainer_rank0.pt" in files and "trainer_rank1.pt" in files  # both ranks wrote the same step
+    assert not (out / runlock.LOCK_NAME).exists()  # released at exit: a requeued job may start

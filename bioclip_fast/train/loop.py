@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bioclip_fast.errors import CheckpointError, DataError
+from bioclip_fast.errors import CheckpointError, DataError, one_line
 from bioclip_fast.train import checkpoint as ckpt
-from bioclip_fast.train import rundir
+from bioclip_fast.train import rundir, runlock
 from bioclip_fast.train.config import ConfigError, TrainConfig, validate_runtime, validate_static
 from bioclip_fast.train.engine import (
     ClipTrainModule,
@@ -166,6 +166,9 @@ class Trainer:
         self.warnings: list[str] = []
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
         self._signals: StopSignals | None = None
+        # a worker started by a launcher (torchrun, deepspeed) watches it: its parent at start (see _stop_requested_here)
+        launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+        self._launcher_pid = os.getppid() if launched and os.getppid() > 1 else None
         self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
         self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
         self.fingerprint = {**self.config_fingerprint, **rundir.data_fingerprint(self.loader)}
@@ -177,13 +180,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _make_run_dir(self) -> Path:
+        self.lock_path: Path | None = None
         out = self.cfg.out
         if out is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             out = _broadcast_str(str(Path("runs") / stamp), self.info)
         run_dir = Path(out)
+        err = None
         if self.info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                # one run per run directory, taken before anything is written into it (runlock.py)
+                self.lock_path, notes = runlock.acquire(run_dir)
+                for note in notes:
+                    log.warning("%s", note)
+            except (ConfigError, OSError) as e:
+                err = one_line(e)
+        err = _broadcast_str(err, self.info)  # every rank stops alike: no rank waits in a collective
+        if err is not None:
+            raise mark_every_rank(ConfigError(err))
+        if self.info.is_main:
             done = rundir.prepare_run_dir(run_dir, self.cfg)
             if done["overwritten"]:
                 log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(done["overwritten"]),
@@ -244,7 +260,17 @@ class Trainer:
         return total, parts
 
     def _stop_requested_here(self) -> bool:
-        return self._signals is not None and self._signals.requested
+        if self._signals is None:
+            return False
+        if (not self._signals.requested and self._launcher_pid is not None
+                and os.getppid() != self._launcher_pid):  # one syscall per step, no host sync
+            # the launcher (torchrun's agent, the deepspeed launcher) died, e.g. SIGKILLed by the scheduler: nothing
+            # supervises this worker any more, and a requeued job may start on the same --out. Stop like on SIGTERM:
+            # every rank agrees in the step's reduction, writes the checkpoint and exits.
+            self._signals.received = f"the launcher's exit (parent pid {self._launcher_pid} is gone)"
+            log.warning("rank %d: %s; stopping after this step with a checkpoint", self.info.rank,
+                        self._signals.received)
+        return self._signals.requested
 
     def _loss_ok(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
@@ -466,19 +492,23 @@ class Trainer:
         show_total = self.total_steps if (cfg.schedule_clock == "steps" and self.total_steps) else None
         # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
         # the main process gracefully instead of killing the workers under it)
-        with StopSignals() as signals:
-            self._signals = signals
-            try:
-                train_seconds, stop = self._loop(budget, jsonl, show_total)
-            finally:
-                self._signals = None
-        if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
-            raise mark_every_rank(self._data_stop(DataError(
-                self.loader.bad_limit_error or "another rank's data passed --max-bad-fraction (its log names the "
-                "damaged shards)")))
-        if stop:
-            return self._stopped(train_seconds, signals.received)
-        return self._finish(train_seconds)
+        try:
+            with StopSignals() as signals:
+                self._signals = signals
+                try:
+                    train_seconds, stop = self._loop(budget, jsonl, show_total)
+                finally:
+                    self._signals = None
+            if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
+                raise mark_every_rank(self._data_stop(DataError(
+                    self.loader.bad_limit_error or "another rank's data passed --max-bad-fraction (its log names the "
+                    "damaged shards)")))
+            if stop:
+                return self._stopped(train_seconds, signals.received)
+            return self._finish(train_seconds)
+        finally:
+            if self.lock_path is not None:  # the run is over (or failed): the run directory is free again
+                runlock.release(self.lock_path)
 
     def _loop(self, budget: float | None, jsonl: Path, show_total: int | None) -> tuple[float, bool]:
         from tqdm.auto import tqdm

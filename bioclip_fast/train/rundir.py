@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bioclip_fast.train import checkpoint as ckpt
+from bioclip_fast.train import runlock
 from bioclip_fast.train.config import ConfigError, TrainConfig
 
 # Files a run writes into its --out (what --overwrite removes; anything else there is left alone).
@@ -156,7 +157,10 @@ def validate_run_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"out: cannot create {out}: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"out: cannot write {out}: {probe} is not writable")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir():
+        return
+    runlock.check(out)  # another run still owns it: say so (not "already holds a run")
+    if not any(p.name != runlock.LOCK_NAME for p in out.iterdir()):  # empty, or only a stale lock
         return
     if cfg.overwrite or cfg.resume == "auto" or (cfg.resume and _inside(cfg.resume, out)):
         return
