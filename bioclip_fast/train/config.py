@@ -132,6 +132,10 @@ class TrainConfig:
                              "('a photo of {}.', the training template) or a '{}' format string")
     peak_tflops: float | None = _f(None, "peak dense bf16 TFLOP/s per device for MFU (default: by GPU name)")
     progress: bool = _f(True, "tqdm progress bar")
+    # --- experiment tracking (rank 0; the metrics.jsonl scalars, at the same global step)
+    report_to: list[str] | None = _f(None, "also log to: tensorboard (event files in <out>/tensorboard), wandb "
+                                     "(offline unless WANDB_MODE=online; <out>/wandb); e.g. tensorboard,wandb")
+    wandb_project: str = _f("bioclip_fast", "W&B project (with --report-to wandb)")
     preset: str | None = _f(None, "bioclip2 (the recipe, = defaults) or butterflies (the no-argument CPU run)",
                             choices=("bioclip2", "butterflies"))
 
@@ -360,6 +364,9 @@ def validate_static(cfg: TrainConfig) -> None:
         bad(f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
     if cfg.warmup_steps < 0:
         bad(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    from bioclip_fast.train.tracking import check_report_to
+
+    check_report_to(cfg.report_to)
     if cfg.weight_decay < 0:
         bad(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     for name in ("beta1", "beta2"):

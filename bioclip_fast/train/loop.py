@@ -492,6 +492,12 @@ class Trainer:
         show_total = self.total_steps if (cfg.schedule_clock == "steps" and self.total_steps) else None
         # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
         # the main process gracefully instead of killing the workers under it)
+        self._trackers = None
+        if self.info.is_main and cfg.report_to:
+            from bioclip_fast.train.tracking import open_trackers
+
+            self._trackers = open_trackers(cfg.report_to, self.run_dir, resume_step=self.step, config=cfg.to_dict(),
+                                           project=cfg.wandb_project)
         try:
             with StopSignals() as signals:
                 self._signals = signals
@@ -507,6 +513,9 @@ class Trainer:
                 return self._stopped(train_seconds, signals.received)
             return self._finish(train_seconds)
         finally:
+            if self._trackers is not None:
+                self._trackers.close()
+                self._trackers = None
             if self.lock_path is not None:  # the run is over (or failed): the run directory is free again
                 runlock.release(self.lock_path)
 
@@ -549,6 +558,10 @@ class Trainer:
                 rec = self._record(res, rates, lr, tt, t2 - t1 + t1 - t0)
                 if info.is_main:
                     append_jsonl(jsonl, rec)
+                    if self._trackers is not None:
+                        from bioclip_fast.train.tracking import train_scalars
+
+                        self._trackers.log(train_scalars(rec), self.step)
                 self.history.append(rec)
                 post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
                 if budget:
@@ -695,6 +708,10 @@ class Trainer:
         res["n_classes"] = len(val.classes)
         res["chance_top1"] = 1.0 / max(len(val.classes), 1)
         res["tag"], res["step"] = tag, self.step
+        if getattr(self, "_trackers", None) is not None:
+            from bioclip_fast.train.tracking import eval_scalars
+
+            self._trackers.log(eval_scalars(res), self.step)
         if tag != "final":
             append_jsonl(self.run_dir / "evals.jsonl", {k: v for k, v in res.items() if k != "per_class"})
         return res

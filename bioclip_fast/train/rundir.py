@@ -26,7 +26,8 @@ from bioclip_fast.train import runlock
 from bioclip_fast.train.config import ConfigError, TrainConfig
 
 # Files a run writes into its --out (what --overwrite removes; anything else there is left alone).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "evals.jsonl", "results.json", "model.pt", "loss.png", "config.json")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "evals.jsonl", "results.json", "model.pt", "loss.png", "config.json",
+               "tensorboard", "wandb", "wandb_run_id")
 
 # Settings that may differ between a checkpoint and the run that resumes it: where and how often things are written,
 # evaluation, logging, threads/workers and devices, and memory/speed options that do not change the numbers.
@@ -36,7 +37,7 @@ RUNTIME_KEYS = frozenset({
     "eval_every", "eval_text_types", "eval_templates", "val_data", "peak_tflops", "progress", "threads",
     "num_workers", "device", "nonfinite", "max_nonfinite_skips", "collapse_window", "grad_checkpointing",
     "channels_last", "pretrained", "data", "replay_data", "deepspeed_config", "engine", "zero_stage", "max_minutes",
-    "max_bad_fraction",
+    "max_bad_fraction", "report_to", "wandb_project",
 })
 
 
