@@ -86,7 +86,8 @@ def holder_state(holder: dict, mtime: float) -> tuple[str, str]:
     age = time.time() - mtime
     if age > STALE_AFTER_S:
         return "stale", f"not refreshed for {age:.0f} s (holder on host {holder.get('host')} is gone)"
-    return "alive", f"refreshed {age:.0f} s ago"
+    return "alive", (f"refreshed {age:.0f} s ago; if that run is gone, its lock is taken over once it is "
+                     f"{STALE_AFTER_S:.0f} s old, in {STALE_AFTER_S - age:.0f} s")
 
 
 def _holder(path: Path) -> tuple[dict | None, float]:
