@@ -12,6 +12,8 @@ EXIT_NONFINITE = 3  # `train` stopped on a non-finite loss (nothing non-finite w
 # `train` stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint: requeue and run again with --resume auto.
 # 75 is sysexits' EX_TEMPFAIL ("temporary failure, try again"); distinct from 143 (= killed by SIGTERM unhandled).
 EXIT_PREEMPTED = 75
+# `train` with several ranks: this rank stopped because another rank failed (that rank's line and status say why)
+EXIT_PEER_FAILED = 4
 
 
 class UsageError(Exception):

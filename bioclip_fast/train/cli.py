@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Expected failures raise UsageError/ValueError/OSError: `bioclip-fast train: error: ...`, exit 2 (cli.py).
 
-    Exit codes of their own: 3 = stopped on a non-finite loss; 75 = stopped by SIGTERM/SIGINT/SIGUSR1 after writing
-    a checkpoint (run it again with --resume auto)."""
+    Exit codes of their own: 3 = stopped on a non-finite loss; 75 = stopped by SIGTERM/SIGINT/SIGUSR1 (or its
+    launcher's death) after writing a checkpoint (run it again with --resume auto); 4 = this rank stopped because
+    another rank failed (failures.py)."""
     from bioclip_fast.errors import EXIT_NONFINITE, EXIT_PREEMPTED, UsageError
     from bioclip_fast.train.config import resolve_config, validate_static
 

@@ -24,9 +24,7 @@ import sys
 import time
 from datetime import timedelta
 
-from bioclip_fast.errors import UsageError, one_line
-
-EXIT_PEER_FAILED = 4  # this rank stopped because another rank failed (that rank's line and exit status say why)
+from bioclip_fast.errors import EXIT_PEER_FAILED, UsageError, one_line
 _COUNT_KEY = "bioclip_fast/failures"
 _FIRST_KEY = "bioclip_fast/first_failure"
 _PEER_WAIT_S = 5.0  # how long a rank with a broken collective waits for the failed rank's record
