@@ -103,6 +103,7 @@ class Trackers:
             self.wandb_run = wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow",
                                         config=config, mode=os.environ.get("WANDB_MODE", "offline"),
                                         name=run_dir.name)
+            self._wandb_next_step = int(getattr(self.wandb_run, "step", 0) or 0)
 
         where = []
         if self.writers:
@@ -116,7 +117,9 @@ class Trackers:
         for w in self.writers:
             for tag, v in scalars.items():
                 w.add_scalar(tag, v, step)
-        if self.wandb_run is not None and scalars:
+        # an online run resumed by id already holds the steps up to its last one (W&B refuses smaller steps, with a
+        # warning each): those re-done after the checkpoint are the same numbers (exact resume), so skip them
+        if self.wandb_run is not None and scalars and step >= self._wandb_next_step:
             self.wandb_run.log(scalars, step=step)
 
     def flush(self) -> None:
