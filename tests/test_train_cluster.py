@@ -206,6 +206,9 @@ def test_stale_locks_are_taken_over_and_live_ones_refused(tmp_path):
     path, notes = runlock.acquire(out)
     assert len(notes) == 1 and "took over" in notes[0] and "node-17" in notes[0], notes
     assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # the holder's heartbeat keeps the lease fresh
+    os.utime(lock, (old, old))
+    assert runlock.refresh() >= 1 and time.time() - lock.stat().st_mtime < 60
     runlock.release(path)
     assert not lock.exists()
     # same host: a live process holds it -> refused; once it is gone (or its pid reused) -> taken over

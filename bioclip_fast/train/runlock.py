@@ -131,17 +131,26 @@ _held_lock = threading.Lock()
 _beat: threading.Thread | None = None
 
 
+def refresh() -> int:
+    """Refresh the lease (mtime) of every lock this process still holds; returns how many. The heartbeat thread
+    calls it every HEARTBEAT_S seconds."""
+    with _held_lock:
+        items = list(_held.items())
+    n = 0
+    for path, text in items:
+        try:
+            if Path(path).read_text() == text:  # still ours (not taken over as stale meanwhile)
+                os.utime(path)
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
 def _heartbeat() -> None:
     while True:
         time.sleep(HEARTBEAT_S)
-        with _held_lock:
-            items = list(_held.items())
-        for path, text in items:
-            try:
-                if Path(path).read_text() == text:  # still ours: refresh the lease
-                    os.utime(path)
-            except OSError:
-                pass
+        refresh()
 
 
 def _release_all() -> None:
