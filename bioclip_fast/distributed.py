@@ -46,16 +46,25 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = ctx.world_size
         grad = grad.contiguous()
         if dist.get_backend() == dist.Backend.NCCL:
-            gx = grad.new_empty((grad.shape[0] // w, *grad.shape[1:]))
-            _reduce_scatter_single(gx, grad)
-        else:
-            parts = torch.empty_like(grad)
-            dist.all_to_all_single(parts, grad)  # slice r of every rank's gradient arrives here, in rank order
-            gx = parts.view(w, -1, *grad.shape[1:]).sum(dim=0)
-        return gx, None
+            return reduce_scatter_sum(grad, ctx.world_size), None
+        return all_to_all_sum(grad, ctx.world_size), None
+
+
+def reduce_scatter_sum(grad: torch.Tensor, world_size: int) -> torch.Tensor:
+    """This rank's dim-0 slice of the sum over ranks of `grad` (one reduce-scatter)."""
+    out = grad.new_empty((grad.shape[0] // world_size, *grad.shape[1:]))
+    _reduce_scatter_single(out, grad)
+    return out
+
+
+def all_to_all_sum(grad: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The same as :func:`reduce_scatter_sum` for backends without reduce-scatter: slice r of every rank's `grad`
+    arrives at rank r (all-to-all) and is summed in rank order."""
+    parts = torch.empty_like(grad)
+    dist.all_to_all_single(parts, grad)
+    return parts.view(world_size, -1, *grad.shape[1:]).sum(dim=0)
 
 
 def all_gather_with_grad(t: torch.Tensor, *, name: str = "tensor", world_size: int | None = None) -> torch.Tensor:

@@ -100,6 +100,10 @@ WORKER_OK = """
         from torch.distributed.nn.functional import all_gather
         (torch.cat(all_gather(x), 0) * w).sin().sum().backward()
     report["grad_equal"] = bool(torch.equal(ours, x.grad))
+    # the NCCL branch (reduce-scatter) gives the gloo branch's numbers (two ranks: one addition, order-free)
+    from bioclip_fast.distributed import all_to_all_sum, reduce_scatter_sum
+    grad = torch.randn(10, 7, generator=g)
+    report["scatter_equal"] = bool(torch.equal(reduce_scatter_sum(grad, 2), all_to_all_sum(grad, 2)))
 
     # 3. item 5: three of the seven shards are deleted after the loader indexed them
     data = out / "shards"
@@ -132,7 +136,7 @@ def test_two_ranks_manifestless_checkpoint_warnings_gradients_and_bad_samples(tm
     assert [r["resumed_step"] for r in reps] == [1, 1], reps
     assert "step_00000002: manifest.json is missing" in proc.stderr, proc.stderr[-3000:]
     # item 4: the same gradients as torch.distributed.nn's all_gather, and no warning in the training steps
-    assert [r["grad_equal"] for r in reps] == [True, True]
+    assert [r["grad_equal"] for r in reps] == [True, True] and [r["scatter_equal"] for r in reps] == [True, True]
     assert "FutureWarning" not in proc.stderr and "is deprecated" not in proc.stderr, proc.stderr[-3000:]
     # item 5: every rank's bad samples and damaged shards are in results.json
     res = json.loads((tmp_path / "bad" / "results.json").read_text())["loader_stats"]
