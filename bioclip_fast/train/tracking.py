@@ -140,4 +140,11 @@ def open_trackers(values: list[str] | None, run_dir: Path, *, resume_step: int, 
     names = parse_report_to(values)
     if not names:
         return None
-    return Trackers(names, run_dir, resume_step=resume_step, config=config, project=project)
+    try:
+        return Trackers(names, run_dir, resume_step=resume_step, config=config, project=project)
+    except Exception as e:  # noqa: BLE001 - e.g. WANDB_MODE=online without an API key: one line, not a traceback
+        from bioclip_fast.train.config import ConfigError
+
+        text = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ConfigError(f"report_to: could not start {', '.join(names)} logging ({type(e).__name__}: {text}); "
+                          f"for W&B without an account or network use WANDB_MODE=offline") from e
