@@ -88,9 +88,9 @@ class Trackers:
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: readers drop what an interrupted run logged at or after the first re-done step
-            self.writers.append(SummaryWriter(log_dir=str(run_dir / "tensorboard"),
-                                              purge_step=resume_step + 1 if resume_step else None))
+            # purge_step: readers drop what an earlier attempt logged at or after this run's first step (a resumed
+            # run's first re-done step; step 1 for a --resume auto run that found no checkpoint)
+            self.writers.append(SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step + 1))
         if "wandb" in names:
             import wandb
 
