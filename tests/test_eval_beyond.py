@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from _fixtures_eval import corrupt, make_awa2, make_fishnet, make_herbarium19, make_newt, make_plantdoc
+from _fixtures_eval import (corrupt, make_awa2, make_fishnet, make_herbarium19, make_newt, make_plantdoc,
+                            reference_fishnet_rows)
 from bioclip_fast.errors import DataError
 
 
@@ -45,7 +46,11 @@ def test_fishnet_end_to_end(tmp_path, micro):
     paths, y, _ = fishnet.read_split(root, "train")
     assert len(paths) == 16 and y.shape == (16, 9)  # the row with an empty target is dropped
     assert y[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 0]  # pelagic -> 1; marine -> saltwater
-    assert paths[0] == root / "Image_Library" / "Family0" / "train_0.jpg"  # file name of column 5, folder column 14
+    assert paths[0] == root / "Image_Library" / "Family0" / "train_0.jpg"  # file name of `image`, folder `Folder`
+    for split in ("train", "test"):  # the published header read as the reference reads it (after with_row_index)
+        p, t, _ = fishnet.read_split(root, split)
+        ref = reference_fishnet_rows(root / f"{split}.csv")
+        assert [(q.name, q.parent.name, list(v)) for q, v in zip(p, t.tolist())] == ref
     res = fishnet.evaluate(*micro, root, runs=2, epochs=5)
     assert res["n_train"] == 16 and res["n_test"] == 8 and len(res["runs"]) == 2
     # the score is the exact-match accuracy of the seeded probe on raw features
