@@ -243,7 +243,9 @@ def tables(results: dict[str, dict[str, Any]], found: dict[str, Path]) -> tuple[
     sp = [(k, n, g) for k, n, g, _, _ in SPECIES if k in found]
     by = [(k, n, g) for k, n, g, _ in BEYOND if k in found]
     md, rows_json = [], {}
-    notes = {(m, k): i + 1 for i, (m, k, _) in enumerate(failures(results))}
+    fail = failures(results)
+    reasons = list(dict.fromkeys(reason for _, _, reason in fail))  # one note per distinct reason
+    notes = {(m, k): reasons.index(reason) + 1 for m, k, reason in fail}
 
     def table(title: str, items, group: str, get, intro: str) -> None:
         rows, md_rows = [], []
@@ -284,12 +286,14 @@ def tables(results: dict[str, dict[str, Any]], found: dict[str, Path]) -> tuple[
         intro = "Metrics: " + "; ".join(f"{n} — {m}" for n, m in metric.items()) + \
                 f". Mean over the {len(by)} benchmarks present."
         table("Beyond species classification (%)", by, "beyond", lambda b: b["score"], intro)
-    fail = failures(results)
     if fail:
         names = {k: n for k, n, *_ in SPECIES + BEYOND}
         md += ["## Failed benchmarks", "", "The other results are complete; the Mean of a row with a failed benchmark "
                "is left undefined.", ""]
-        md += [f"{notes[(m, k)]}. {m} / {names[k]}: {reason}" for m, k, reason in fail] + [""]
+        for i, reason in enumerate(reasons):
+            cells = ", ".join(f"{m} / {names[k]}" for m, k, r in fail if r == reason)
+            md.append(f"{i + 1}. {reason} ({cells})")
+        md.append("")
     flags = sorted({f for r in results.values() for g in ("species", "beyond") for b in r[g].values()
                     for f in b.get("flags", [])})
     if flags:
