@@ -286,6 +286,13 @@ def test_eval_two_classes_says_top3_top5_are_trivial_and_names_the_cli_flag(tmp_
     assert r["notes"] == ["top-3 and top-5 are 100% by construction: only 2 classes (k ≥ the number of classes)"]
     md = (out / "results.md").read_text()
     assert "top-3 and top-5 are 100% by construction: only 2 classes" in md and "1/2 = 50.0%" in md
+    # several models, one of them corrupt: the others are evaluated and written, exit 2 at the end
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    rc = main(["eval", "--checkpoint", str(tmp_path / "broken.pt"), "--checkpoint", str(tmp_path / "run"),
+               "--data", str(root / "metadata.csv"), "--tasks", "zeroshot", "--out", str(out), "--no-progress"])
+    assert rc == 2 and "1 task(s) not computed (first: broken / model" in capsys.readouterr().err
+    both = json.loads((out / "results.json").read_text())["results"]
+    assert both["run"]["zeroshot"]["top1"] == r["top1"] and "model" in both["broken"]["errors"]
     # a CSV whose label column cannot be guessed: the error names the CLI flag, before any model is loaded
     (tmp_path / "odd.csv").write_text("filepath,taxon_label\n0000/0.jpg,a\n")
     rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "odd.csv"),

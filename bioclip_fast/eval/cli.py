@@ -392,7 +392,7 @@ def validate(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bioclip_fast.errors import EXIT_USAGE
+    from bioclip_fast.errors import EXIT_USAGE, UsageError, one_line
     from bioclip_fast.eval.report import confusion_matrix, markdown_table, plot_confusion, write_json
 
     tasks = validate(args)
@@ -413,7 +413,14 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     t0 = time.time()
     for name, ckpt in zip(labels, ckpts):
-        r = evaluate_checkpoint(ckpt, args, tasks, device)
+        try:
+            r = evaluate_checkpoint(ckpt, args, tasks, device)
+        except (UsageError, OSError, ValueError) as e:
+            if len(ckpts) == 1 or getattr(args, "debug", False):
+                raise
+            # several models: this one is recorded with its reason, the others go on (exit 2 at the end)
+            r = {"checkpoint": str(ckpt), "errors": {"model": one_line(e)}, "skipped_images": skipped_summary([])}
+            print(f"warning: {name}: not evaluated: {one_line(e)}", file=sys.stderr)
         warn_skipped(name, r["skipped_images"])
         conf = r.pop("_confusion", None)
         if conf is not None:
@@ -430,7 +437,8 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(rows, columns, pct_columns=pct)
     meta = {"tasks": tasks, "device": device, "seconds": round(time.time() - t0, 2), "args": vars(args)}
     write_json(out / "results.json", {"meta": meta, "results": results})
-    md = [f"# Evaluation on {results[labels[0]]['data']}", "",
+    data_desc = next((r["data"] for r in results.values() if "data" in r), str(args.data))
+    md = [f"# Evaluation on {data_desc}", "",
           f"Accuracies in %. Zero-shot: {args.templates} templates, text types {args.text_types}; few-shot: "
           f"{args.fewshot_protocol} protocol, {args.folds} folds.", "", table]
     for name, r in results.items():
