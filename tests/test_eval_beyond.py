@@ -283,6 +283,25 @@ def _reference_plantdoc(x_tr, y_tr, x_te, y_te, *, seed, repeats, batch_size=4):
     return scores
 
 
+def test_image_folder_lists_what_torchvision_imagefolder_lists(tmp_path):
+    """PlantDoc / Herbarium19 samples in the reference's ImageFolder order and count (nested folders, upper-case
+    extensions, files ImageFolder ignores), since the reference's draws index into that order."""
+    from torchvision.datasets import ImageFolder
+
+    from _fixtures_eval import write_image
+    from bioclip_fast.eval.beyond.plantdoc import image_folder
+
+    root = make_plantdoc(tmp_path / "pd", n_train=3)
+    write_image(root / "train" / "Apple leaf" / "sub" / "0.jpg", 0, 9)
+    write_image(root / "train" / "Apple leaf" / "Z.JPG", 0, 8)
+    (root / "train" / "Apple leaf" / "notes.txt").write_text("x")
+    write_image(root / "train" / "Corn leaf blight" / "a.gif", 2, 7)
+    paths, labels, classes = image_folder(root / "train")
+    ref = ImageFolder(str(root / "train"))
+    assert [(str(p), int(y)) for p, y in zip(paths, labels)] == [(p, y) for p, y in ref.samples]
+    assert classes == ref.classes
+
+
 def test_plantdoc_draws_follow_the_reference_loader_order():
     """On features where it matters, the reference's draws (over its shuffled loader's order) are ours, and differ
     from drawing over the sorted ImageFolder order."""

@@ -31,20 +31,27 @@ from typing import Any
 import numpy as np
 
 from bioclip_fast.eval.beyond.common import extract_features, require, summarize_runs
-from bioclip_fast.eval.datasets import IMAGE_EXTENSIONS
+
+
+# torchvision.datasets.folder.IMG_EXTENSIONS: the files an ImageFolder lists (the reference's sample order and count)
+IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """torchvision ImageFolder order: classes sorted, files sorted within each class."""
+    """torchvision ImageFolder order: classes sorted, then each class folder walked as ``make_dataset`` walks it
+    (``sorted(os.walk(...))``, files sorted, torchvision's extensions, case-insensitive)."""
+    import os
+
     from bioclip_fast.errors import DataError
 
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     paths, labels = [], []
     for i, c in enumerate(classes):
-        for f in sorted((root / c).iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(f)
-                labels.append(i)
+        for dirpath, _, fnames in sorted(os.walk(root / c, followlinks=True)):
+            for f in sorted(fnames):
+                if f.lower().endswith(IMAGEFOLDER_EXTENSIONS):
+                    paths.append(Path(dirpath) / f)
+                    labels.append(i)
     if not paths:
         raise DataError(f"{root}: no class folders with images")
     return paths, np.asarray(labels, dtype=np.int64), classes
