@@ -105,6 +105,12 @@ def test_suite_table_in_the_paper_layout(data_root, two_models, capsys, monkeypa
     assert "| Model | NABirds | Camera Trap | PlantVillage | Rare Species | Mean |" in md
     assert "| Model | FishNet | NeWT | AwA2 | Herbarium19 | PlantDoc | Mean |" in md
     assert "Absent benchmarks (skipped): plankton" in md and "Skipped images" in md and "1.jpg" in md
+    # slurm/eval_other.sh's probe settings by default, its quirks flagged
+    fish = res["results"]["a"]["beyond"]["fishnet"]
+    assert "Adam lr 0.0001" in fish["protocol"] and "batch 256" in fish["protocol"]
+    assert "Adam lr 1e-05" in res["results"]["a"]["beyond"]["awa2"]["protocol"]
+    assert res["results"]["a"]["beyond"]["plantdoc"]["label_protocol"] == "reference"
+    assert "## Reference quirks reproduced (flagged)" in md and "scored with dropout on" in md
     assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
 
 
