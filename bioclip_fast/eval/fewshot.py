@@ -7,13 +7,14 @@ each drawing a fresh k-shot support set.
 Two protocols:
 
 * :func:`reference_few_shot_eval` — the BioCLIP 2 reference's (``split_few_shot_examples`` in the bioclip-2
-  repository's ``src/evaluation/classification.py``): for fold ``f``, ``random.seed(f)`` (Python's generator), then per
-  class, in order of first appearance, shuffle the class's images and take the first k as support; **every other
-  image of the dataset is a query**. A class with fewer than k images is an error. The default of ``bioclip-fast
-  eval``; with ``rare_classes="leave_out"`` a class with fewer than k images is left out of that k (and named) instead
-  of stopping everything. Ambiguity: the older ``few_shot.py`` shuffles each class's list *in place*, so its folds (and its 5-shot
-  draws, which follow the 1-shot folds) compound; the combined ``classification.py`` shuffles a copy per fold, which
-  is what we reproduce (a fold's draw depends only on its index).
+  repository's ``src/evaluation/classification.py``): for fold ``f``, ``random.seed(f)`` (Python's generator),
+  then per class, in order of first appearance, shuffle the class's images and take the first k as support;
+  **every other image of the dataset is a query**. A class with fewer than k images is an error there;
+  ``bioclip-fast eval`` (whose default protocol this is) passes ``rare_classes="leave_out"``: such a class is left
+  out of that k (and named) instead of stopping everything. Ambiguity: the older ``few_shot.py`` shuffles each class's list *in
+  place*, so its folds (and its 5-shot draws, which follow the 1-shot folds) compound; the combined
+  ``classification.py`` shuffles a copy per fold, which is what we reproduce (a fold's draw depends only on its
+  index).
 * :func:`few_shot_eval` — support drawn from one set with numpy streams seeded by (seed, k, fold), queries either the
   rest or a separate query set (``bioclip-fast eval --fewshot-protocol split``).
 """

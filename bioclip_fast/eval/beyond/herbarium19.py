@@ -15,11 +15,12 @@ Protocol (semi-supervised k-means, GCD): the labelled set is 80% of the Old clas
 ``np.random.choice(n, int(0.8 n), replace=False)``); every other image is unlabelled. Features are L2-normalized.
 Semi-supervised k-means with K = #Old + #New: the labelled classes, renumbered 0..L-1 as the reference does, give
 the first L centres (their means), the others come from k-means++ (squared Euclidean) over the unlabelled features;
-each iteration assigns unlabelled images to the nearest centre while labelled images keep their class, recomputes the
-centres, and stops after 10 iterations or when the squared centre shift falls below 1e-4; the labels kept are those
-of the iteration with the lowest inertia, as the reference keeps them. The score is the clustering accuracy on the unlabelled images, with the
-Hungarian matching computed separately for Old-class and New-class images ("All" accuracy), mean and std over 3 runs
-(k-means++ seeded ``seed + run``). Deviation: an empty cluster keeps its previous centre (GCD's would turn NaN).
+each iteration assigns unlabelled images to the nearest centre while labelled images keep their class, recomputes
+the centres, and stops after 10 iterations or when the squared centre shift falls below 1e-4; the labels kept are
+those of the iteration with the lowest inertia, as the reference keeps them. The score is the clustering accuracy on
+the unlabelled images, with the Hungarian matching computed separately for Old-class and New-class images ("All"
+accuracy), mean and std over 3 runs (k-means++ seeded ``seed + run``). Deviation: an empty cluster keeps its
+previous centre (GCD's would turn NaN).
 """
 from __future__ import annotations
 
