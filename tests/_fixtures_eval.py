@@ -65,13 +65,18 @@ def make_asis(root: Path, labels=("Oak Titmouse", "Blue Jay (Adult)", "Dark-eyed
     return root
 
 
-FISHNET_HEADER = ["ID", "Kingdom", "Class", "Order", "image", "Family", "Genus", "Species", "Source", "Length",
-                  "Weight", "Depth", "Status", "Folder", "Note", "FeedingPath", "Tropical", "Temperate",
-                  "Subtropical", "Boreal", "Polar", "freshwater", "saltwater", "brackish"]
+# The published FishNet anns/{train,test}.csv header: a pandas index column ("") and "Unnamed: 0" (the CSV was
+# written twice with its index), then species, image, SpecCode, ..., Folder, Troph, FeedingPath and the eight habitat
+# columns. The seven columns between SpecCode and Folder are not named in what we compare against; placeholders here
+# keep every position where the published file has it (image = column 3, Folder = 12, FeedingPath = 14).
+FISHNET_HEADER = ["Unnamed: 0", "species", "image", "SpecCode", "Genus", "Family", "Order", "Class", "Source",
+                  "Length", "Note", "Folder", "Troph", "FeedingPath", "Tropical", "Temperate", "Subtropical", "Boreal",
+                  "Polar", "freshwater", "saltwater", "brackish"]
 
 
 def make_fishnet(root: Path, n_train: int = 16, n_test: int = 8, n_species: int = 4) -> Path:
-    """FishNet layout: train.csv / test.csv (image at column 5, folder at 14, 9 targets) + Image_Library/.
+    """FishNet layout: train.csv / test.csv with the published header (see FISHNET_HEADER: a leading unnamed index
+    column; SpecCode empty, Troph numeric, as in the release) + Image_Library/<Folder>/<image file>.
     Species ``G sp<i % n_species>``; odd species are marine, even ones freshwater."""
     for split, n in (("train", n_train), ("test", n_test)):
         rows = []
@@ -81,15 +86,39 @@ def make_fishnet(root: Path, n_train: int = 16, n_test: int = 8, n_species: int 
             folder = f"Family{marine}"
             name = f"{split}_{i}.jpg"
             write_image(root / "Image_Library" / folder / name, 10 + sp, i + (0 if split == "train" else 500))
-            rec = [i, "Animalia", "Actinopterygii", "Perciformes", f"some/dir/{name}", folder, "G", f"G sp{sp}",
-                   "x", "1", "1", "1", "ok", folder, "", "pelagic" if marine else "benthic",
-                   1, 0, 0, 0, 0, 1 - marine, marine, 0]
+            rec = [i, f"G sp{sp}", f"some/dir/{name}", "", "G", folder, "Perciformes", "Actinopterygii", "x", "1",
+                   "", folder, "3.5", "pelagic" if marine else "benthic", 1, 0, 0, 0, 0, 1 - marine, marine, 0]
             rows.append(rec)
         # one row with a missing target: dropped, as by the reference's null filter
-        rows.append([99, "Animalia", "A", "P", "x/missing.jpg", "F", "G", "S", "x", "", "", "", "", "Family0", "",
-                     "benthic", "", 0, 0, 0, 0, 1, 0, 0])
-        write_csv(root / f"{split}.csv", FISHNET_HEADER, rows, index=False)
+        rows.append([99, "G sp0", "x/missing.jpg", "", "G", "F", "P", "A", "x", "", "", "Family0", "", "benthic",
+                     "", 0, 0, 0, 0, 1, 0, 0])
+        write_csv(root / f"{split}.csv", FISHNET_HEADER, rows, index=True)
     return root
+
+
+def reference_fishnet_rows(csv_path: Path) -> list[tuple[str, str, list]]:
+    """A port of the reference's FishNet ImageDataset (``src/evaluation/fishnet.py``) reading: ``pl.read_csv(...)
+    .with_row_index()`` (a row-index column in front), drop rows with a null in any target column, then the image
+    name at position 4 (its file name), the folder at 13 and the targets at 15..23 (FeedingPath pelagic = 1)."""
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = ["index"] + next(reader)
+        rows = [[i] + [None if v == "" else v for v in rec] for i, rec in enumerate(reader)]
+    targets = ["FeedingPath", "Tropical", "Temperate", "Subtropical", "Boreal", "Polar", "freshwater", "saltwater",
+               "brackish"]
+    for col in targets:
+        j = header.index(col)
+        rows = [r for r in rows if r[j] is not None]
+    out = []
+    for r in rows:
+        label = []
+        for col in range(15, 24):
+            v = r[col]
+            if col == 15:
+                v = {"pelagic": 1, "benthic": 0}[v]
+            label.append(int(float(v)))
+        out.append((r[4].split("/")[-1], r[13], label))
+    return out
 
 
 def make_newt(root: Path, n_tasks: int = 2, n_train: int = 10, n_test: int = 4, life_stage_tasks: int = 1) -> Path:

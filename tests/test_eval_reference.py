@@ -51,6 +51,27 @@ def test_reference_naming_rules():
         resolve_text_types("latin")
 
 
+def test_as_is_uses_the_class_column_when_ranks_are_present(tmp_path):
+    """The reference's to_classes("asis") returns the `class` column even when the CSV has rank columns (cls,
+    genus, species, ...) and a scientific name; as_is must not become genus + epithet."""
+    from _fixtures_eval import write_csv, write_image
+
+    from bioclip_fast.eval.datasets import load_eval_data
+
+    rows = []
+    for c, (genus, sp, label) in enumerate([("baeolophus", "inornatus", "Oak Titmouse (adult)"),
+                                            ("cyanocitta", "cristata", "Blue Jay (adult)")]):
+        for i in range(2):
+            write_image(tmp_path / f"{c}/{i}.jpg", c, i)
+            rows.append([f"{c}/{i}.jpg", "animalia", "chordata", "aves", "passeriformes", "x", genus, sp, label,
+                         f"{genus.capitalize()} {sp}"])
+    write_csv(tmp_path / "metadata.csv", ["filepath", "kingdom", "phylum", "cls", "order", "family", "genus",
+                                          "species", "class", "scientific_name"], rows)
+    data = load_eval_data(tmp_path / "metadata.csv", preprocess=lambda im: im)
+    assert sorted(class_text(c, "as_is") for c in data.classes) == ["Blue Jay (adult)", "Oak Titmouse (adult)"]
+    assert sorted(class_text(c, "scientific") for c in data.classes) == ["Baeolophus inornatus", "Cyanocitta cristata"]
+
+
 def test_bioclip2_templates_are_the_training_caption_plus_openai_80():
     t81 = resolve_templates("bioclip2")
     assert len(t81) == 81 and t81[0] == "a photo of {}." and t81[1:] == resolve_templates("openai")
@@ -188,10 +209,93 @@ def test_eval_cli_missing_checkpoint_and_small_class(tmp_path, micro, capsys):
     rc = main(["eval", "--checkpoint", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "absent" in err and "Traceback" not in err
-    # a class with fewer than k images is an error under the reference protocol (as in the reference)
+    # every class below k: that k cannot be scored (said before the model is loaded, and at the end: exit 2), but
+    # the results of what could run are written
     save_model(tmp_path / "run" / "model.pt", micro[0], {})
     root = make_asis(tmp_path / "few", per_class=3)
     rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(root / "metadata.csv"),
-               "--tasks", "fewshot", "--shots", "5", "--out", str(tmp_path / "o"), "--no-progress"])
+               "--tasks", "fewshot", "--shots", "1,5", "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "fewer than the requested 5-shot" in err and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
+    assert "5-shot: 3 of 3 classes have fewer than 5 images" in err  # before any work
+    assert "5-shot: only 0 class(es) have at least 5 images" in err.strip().splitlines()[-1]
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["run"]
+    assert res["fewshot"]["1-shot"]["top1"] is not None and res["fewshot"]["5-shot"]["top1"] is None
+
+
+def test_eval_default_tasks_on_a_user_csv_with_a_rare_class(tmp_path, micro, capsys):
+    """A biologist's CSV: four species, one with only 4 images. The default tasks all run: 5-shot over the three
+    species with >= 5 images (the one left out named, before any work and in the results), 1-shot over all four, the
+    chance level of what was scored stated beside the accuracies."""
+    from _fixtures_eval import write_csv, write_image
+
+    from bioclip_fast.cli import main
+    from bioclip_fast.model import save_model
+
+    save_model(tmp_path / "run" / "model.pt", micro[0], {})
+    rows = []
+    for c, (name, n) in enumerate([("Corvus corax", 4), ("Pica pica", 7), ("Parus major", 7), ("Sitta europaea", 7)]):
+        for i in range(n):
+            write_image(tmp_path / "birds" / f"{c}_{i}.jpg", c, i)
+            rows.append([f"{c}_{i}.jpg", name])
+    write_csv(tmp_path / "birds" / "metadata.csv", ["filepath", "scientific_name"], rows, index=False)
+    out = tmp_path / "o"
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "birds" / "metadata.csv"),
+               "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.index("5-shot: 1 of 4 classes have fewer than 5 images: Corvus corax (4)") < err.index("left out 1")
+    r = json.loads((out / "results.json").read_text())["results"]["run"]
+    assert {"zeroshot", "fewshot", "linear"} <= set(r) and "errors" not in r
+    assert r["fewshot"]["5-shot"]["left_out"] == ["Corvus corax"] and r["fewshot"]["5-shot"]["classes"] == 3
+    assert r["fewshot"]["5-shot"]["n_query"] == [3 * 7 - 15] * 5
+    assert r["fewshot"]["1-shot"]["classes"] == 4 and r["fewshot"]["1-shot"]["left_out"] == []
+    assert r["zeroshot"]["chance_top1"] == pytest.approx(0.25)
+    assert r["zeroshot"]["notes"] == ["top-5 is 100% by construction: only 4 classes (k ≥ the number of classes)"]
+    md = (out / "results.md").read_text()
+    assert "chance (top-1) = 1/4 = 25.0%" in md
+    assert "5-shot scored over 3 classes (chance 33.3%); left out, fewer than 5 images: Corvus corax" in md
+    assert "| model | classes | chance top-1 | zero-shot top-1 |" in md and "| 25.0 |" in md
+
+
+def test_leave_out_equals_the_reference_on_the_kept_classes():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.array(["a", "b", "c", "d"]), [3, 8, 6, 9])
+    x = rng.normal(size=(len(y), 12))
+    res = reference_few_shot_eval(x, y, shots=(1, 5), folds=3, rare_classes="leave_out")
+    keep = y != "a"
+    ref = reference_few_shot_eval(x[keep], y[keep], shots=(5,), folds=3)
+    assert res["5-shot"]["folds"] == ref["5-shot"]["folds"] and res["5-shot"]["left_out"] == ["a"]
+    assert res["1-shot"]["folds"] == reference_few_shot_eval(x, y, shots=(1,), folds=3)["1-shot"]["folds"]
+    lone = reference_few_shot_eval(x, y, shots=(9,), folds=1, rare_classes="leave_out")["9-shot"]
+    assert lone["top1"] is None and "only 1 class(es) have at least 9 images" in lone["error"]
+
+
+def test_eval_two_classes_says_top3_top5_are_trivial_and_names_the_cli_flag(tmp_path, micro, capsys):
+    from bioclip_fast.cli import main
+    from bioclip_fast.model import save_model
+
+    save_model(tmp_path / "run" / "model.pt", micro[0], {})
+    root = make_asis(tmp_path / "two", labels=("Oak Titmouse", "Blue Jay"), per_class=6)
+    out = tmp_path / "o"
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(root / "metadata.csv"),
+               "--tasks", "zeroshot", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    r = json.loads((out / "results.json").read_text())["results"]["run"]["zeroshot"]
+    assert r["top3"] == r["top5"] == 1.0
+    assert r["notes"] == ["top-3 and top-5 are 100% by construction: only 2 classes (k ≥ the number of classes)"]
+    md = (out / "results.md").read_text()
+    assert "top-3 and top-5 are 100% by construction: only 2 classes" in md and "1/2 = 50.0%" in md
+    # several models, one of them corrupt: the others are evaluated and written, exit 2 at the end
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    rc = main(["eval", "--checkpoint", str(tmp_path / "broken.pt"), "--checkpoint", str(tmp_path / "run"),
+               "--data", str(root / "metadata.csv"), "--tasks", "zeroshot", "--out", str(out), "--no-progress"])
+    assert rc == 2 and "1 task(s) not computed (first: broken / model" in capsys.readouterr().err
+    both = json.loads((out / "results.json").read_text())["results"]
+    assert both["run"]["zeroshot"]["top1"] == r["top1"] and "model" in both["broken"]["errors"]
+    # a CSV whose label column cannot be guessed: the error names the CLI flag, before any model is loaded
+    (tmp_path / "odd.csv").write_text("filepath,taxon_label\n0000/0.jpg,a\n")
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "odd.csv"),
+               "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--label-column" in err and len(err.strip().splitlines()) == 1

@@ -105,6 +105,12 @@ def test_suite_table_in_the_paper_layout(data_root, two_models, capsys, monkeypa
     assert "| Model | NABirds | Camera Trap | PlantVillage | Rare Species | Mean |" in md
     assert "| Model | FishNet | NeWT | AwA2 | Herbarium19 | PlantDoc | Mean |" in md
     assert "Absent benchmarks (skipped): plankton" in md and "Skipped images" in md and "1.jpg" in md
+    # slurm/eval_other.sh's probe settings by default, its quirks flagged
+    fish = res["results"]["a"]["beyond"]["fishnet"]
+    assert "Adam lr 0.0001" in fish["protocol"] and "batch 256" in fish["protocol"]
+    assert "Adam lr 1e-05" in res["results"]["a"]["beyond"]["awa2"]["protocol"]
+    assert res["results"]["a"]["beyond"]["plantdoc"]["label_protocol"] == "reference"
+    assert "## Reference quirks reproduced (flagged)" in md and "scored with dropout on" in md
     assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -176,3 +182,57 @@ def test_suite_on_a_hub_snapshot_folder(tmp_path, monkeypatch):
     a, b = res["bioclip-2-snapshot"], res["ours"]
     assert a["species"]["rare_species"]["zeroshot"] == b["species"]["rare_species"]["zeroshot"]
     assert a["beyond"]["plantdoc"]["runs"] == pytest.approx(b["beyond"]["plantdoc"]["runs"])
+
+
+def test_suite_several_models_one_table_and_failures_keep_every_other_result(tmp_path, capsys):
+    """A hub snapshot, our run and a corrupt checkpoint in one suite run, over a root where one benchmark's layout
+    is broken (caught before any model is loaded) and one fails while running (no readable test image): every other
+    result is written, one table row per model in the order given, the paper's column order, each failed cell marked
+    with its reason, and the exit status is 2 only at the end."""
+    from bioclip_fast.cli import main
+    from bioclip_fast.model import create_model, save_model
+
+    torch.manual_seed(3)
+    snap = _hub_snapshot(tmp_path / "bioclip-2", create_model("bioclip-micro"))
+    torch.manual_seed(4)
+    save_model(tmp_path / "runs" / "ours" / "model.pt", create_model("bioclip-micro"), {})
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    root = tmp_path / "benchmarks"
+    make_rare_species(root / "rare_species")
+    make_asis(root / "nabirds")
+    make_fishnet(root / "fishnet")
+    (root / "fishnet" / "test.csv").write_text("a,b\n1,2\n")  # broken layout
+    make_plantdoc(root / "plantdoc")
+    for f in (root / "plantdoc" / "test").rglob("*.jpg"):
+        corrupt(f, "garbage")  # fails when run
+    out = tmp_path / "suite"
+    rc = main(["eval", "--suite", "bioclip2", "--data-root", str(root), "--checkpoint", str(snap),
+               "--checkpoint", str(tmp_path / "runs" / "ours"), "--checkpoint", str(tmp_path / "broken.pt"),
+               "--runs", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.index("error: fishnet") < err.index("bioclip-2:")  # the layout check comes before any model
+    assert "error: 8 of 12 benchmark runs failed" in err.strip().splitlines()[-1]
+    for f in ("suite.json", "suite.md", "suite.png"):
+        assert (out / f).is_file()
+    res = json.loads((out / "suite.json").read_text())
+    assert list(res["results"]) == ["bioclip-2", "ours", "broken"]
+    for m in ("bioclip-2", "ours"):
+        r = res["results"][m]
+        assert 0 <= r["species"]["rare_species"]["zeroshot"]["top1"] <= 1 and "error" not in r["species"]["nabirds"]
+        assert "FishNet columns" in r["beyond"]["fishnet"]["error"]
+        assert "no readable image" in r["beyond"]["plantdoc"]["error"]
+    assert all("model not loaded" in b["error"] for g in ("species", "beyond")
+               for b in res["results"]["broken"][g].values())
+    zs = res["tables"]["Species classification: zero-shot top-1 (%)"]
+    assert [row["Model"] for row in zs] == ["bioclip-2", "ours", "broken"]
+    assert list(zs[0]) == ["Model", "NABirds", "Rare Species", "Mean"]  # the paper's order, not the folders'
+    assert zs[0]["Mean"] == pytest.approx((zs[0]["NABirds"] + zs[0]["Rare Species"]) / 2)
+    assert zs[2]["NABirds"] is None and zs[2]["Mean"] is None and "model not loaded" in zs[2]["failed"]["NABirds"]
+    beyond = res["tables"]["Beyond species classification (%)"][1]
+    assert beyond["FishNet"] is None and beyond["Mean"] is None and set(beyond["failed"]) == {"FishNet", "PlantDoc"}
+    md = (out / "suite.md").read_text()
+    assert "| Model | NABirds | Rare Species | Mean |" in md and "| Model | FishNet | PlantDoc | Mean |" in md
+    assert "| ours | failed [1] | failed [2] | – |" in md and "| broken | failed [3] | failed [3] | – |" in md
+    assert "## Failed benchmarks" in md and "(bioclip-2 / FishNet, ours / FishNet)" in md
+    assert "(broken / NABirds, broken / Rare Species, broken / FishNet, broken / PlantDoc)" in md

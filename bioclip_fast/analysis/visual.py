@@ -57,7 +57,7 @@ def read_fishnet_habitat(root: str | Path) -> tuple[list[Path], list[str], list[
                 g = r[genus_col].strip() if genus_col else ""
                 s = s if (not g or s.startswith(g)) else f"{g} {s}"
             else:
-                s = list(r.values())[fishnet.FOLDER_COL]
+                s = next((v for k, v in r.items() if k.strip().lower() == fishnet.FOLDER_COLUMN.lower()), "")
             fresh, salt = int(t[6]), int(t[7])
             if not (fresh or salt):
                 continue

@@ -63,7 +63,10 @@ def _make_class(row: dict[str, str], label_column: str, label: str, rank_in_clas
     if ranks or (rank_in_class and row.get("class")) or row.get("scientific_name"):
         from bioclip_fast.eval.naming import ReferenceTaxon
 
-        return ReferenceTaxon.from_row(row, label=label, class_is_rank=rank_in_class)
+        # as_is text: the reference's `class` column (its to_classes("asis") returns data["class"]) whenever `class`
+        # is a label rather than our rank column; else the label itself
+        as_is = row["class"] if not rank_in_class and row.get("class") else label
+        return ReferenceTaxon.from_row(row, label=as_is, class_is_rank=rank_in_class)
     return label
 
 
@@ -74,7 +77,8 @@ def default_label_column(columns: Sequence[str]) -> str:
     if "class" in columns and not class_is_rank(columns):
         return "class"  # the reference's as-is label
     raise ValueError(
-        f"cannot guess the label column from {list(columns)}; pass label_column= (e.g. 'scientific_name')"
+        f"cannot guess the label column from {list(columns)}; name it with --label-column (label_column= in Python), "
+        "e.g. --label-column scientific_name"
     )
 
 
@@ -82,8 +86,8 @@ def default_image_column(columns: Sequence[str]) -> str:
     for col in IMAGE_COLUMNS:
         if col in columns:
             return col
-    raise ValueError(f"no image column among {list(columns)}; expected one of {IMAGE_COLUMNS} (or pass "
-                     "image_column=)")
+    raise ValueError(f"no image column among {list(columns)}; expected one of {IMAGE_COLUMNS} (or name it with "
+                     "--image-column; image_column= in Python)")
 
 
 def collate_skipping(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -135,10 +139,10 @@ class ImageCsvDataset(Dataset):
         if image_column is None or (image_column == "image" and "image" not in columns):
             image_column = default_image_column(columns)
         if image_column not in columns:
-            raise ValueError(f"image_column={image_column!r} is not a column; columns: {columns}")
+            raise ValueError(f"image column {image_column!r} (--image-column) is not a column; columns: {columns}")
         self.label_column = label_column or default_label_column(columns)
         if self.label_column not in columns:
-            raise ValueError(f"label_column={self.label_column!r} is not a column; columns: {columns}")
+            raise ValueError(f"label column {self.label_column!r} (--label-column) is not a column; columns: {columns}")
         missing = [i for i, r in enumerate(rows) if not r.get(self.label_column)]
         if missing:
             raise ValueError(f"{len(missing)} rows have an empty {self.label_column!r} (first: row {missing[0]})")

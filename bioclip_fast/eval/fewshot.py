@@ -7,12 +7,14 @@ each drawing a fresh k-shot support set.
 Two protocols:
 
 * :func:`reference_few_shot_eval` — the BioCLIP 2 reference's (``split_few_shot_examples`` in the bioclip-2
-  repository's ``src/evaluation/classification.py``): for fold ``f``, ``random.seed(f)`` (Python's generator), then per
-  class, in order of first appearance, shuffle the class's images and take the first k as support; **every other
-  image of the dataset is a query**. A class with fewer than k images is an error. The default of ``bioclip-fast
-  eval``. Ambiguity: the older ``few_shot.py`` shuffles each class's list *in place*, so its folds (and its 5-shot
-  draws, which follow the 1-shot folds) compound; the combined ``classification.py`` shuffles a copy per fold, which
-  is what we reproduce (a fold's draw depends only on its index).
+  repository's ``src/evaluation/classification.py``): for fold ``f``, ``random.seed(f)`` (Python's generator),
+  then per class, in order of first appearance, shuffle the class's images and take the first k as support;
+  **every other image of the dataset is a query**. A class with fewer than k images is an error there;
+  ``bioclip-fast eval`` (whose default protocol this is) passes ``rare_classes="leave_out"``: such a class is left
+  out of that k (and named) instead of stopping everything. Ambiguity: the older ``few_shot.py`` shuffles each class's list *in
+  place*, so its folds (and its 5-shot draws, which follow the 1-shot folds) compound; the combined
+  ``classification.py`` shuffles a copy per fold, which is what we reproduce (a fold's draw depends only on its
+  index).
 * :func:`few_shot_eval` — support drawn from one set with numpy streams seeded by (seed, k, fold), queries either the
   rest or a separate query set (``bioclip-fast eval --fewshot-protocol split``).
 """
@@ -161,25 +163,50 @@ def reference_support_split(labels: Any, shots: int, fold: int) -> tuple[np.ndar
     return np.asarray(support, dtype=np.int64), np.asarray(query, dtype=np.int64)
 
 
-def reference_few_shot_eval(features: Any, labels: Any, *, shots: Sequence[int] = (1, 5),
-                            folds: int = 5) -> dict[str, Any]:
+def reference_few_shot_eval(features: Any, labels: Any, *, shots: Sequence[int] = (1, 5), folds: int = 5,
+                            rare_classes: str = "error") -> dict[str, Any]:
     """SimpleShot accuracy per k with the reference protocol: mean and std over ``folds`` folds seeded 0..folds-1.
 
-    Returns ``{"1-shot": {"top1", "std", "folds", "n_query"}, ...}`` (fractions), like :func:`few_shot_eval`.
+    ``rare_classes``: what to do with a class that has fewer than k images. ``"error"`` stops, as the reference does;
+    ``"leave_out"`` scores k-shot over the other classes (their images only: exactly the reference run on the data
+    without those classes) and names the classes left out under ``left_out``; a k that leaves fewer than 2 classes
+    gets ``top1: None`` and an ``error`` instead, the other k values still run.
+
+    Returns ``{"1-shot": {"top1", "std", "folds", "n_query", "classes", "chance", "left_out"}, ...}`` (fractions;
+    ``chance`` = 1 / classes scored), like :func:`few_shot_eval`.
     """
+    if rare_classes not in ("error", "leave_out"):
+        raise ValueError(f"rare_classes={rare_classes!r}; choose error or leave_out")
     x = _as_2d(features, "features")
     y = _as_labels(labels, x.shape[0], "labels")
     shots = _check_protocol(y, folds, shots)
+    names, counts = np.unique(y, return_counts=True)
     out: dict[str, Any] = {}
     for k in shots:
+        keep = np.ones(len(y), dtype=bool)
+        left_out: list[str] = []
+        if rare_classes == "leave_out":
+            rare = names[counts < k]
+            left_out = [str(c) for c in rare]
+            keep = ~np.isin(y, rare)
+            n_cls = len(names) - len(rare)
+            if n_cls < 2 or (counts[counts >= k] - k).sum() == 0:
+                out[f"{k}-shot"] = {"top1": None, "classes": int(n_cls), "left_out": left_out,
+                                    "error": f"{k}-shot: only {n_cls} class(es) have at least {k} images"
+                                             + ("" if n_cls < 2 else ", and none has an image left to query"),
+                                    "protocol": "reference"}
+                continue
+        xk, yk = x[keep], y[keep]
         accs, nq = [], []
         for fold in range(folds):
-            sup, qry = reference_support_split(y, k, fold)
+            sup, qry = reference_support_split(yk, k, fold)
             if len(qry) == 0:
                 raise ValueError(f"{k}-shot: every image is in the support set; no query left")
-            pred = simpleshot_predict(x[sup], y[sup], x[qry])
-            accs.append(float((pred == y[qry]).mean()))
+            pred = simpleshot_predict(xk[sup], yk[sup], xk[qry])
+            accs.append(float((pred == yk[qry]).mean()))
             nq.append(int(len(qry)))
+        n_cls = len(np.unique(yk))
         out[f"{k}-shot"] = {"top1": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs, "n_query": nq,
+                            "classes": int(n_cls), "chance": 1.0 / n_cls, "left_out": left_out,
                             "protocol": "reference"}
     return out

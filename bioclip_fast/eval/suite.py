@@ -71,6 +71,35 @@ def discover(root: str | Path) -> tuple[dict[str, Path], list[str]]:
     return found, absent
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line for a benchmark that failed: the message of an expected failure (bad layout, unreadable file, a
+    protocol that cannot run), prefixed with the exception type for anything else."""
+    from bioclip_fast.errors import UsageError, one_line
+
+    text = one_line(exc)
+    return text if isinstance(exc, (UsageError, OSError, ValueError)) else f"{type(exc).__name__}: {text}"
+
+
+def preflight(key: str, folder: Path, args) -> None:
+    """The cheap checks of a benchmark folder (its CSV / list files / class folders), run for every benchmark before
+    any model is loaded, so a broken layout is reported at the start (and that benchmark skipped) instead of after
+    hours of the others. Raises the reader's one-line error."""
+    import importlib
+
+    from bioclip_fast.eval.datasets import ImageCsvDataset, read_csv_rows
+
+    if key == "camera_trap":
+        for sub in sorted(folder.iterdir()):
+            if sub.is_dir() and (sub / "metadata.csv").is_file():
+                ImageCsvDataset(read_csv_rows(sub / "metadata.csv"), sub)
+        return
+    if any(key == k for k, *_ in SPECIES):
+        ImageCsvDataset(read_csv_rows(folder / "metadata.csv"), folder)
+        return
+    mod = importlib.import_module(f"bioclip_fast.eval.beyond.{key}")
+    mod.check_layout(folder, **({"protocol": args.plantdoc_protocol} if key == "plantdoc" else {}))
+
+
 def species_benchmark(model, preprocess, tokenizer, folder: Path, text_type: str, args, device: str) -> dict[str, Any]:
     from bioclip_fast.eval.datasets import load_eval_data
     from bioclip_fast.eval.fewshot import reference_few_shot_eval
@@ -84,19 +113,31 @@ def species_benchmark(model, preprocess, tokenizer, folder: Path, text_type: str
     out: dict[str, Any] = {"zeroshot": {k: m[k] for k in ("top1", "top3", "top5", "n")}, "n_classes": len(data.classes),
                            "text_type": text_type, "skipped": list(zs.get("skipped", []))}
     names = np.asarray([class_name(c) for c in data.classes], dtype=object)[zs["labels"].numpy()].astype(str)
-    try:
-        out["fewshot"] = reference_few_shot_eval(zs["features"].numpy(), names, shots=(1, 5), folds=args.folds)
-    except ValueError as e:  # the reference stops here (a class with fewer than k images); the suite goes on
-        out["fewshot_error"] = str(e)
-        print(f"warning: {folder.name}: few-shot not run: {e}", file=sys.stderr)
+    # a class with fewer than k images is left out of that k (named in the results; the reference would stop)
+    out["fewshot"] = reference_few_shot_eval(zs["features"].numpy(), names, shots=(1, 5), folds=args.folds,
+                                             rare_classes="leave_out")
+    for k, v in out["fewshot"].items():
+        if v.get("left_out"):
+            print(f"warning: {folder.name}: {k}: left out {len(v['left_out'])} class(es) with fewer than "
+                  f"{k.split('-')[0]} images: {', '.join(v['left_out'][:5])}", file=sys.stderr)
     return out
 
 
 def camera_trap(model, preprocess, tokenizer, folder: Path, text_type: str, args, device: str) -> dict[str, Any]:
-    subs = {s.name: species_benchmark(model, preprocess, tokenizer, s, text_type, args, device)
-            for s in sorted(folder.iterdir()) if s.is_dir() and (s / "metadata.csv").is_file()}
+    subs: dict[str, dict[str, Any]] = {}
+    for s in sorted(folder.iterdir()):
+        if s.is_dir() and (s / "metadata.csv").is_file():
+            try:
+                subs[s.name] = species_benchmark(model, preprocess, tokenizer, s, text_type, args, device)
+            except Exception as e:  # noqa: BLE001 - recorded, the other subsets go on
+                if getattr(args, "debug", False):
+                    raise
+                subs[s.name] = {"error": failure_reason(e), "skipped": []}
+    failed = {n: r["error"] for n, r in subs.items() if "error" in r}
 
     def mean(get):
+        if failed:
+            return None
         vals = [get(r) for r in subs.values()]
         vals = [v for v in vals if v is not None]
         return float(np.mean(vals)) if vals else None
@@ -106,6 +147,8 @@ def camera_trap(model, preprocess, tokenizer, folder: Path, text_type: str, args
                            "skipped": [s for r in subs.values() for s in r["skipped"]]}
     out["fewshot"] = {k: {"top1": mean(lambda r, k=k: r.get("fewshot", {}).get(k, {}).get("top1"))}
                       for k in ("1-shot", "5-shot")}
+    if failed:  # the benchmark is the mean over its subsets: not defined without all of them
+        out["error"] = "; ".join(f"subset {n}: {e}" for n, e in failed.items())
     return out
 
 
@@ -116,80 +159,145 @@ def beyond_benchmark(key: str, model, preprocess, folder: Path, args, device: st
     common = dict(device=device, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
                   progress=not args.no_progress)
     if key in ("fishnet", "awa2"):
-        return mod.evaluate(model, preprocess, folder, runs=args.runs or 3, epochs=args.epochs, **common)
+        lr = args.lr_fishnet if key == "fishnet" else args.lr_awa2
+        return mod.evaluate(model, preprocess, folder, runs=args.runs or 3, epochs=args.epochs, lr=lr,
+                            probe_batch_size=args.probe_batch_size, probe_eval_mode=args.probe_eval_mode, **common)
     if key == "newt":
         return mod.evaluate(model, preprocess, folder, runs=args.runs or 3, n_iter=args.svm_iter, **common)
     if key == "herbarium19":
         return mod.evaluate(model, preprocess, folder, runs=args.runs or 3, **common)
-    return mod.evaluate(model, preprocess, folder, repeats=args.runs or 5, **common)
+    return mod.evaluate(model, preprocess, folder, repeats=args.runs or 5, protocol=args.plantdoc_protocol, **common)
 
 
-def evaluate_model(ckpt, args: argparse.Namespace, found: dict[str, Path], device: str) -> dict[str, Any]:
+def evaluate_model(ckpt, args: argparse.Namespace, found: dict[str, Path], device: str,
+                   refused: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every benchmark in ``found`` for one model. A benchmark that fails is recorded as ``{"error": reason}`` and
+    the others go on; ``refused`` holds the benchmarks whose layout check failed before any model was loaded."""
     from bioclip_fast.model import load_model
 
-    model, preprocess, tokenizer, _ = load_model(ckpt, model_name=args.model_name, device=device)
+    refused = refused or {}
     res: dict[str, Any] = {"checkpoint": str(ckpt), "species": {}, "beyond": {}}
-    for key, name, _, text_type, _ in SPECIES:
-        if key in found:
-            t0 = time.time()
-            fn = camera_trap if key == "camera_trap" else species_benchmark
-            res["species"][key] = fn(model, preprocess, tokenizer, found[key], text_type, args, device)
-            print(f"  {name}: zero-shot top-1 {100 * res['species'][key]['zeroshot']['top1']:.1f}% "
-                  f"({time.time() - t0:.0f} s)", file=sys.stderr)
-    for key, name, _, _ in BEYOND:
-        if key in found:
-            t0 = time.time()
-            res["beyond"][key] = beyond_benchmark(key, model, preprocess, found[key], args, device)
-            print(f"  {name}: {100 * res['beyond'][key]['score']:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    groups = [("species", key, name, text_type) for key, name, _, text_type, _ in SPECIES if key in found] + \
+             [("beyond", key, name, None) for key, name, _, _ in BEYOND if key in found]
+    try:
+        model, preprocess, tokenizer, _ = load_model(ckpt, model_name=args.model_name, device=device)
+    except Exception as e:  # noqa: BLE001 - this model's cells are marked failed; the other models go on
+        if getattr(args, "debug", False):
+            raise
+        reason = f"model not loaded: {failure_reason(e)}"
+        print(f"  error: {reason}", file=sys.stderr)
+        for group, key, _, _ in groups:
+            res[group][key] = {"error": reason, "skipped": []}
+        return res
+    for group, key, name, text_type in groups:
+        if key in refused:
+            res[group][key] = {"error": refused[key], "skipped": []}
+            continue
+        t0 = time.time()
+        try:
+            if group == "species":
+                fn = camera_trap if key == "camera_trap" else species_benchmark
+                r = fn(model, preprocess, tokenizer, found[key], text_type, args, device)
+            else:
+                r = beyond_benchmark(key, model, preprocess, found[key], args, device)
+        except Exception as e:  # noqa: BLE001 - recorded with its reason; the other benchmarks go on
+            if getattr(args, "debug", False):
+                raise
+            r = {"error": failure_reason(e), "skipped": []}
+        res[group][key] = r
+        if "error" in r:
+            print(f"  {name}: FAILED: {r['error']}", file=sys.stderr)
+        elif group == "species":
+            print(f"  {name}: zero-shot top-1 {100 * r['zeroshot']['top1']:.1f}% ({time.time() - t0:.0f} s)",
+                  file=sys.stderr)
+        else:
+            print(f"  {name}: {100 * r['score']:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
     return res
 
 
 def _mean(vals: list[float | None]) -> float | None:
-    v = [x for x in vals if x is not None]
-    return float(np.mean(v)) if v else None
+    """The mean over the benchmarks present; undefined (None) when one of them has no number (failed / not run),
+    since a mean over fewer benchmarks is not comparable with the paper's."""
+    if not vals or any(x is None for x in vals):
+        return None
+    return float(np.mean(vals))
+
+
+def failures(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(model, benchmark key, reason) of every failed cell, in table order."""
+    out = []
+    for model, r in results.items():
+        for key, *_ in SPECIES + BEYOND:
+            b = r["species"].get(key) or r["beyond"].get(key)
+            if b is not None and "error" in b:
+                out.append((model, key, b["error"]))
+    return out
 
 
 def tables(results: dict[str, dict[str, Any]], found: dict[str, Path]) -> tuple[str, dict[str, Any]]:
-    """Markdown in the paper's layout and the same numbers as JSON rows (percent)."""
+    """Markdown in the paper's layout (one row per model, the paper's column order) and the same numbers as JSON
+    rows (fractions). A failed benchmark's cell reads ``failed [n]``, its reason listed under the tables (and in the
+    JSON row under ``failed``); the Mean is then undefined."""
     from bioclip_fast.eval.report import markdown_table
 
     sp = [(k, n, g) for k, n, g, _, _ in SPECIES if k in found]
     by = [(k, n, g) for k, n, g, _ in BEYOND if k in found]
     md, rows_json = [], {}
+    fail = failures(results)
+    reasons = list(dict.fromkeys(reason for _, _, reason in fail))  # one note per distinct reason
+    notes = {(m, k): reasons.index(reason) + 1 for m, k, reason in fail}
 
-    def species_table(title: str, get) -> None:
-        rows = []
+    def table(title: str, items, group: str, get, intro: str) -> None:
+        rows, md_rows = [], []
         for model, r in results.items():
-            row = {"Model": model}
-            for k, n, _ in sp:
-                row[n] = get(r["species"][k])
-            row["Mean"] = _mean([row[n] for _, n, _ in sp])
+            row: dict[str, Any] = {"Model": model}
+            md_row: dict[str, Any] = {"Model": model}
+            failed = {}
+            for k, n, _ in items:
+                b = r[group][k]
+                if "error" in b:
+                    row[n], failed[n] = None, b["error"]
+                    md_row[n] = f"failed [{notes[(model, k)]}]"
+                else:
+                    row[n] = md_row[n] = get(b)
+            row["Mean"] = md_row["Mean"] = _mean([row[n] for _, n, _ in items])
+            if failed:
+                row["failed"] = failed
             rows.append(row)
-        cols = ["Model"] + [n for _, n, _ in sp] + ["Mean"]
-        groups = " | ".join(f"{g}: {', '.join(n for _, n, gg in sp if gg == g)}"
-                            for g in dict.fromkeys(g for _, _, g in sp))
-        md.extend([f"## {title}", "", f"Groups as in the paper — {groups}. Mean over the {len(sp)} benchmarks present.",
-                   "", markdown_table(rows, cols, pct_columns=cols[1:])])
+            md_rows.append(md_row)
+        cols = ["Model"] + [n for _, n, _ in items] + ["Mean"]
+        md.extend([f"## {title}", "", intro, "", markdown_table(md_rows, cols, pct_columns=cols[1:])])
         rows_json[title] = rows
 
     if sp:
-        species_table("Species classification: zero-shot top-1 (%)", lambda b: b["zeroshot"]["top1"])
-        species_table("Species classification: one-shot (%)",
-                      lambda b: b.get("fewshot", {}).get("1-shot", {}).get("top1"))
-        species_table("Species classification: five-shot (%)",
-                      lambda b: b.get("fewshot", {}).get("5-shot", {}).get("top1"))
+        groups = " | ".join(f"{g}: {', '.join(n for _, n, gg in sp if gg == g)}"
+                            for g in dict.fromkeys(g for _, _, g in sp))
+        intro = f"Groups as in the paper — {groups}. Mean over the {len(sp)} benchmarks present."
+        table("Species classification: zero-shot top-1 (%)", sp, "species", lambda b: b["zeroshot"]["top1"], intro)
+        table("Species classification: one-shot (%)", sp, "species",
+              lambda b: b.get("fewshot", {}).get("1-shot", {}).get("top1"), intro)
+        table("Species classification: five-shot (%)", sp, "species",
+              lambda b: b.get("fewshot", {}).get("5-shot", {}).get("top1"), intro)
     if by:
-        rows = []
-        for model, r in results.items():
-            row = {"Model": model, **{n: r["beyond"][k]["score"] for k, n, _ in by}}
-            row["Mean"] = _mean([row[n] for _, n, _ in by])
-            rows.append(row)
-        cols = ["Model"] + [n for _, n, _ in by] + ["Mean"]
-        title = "Beyond species classification (%)"
-        md.extend([f"## {title}", "", "Metrics: " + "; ".join(
-            f"{n} — {next(iter(results.values()))['beyond'][k]['metric']}" for k, n, _ in by) + ". Mean over "
-                   f"the {len(by)} benchmarks present.", "", markdown_table(rows, cols, pct_columns=cols[1:])])
-        rows_json[title] = rows
+        metric = {}
+        for k, n, _ in by:
+            ok = [r["beyond"][k] for r in results.values() if "error" not in r["beyond"][k]]
+            metric[n] = ok[0]["metric"] if ok else "failed for every model"
+        intro = "Metrics: " + "; ".join(f"{n} — {m}" for n, m in metric.items()) + \
+                f". Mean over the {len(by)} benchmarks present."
+        table("Beyond species classification (%)", by, "beyond", lambda b: b["score"], intro)
+    if fail:
+        names = {k: n for k, n, *_ in SPECIES + BEYOND}
+        md += ["## Failed benchmarks", "", "The other results are complete; the Mean of a row with a failed benchmark "
+               "is left undefined.", ""]
+        for i, reason in enumerate(reasons):
+            cells = ", ".join(f"{m} / {names[k]}" for m, k, r in fail if r == reason)
+            md.append(f"{i + 1}. {reason} ({cells})")
+        md.append("")
+    flags = sorted({f for r in results.values() for g in ("species", "beyond") for b in r[g].values()
+                    for f in b.get("flags", [])})
+    if flags:
+        md += ["## Reference quirks reproduced (flagged)", ""] + [f"- {f}" for f in flags] + [""]
     return "\n".join(md), rows_json
 
 
@@ -204,9 +312,10 @@ def plot_suite(results: dict[str, dict[str, Any]], found: dict[str, Path], path:
     sp = [(k, n) for k, n, *_ in SPECIES if k in found]
     by = [(k, n) for k, n, *_ in BEYOND if k in found]
     if sp:
-        panels.append(("species: zero-shot top-1 (%)", sp, lambda r, k: r["species"][k]["zeroshot"]["top1"]))
+        panels.append(("species: zero-shot top-1 (%)", sp,
+                       lambda r, k: r["species"][k].get("zeroshot", {}).get("top1")))
     if by:
-        panels.append(("beyond species (%)", by, lambda r, k: r["beyond"][k]["score"]))
+        panels.append(("beyond species (%)", by, lambda r, k: r["beyond"][k].get("score")))
     models = list(results)
     fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 1.0 * sum(len(p[1]) for p in panels) * max(1, len(models))
                                                           ** 0.5 + 3), 4.2), squeeze=False)
@@ -215,10 +324,12 @@ def plot_suite(results: dict[str, dict[str, Any]], found: dict[str, Path], path:
     for ax, (title, items, get) in zip(axes[0], panels):
         x = np.arange(len(items))
         for i, m in enumerate(models):
-            vals = [100 * (get(results[m], k) or 0.0) for k, _ in items]
+            raw = [get(results[m], k) for k, _ in items]
+            vals = [100 * (v or 0.0) for v in raw]
             bars = ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, label=m, color=colors(i % 10))
-            for b, v in zip(bars, vals):
-                ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=6)
+            for b, v, r in zip(bars, vals, raw):
+                ax.annotate("failed" if r is None else f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                            va="bottom", fontsize=6, rotation=90 if r is None else 0)
         ax.set_xticks(x, [n for _, n in items], rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 105)
@@ -231,7 +342,9 @@ def plot_suite(results: dict[str, dict[str, Any]], found: dict[str, Path], path:
 
 
 def run_suite(args: argparse.Namespace, ckpts: list, labels: list[str], device: str, out: Path) -> int:
-    from bioclip_fast.errors import DataError
+    """Every model on every benchmark found; all results are written (``suite.json``, ``suite.md``, ``suite.png``)
+    even when some benchmarks fail, each failed cell with its reason; the exit status is 2 when any failed."""
+    from bioclip_fast.errors import EXIT_USAGE, DataError
     from bioclip_fast.eval.cli import skipped_markdown, skipped_summary, warn_skipped
     from bioclip_fast.eval.report import write_json
 
@@ -241,20 +354,31 @@ def run_suite(args: argparse.Namespace, ckpts: list, labels: list[str], device: 
         raise DataError(f"--data-root {args.data_root}: no benchmark folder found; expected some of: {names} "
                         "(layout: docs/evaluation.md)")
     print(f"benchmarks found: {', '.join(found)}; absent (skipped): {', '.join(absent) or 'none'}", file=sys.stderr)
+    refused: dict[str, str] = {}
+    for key, folder in found.items():
+        try:
+            preflight(key, folder, args)
+        except Exception as e:  # noqa: BLE001 - reported now, marked failed for every model, the others run
+            if getattr(args, "debug", False):
+                raise
+            refused[key] = failure_reason(e)
+            print(f"error: {key} ({folder}): {refused[key]}; this benchmark is not run, the others are",
+                  file=sys.stderr)
     t0 = time.time()
     results = {}
     for name, ckpt in zip(labels, ckpts):
         print(f"{name}:", file=sys.stderr)
-        r = evaluate_model(ckpt, args, found, device)
+        r = evaluate_model(ckpt, args, found, device, refused)
         r["skipped_images"] = skipped_summary([s for b in (*r["species"].values(), *r["beyond"].values())
                                                for s in b.get("skipped", [])])
         warn_skipped(name, r["skipped_images"])
         results[name] = r
     md_tables, rows = tables(results, found)
     png = plot_suite(results, found, out / "suite.png")
+    failed = failures(results)
     meta = {"suite": "bioclip2", "data_root": str(args.data_root), "found": {k: str(v) for k, v in found.items()},
             "absent": absent, "device": device, "seconds": round(time.time() - t0, 2), "templates": args.templates,
-            "args": vars(args)}
+            "failed": [{"model": m, "benchmark": k, "error": e} for m, k, e in failed], "args": vars(args)}
     write_json(out / "suite.json", {"meta": meta, "tables": rows, "results": results})
     md = ["# BioCLIP 2 evaluation suite", "", f"Data root: `{args.data_root}`. Absent benchmarks (skipped): "
           f"{', '.join(absent) or 'none'}.", "", md_tables, f"![suite]({png.name})", ""]
@@ -262,4 +386,9 @@ def run_suite(args: argparse.Namespace, ckpts: list, labels: list[str], device: 
     (out / "suite.md").write_text("\n".join(md))
     print(md_tables)
     print(f"wrote {out / 'suite.json'}, {out / 'suite.md'}, {png}")
+    if failed:
+        first = f"{failed[0][0]} / {failed[0][1]}: {failed[0][2]}"
+        print(f"bioclip-fast eval: error: {len(failed)} of {len(results) * len(found)} benchmark runs failed "
+              f"(first: {first}); every other result is in {out / 'suite.json'}", file=sys.stderr)
+        return EXIT_USAGE
     return 0

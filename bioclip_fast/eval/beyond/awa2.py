@@ -9,9 +9,10 @@ Layout of ``root`` (the published ``AwA2-data`` release)::
     root/predicate-matrix-binary.txt    50 lines of 85 space-separated 0/1, in classes.txt order
     root/JPEGImages/<class>/*.jpg
 
-Every image carries its class's 85-attribute vector. Protocol: raw (not normalized) image features of the train
-classes' images train the reference MLP probe (:func:`~bioclip_fast.eval.beyond.common.mlp_probe_predict`, 100
-epochs); the test classes' images are scored with macro-F1, 3 runs seeded ``seed + run``.
+Every image carries its class's 85-attribute vector. Protocol (``slurm/eval_other.sh``): raw (not normalized) image
+features of the train classes' images train the reference MLP probe
+(:func:`~bioclip_fast.eval.beyond.common.mlp_probe_predict`: batch 256, 50 epochs, lr **1e-5**, scored with dropout
+on as the reference does — flagged); the test classes' images are scored with macro-F1, 3 runs seeded ``seed + run``.
 
 Reproduced exactly, and flagged: the reference calls ``f1_score(y_true, y_pred, average="macro",
 labels=np.unique(y_true))``; for multi-label indicator targets ``labels`` selects *columns*, and ``np.unique`` of a 0/1
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bioclip_fast.eval.beyond.common import mlp_probe_runs, require, summarize_runs
+from bioclip_fast.eval.beyond.common import PROBE_QUIRKS, mlp_probe_runs, probe_protocol, require, summarize_runs
 from bioclip_fast.eval.datasets import IMAGE_EXTENSIONS
 
 
@@ -73,8 +74,15 @@ def reference_macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true)))
 
 
+def check_layout(root: str | Path) -> None:
+    """The class lists, the attribute matrix and the image folders, before any model is loaded."""
+    read_split(root, "train")
+    read_split(root, "test")
+
+
 def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_size: int = 64, num_workers: int = 0,
-             runs: int = 3, seed: int = 0, epochs: int = 100, lr: float = 1e-4, progress: bool = False) -> dict[str, Any]:
+             runs: int = 3, seed: int = 0, epochs: int = 50, lr: float = 1e-5, probe_batch_size: int = 256,
+             probe_eval_mode: bool = False, progress: bool = False) -> dict[str, Any]:
     """AwA2 attribute macro-F1 (fraction) of the reference MLP probe; see the module docstring."""
     from sklearn.metrics import f1_score
 
@@ -82,7 +90,7 @@ def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_
     te_paths, te_y, _ = read_split(root, "test")
     probe = mlp_probe_runs(model, preprocess, tr_paths, tr_y, te_paths, te_y, name="AwA2", runs=runs, seed=seed,
                            epochs=epochs, lr=lr, device=device, batch_size=batch_size, num_workers=num_workers,
-                           progress=progress)
+                           progress=progress, probe_batch_size=probe_batch_size, probe_eval_mode=probe_eval_mode)
     ytr, yte = probe["y_train"], probe["y_test"]
     scores = [reference_macro_f1(yte, pred) for pred in probe["preds"]]
     all_attr = [float(f1_score(yte, pred, average="macro", zero_division=0)) for pred in probe["preds"]]
@@ -91,6 +99,8 @@ def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_
         **summarize_runs(scores), "macro_f1_all_attributes": float(np.mean(all_attr)),
         "n_train": int(len(ytr)), "n_test": int(len(yte)), "n_attributes": int(tr_y.shape[1]),
         "skipped": probe["skipped"],
-        "protocol": f"raw features; MLP 512 + dropout 0.5, BCE, Adam lr {lr}, StepLR(20, 0.5), {epochs} epochs, "
-                    f"logits > 0.5; train classes -> test classes; {runs} runs seeded {seed}..{seed + runs - 1}",
+        "protocol": probe_protocol(lr, epochs, probe_batch_size, probe_eval_mode, runs, seed)
+                    + "; train classes -> test classes",
+        "flags": ["AwA2 macro-F1 averages attributes 0 and 1 only (the reference's labels=np.unique(y_true)); "
+                  "macro_f1_all_attributes averages all 85", *PROBE_QUIRKS[int(probe_eval_mode):]],
     }

@@ -91,23 +91,50 @@ def extract_features(
             "skipped": skipped}
 
 
+def _loader_order(n: int, shuffle: bool) -> torch.Tensor:
+    """The sample order of one pass over ``torch.utils.data.DataLoader(dataset, shuffle=shuffle)`` (no generator,
+    no workers), drawing from torch's global generator exactly as the DataLoader does: ``iter()`` draws the
+    iterator's base seed, then a shuffling sampler draws its own seed and permutes with a fresh generator."""
+    torch.empty((), dtype=torch.int64).random_()  # _BaseDataLoaderIter._base_seed
+    if not shuffle:
+        return torch.arange(n)
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler.__iter__
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.randperm(n, generator=g)
+
+
+PROBE_QUIRKS = (
+    "FishNet/AwA2 probes are scored with dropout on (the reference never switches the classifier to eval mode; "
+    "--probe-eval-mode turns it off)",
+    "FishNet/AwA2 probes threshold the logits at 0.5 (a sigmoid probability of 0.62), as the reference",
+)
+
+
 def mlp_probe_predict(
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_test: np.ndarray,
     *,
-    epochs: int = 100,
+    epochs: int = 50,
     lr: float = 1e-4,
-    batch_size: int = 64,
+    batch_size: int = 256,
     seed: int = 0,
+    eval_mode: bool = False,
+    eval_every: int = 10,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """The reference's FishNet / AwA2 probe: ``Linear(D, 512) → Dropout(0.5) → Linear(512, A)`` trained with
-    ``BCEWithLogitsLoss``, Adam (lr 1e-4), StepLR(20, 0.5), shuffled batches of 64, ``epochs`` epochs; returns the
-    test predictions ``logits > 0.5`` (sic: the reference thresholds the logits, not the sigmoid, i.e. p > 0.62).
+    """The reference's FishNet / AwA2 probe (``src/evaluation/{fishnet,awa2}.py`` as ``slurm/eval_other.sh`` runs
+    them): ``Linear(D, 512) → Dropout(0.5) → Linear(512, A)`` trained with ``BCEWithLogitsLoss``, Adam (``lr``),
+    StepLR(20, 0.5), ``epochs`` epochs over a shuffling loader of ``batch_size``; returns the test predictions
+    ``logits > 0.5`` (sic: the reference thresholds the logits, not the sigmoid, i.e. p > 0.62).
 
-    Seeded like the reference's ``random_seed(seed + run)`` (torch's global generator: weights, shuffling,
-    dropout), inside ``torch.random.fork_rng`` so the caller's random state is untouched.
+    Reproduced, and flagged: the classifier is never put in eval mode, so the test set is scored **with dropout on**
+    (``eval_mode=True`` scores it with dropout off); the reference also scores the test set every ``eval_every``
+    epochs (logged only), which draws from the same random stream, so we do too. Seeded like the reference's
+    ``random_seed(seed + run)`` (torch's global generator: weights, loader shuffling, dropout) inside
+    ``torch.random.fork_rng`` so the caller's random state is untouched; the same draws as the reference run on the
+    same device.
     """
     device = torch.device(device)
     xtr = torch.as_tensor(x_train, dtype=torch.float32)
@@ -115,30 +142,40 @@ def mlp_probe_predict(
     xte = torch.as_tensor(x_test, dtype=torch.float32)
     if ytr.ndim != 2 or len(ytr) != len(xtr):
         raise ValueError(f"y_train must be N x A with N = {len(xtr)}, got {tuple(ytr.shape)}")
-    with torch.random.fork_rng(devices=[]):
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         clf = torch.nn.Sequential(torch.nn.Linear(xtr.shape[1], 512), torch.nn.Dropout(0.5),
                                   torch.nn.Linear(512, ytr.shape[1])).to(device)
         opt = torch.optim.Adam(clf.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
         loss_fn = torch.nn.BCEWithLogitsLoss()
-        n = len(xtr)
-        for _ in range(epochs):
+
+        def score() -> torch.Tensor:
+            _loader_order(len(xte), shuffle=False)
+            clf.train(not eval_mode)
+            with torch.no_grad():
+                logits = torch.cat([clf(b.to(device)).float().cpu() for b in xte.split(batch_size)])
             clf.train()
-            for idx in torch.randperm(n).split(batch_size):
+            return logits
+
+        for epoch in range(epochs):
+            clf.train()
+            for idx in _loader_order(len(xtr), shuffle=True).split(batch_size):
                 loss = loss_fn(clf(xtr[idx].to(device)), ytr[idx].to(device))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             sched.step()
-        clf.eval()
-        with torch.no_grad():
-            logits = torch.cat([clf(b.to(device)).cpu() for b in xte.split(1024)])
+            if eval_every and (epoch + 1) % eval_every == 0:
+                score()
+        logits = score()
     return (logits > 0.5).numpy().astype(np.int64)
 
 
 def mlp_probe_runs(model, preprocess, train_paths, train_y, test_paths, test_y, *, name: str, runs: int, seed: int,
-                   epochs: int, lr: float, device, batch_size: int, num_workers: int, progress: bool) -> dict[str, Any]:
+                   epochs: int, lr: float, device, batch_size: int, num_workers: int, progress: bool,
+                   probe_batch_size: int = 256, probe_eval_mode: bool = False) -> dict[str, Any]:
     """The FishNet / AwA2 protocol around :func:`mlp_probe_predict`: raw (unnormalized) train/test features, one probe
     per run seeded ``seed + run``. Returns the kept targets ``y_train``/``y_test``, the test predictions of each run
     (``preds``) and the skipped images of both splits."""
@@ -149,9 +186,15 @@ def mlp_probe_runs(model, preprocess, train_paths, train_y, test_paths, test_y, 
                                         desc=f"{name} {split}")
     tr, te = feats["train"], feats["test"]
     ytr, yte = train_y[tr["index"]], test_y[te["index"]]
-    preds = [mlp_probe_predict(tr["features"], ytr, te["features"], epochs=epochs, lr=lr, batch_size=batch_size,
-                               seed=seed + run, device=device) for run in range(runs)]
+    preds = [mlp_probe_predict(tr["features"], ytr, te["features"], epochs=epochs, lr=lr, batch_size=probe_batch_size,
+                               seed=seed + run, eval_mode=probe_eval_mode, device=device) for run in range(runs)]
     return {"y_train": ytr, "y_test": yte, "preds": preds, "skipped": tr["skipped"] + te["skipped"]}
+
+
+def probe_protocol(lr: float, epochs: int, batch_size: int, eval_mode: bool, runs: int, seed: int) -> str:
+    return (f"raw features; MLP 512 + dropout 0.5, BCE, Adam lr {lr:g}, StepLR(20, 0.5), {epochs} epochs, batch "
+            f"{batch_size}, shuffled; scored with dropout {'off' if eval_mode else 'on (reference)'}, logits > 0.5; "
+            f"{runs} runs seeded {seed}..{seed + runs - 1}")
 
 
 def summarize_runs(scores: Sequence[float]) -> dict[str, Any]:

@@ -13,12 +13,14 @@ Class indices are positions in the sorted class-folder list (torchvision ImageFo
 
 Protocol (semi-supervised k-means, GCD): the labelled set is 80% of the Old classes' images (``np.random.seed(0)``,
 ``np.random.choice(n, int(0.8 n), replace=False)``); every other image is unlabelled. Features are L2-normalized.
-Semi-supervised k-means with K = #Old + #New: the first #Old centres are the labelled class means, the others
-k-means++ (squared Euclidean) over the unlabelled features; each iteration assigns unlabelled images to the nearest
-centre while labelled images keep their class, recomputes the centres, and stops after 10 iterations or when the
-squared centre shift falls below 1e-4. The score is the clustering accuracy on the unlabelled images, with the
-Hungarian matching computed separately for Old-class and New-class images ("All" accuracy), mean and std over 3 runs
-(k-means++ seeded ``seed + run``). Deviation: an empty cluster keeps its previous centre (GCD's would turn NaN).
+Semi-supervised k-means with K = #Old + #New: the labelled classes, renumbered 0..L-1 as the reference does, give
+the first L centres (their means), the others come from k-means++ (squared Euclidean) over the unlabelled features;
+each iteration assigns unlabelled images to the nearest centre while labelled images keep their class, recomputes
+the centres, and stops after 10 iterations or when the squared centre shift falls below 1e-4; the labels kept are
+those of the iteration with the lowest inertia, as the reference keeps them. The score is the clustering accuracy on
+the unlabelled images, with the Hungarian matching computed separately for Old-class and New-class images ("All"
+accuracy), mean and std over 3 runs (k-means++ seeded ``seed + run``). Deviation: an empty cluster keeps its
+previous centre (GCD's would turn NaN).
 """
 from __future__ import annotations
 
@@ -96,14 +98,22 @@ def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def semi_supervised_kmeans(u: np.ndarray, l_feats: np.ndarray, l_targets: np.ndarray, k: int, *, seed: int,
                            max_iterations: int = 10, tolerance: float = 1e-4) -> np.ndarray:
-    """Cluster labels of ``concat(l_feats, u)`` (labelled first), GCD's ``K_Means.fit_mix`` with one init."""
+    """Cluster labels of ``concat(l_feats, u)`` (labelled first): GCD's ``K_Means.fit_mix`` with one init
+    (``faster_mix_k_means_pytorch.py`` in the reference).
+
+    As the reference: the labelled classes are renumbered ``0..L-1`` in sorted order (``cid2ncid``) and their means
+    are the first ``L`` centres; the other centres come from k-means++ over the unlabelled features; each iteration
+    assigns the unlabelled images to the nearest centre (labelled ones keep their class), computes the inertia
+    (unlabelled + labelled squared distances to the centres it assigned with), recomputes the centres, and stops after
+    ``max_iterations`` or when the squared centre shift is below ``tolerance``. The labels returned are those of the
+    iteration with the **lowest inertia** (the first one on ties), not the last one's.
+    """
     rng = np.random.RandomState(seed)
     u = np.asarray(u, dtype=np.float64)
     l_feats = np.asarray(l_feats, dtype=np.float64)
-    l_classes = np.unique(l_targets)
-    centers = [l_feats[l_targets == c].mean(0) for c in l_classes]
+    l_classes, l_new = np.unique(np.asarray(l_targets), return_inverse=True)  # cid2ncid
+    c = np.stack([l_feats[l_new == j].mean(0) for j in range(len(l_classes))])
     # k-means++ for the remaining centres over the unlabelled features, given the labelled ones
-    c = np.stack(centers)
     while len(c) < k:
         d2 = _sqdist(u, c).min(1)
         cum = np.cumsum(d2 / max(d2.sum(), 1e-300))
@@ -111,17 +121,29 @@ def semi_supervised_kmeans(u: np.ndarray, l_feats: np.ndarray, l_targets: np.nda
         ind = hit[0] if len(hit) else len(u) - 1
         c = np.vstack([c, u[ind]])
     cat = np.concatenate([l_feats, u])
-    labels = np.concatenate([l_targets, np.zeros(len(u), dtype=np.int64)])
+    best_labels, best_inertia = None, None
     for _ in range(max_iterations):
         old = c.copy()
-        labels = np.concatenate([l_targets, _sqdist(u, c).argmin(1)])
+        dist = _sqdist(u, c)
+        u_labels = dist.argmin(1)
+        inertia = dist[np.arange(len(u)), u_labels].sum() + ((l_feats - c[l_new]) ** 2).sum()
+        labels = np.concatenate([l_new, u_labels])
         for j in range(k):
             members = labels == j
             if members.any():
                 c[j] = cat[members].mean(0)
+        if best_inertia is None or inertia < best_inertia:
+            best_labels, best_inertia = labels, inertia
         if np.sqrt(((c - old) ** 2).sum(1)).sum() ** 2 < tolerance:
             break
-    return labels
+    return best_labels
+
+
+def check_layout(root: str | Path) -> None:
+    """The class folders and the class-split file, before any model is loaded."""
+    root = Path(root)
+    _, _, classes = image_folder(require(root / "small-train", "Herbarium19"))
+    read_class_splits(root, len(classes))
 
 
 def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_size: int = 64, num_workers: int = 0,

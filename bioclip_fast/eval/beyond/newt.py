@@ -65,6 +65,12 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def check_layout(root: str | Path) -> None:
+    """The label CSV and the image folder, before any model is loaded."""
+    read_labels(root)
+    require(Path(root) / "newt2021_images", "NeWT images")
+
+
 def evaluate(model, preprocess, root: str | Path, *, device: str = "cpu", batch_size: int = 64, num_workers: int = 0,
              runs: int = 3, seed: int = 0, n_iter: int = 100, n_jobs: int | None = 1,
              progress: bool = False) -> dict[str, Any]:
