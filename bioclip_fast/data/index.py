@@ -39,7 +39,8 @@ CAPTION_MEMBERS = tuple(TEXT_TYPE_KEYS[tt] for tt in TEXT_TYPES)
 # ---------------------------------------------------------------------------------------------------------------------
 # tar header walking
 # ---------------------------------------------------------------------------------------------------------------------
-def _octal(field: bytes) -> int:
+def tar_number(field: bytes) -> int:
+    """A tar header's numeric field (octal, or GNU base-256)."""
     if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     s = field.split(b"\0", 1)[0].strip()
@@ -99,8 +100,8 @@ def walk_tar(path: str, want_text=lambda ext: ext.endswith("txt")):
                 continue
             zero_blocks = 0
             try:
-                chk = _octal(block[148:156])
-                size = _octal(block[124:136])
+                chk = tar_number(block[148:156])
+                size = tar_number(block[124:136])
             except ValueError:
                 chk, size = -1, 0
             if chk != sum(block[:148]) + 256 + sum(block[156:]):
@@ -174,6 +175,7 @@ class ShardIndex:
     captions: np.ndarray  # int32 [len(TEXT_TYPES), n] index into `strings`, -1 when the member is missing
     strings: list[str]  # shard-local unique caption strings
     bytes_read: int = 0
+    head: str = ""  # head_digest of the file when indexed ("" in sidecars of older versions)
 
     @property
     def count(self) -> int:
@@ -194,7 +196,7 @@ class ShardIndex:
     # ---- (de)serialization: plain arrays only -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         meta = {"format": INDEX_FORMAT, "name": self.name, "size": self.size, "mtime_ns": self.mtime_ns,
-                "keys": self.keys, "taxa": self.taxa, "strings": self.strings, "text_types": list(TEXT_TYPES)}
+                "head": self.head, "keys": self.keys, "taxa": self.taxa, "strings": self.strings, "text_types": list(TEXT_TYPES)}
         blob = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), dtype=np.uint8)
         path = Path(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -219,7 +221,23 @@ class ShardIndex:
         if meta.get("format") != INDEX_FORMAT or meta.get("text_types") != list(TEXT_TYPES):
             raise DataError(f"{path}: shard index of another format ({meta.get('format')}); re-run index-shards")
         return cls(meta["name"], int(meta["size"]), int(meta["mtime_ns"]), meta["keys"], taxa=meta["taxa"],
-                   strings=meta["strings"], **arrays)
+                   strings=meta["strings"], head=meta.get("head", ""), **arrays)
+
+
+HEAD_BYTES = 512
+
+
+def head_digest(path: str | os.PathLike) -> str:
+    """A shard's content token: sha256 (16 hex digits) of its first tar header block (the first member's name, size,
+    mtime and checksum). One 512-byte read; a shard replaced by another of the same size differs here. Raises
+    OSError."""
+    import hashlib
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return hashlib.sha256(os.pread(fd, HEAD_BYTES, 0)).hexdigest()[:16]
+    finally:
+        os.close(fd)
 
 
 def _taxon_of(texts: dict[str, str]) -> Taxon | None:
@@ -236,6 +254,10 @@ def index_shard(path: str | os.PathLike) -> ShardIndex:
     except OSError as e:
         raise DataError(f"{path}: cannot index shard ({e.strerror})") from None
     samples: list[tuple[str, dict[str, tuple[int, int]], dict[str, str]]] = []
+    try:
+        head = head_digest(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror or e})") from None
     gen = walk_tar(path)
     bytes_read = 0
     try:
@@ -294,7 +316,7 @@ def index_shard(path: str | os.PathLike) -> ShardIndex:
             captions[ti, j] = string_ids[s]
     return ShardIndex(os.path.basename(path), int(st.st_size), int(st.st_mtime_ns), [s[0] for s in samples],
                       img_off, img_size, img_ext, txt_off, txt_size, taxon, taxa, captions, strings,
-                      bytes_read=bytes_read)
+                      bytes_read=bytes_read, head=head)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,7 +368,8 @@ def _index_task(args: tuple[str, str]) -> tuple[str, int, int, dict[str, Any] | 
 
 def summarize(idx: ShardIndex) -> dict[str, Any]:
     """What the manifest (and a rank exchange) records of one shard."""
-    return {"name": idx.name, "count": idx.count, "size": idx.size, "mtime_ns": idx.mtime_ns, "taxa": idx.taxa,
+    return {"name": idx.name, "count": idx.count, "size": idx.size, "mtime_ns": idx.mtime_ns, "head": idx.head,
+            "taxa": idx.taxa,
             "taxon_counts": np.bincount(idx.taxon[idx.taxon >= 0], minlength=len(idx.taxa)).tolist()}
 
 
@@ -364,7 +387,7 @@ def build_manifest(summaries: Sequence[dict[str, Any]], *, paths: Sequence[str] 
     shards = []
     for i, s in enumerate(summaries):
         entry = {"name": s["name"], "count": s["count"], "size": s["size"], "mtime_ns": s["mtime_ns"],
-                 "classes": sorted({cid[Taxon.from_row(t).label] for t in s["taxa"]})}
+                 "head": s.get("head", ""), "classes": sorted({cid[Taxon.from_row(t).label] for t in s["taxa"]})}
         if paths is not None:
             entry["path"] = os.path.abspath(paths[i])
         shards.append(entry)

@@ -400,7 +400,7 @@ class Trainer:
 
     def _resume(self, found: Path) -> None:
         old = getattr(self, "_resume_meta_fingerprint", {})
-        keys = ("data", "replay_data")  # the config keys were compared in _select_resume, before any build
+        keys = rundir.DATA_KEYS  # the config keys were compared in _select_resume, before any build
         data_changed = self._check_changes({k: old[k] for k in keys if k in old},
                                            {k: self.fingerprint[k] for k in keys if k in self.fingerprint}, found)
         state = ckpt.load_checkpoint(found, self.engine)
@@ -415,7 +415,7 @@ class Trainer:
         self.last_checkpoint = found
         self._ckpt_bytes = ckpt.checkpoint_bytes(found)
         if self.loader is not None and state.get("loader") is not None:
-            if data_changed:
+            if {"data", "replay_data"} & set(data_changed):  # other files, names or counts: a new order
                 log.warning("the training data changed (--allow-changed %s): the data order restarts at epoch 0",
                             " ".join(data_changed))
             else:
