@@ -23,7 +23,7 @@ import torch
 from bioclip_fast.errors import CheckpointError, DataError
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import rundir
-from bioclip_fast.train.config import ConfigError, TrainConfig, validate_runtime, validate_static
+from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note, validate_runtime, validate_static
 from bioclip_fast.train.engine import (
     ClipTrainModule,
     DistInfo,
@@ -487,9 +487,9 @@ class Trainer:
         self._t_start = time.perf_counter()
         it = iter(self.loader)
         if info.is_main:
-            log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s", cfg.model, self.device,
-                     f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
-                     info.world_size, self.engine.kind, self.run_dir)
+            log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s: %s", cfg.model,
+                     self.device, f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
+                     info.world_size, self.engine.kind, self.run_dir, duration_note(cfg, self.total_steps))
         while not (self._stop_agreed or self._data_stop_agreed or self._should_stop(budget)):
             t0 = time.perf_counter()
             try:
