@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -107,12 +108,19 @@ class ShardEntries:
 
 
 class TaxonTable(Sequence):
-    """The class list as a sequence of Taxon built on access: a 952k-taxon index would otherwise spend tens of
-    seconds per process constructing objects that a training run mostly never touches."""
+    """A class list held as rows (sorted by label), as a sequence of Taxon built on access: for shards indexed at
+    startup or spread over several indexes (one index gives `bioclip_fast.data.index.ClassTable`, memory-mapped)."""
 
     def __init__(self, rows: list[dict[str, str]]):
         self._rows = rows
         self._cache: dict[int, Taxon] = {}
+        self._index: dict[str, int] | None = None
+
+    def indices(self, labels: Sequence[str]) -> np.ndarray:
+        """Class index of each label; KeyError for a label the table lacks."""
+        if self._index is None:
+            self._index = {self[i].label: i for i in range(len(self))}
+        return np.asarray([self._index[lab] for lab in labels], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -144,20 +152,19 @@ class ShardSet:
 
     def __init__(self, shards, kind: str = "bio", progress: bool = False, *, index_dir=None, rank: int = 0,
                  world_size: int = 1):
-        from bioclip_fast.data.index import find_index, load_index_manifest
+        from bioclip_fast.data.index import find_index, load_class_table
 
         if kind not in ("bio", "caption"):
             raise ValueError(f"kind must be 'bio' or 'caption', got {kind!r}")
         self.paths = resolve_shards(shards, name="replay shards" if kind == "caption" else "shards")
         self.kind = kind
         index_dirs = [d for d in (index_dir, os.environ.get("BIOCLIP_FAST_INDEX_DIR")) if d]
-        found = find_index(self.paths, index_dirs)
+        manifests: dict[str, dict] = {}
+        found = find_index(self.paths, index_dirs, manifests=manifests)
         self._index_dir: dict[int, Any] = {}
         self._expected_size: dict[int, int] = {}
         self._indexed_as: dict[int, tuple[int, int, str]] = {}  # (size, mtime_ns, head digest) when indexed
         counts = np.zeros(len(self.paths), dtype=np.int64)
-        labels: dict[str, dict[str, str] | None] = {}  # class label -> taxon row (dict; Taxon built on access)
-        manifests: dict[Any, dict] = {}
         for i, p in enumerate(self.paths):
             if p in found:
                 d, entry = found[p]
@@ -165,30 +172,43 @@ class ShardSet:
                 self._expected_size[i] = int(entry["size"])
                 self._indexed_as[i] = (int(entry["size"]), int(entry.get("mtime_ns", -1)), entry.get("head", ""))
                 counts[i] = int(entry["count"])
-                if kind == "bio":
-                    if d not in manifests:
-                        manifests[d] = load_index_manifest(d)
-                    cls = manifests[d]["classes"]
-                    for c in entry["classes"]:
-                        labels.setdefault(cls[c]["label"], None)  # built below, once per label
-        for d, m in manifests.items():
-            for c in m["classes"]:
-                if c["label"] in labels and labels[c["label"]] is None:
-                    labels[c["label"]] = c
         missing = [i for i in range(len(self.paths)) if i not in self._index_dir]
         self.indexed_at_startup = len(missing)  # shards without an index (all ranks together)
         self.indexed_locally = 0  # of those, indexed by this process
-        if missing:
-            for i, summary in self._index_missing(missing, rank, world_size, progress).items():
-                counts[i] = summary["count"]
-                self._expected_size[i] = summary["size"]
-                self._indexed_as[i] = (summary["size"], summary["mtime_ns"], summary.get("head", ""))
-                for t in summary["taxa"]:
-                    labels.setdefault(Taxon.from_row(t).label, t)
+        summaries = self._index_missing(missing, rank, world_size, progress) if missing else {}
+        for i, summary in summaries.items():
+            counts[i] = summary["count"]
+            self._expected_size[i] = summary["size"]
+            self._indexed_as[i] = (summary["size"], summary["mtime_ns"], summary.get("head", ""))
         self.counts = counts
-        order = sorted(labels) if kind == "bio" else []
-        self.classes: Sequence[Taxon] = TaxonTable([labels[k] for k in order])
-        self.class_index = {lab: i for i, lab in enumerate(order)}
+        self.classes: Sequence[Taxon] = TaxonTable([])
+        if kind == "bio":
+            # each index's class ids of the shards used, by index directory (manifest shard positions -> class ids)
+            used: dict[Any, list[int]] = {}
+            for i, (d, _) in ((i, found[self.paths[i]]) for i in self._index_dir):
+                used.setdefault(d, []).append(i)
+            by_dir = {Path(k): m for k, m in manifests.items() if m is not None}  # find_index gives Path(dir)
+            tables = {d: load_class_table(d, by_dir[d]) for d in used}
+            ids = {}
+            for d, idxs in used.items():
+                pos = {e["name"]: k for k, e in enumerate(by_dir[d]["shards"])}
+                ks = sorted({pos[found[self.paths[i]][1]["name"]] for i in idxs})
+                ids[d] = (None if len(ks) == len(pos) else
+                          np.unique(np.concatenate([tables[d].shard_classes(k) for k in ks] or [np.zeros(0, np.int32)])))
+            if len(tables) == 1 and not summaries:  # one index: its memory-mapped table (a subset when fewer shards)
+                d = next(iter(tables))
+                self.classes = tables[d] if ids[d] is None else tables[d].subset(ids[d])
+            elif tables or summaries:  # several indexes, or shards indexed now: merge the labels (materialized)
+                labels: dict[str, dict[str, str]] = {}
+                for d, t in tables.items():
+                    sub = t if ids[d] is None else t.subset(ids[d])
+                    for c in range(len(sub)):
+                        row = sub.row(c)
+                        labels.setdefault(row["label"], row)
+                for summary in summaries.values():
+                    for t in summary["taxa"]:
+                        labels.setdefault(Taxon.from_row(t).label, t)
+                self.classes = TaxonTable([labels[k] for k in sorted(labels)])
         if self.counts.sum() == 0:
             raise DataError(f"the shards hold no samples: {self.paths[:3]}{'...' if len(self.paths) > 3 else ''}")
         self._cache: OrderedDict[int, ShardEntries] = OrderedDict()
@@ -300,7 +320,11 @@ class ShardSet:
                                                 "re-run `bioclip-fast index-shards`")
         labels = None
         if self.kind == "bio":
-            remap = np.asarray([self.class_index[lab] for lab in idx.taxon_labels()] + [-1], dtype=np.int64)
+            try:
+                remap = np.append(self.classes.indices(idx.taxon_labels()), -1)
+            except KeyError as e:
+                raise ShardDamaged("shard_changed", f"{path}: holds class {e.args[0]!r}, which its index does not "
+                                                    "list; re-run `bioclip-fast index-shards`") from None
             labels = remap[idx.taxon.astype(np.int64)]  # -1 -> the appended -1
         e = ShardEntries(idx.keys, idx.img_off, idx.img_size, idx.img_ext, idx.txt_off, idx.txt_size, labels,
                          idx.captions, idx.strings)
