@@ -201,7 +201,8 @@ class ShardIndex:
     # ---- (de)serialization: plain arrays only -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         meta = {"format": INDEX_FORMAT, "name": self.name, "size": self.size, "mtime_ns": self.mtime_ns,
-                "head": self.head, "keys": self.keys, "taxa": self.taxa, "strings": self.strings, "text_types": list(TEXT_TYPES)}
+                "head": self.head, "keys": self.keys, "taxa": self.taxa, "strings": self.strings,
+                "text_types": list(TEXT_TYPES)}
         blob = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), dtype=np.uint8)
         path = Path(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -421,6 +422,8 @@ class ClassTable(Sequence):
     (nothing per class is materialized at open; the ranks of a node share the pages). `ids` selects a sorted subset
     of the table's classes (those of the shards a loader uses), renumbered 0..len-1."""
 
+    CACHE_SIZE = 1 << 16  # Taxon objects kept (~20 MB)
+
     def __init__(self, arrays: dict[str, np.ndarray], ids: np.ndarray | None = None):
         self._a = arrays
         self._text, self._off = arrays["text"], arrays["offsets"]
@@ -480,6 +483,8 @@ class ClassTable(Sequence):
         i = int(i)
         t = self._cache.get(i)
         if t is None:
+            if len(self._cache) >= self.CACHE_SIZE:  # bounded: a long run may touch most of 952k classes
+                self._cache.clear()
             t = self._cache[i] = Taxon.from_row(dict(zip(CLASS_FIELDS, self._fields(self._global(i)))))
         return t
 

@@ -34,8 +34,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -192,9 +192,13 @@ class ShardSet:
             ids = {}
             for d, idxs in used.items():
                 pos = {e["name"]: k for k, e in enumerate(by_dir[d]["shards"])}
-                ks = sorted({pos[found[self.paths[i]][1]["name"]] for i in idxs})
-                ids[d] = (None if len(ks) == len(pos) else
-                          np.unique(np.concatenate([tables[d].shard_classes(k) for k in ks] or [np.zeros(0, np.int32)])))
+                ks = {pos[found[self.paths[i]][1]["name"]] for i in idxs}
+                ids[d] = None  # every shard of the index: all its classes, nothing to select
+                if len(ks) < len(pos):  # the classes of these shards: one pass over their ids (no sort)
+                    mask = np.zeros(len(tables[d]), dtype=bool)
+                    for k in ks:
+                        mask[tables[d].shard_classes(k)] = True
+                    ids[d] = np.flatnonzero(mask)
             if len(tables) == 1 and not summaries:  # one index: its memory-mapped table (a subset when fewer shards)
                 d = next(iter(tables))
                 self.classes = tables[d] if ids[d] is None else tables[d].subset(ids[d])
@@ -543,8 +547,8 @@ class BatchReader:
 
     def _changed(self, s: int, at: int, why: str) -> ShardDamaged:
         """shard_changed for shard s (remembered: the shard is not the indexed one, so none of its samples is read)."""
-        err = ShardDamaged("shard_changed", f"{self.shards.paths[s]} changed since it was indexed (at byte {at} {why}); "
-                                            "re-run `bioclip-fast index-shards`")
+        err = ShardDamaged("shard_changed", f"{self.shards.paths[s]} changed since it was indexed (at byte {at} "
+                                            f"{why}); re-run `bioclip-fast index-shards`")
         self._damaged[s] = err
         return err
 
@@ -649,7 +653,8 @@ class BatchReader:
                     slot_bad[k] = self._damaged[sl[k]]
                     continue
                 try:
-                    got = os.preadv(self._fd(sl[k]), [hv[512 * k:512 * k + 512], mv[st[k]:st[k] + sz[k]]], of[k] - 512) - 512
+                    got = os.preadv(self._fd(sl[k]), [hv[512 * k:512 * k + 512], mv[st[k]:st[k] + sz[k]]],
+                                    of[k] - 512) - 512
                 except ShardDamaged as err:  # cannot open the shard
                     if not replace:
                         raise
