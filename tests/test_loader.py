@@ -493,6 +493,10 @@ def test_class_table_is_memory_mapped_subset_and_old_manifests_still_load(tmp_pa
     assert [t.label for t in full.classes] == sorted(t.label for t in TAXA)
     sub = make_loader([str(paths[3]), str(paths[1])], 4, image_size=S, num_workers=0, train=False)
     assert [t.label for t in sub.classes] == sorted([TAXA[1].label, TAXA[3].label])
+    import pickle
+
+    blob = pickle.dumps(sub.classes)  # to a spawned worker: by its files, not a copy of the arrays
+    assert len(blob) < 2000 and [t.label for t in pickle.loads(blob)] == [t.label for t in sub.classes]
     for b in sub:  # labels index the subset
         assert [sub.classes[lab].label for lab in b["label"].tolist()] == [TAXA[int(k[1])].label for k in b["key"]]
     # re-indexing replaces the table files (no stale ones left)

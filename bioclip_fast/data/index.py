@@ -430,6 +430,13 @@ class ClassTable(Sequence):
         self.ids = ids
         self._n = int(len(arrays["counts"]) if ids is None else len(ids))
         self._cache: dict[int, Taxon] = {}
+        self._source: tuple[str, dict[str, Any]] | None = None  # (index dir, manifest["class_table"]) when mapped
+
+    def __reduce__(self):
+        # a memory-mapped table travels by its files (a spawned worker maps them again), not as a copy of the arrays
+        if self._source is not None:
+            return _reopen_class_table, (self._source, self.ids)
+        return ClassTable, (self._a, self.ids)
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, manifest: dict[str, Any]) -> "ClassTable":
@@ -449,7 +456,9 @@ class ClassTable(Sequence):
                 or int(arrays["offsets"][-1]) != len(arrays["text"])):
             raise DataError(f"{Path(index_dir) / INDEX_MANIFEST}: the class table does not match the manifest "
                             f"({n} classes); re-run index-shards")
-        return cls(arrays)
+        table = cls(arrays)
+        table._source = (os.fspath(index_dir), info)
+        return table
 
     def __len__(self) -> int:
         return self._n
@@ -517,7 +526,14 @@ class ClassTable(Sequence):
         return np.asarray(self._a["shard_classes"][int(o[k]):int(o[k + 1])])
 
     def subset(self, ids: np.ndarray) -> "ClassTable":
-        return ClassTable(self._a, np.asarray(ids, dtype=np.int64))
+        sub = ClassTable(self._a, np.asarray(ids, dtype=np.int64))
+        sub._source = self._source
+        return sub
+
+
+def _reopen_class_table(source: tuple[str, dict[str, Any]], ids: np.ndarray | None) -> ClassTable:
+    table = ClassTable.open(source[0], {"class_table": source[1]})
+    return table if ids is None else table.subset(ids)
 
 
 def class_arrays(classes: Sequence[dict[str, Any]], shard_classes: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
