@@ -15,7 +15,15 @@ Writes benchmarks/results/index_cpu.json + .png (index/startup) and readpath_cpu
 decode rates of benchmarks/results/decode_cpu_*.json). Files are in the page cache (just written): warm-cache
 numbers; the load average is recorded.
 
+`--startup-scale` measures instead the per-rank startup at the real scale: `make_loader(spec, index_dir=…)` over
+24,236 shards and a 952,000-class table (an index written synthetically: the manifest + class table exactly as
+`index-shards` writes them, empty shard files; no tar is written or opened), each case in a fresh process: seconds
+for the call and the process's peak RSS (ru_maxrss) and RSS growth, for the binary class table and, for reference,
+the previous JSON class table at the issue's size (2,000 shards, 952k classes). Writes
+benchmarks/results/index_startup_<tag>.json.
+
     python benchmarks/bench_index.py                       # 2,000 shards x 5 samples (~0.45 GB in /tmp)
+    python benchmarks/bench_index.py --startup-scale       # 24,236 shards, 952k classes (~0.4 GB in /tmp)
 """
 from __future__ import annotations
 
@@ -166,6 +174,123 @@ def bench_read_path(root: Path, args) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------------------------------- startup at scale
+def _synthetic_index(root: Path, n_shards: int, n_classes: int, classes_per_shard: int, per_shard: int,
+                     old_format: bool) -> str:
+    """An index of n_shards (empty files) and n_classes as index-shards writes it (build_manifest's rows -> the
+    binary table, or the previous format's JSON class list); returns the shard spec."""
+    import numpy as np
+
+    from bioclip_fast.data.index import (INDEX_FORMAT, INDEX_MANIFEST, _atomic_json, class_arrays,
+                                         save_class_table)
+
+    root.mkdir(parents=True)
+    names = [f"shard-{i:06d}.tar" for i in range(n_shards)]
+    for n in names:
+        (root / n).touch()
+    rng = np.random.default_rng(0)
+    # class c: its own genus/species under 1 of 400 families; rows sorted by label as build_manifest sorts them
+    rows = []
+    for c in range(n_classes):
+        fam = c % 400
+        rows.append({"kingdom": "Animalia", "phylum": f"Phylum{fam % 7}", "class": f"Class{fam % 31}",
+                     "order": f"Order{fam % 97}", "family": f"Family{fam}", "genus": f"Genus{c // 3:06d}",
+                     "species": f"species{c:07d}", "common_name": f"common name {c}" if c % 2 else ""})
+    for r in rows:
+        r["label"] = " ".join(r[k] for k in ("kingdom", "phylum", "class", "order", "family", "genus", "species"))
+        r["count"] = 0
+    rows.sort(key=lambda r: r["label"])
+    # each shard holds classes_per_shard classes; together they cover every class
+    per = [np.unique(np.concatenate([np.arange(k, n_classes, n_shards),
+                                     rng.integers(0, n_classes, max(0, classes_per_shard - n_classes // n_shards))]))
+           for k in range(n_shards)]
+    for ids in per:
+        for c in ids.tolist():
+            rows[c]["count"] += 1
+    shards = [{"name": n, "count": per_shard, "size": 0, "mtime_ns": 0, "head": "", "path": str(root / n)}
+              for n in names]
+    manifest = {"format": INDEX_FORMAT, "num_samples": per_shard * n_shards, "num_classes": n_classes,
+                "shards": shards}
+    if old_format:
+        for e, ids in zip(shards, per):
+            e["classes"] = ids.tolist()
+        manifest["classes"] = rows
+    else:
+        save_class_table(root, manifest, class_arrays(rows, per))
+    _atomic_json(root / INDEX_MANIFEST, manifest)
+    return str(root / ("shard-{000000..%06d}.tar" % (n_shards - 1)))
+
+
+_STARTUP_CHILD = r"""
+import json, sys, time
+def rss():  # VmHWM: this process image's peak (ru_maxrss would carry the parent's peak over fork + exec)
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+import open_clip, torch  # imports (the same for every case) before the measured call
+from bioclip_fast.data import make_loader
+tok = open_clip.get_tokenizer("ViT-B-32")
+before = rss()
+t0 = time.perf_counter()
+ld = make_loader(sys.argv[1], 256, index_dir=sys.argv[2], tokenizer=tok, num_workers=0)
+dt = time.perf_counter() - t0
+after = rss()
+t1 = time.perf_counter()
+first = [ld.classes[i].label for i in (0, len(ld.classes) // 2, len(ld.classes) - 1)]
+touch = time.perf_counter() - t1
+print(json.dumps({"make_loader_s": round(dt, 3), "classes": len(ld.classes), "samples": ld.source.num_samples,
+                  "shards": len(ld.source), "rss_before": before, "rss_after": after,
+                  "rss_growth_bytes": after["VmRSS"] - before["VmRSS"],
+                  "anon_growth_bytes": after["RssAnon"] - before["RssAnon"],
+                  "peak_rss_bytes": after["VmHWM"], "peak_rss_before_call_bytes": before["VmHWM"],
+                  "three_class_lookups_s": round(touch, 4)}))
+"""
+
+
+def bench_startup_scale(root: Path, args) -> dict:
+    import subprocess
+
+    # (name, shards in the index, old JSON format, shards the loader uses: all, or the first half (a class subset))
+    cases = [("binary_full", FULL_SET, False, FULL_SET), ("binary_full_half_the_shards", FULL_SET, False, FULL_SET // 2),
+             ("binary_issue_size", 2000, False, 2000), ("json_issue_size", 2000, True, 2000)]
+    out: dict = {"classes": args.classes, "classes_per_shard": args.classes_per_shard,
+                 "samples_per_shard": 10000, "cases": {}}
+    for name, n_shards, old, used in cases:
+        d = root / name
+        t0 = time.perf_counter()
+        spec = _synthetic_index(d, n_shards, args.classes, args.classes_per_shard, 10000, old)
+        spec = spec.replace("%06d}" % (n_shards - 1), "%06d}" % (used - 1))
+        gen_s = time.perf_counter() - t0
+        runs = []
+        for _ in range(args.repeats):
+            r = subprocess.run([sys.executable, "-c", _STARTUP_CHILD, spec, str(d)], capture_output=True, text=True,
+                               timeout=900)
+            if r.returncode:
+                raise SystemExit(f"{name}: {r.stderr[-2000:]}")
+            runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        best = min(runs, key=lambda x: x["make_loader_s"])
+        on_disk = sum(f.stat().st_size for f in d.iterdir() if not f.name.endswith(".tar"))
+        out["cases"][name] = {"shards": n_shards, "shards_used": used, "format": "json" if old else "binary (.npy, memory-mapped)",
+                              "index_bytes_on_disk": on_disk, "generate_s": round(gen_s, 1),
+                              "make_loader_s": best["make_loader_s"],
+                              "make_loader_s_all": [x["make_loader_s"] for x in runs],
+                              "rss_growth_mb": round(best["rss_growth_bytes"] / 2**20, 1),
+                              "anon_growth_mb": round(best["anon_growth_bytes"] / 2**20, 1),
+                              "peak_rss_mb": round(best["peak_rss_bytes"] / 2**20, 1),
+                              "peak_rss_before_call_mb": round(best["peak_rss_before_call_bytes"] / 2**20, 1),
+                              "classes": best["classes"], "samples": best["samples"],
+                              "three_class_lookups_s": best["three_class_lookups_s"]}
+        shutil.rmtree(d)
+    full = out["cases"]["binary_full"]
+    out["targets"] = {"make_loader_s <= 2": full["make_loader_s"] <= 2.0,
+                      "class table memory (peak RSS growth) <= 200 MB":
+                          full["peak_rss_mb"] - full["peak_rss_before_call_mb"] <= 200}
+    return out
+
+
 def plot(index_res: dict, read_res: dict, tag: str) -> None:
     import matplotlib
 
@@ -218,7 +343,25 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--skip-read-path", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from the JSON results")
+    p.add_argument("--startup-scale", action="store_true",
+                   help="measure make_loader startup at 24,236 shards and --classes classes (synthetic index)")
+    p.add_argument("--classes", type=int, default=952_000)
+    p.add_argument("--classes-per-shard", type=int, default=500, help="distinct classes per synthetic shard")
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
+    if args.startup_scale:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        root = Path(tempfile.mkdtemp(prefix="bench_index_startup-", dir=args.tmp))
+        try:
+            res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "cpu_count": os.cpu_count(), "machine": cpu_name(), "load_avg_before": list(os.getloadavg()),
+                   **bench_startup_scale(root, args), "load_avg": list(os.getloadavg())}
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"index_startup_{args.tag}.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return 0
     if args.plot_only:
         plot(json.loads((RESULTS / f"index_{args.tag}.json").read_text()),
              json.loads((RESULTS / f"readpath_{args.tag}.json").read_text()), args.tag)

@@ -272,12 +272,15 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    dev_name = args.device
-    if dev_name == "auto":
-        dev_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev_name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available")
-    device = torch.device(dev_name)
+    from bioclip_fast.devices import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: bench-loss runs on cpu or cuda")
+    for flag, values in (("--batch-sizes", args.batch_sizes), ("--dims", args.dims)):
+        bad = [v for v in values or () if v < 1]
+        if bad:
+            raise UsageError(f"{flag}: {bad[0]} is not a positive size")
     cuda = device.type == "cuda"
     if args.threads is not None:
         if args.threads < 1:

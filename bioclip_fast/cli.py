@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from bioclip_fast.errors import EXIT_INTERRUPTED
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bioclip_fast.train.cli", "train a BioCLIP-2-style model (default: tiny model on bundled butterflies)"),
@@ -37,11 +39,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class SigintGuard:
+    """The SIGINT handler while a command runs: raises KeyboardInterrupt as Python's default does, and remembers that
+    it did (`received`), so a Ctrl-C whose KeyboardInterrupt is swallowed on the way (raised inside a `__del__` or a
+    weakref callback during start-up, where Python only prints "Exception ignored", or caught by a library) still
+    ends the command with 130 instead of 0 (`train` checks it before its first step: train/signals.py)."""
+
+    def __init__(self):
+        self.received = False
+
+    def __call__(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "SigintGuard":
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
         return 2
+    with SigintGuard() as guard:  # before the (slow) imports: a Ctrl-C at any point of the start is an interrupt
+        try:
+            return _main(argv, guard)
+        except KeyboardInterrupt:
+            if "--debug" in argv:
+                raise
+            print(f"bioclip-fast {argv[0]}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str], guard: SigintGuard) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
@@ -53,15 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(rest)
     args.command = name
-    return run_subcommand(parser.prog, module.run, args)
+    return run_subcommand(parser.prog, module.run, args, guard=guard)
 
 
-def run_subcommand(prog: str, run, args) -> int:
-    """``run(args)`` with the one-line error contract (see :mod:`bioclip_fast.errors`)."""
-    from bioclip_fast.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, one_line
+def run_subcommand(prog: str, run, args, *, guard: SigintGuard | None = None) -> int:
+    """``run(args)`` with the one-line error contract (see :mod:`bioclip_fast.errors`); a Ctrl-C is exit 130 even
+    when its KeyboardInterrupt was swallowed on the way (`guard.received`)."""
+    from bioclip_fast.errors import EXIT_USAGE, UsageError, one_line
 
     try:
-        return int(run(args) or 0)
+        rc = int(run(args) or 0)
+        if guard is not None and guard.received and rc == 0:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return rc
     except (UsageError, OSError, ValueError) as exc:
         if getattr(args, "debug", False):
             raise

@@ -133,7 +133,12 @@ def load_hub_snapshot(path: str | os.PathLike, device: str | torch.device, model
 
         text = " ".join(str(e).split())[:240]
         if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
-            text = "the .bin holds Python objects other than tensors; weights are never unpickled blindly"
+            from bioclip_fast.model import _pickled_objects_in, unpickled_objects
+
+            objects = unpickled_objects(e) is not None or any(
+                _pickled_objects_in(w) is not None for w in weights if w.suffix != ".safetensors")
+            text = ("the .bin holds Python objects other than tensors; weights are never unpickled blindly" if objects
+                    else "the .bin is not a readable weights file (not a torch.save archive of tensors)")
         raise CheckpointError(f"--model {model_str}: cannot load the open_clip snapshot {path}: {text}") from None
     import json
 

@@ -213,22 +213,9 @@ def resolve_templates(templates: str | Sequence[str] | None) -> list:
 
 
 def _check_device(device: str | torch.device | None) -> torch.device:
-    from bioclip_fast.errors import UsageError
+    from bioclip_fast.devices import resolve_device
 
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device}: not a device (use cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
-                         f"use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
-    return dev
+    return resolve_device(device)
 
 
 class BaseClassifier:

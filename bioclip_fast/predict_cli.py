@@ -127,7 +127,8 @@ def parse_cls(value: str) -> list[str]:
         labels = [c.strip() for c in value.split(",") if c.strip()]
         source = "--cls"
     if not labels:
-        raise UsageError(f"{source}: no labels")
+        raise UsageError(f"{source}{' ' + repr(value) if source == '--cls' else ''}: no labels (give them comma-"
+                         "separated, or a file with one per line)")
     return labels
 
 
@@ -262,7 +263,12 @@ def run_predict(args: argparse.Namespace) -> int:
     _validate_common(args)
     if args.k is not None and args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
-    if (args.cls or args.bins) and (args.rank is not None or args.subset or args.tol_embeddings):
+    if args.cls is not None:  # an empty --cls is an error, never "no --cls" (the checkpoint's own labels)
+        parse_cls(args.cls)
+    if args.bins is not None and not args.bins.strip():
+        raise UsageError("--bins: no file given")
+    custom = args.cls is not None or args.bins is not None
+    if custom and (args.rank is not None or args.subset or args.tol_embeddings):
         raise UsageError("--rank/--subset/--tol-embeddings apply to the taxonomic labels; they cannot be combined "
                          "with --cls/--bins")
     if args.subset and not Path(args.subset).is_file():
@@ -277,7 +283,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--log {args.log}: File {args.log} already exists. Please choose a different file name.")
     started = datetime.datetime.now().isoformat(timespec="seconds")
     cls_to_bin = read_bins_csv(args.bins) if args.bins else None
-    labels = parse_cls(args.cls) if args.cls else None
+    labels = parse_cls(args.cls) if args.cls is not None else None
     rank = args.rank or "species"
     errors = ErrorLog()
     images = _images_or_fail(args, errors)

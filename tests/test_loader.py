@@ -464,6 +464,62 @@ def test_loader_uses_the_index_and_never_scans(provider, tmp_path, monkeypatch):
         shutil.copy(tmp_path / "a.tar", provider["dir"] / "a.tar")
 
 
+def _one_species_shards(root: Path, n: int) -> list[Path]:
+    from tests._fixtures_data import TAXA, write_tol_shard
+
+    from bioclip_fast.data.synthetic import jpeg_bytes
+
+    root.mkdir(parents=True)
+    return [write_tol_shard(root / f"shard-{i:06d}.tar", [{"key": f"s{i}_{k}", "taxon": TAXA[i], "jpg": jpeg_bytes(k)}
+                                                          for k in range(4)]) for i in range(n)]
+
+
+def test_class_table_is_memory_mapped_subset_and_old_manifests_still_load(tmp_path):
+    """index-shards writes the class table as .npy arrays (the JSON keeps no per-class data); a loader memory-maps
+    it (no Taxon built at startup), takes the classes of the shards it uses (a subset, renumbered) and labels
+    samples through it; a manifest of the previous format (classes in the JSON) still loads with the same classes."""
+    import json
+
+    from bioclip_fast.data.index import INDEX_MANIFEST, ClassTable, index_shards, load_class_table
+    from tests._fixtures_data import TAXA
+
+    paths = _one_species_shards(tmp_path / "d", 4)
+    index_shards(str(tmp_path / "d"), progress=False)
+    m = json.loads((tmp_path / "d" / INDEX_MANIFEST).read_text())
+    assert "classes" not in m and all("classes" not in e for e in m["shards"])
+    assert len(list((tmp_path / "d").glob("bioclip_index.*.npy"))) == len(m["class_table"]["files"])
+    full = make_loader(str(tmp_path / "d"), 4, image_size=S, num_workers=0, train=False)
+    assert isinstance(full.classes, ClassTable) and isinstance(full.classes._a["text"], np.memmap)
+    assert [t.label for t in full.classes] == sorted(t.label for t in TAXA)
+    sub = make_loader([str(paths[3]), str(paths[1])], 4, image_size=S, num_workers=0, train=False)
+    assert [t.label for t in sub.classes] == sorted([TAXA[1].label, TAXA[3].label])
+    import pickle
+
+    blob = pickle.dumps(sub.classes)  # to a spawned worker: by its files, not a copy of the arrays
+    assert len(blob) < 2000 and [t.label for t in pickle.loads(blob)] == [t.label for t in sub.classes]
+    for b in sub:  # labels index the subset
+        assert [sub.classes[lab].label for lab in b["label"].tolist()] == [TAXA[int(k[1])].label for k in b["key"]]
+    # re-indexing replaces the table files (no stale ones left)
+    index_shards(str(tmp_path / "d"), progress=False, resume=False)
+    m2 = json.loads((tmp_path / "d" / INDEX_MANIFEST).read_text())
+    assert sorted(p.name for p in (tmp_path / "d").glob("bioclip_index.*.npy")) == sorted(
+        m2["class_table"]["files"].values())
+
+    # the previous format: per-class rows and per-shard class ids in the JSON
+    table = load_class_table(tmp_path / "d")
+    old = {k: v for k, v in m2.items() if k != "class_table"}
+    old["classes"] = [table.row(i) for i in range(len(table))]
+    for k, e in enumerate(old["shards"]):
+        e["classes"] = table.shard_classes(k).tolist()
+    for f in (tmp_path / "d").glob("bioclip_index.*.npy"):
+        f.unlink()
+    (tmp_path / "d" / INDEX_MANIFEST).write_text(json.dumps(old))
+    again = make_loader([str(paths[3]), str(paths[1])], 4, image_size=S, num_workers=0, train=False)
+    assert again.source.indexed_at_startup == 0
+    assert [t.label for t in again.classes] == [t.label for t in sub.classes]
+    assert sorted(k for b in again for k in b["key"]) == sorted(f"s{i}_{k}" for i in (1, 3) for k in range(4))
+
+
 def _rank_split_worker(rank, world, init_file, shard_dir, out_dir):
     import json as _json
 

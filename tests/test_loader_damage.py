@@ -308,3 +308,70 @@ def test_two_ranks_stop_after_the_same_step_with_one_checkpoint(indexed, tmp_pat
     assert steps == list(range(1, stop + 1)) and stop < 4
     assert all(f"Stopped after step {stop}; checkpoint" in x for x in lines), lines
     assert ckpt.verify_checkpoint(out / "checkpoints" / ckpt.ckpt_name(stop)) is None
+
+
+def _same_size_shards(root: Path, n: int = 3) -> list[Path]:
+    """n shards of PER_SHARD samples, one species each, the same JPEG sizes and key lengths: every shard file has the
+    same size (as TreeOfLife shards of one layout often do), so copying one over another keeps its size."""
+    from bioclip_fast.data.synthetic import TAXA, jpeg_bytes, write_tol_shard
+
+    root.mkdir(parents=True)
+    jpgs = [jpeg_bytes(k) for k in range(PER_SHARD)]
+    paths = [write_tol_shard(root / f"shard-{i:06d}.tar", [{"key": f"s{i}_{k:04d}", "taxon": TAXA[i], "jpg": jpgs[k]}
+                                                            for k in range(PER_SHARD)]) for i in range(n)]
+    assert len({p.stat().st_size for p in paths}) == 1
+    assert main(["index-shards", str(root), "--no-progress"]) == 0
+    return paths
+
+
+def test_a_shard_rewritten_with_the_same_size_is_caught_per_sample(tmp_path, capsys):
+    """Shard 2 copied over shard 0 while the loader holds shard 0's table (same size, same offsets): each image is
+    read with the tar header in front of it, which now names another member, so shard 0's samples are skipped as
+    shard_changed and replaced, never handed out under shard 0's keys and labels; eval stops with one DataError."""
+    paths = _same_size_shards(tmp_path / "shards")
+    capsys.readouterr()
+    kw = dict(image_size=32, num_workers=0, seed=2, shuffle_buffer=16, max_bad_fraction=None)
+    ld = make_loader(str(tmp_path / "shards"), BATCH, **kw)
+    first = [k for b in ld for k in b["key"]]
+    assert len(first) == 3 * PER_SHARD and not ld.stats["bad_samples"]
+    shutil.copyfile(paths[2], paths[0])  # in place: the loader's open descriptors see the new bytes
+    assert paths[0].stat().st_size == paths[1].stat().st_size
+    batches = list(ld)
+    keys = [k for b in batches for k in b["key"]]
+    assert [len(b["key"]) for b in batches] == [BATCH] * 3  # bad samples replaced
+    assert not [k for k in keys if k.startswith("s0_")]  # no image of shard 2 under a shard-0 key (mislabelled)
+    from bioclip_fast.data.synthetic import TAXA
+
+    for b in batches:  # every label is its key's species
+        assert [ld.classes[lab].label for lab in b["label"].tolist()] == [TAXA[int(k[1])].label for k in b["key"]]
+    assert ld.stats["bad_samples"] == {"shard_changed": PER_SHARD} and list(ld.bad_shards) == [str(paths[0])]
+    assert "the index names 's0_" in ld.bad_shards[str(paths[0])]
+
+    ev = make_loader(str(tmp_path / "shards"), BATCH, train=False, **kw)
+    with pytest.raises(DataError, match=r"shard-000000\.tar changed since it was indexed .*re-run `bioclip-fast "
+                                        r"index-shards`"):
+        list(ev)
+
+
+def test_resume_refuses_a_shard_rewritten_with_the_same_size(tmp_path, capsys):
+    """`--resume auto` after another shard was copied over one (same name, size and sample count; the index not
+    re-run): refused in one line naming data_files. Accepting it on purpose (--allow-changed data_files) resumes at
+    the checkpoint's position, and the rewritten shard's samples are then skipped as shard_changed."""
+    paths = _same_size_shards(tmp_path / "shards")
+    out = tmp_path / "run"
+    base = ["train", *TRAIN, "--data", str(tmp_path / "shards"), "--num-workers", "0", "--out", str(out),
+            "--max-bad-fraction", "none"]
+    assert main([*base, "--max-steps", "3", "--save-every", "3"]) == 0
+    capsys.readouterr()
+    shutil.copyfile(paths[2], paths[0])
+    assert main([*base, "--max-steps", "6", "--resume", "auto", "--allow-changed", "max_steps"]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("bioclip-fast train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "data_files (shard files were rewritten" in lines[0] and "--allow-changed data_files" in lines[0]
+    assert "data (shard names" not in lines[0]  # names, counts, sizes and classes are the same
+
+    assert main([*base, "--max-steps", "6", "--resume", "auto", "--allow-changed", "max_steps", "data_files"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["loader_stats"]["bad_samples"] == {"shard_changed": PER_SHARD}  # epoch 1: shard 0's 16 samples
+    assert res["loader_stats"]["samples"] == 6 * BATCH

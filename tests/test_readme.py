@@ -147,11 +147,14 @@ def run_make(argv: list[str], ctx: Ctx) -> None:
         assert "make test" in (REPO / ".ci" / "run").read_text()
         return
     assert target == "train" and last.endswith("bioclip-fast train"), last
-    cmd = shlex.split(last) + ["--max-steps", "3", "--max-minutes", "none", "--schedule-clock", "steps",
-                               "--no-progress", "--eval-templates", "simple", "--out", str(ctx.tmp / "run")]
+    # the demo as written, shortened to 3 of its steps (its default schedule is step-clocked: 550 steps)
+    cmd = shlex.split(last) + ["--max-steps", "3", "--no-progress", "--eval-templates", "simple", "--out",
+                               str(ctx.tmp / "run")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "zero-shot" in res.stdout and (ctx.tmp / "run" / "model.pt").is_file()
+    cfg = json.loads((ctx.tmp / "run" / "config.json").read_text())
+    assert (cfg["schedule_clock"], cfg["max_minutes"]) == ("steps", None) and ": 3 steps, about" in res.stderr
 
 
 def run_make_shards(argv: list[str], ctx: Ctx) -> None:

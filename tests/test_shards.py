@@ -248,6 +248,7 @@ from bioclip_fast.data.index import (  # noqa: E402
     ShardIndex,
     index_shard,
     index_shards,
+    load_class_table,
     load_index_manifest,
     sidecar_path,
 )
@@ -350,7 +351,12 @@ def test_index_shards_cli_resumable_parallel_and_cache_dir(foreign, tmp_path, ca
     assert not list(d.glob("*.bfidx.npz")) and not (d / INDEX_MANIFEST).exists()  # nothing next to the shards
     m = load_index_manifest(cache)
     assert [e["name"] for e in m["shards"]] == [f"shard-{i:06d}.tar" for i in range(6)]
-    assert sum(c["count"] for c in m["classes"]) == 18
+    table = load_class_table(cache)  # the binary class table beside the manifest (memory-mapped)
+    assert "classes" not in m and m["class_table"]["num_classes"] == len(table) == 4
+    assert int(np.sum(table._a["counts"])) == 18
+    assert [table[i].label for i in range(4)] == sorted(t.label for t in TAXA)
+    assert table.indices([TAXA[2].label, TAXA[0].label]).tolist() == [table[:].index(TAXA[2]),
+                                                                       table[:].index(TAXA[0])]
     serial = index_shard(d / "shard-000002.tar")
     saved = ShardIndex.load(sidecar_path(cache, "shard-000002.tar"))
     assert saved.keys == serial.keys and (saved.img_off == serial.img_off).all() and saved.strings == serial.strings

@@ -83,3 +83,40 @@ def test_train_accepts_every_spec_form(capsys, monkeypatch, shards, form):
             "list": ["--data", f"{d}/shard-000000.tar", f"{d}/shard-000001.tar"]}[form]
     cfg = _print_config(capsys, monkeypatch, argv + ["--replay-data", f"{shards}/laion/{{000000..000001}}.tar"])
     assert cfg["data"] == argv[1:]
+
+
+def test_the_demo_is_step_clocked_and_the_time_bound_schedule_is_an_option(capsys, monkeypatch):
+    """`bioclip-fast train` with no arguments: a fixed step count (the same model on a busy or an idle machine);
+    `--max-minutes M` alone is the time-bound schedule the demo used to run; explicit flags still win."""
+    cfg = _print_config(capsys, monkeypatch, [])
+    assert (cfg["preset"], cfg["schedule_clock"], cfg["max_steps"], cfg["max_minutes"]) == ("butterflies", "steps",
+                                                                                            550, None)
+    cfg = _print_config(capsys, monkeypatch, ["--max-minutes", "4.25"])
+    assert (cfg["schedule_clock"], cfg["max_steps"], cfg["max_minutes"]) == ("time", None, 4.25)
+    cfg = _print_config(capsys, monkeypatch, ["--max-minutes", "2", "--max-steps", "40"])  # a cap on a step schedule
+    assert (cfg["schedule_clock"], cfg["max_steps"], cfg["max_minutes"]) == ("steps", 40, 2)
+
+
+def test_two_demo_runs_give_the_same_model_and_say_how_long_they_take(tmp_path, caplog):
+    """The demo's defaults (step clock, seeded data order, crops and init), shrunk to 3 steps of bioclip-micro: two
+    runs give bit-identical weights and losses, and each states its length before training."""
+    import torch
+
+    from bioclip_fast.model import load_model
+
+    argv = ["train", "--model", "bioclip-micro", "--batch-size", "32", "--max-steps", "3", "--num-workers", "0",
+            "--threads", "1", "--no-eval-at-end", "--no-progress"]
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        with caplog.at_level("INFO", logger="bioclip_fast"):
+            assert main([*argv, "--out", str(out)]) == 0
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training bioclip-micro")]
+        assert len(said) == 1 and said[0].endswith(": 3 steps"), said
+        caplog.clear()
+        model = load_model(out / "model.pt")[0]
+        losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        runs.append((model.state_dict(), losses))
+    (w0, l0), (w1, l1) = runs
+    assert len(l0) == 3 and l0 == l1
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)

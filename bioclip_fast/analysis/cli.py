@@ -207,7 +207,8 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
-    from bioclip_fast.eval.cli import default_device, resolve_checkpoints
+    from bioclip_fast.devices import resolve_device
+    from bioclip_fast.eval.cli import resolve_checkpoints
     from bioclip_fast.eval.datasets import check_data_source
     from bioclip_fast.eval.report import markdown_table, write_json
 
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
 
             args.descriptions = str(butterflies_root() / "descriptions.csv")
     validate(args)
-    device = args.device or default_device()
+    device = str(resolve_device(args.device))  # before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpts, labels = resolve_checkpoints(args.checkpoints)

@@ -35,12 +35,14 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from bioclip_fast.data import cpu as cpu_ops
+from bioclip_fast.data.index import IMAGE_EXTS, tar_number
 from bioclip_fast.data.shardspec import resolve_shards
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon, validate_text_types
@@ -106,12 +108,19 @@ class ShardEntries:
 
 
 class TaxonTable(Sequence):
-    """The class list as a sequence of Taxon built on access: a 952k-taxon index would otherwise spend tens of
-    seconds per process constructing objects that a training run mostly never touches."""
+    """A class list held as rows (sorted by label), as a sequence of Taxon built on access: for shards indexed at
+    startup or spread over several indexes (one index gives `bioclip_fast.data.index.ClassTable`, memory-mapped)."""
 
     def __init__(self, rows: list[dict[str, str]]):
         self._rows = rows
         self._cache: dict[int, Taxon] = {}
+        self._index: dict[str, int] | None = None
+
+    def indices(self, labels: Sequence[str]) -> np.ndarray:
+        """Class index of each label; KeyError for a label the table lacks."""
+        if self._index is None:
+            self._index = {self[i].label: i for i in range(len(self))}
+        return np.asarray([self._index[lab] for lab in labels], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -143,48 +152,67 @@ class ShardSet:
 
     def __init__(self, shards, kind: str = "bio", progress: bool = False, *, index_dir=None, rank: int = 0,
                  world_size: int = 1):
-        from bioclip_fast.data.index import find_index, load_index_manifest
+        from bioclip_fast.data.index import find_index, load_class_table
 
         if kind not in ("bio", "caption"):
             raise ValueError(f"kind must be 'bio' or 'caption', got {kind!r}")
         self.paths = resolve_shards(shards, name="replay shards" if kind == "caption" else "shards")
         self.kind = kind
         index_dirs = [d for d in (index_dir, os.environ.get("BIOCLIP_FAST_INDEX_DIR")) if d]
-        found = find_index(self.paths, index_dirs)
+        manifests: dict[str, dict] = {}
+        found = find_index(self.paths, index_dirs, manifests=manifests)
         self._index_dir: dict[int, Any] = {}
         self._expected_size: dict[int, int] = {}
+        self._indexed_as: dict[int, tuple[int, int, str]] = {}  # (size, mtime_ns, head digest) when indexed
         counts = np.zeros(len(self.paths), dtype=np.int64)
-        labels: dict[str, dict[str, str] | None] = {}  # class label -> taxon row (dict; Taxon built on access)
-        manifests: dict[Any, dict] = {}
         for i, p in enumerate(self.paths):
             if p in found:
                 d, entry = found[p]
                 self._index_dir[i] = d
                 self._expected_size[i] = int(entry["size"])
+                self._indexed_as[i] = (int(entry["size"]), int(entry.get("mtime_ns", -1)), entry.get("head", ""))
                 counts[i] = int(entry["count"])
-                if kind == "bio":
-                    if d not in manifests:
-                        manifests[d] = load_index_manifest(d)
-                    cls = manifests[d]["classes"]
-                    for c in entry["classes"]:
-                        labels.setdefault(cls[c]["label"], None)  # built below, once per label
-        for d, m in manifests.items():
-            for c in m["classes"]:
-                if c["label"] in labels and labels[c["label"]] is None:
-                    labels[c["label"]] = c
         missing = [i for i in range(len(self.paths)) if i not in self._index_dir]
         self.indexed_at_startup = len(missing)  # shards without an index (all ranks together)
         self.indexed_locally = 0  # of those, indexed by this process
-        if missing:
-            for i, summary in self._index_missing(missing, rank, world_size, progress).items():
-                counts[i] = summary["count"]
-                self._expected_size[i] = summary["size"]
-                for t in summary["taxa"]:
-                    labels.setdefault(Taxon.from_row(t).label, t)
+        summaries = self._index_missing(missing, rank, world_size, progress) if missing else {}
+        for i, summary in summaries.items():
+            counts[i] = summary["count"]
+            self._expected_size[i] = summary["size"]
+            self._indexed_as[i] = (summary["size"], summary["mtime_ns"], summary.get("head", ""))
         self.counts = counts
-        order = sorted(labels) if kind == "bio" else []
-        self.classes: Sequence[Taxon] = TaxonTable([labels[k] for k in order])
-        self.class_index = {lab: i for i, lab in enumerate(order)}
+        self.classes: Sequence[Taxon] = TaxonTable([])
+        if kind == "bio":
+            # each index's class ids of the shards used, by index directory (manifest shard positions -> class ids)
+            used: dict[Any, list[int]] = {}
+            for i, (d, _) in ((i, found[self.paths[i]]) for i in self._index_dir):
+                used.setdefault(d, []).append(i)
+            by_dir = {Path(k): m for k, m in manifests.items() if m is not None}  # find_index gives Path(dir)
+            tables = {d: load_class_table(d, by_dir[d]) for d in used}
+            ids = {}
+            for d, idxs in used.items():
+                pos = {e["name"]: k for k, e in enumerate(by_dir[d]["shards"])}
+                ks = {pos[found[self.paths[i]][1]["name"]] for i in idxs}
+                ids[d] = None  # every shard of the index: all its classes, nothing to select
+                if len(ks) < len(pos):  # the classes of these shards: one pass over their ids (no sort)
+                    mask = np.zeros(len(tables[d]), dtype=bool)
+                    for k in ks:
+                        mask[tables[d].shard_classes(k)] = True
+                    ids[d] = np.flatnonzero(mask)
+            if len(tables) == 1 and not summaries:  # one index: its memory-mapped table (a subset when fewer shards)
+                d = next(iter(tables))
+                self.classes = tables[d] if ids[d] is None else tables[d].subset(ids[d])
+            elif tables or summaries:  # several indexes, or shards indexed now: merge the labels (materialized)
+                labels: dict[str, dict[str, str]] = {}
+                for d, t in tables.items():
+                    sub = t if ids[d] is None else t.subset(ids[d])
+                    for c in range(len(sub)):
+                        row = sub.row(c)
+                        labels.setdefault(row["label"], row)
+                for summary in summaries.values():
+                    for t in summary["taxa"]:
+                        labels.setdefault(Taxon.from_row(t).label, t)
+                self.classes = TaxonTable([labels[k] for k in sorted(labels)])
         if self.counts.sum() == 0:
             raise DataError(f"the shards hold no samples: {self.paths[:3]}{'...' if len(self.paths) > 3 else ''}")
         self._cache: OrderedDict[int, ShardEntries] = OrderedDict()
@@ -235,6 +263,25 @@ class ShardSet:
     def num_samples(self) -> int:
         return int(self.counts.sum())
 
+    def content_tokens(self) -> list[str]:
+        """Per shard, "size:head digest" of the file as it is now (`index.head_digest`; "unreadable" when it cannot
+        be read). A stat per shard; the first header block is read only of shards whose size or mtime differ from
+        their index's (a shard rewritten, restored from a backup, a dataset copied without keeping times): a shard
+        restored with its content matches again, another shard copied over it does not."""
+        from bioclip_fast.data.index import head_digest
+
+        out = []
+        for i, p in enumerate(self.paths):
+            try:
+                st = os.stat(p)
+                size, mtime, head = self._indexed_as.get(i, (-1, -1, ""))
+                if not (head and st.st_size == size and st.st_mtime_ns == mtime):
+                    head = head_digest(p)
+                out.append(f"{st.st_size}:{head}")
+            except OSError:
+                out.append("unreadable")
+        return out
+
     def fingerprint(self) -> str:
         return json.dumps([[os.path.basename(p), int(c)] for p, c in zip(self.paths, self.counts)])
 
@@ -277,7 +324,11 @@ class ShardSet:
                                                 "re-run `bioclip-fast index-shards`")
         labels = None
         if self.kind == "bio":
-            remap = np.asarray([self.class_index[lab] for lab in idx.taxon_labels()] + [-1], dtype=np.int64)
+            try:
+                remap = np.append(self.classes.indices(idx.taxon_labels()), -1)
+            except KeyError as e:
+                raise ShardDamaged("shard_changed", f"{path}: holds class {e.args[0]!r}, which its index does not "
+                                                    "list; re-run `bioclip-fast index-shards`") from None
             labels = remap[idx.taxon.astype(np.int64)]  # -1 -> the appended -1
         e = ShardEntries(idx.keys, idx.img_off, idx.img_size, idx.img_ext, idx.txt_off, idx.txt_size, labels,
                          idx.captions, idx.strings)
@@ -311,6 +362,32 @@ def _prefix_intact(path: str, idx, size: int) -> bool:
     except (OSError, tarfile.TarError):
         return False
     return True
+
+
+def _header_mismatch(block, name: str, size: int) -> str | None:
+    """Why the 512-byte tar header `block` is not that of member `name` holding `size` bytes; None when it is.
+
+    Name (ustar prefix joined) and size fields only: a few slices, no checksum sum. A name longer than the 100-byte
+    field (GNU long-name / pax records in front of the header) is compared as far as the field holds it."""
+    block = bytes(block)
+    if len(block) != 512:
+        return "no tar header there"
+    got = block[0:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            got = prefix + b"/" + got
+    want = name.encode("utf-8", "surrogateescape")
+    # pax headers carry non-ASCII names; the ustar field then holds a lossy copy: such members are checked by size
+    if got != want and want.isascii() and not (len(want) >= 100 and len(got) >= 90 and want.startswith(got)):
+        return f"the tar member there is {got.decode('utf-8', 'replace')!r}, the index names {name!r}"
+    try:
+        got_size = tar_number(block[124:136])
+    except ValueError:
+        return f"the tar header of {name!r} is damaged"
+    if got_size != size:
+        return f"member {name!r} holds {got_size} bytes, the index says {size}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -458,6 +535,23 @@ class BatchReader:
             raise ShardDamaged("past_eof", self._past_eof(s, offset + size))
         return data
 
+    def _member(self, s: int, name: str, size: int, offset: int) -> bytes:
+        """The payload of member `name` (`size` bytes at `offset`) of shard s, read with the tar header in front of it
+        (one read), which must name that member: a shard rewritten after it was indexed (same size, other content)
+        raises ShardDamaged("shard_changed") instead of handing out another sample's bytes under this label."""
+        data = self._pread(s, size + 512, offset - 512)
+        why = _header_mismatch(data[:512], name, size)
+        if why is not None:
+            raise self._changed(s, offset - 512, why)
+        return data[512:]
+
+    def _changed(self, s: int, at: int, why: str) -> ShardDamaged:
+        """shard_changed for shard s (remembered: the shard is not the indexed one, so none of its samples is read)."""
+        err = ShardDamaged("shard_changed", f"{self.shards.paths[s]} changed since it was indexed (at byte {at} "
+                                            f"{why}); re-run `bioclip-fast index-shards`")
+        self._damaged[s] = err
+        return err
+
     def _past_eof(self, s: int, end: int) -> str:
         path = self.shards.paths[s]
         try:
@@ -484,9 +578,11 @@ class BatchReader:
         """(key, image bytes, label, replay caption bytes, member captions per TEXT_TYPES) of sample j of shard s.
         Raises ShardDamaged."""
         e = self._entries(s)
-        data = self._pread(s, int(e.img_size[j]), int(e.img_off[j])) if e.img_ext[j] >= 0 else None
+        data = (self._member(s, _member_name(e, j), int(e.img_size[j]), int(e.img_off[j])) if e.img_ext[j] >= 0
+                else None)
         if self.shards.kind == "caption":
-            caption = self._pread(s, int(e.txt_size[j]), int(e.txt_off[j])) if e.txt_off[j] >= 0 else b""
+            caption = (self._member(s, e.keys[j] + ".txt", int(e.txt_size[j]), int(e.txt_off[j]))
+                       if e.txt_off[j] >= 0 else b"")
             return e.keys[j], data, -1, caption, None
         ids = e.captions[:, j]
         caps = tuple(e.strings[c] if c >= 0 else None for c in ids.tolist())
@@ -547,11 +643,18 @@ class BatchReader:
         np.cumsum(np.maximum(sizes, 0), out=starts[1:])
         buf = np.empty(int(starts[-1]), np.uint8)
         mv = memoryview(buf)
+        # each image is read together with the tar header in front of it, which must name the indexed member
+        headers = np.empty(n * 512, np.uint8)
+        hv = memoryview(headers)
         sl, wl, st, sz, of = shard_idx.tolist(), within.tolist(), starts.tolist(), sizes.tolist(), offs.tolist()
         for k in range(n):
             if sz[k] > 0 and slot_bad[k] is None:
+                if sl[k] in self._damaged:  # found rewritten earlier in this batch
+                    slot_bad[k] = self._damaged[sl[k]]
+                    continue
                 try:
-                    got = os.preadv(self._fd(sl[k]), [mv[st[k]:st[k] + sz[k]]], of[k])
+                    got = os.preadv(self._fd(sl[k]), [hv[512 * k:512 * k + 512], mv[st[k]:st[k] + sz[k]]],
+                                    of[k] - 512) - 512
                 except ShardDamaged as err:  # cannot open the shard
                     if not replace:
                         raise
@@ -563,6 +666,12 @@ class BatchReader:
                     continue
                 if got != sz[k]:  # buf holds garbage past `got`: never decode it
                     slot_bad[k] = ShardDamaged("past_eof", self._past_eof(sl[k], of[k] + sz[k]))
+                    continue
+                why = _header_mismatch(hv[512 * k:512 * k + 512], _member_name(ents[sl[k]], wl[k]), sz[k])
+                if why is not None:
+                    slot_bad[k] = self._changed(sl[k], of[k] - 512, why)
+                    if not replace:
+                        raise slot_bad[k]
 
         caption_kind = self.shards.kind == "caption"
         pieces: list[Any] = []  # per kept slot: memoryview into `buf` or bytes of a replacement sample
@@ -589,8 +698,8 @@ class BatchReader:
                         raise cpu_ops.CorruptImage("no taxonomy in the sample's text members")
                     wh = cpu_ops.image_size(data)
                     if caption_kind:  # read inside the try: a failing read is replaced like a bad image
-                        caption = (self._pread(s, int(e.txt_size[j]), int(e.txt_off[j])) if e.txt_off[j] >= 0
-                                   else b"")
+                        caption = (self._member(s, e.keys[j] + ".txt", int(e.txt_size[j]), int(e.txt_off[j]))
+                                   if e.txt_off[j] >= 0 else b"")
                     if self.decode:  # the PIL path decodes here, so a decoder failure is replaced like any other
                         box = (cpu_ops.random_resized_crop_box(wh[0], wh[1], uniforms[k], c.crop_scale,
                                                                c.crop_ratio) if c.train
@@ -657,6 +766,11 @@ class BatchReader:
         else:
             out["captions"] = member_caps
         return out
+
+
+def _member_name(e: ShardEntries, j: int) -> str:
+    """The tar member name of sample j's image (as the index recorded it)."""
+    return f"{e.keys[j]}.{IMAGE_EXTS[int(e.img_ext[j])]}"
 
 
 def _identity(x):

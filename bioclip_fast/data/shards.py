@@ -70,6 +70,9 @@ def check_columns(header: Sequence[str], path: str | os.PathLike, *, allow_missi
                         f"{', '.join(hints)}")
     if "image" in missing:
         raise DataError(f"{path}: header {list(header)} lacks the required column 'image'")
+    if not any(c in present for c in TAXON_COLUMNS):  # --allow-missing-columns cannot help: never suggest it
+        raise DataError(f"{path}: header {list(header)} has none of the taxonomy columns {list(TAXON_COLUMNS)}; "
+                        "at least one rank column or scientific_name is needed to caption the images")
     if not allow_missing:
         raise DataError(f"{path}: missing taxonomy column(s) {missing} (expected {list(EXPECTED_COLUMNS)}); captions "
                         "would silently lack them. Add the columns (empty values are fine) or pass "

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from bioclip_fast.devices import resolve_device
+
 TASKS = ("zeroshot", "fewshot", "linear")
 
 
 def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(None))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
@@ -47,7 +47,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", default=None, help="class column (default: scientific_name / species / label)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
     check_data_source(args.data)  # a shard spec that matches nothing fails before any model is loaded
     if not args.suite:
         check_class_counts(args, tasks)
-    device = args.device or default_device()
+    device = str(resolve_device(args.device))  # a device this machine lacks fails before any work too
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.suite:

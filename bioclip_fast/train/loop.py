@@ -23,7 +23,7 @@ import torch
 from bioclip_fast.errors import CheckpointError, DataError, one_line
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import rundir, runlock
-from bioclip_fast.train.config import ConfigError, TrainConfig, validate_runtime, validate_static
+from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note, validate_runtime, validate_static
 from bioclip_fast.train.engine import (
     ClipTrainModule,
     DistInfo,
@@ -428,7 +428,7 @@ class Trainer:
 
     def _resume(self, found: Path) -> None:
         old = getattr(self, "_resume_meta_fingerprint", {})
-        keys = ("data", "replay_data")  # the config keys were compared in _select_resume, before any build
+        keys = rundir.DATA_KEYS  # the config keys were compared in _select_resume, before any build
         data_changed = self._check_changes({k: old[k] for k in keys if k in old},
                                            {k: self.fingerprint[k] for k in keys if k in self.fingerprint}, found)
         state = ckpt.load_checkpoint(found, self.engine)
@@ -443,7 +443,7 @@ class Trainer:
         self.last_checkpoint = found
         self._ckpt_bytes = ckpt.checkpoint_bytes(found)
         if self.loader is not None and state.get("loader") is not None:
-            if data_changed:
+            if {"data", "replay_data"} & set(data_changed):  # other files, names or counts: a new order
                 log.warning("the training data changed (--allow-changed %s): the data order restarts at epoch 0",
                             " ".join(data_changed))
             else:
@@ -529,9 +529,9 @@ class Trainer:
         self._t_start = time.perf_counter()
         it = iter(self.loader)
         if info.is_main:
-            log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s", cfg.model, self.device,
-                     f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
-                     info.world_size, self.engine.kind, self.run_dir)
+            log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s: %s", cfg.model,
+                     self.device, f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
+                     info.world_size, self.engine.kind, self.run_dir, duration_note(cfg, self.total_steps))
         while not (self._stop_agreed or self._data_stop_agreed or self._should_stop(budget)):
             t0 = time.perf_counter()
             try:

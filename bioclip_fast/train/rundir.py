@@ -31,7 +31,7 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "evals.jsonl", "results.json", "m
 
 # Settings that may differ between a checkpoint and the run that resumes it: where and how often things are written,
 # evaluation, logging, threads/workers and devices, and memory/speed options that do not change the numbers.
-# `data`, `replay_data` and `deepspeed_config` are compared by identity/content rather than by path.
+# `data`, `replay_data` (+ `*_files`) and `deepspeed_config` are compared by identity/content rather than by path.
 RUNTIME_KEYS = frozenset({
     "out", "resume", "overwrite", "allow_changed", "save_every", "keep_checkpoints", "log_every", "eval_at_end",
     "eval_every", "eval_text_types", "eval_templates", "val_data", "peak_tflops", "progress", "threads",
@@ -44,7 +44,7 @@ RUNTIME_KEYS = frozenset({
 def fingerprint_keys() -> set[str]:
     """Keys compared on resume (what --allow-changed accepts)."""
     keys = {f.name for f in fields(TrainConfig)} - RUNTIME_KEYS
-    return keys | {"engine", "zero_stage", "max_minutes", "data", "replay_data", "deepspeed_config"}
+    return keys | {"engine", "zero_stage", "max_minutes", "deepspeed_config", *DATA_KEYS}
 
 
 def _sha256_text(text: str) -> str:
@@ -87,12 +87,28 @@ def _shard_identity(source) -> str:
     return h.hexdigest()
 
 
+def _shard_files(source) -> str:
+    """sha256 over each shard's name and content token (size and a digest of its first tar header,
+    `ShardSet.content_tokens`): a shard rewritten in place with another of the same size differs here, a shard
+    restored with its old content does not. A stat per shard; no shard is read unless it changed since indexing."""
+    h = hashlib.sha256()
+    for p, token in zip(source.paths, source.content_tokens()):
+        h.update(f"{os.path.basename(p)}\t{token}\n".encode())
+    return h.hexdigest()
+
+
+# the data keys of the fingerprint (compared once the loader is built); `*_files` are absent from the checkpoints of
+# older versions, which are then compared on the other keys only
+DATA_KEYS = ("data", "replay_data", "data_files", "replay_data_files")
+
+
 def data_fingerprint(loader) -> dict[str, Any]:
     """The data part of the run fingerprint (needs the built loader)."""
     if loader is None:
         return {}
     replay = getattr(loader, "replay_source", None)
-    return {"data": _shard_identity(loader.source), "replay_data": _shard_identity(replay) if replay else None}
+    return {"data": _shard_identity(loader.source), "replay_data": _shard_identity(replay) if replay else None,
+            "data_files": _shard_files(loader.source), "replay_data_files": _shard_files(replay) if replay else None}
 
 
 def _short(v: Any) -> str:
@@ -110,6 +126,8 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], keys: list[str]) 
     for k in keys:
         if k in ("data", "replay_data"):
             parts.append(f"{k} (shard names, sample counts, sizes or classes differ)")
+        elif k in ("data_files", "replay_data_files"):
+            parts.append(f"{k} (shard files were rewritten with other content: their first tar headers differ)")
         elif k == "deepspeed_config":
             parts.append(f"{k} (file content differs)")
         else:

@@ -36,6 +36,11 @@ class StopSignals:
             sig = getattr(signal, name, None)
             if sig is not None:
                 self._old[sig] = signal.signal(sig, self._handle)
+        if getattr(self._old.get(signal.SIGINT), "received", False):
+            # a Ctrl-C during start-up whose KeyboardInterrupt was swallowed (bioclip_fast.cli.SigintGuard saw it):
+            # nothing is trained yet, so it interrupts now
+            self.__exit__()
+            raise KeyboardInterrupt
         return self
 
     def _handle(self, signum, frame) -> None:
