@@ -21,10 +21,6 @@ from bioclip_fast.devices import resolve_device
 TASKS = ("zeroshot", "fewshot", "linear")
 
 
-def default_device() -> str:
-    return str(resolve_device(None))
-
-
 def add_model_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
     if multiple:
         parser.add_argument("--checkpoint", "--model", dest="checkpoints", action="append", required=True,
