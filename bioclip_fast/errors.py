@@ -24,6 +24,10 @@ class DataError(UsageError):
     """Input data that cannot be used (no shards matched, unreadable CSV, missing columns, ...)."""
 
 
+class ConfigError(UsageError, ValueError):
+    """A training configuration that cannot run; the message names the offending key."""
+
+
 class CheckpointError(UsageError):
     """A checkpoint or weights file that is missing, corrupt, of another architecture or unsafe to load."""
 

@@ -27,13 +27,9 @@ from pathlib import Path
 import types
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from bioclip_fast.errors import UsageError
+from bioclip_fast.errors import ConfigError  # noqa: F401  (defined in errors.py so modules below config can raise it)
 
 BUNDLED = "bundled"  # `data` value meaning the package's bundled butterfly shards
-
-
-class ConfigError(UsageError, ValueError):
-    """A training configuration that cannot run; the message names the offending key."""
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None):

@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bioclip_fast.train.config import ConfigError
+from bioclip_fast.errors import ConfigError
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0

@@ -51,7 +51,7 @@ def parse_report_to(values: list[str] | None) -> list[str]:
 
 def check_report_to(values: list[str] | None) -> None:
     """Validate --report-to before any work: known names whose packages are installed."""
-    from bioclip_fast.train.config import ConfigError
+    from bioclip_fast.errors import ConfigError
 
     names = parse_report_to(values)
     unknown = [n for n in names if n not in BACKENDS]
@@ -143,7 +143,7 @@ def open_trackers(values: list[str] | None, run_dir: Path, *, resume_step: int, 
     try:
         return Trackers(names, run_dir, resume_step=resume_step, config=config, project=project)
     except Exception as e:  # noqa: BLE001 - e.g. WANDB_MODE=online without an API key: one line, not a traceback
-        from bioclip_fast.train.config import ConfigError
+        from bioclip_fast.errors import ConfigError
 
         text = " ".join(str(e).split())[:300] or type(e).__name__
         raise ConfigError(f"report_to: could not start {', '.join(names)} logging ({type(e).__name__}: {text}); "

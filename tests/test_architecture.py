@@ -1,0 +1,194 @@
+"""The package's layering, read from its source: no new import circle, no new import from a lower layer to a higher one.
+
+The module graph is built from every ``import`` / ``from … import`` statement and every
+``importlib.import_module("<literal>")`` call in ``bioclip_fast/`` and ``kernels/`` (mapped in as
+``bioclip_fast.kernels``), wherever it stands (module level or inside a function: a lazy import is still a
+dependency). Importing the package root for one of its submodules (``from bioclip_fast import errors``) counts as an
+edge to that submodule, not to the root.
+
+``KNOWN_CIRCLES`` and ``KNOWN_UPWARD`` are what the package had when this test was written (issue 18 removes them).
+Both lists may only shrink: a new circle or upward edge fails, and so does a listed one that is gone (delete it
+from the list, so it cannot come back unnoticed). The layers are drawn in ``docs/architecture.md``.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Layer of each top-level module or subpackage of bioclip_fast (low to high). A module may import its own layer
+# and the ones below it. Command-line modules (`cli.py`, `*_cli.py`, `__main__.py`) are the top layer, whatever
+# package they are in: nothing imports them but the command dispatcher.
+LAYERS: dict[str, int] = {
+    "errors": 0, "sysinfo": 0,
+    "taxonomy": 1, "kernels": 1, "devices": 1,
+    "ops": 2, "distributed": 2,
+    "loss": 3, "data": 3, "tol": 3, "model": 3, "hub": 3,
+    "integrations": 4,
+    "predict": 5,
+    "train": 6, "eval": 6, "analysis": 6,
+}
+CLI_LAYER = 7
+
+KNOWN_CIRCLES = {
+    frozenset({"bioclip_fast.hub", "bioclip_fast.model"}),
+    frozenset({"bioclip_fast.data.index", "bioclip_fast.data.shards"}),
+    frozenset({"bioclip_fast.data.bundled", "bioclip_fast.data.replay"}),
+    frozenset({"bioclip_fast.train.checkpoint", "bioclip_fast.train.config", "bioclip_fast.train.engine",
+               "bioclip_fast.train.rundir"}),
+    frozenset({"bioclip_fast.eval.cli", "bioclip_fast.eval.suite"}),
+    # ops.precision -> (lazy) ops.dispatch -> (importlib) kernels.* -> kernels._pairwise -> ops.precision
+    frozenset({"bioclip_fast.kernels._pairwise", "bioclip_fast.kernels.clip_loss", "bioclip_fast.kernels.siglip_loss",
+               "bioclip_fast.ops.dispatch", "bioclip_fast.ops.precision"}),
+}
+KNOWN_UPWARD = {
+    ("bioclip_fast.kernels._pairwise", "bioclip_fast.ops.precision"),
+    ("bioclip_fast.eval.suite", "bioclip_fast.eval.cli"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for base, pkg in ((REPO / "bioclip_fast", "bioclip_fast"), (REPO / "kernels", "bioclip_fast.kernels")):
+        for path in sorted(base.rglob("*.py")):
+            if "assets" in path.parts or "__pycache__" in path.parts:
+                continue
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join([pkg, *parts])] = path
+    return mods
+
+
+def _targets(node: ast.AST, module: str, is_pkg: bool) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        if node.level:
+            parts = module.split(".")
+            if not is_pkg:
+                parts = parts[:-1]
+            parts = parts[: len(parts) - (node.level - 1)]
+            base = ".".join(parts + ([node.module] if node.module else []))
+        else:
+            base = node.module or ""
+        return [base] + [f"{base}.{a.name}" for a in node.names]
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return [node.args[0].value]
+    return []
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for module, path in mods.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = _targets(node, module, path.name == "__init__.py")
+            for name in names:
+                # `from bioclip_fast import errors` names the submodule; the package root itself is no layer.
+                if name in mods and name != module and name != "bioclip_fast":
+                    graph[module].add(name)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), set(), [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = set()
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.add(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1:
+                        out.add(frozenset(comp))
+    return out
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    leaf = parts[-1]
+    if leaf == "cli" or leaf.endswith("_cli") or leaf == "__main__":
+        return CLI_LAYER
+    return LAYERS[parts[1]]
+
+
+def upward_edges(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    return {(a, b) for a, targets in graph.items() for b in targets if layer(b) > layer(a)}
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({m.split(".")[1] for m in _modules() if m != "bioclip_fast"} - set(LAYERS)
+                     - {"cli", "__main__", "bench_cli", "export_cli", "predict_cli"})
+    assert not missing, f"add these to LAYERS in tests/test_architecture.py and docs/architecture.md: {missing}"
+
+
+def test_the_graph_sees_known_edges():
+    # The reader must find lazy and importlib imports, or the checks below would pass on an empty graph.
+    graph = import_graph()
+    assert any(t.startswith("bioclip_fast.ops.") for t in graph["bioclip_fast.loss"])
+    assert "bioclip_fast.kernels.clip_loss" in graph["bioclip_fast.ops.dispatch"]  # importlib.import_module
+    assert sum(map(len, graph.values())) > 100
+
+
+def test_no_new_import_circle():
+    found = circles(import_graph())
+    new = found - KNOWN_CIRCLES
+    gone = KNOWN_CIRCLES - found
+    assert not new, "new import circle(s): " + "; ".join(" <-> ".join(sorted(c)) for c in new)
+    assert not gone, ("these circles are gone, delete them from KNOWN_CIRCLES: "
+                      + "; ".join(" <-> ".join(sorted(c)) for c in gone))
+
+
+def test_no_new_upward_import():
+    found = upward_edges(import_graph())
+    new = found - KNOWN_UPWARD
+    gone = KNOWN_UPWARD - found
+    assert not new, "import(s) from a lower layer to a higher one: " + "; ".join(f"{a} -> {b}" for a, b in sorted(new))
+    assert not gone, "these upward imports are gone, delete them from KNOWN_UPWARD: " + "; ".join(
+        f"{a} -> {b}" for a, b in sorted(gone))
+
+
+def test_library_never_imports_train_eval_or_analysis():
+    graph = import_graph()
+    high = {"train", "eval", "analysis"}
+    bad = sorted((a, b) for a, targets in graph.items() for b in targets
+                 if layer(a) < LAYERS["train"] and b.split(".")[1] in high)
+    assert not bad, f"library modules import the application layer: {bad}"
+
+
+def test_circle_finder_finds_a_circle():
+    graph = collections.defaultdict(set, {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
+    for n in "abcd":
+        graph.setdefault(n, set())
+    assert circles(dict(graph)) == {frozenset("abc")}
