@@ -186,7 +186,8 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
     for cfg in (P.grad_configs(D) if all_configs else P.grad_configs(D)[:1]):
         for mode, name in ((P.MODE_CLIP_SYM, "sym"), (P.MODE_CLIP_DIR, "dir"), (P.MODE_SIGLIP, "siglip")):
             yield (f"grad_tile {name} {tag(cfg)}", P._grad_tile_kernel,
-                   dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, GSCALE=gs, **cfg.kwargs), cfg.num_warps,
+                   dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, GSCALE=gs, ROW_SUMS=mode == P.MODE_CLIP_DIR,
+                        **cfg.kwargs), cfg.num_warps,
                    cfg.num_stages)
     for cfg in bwd:
         for mode, x_is_rows, name in ((P.MODE_CLIP_SYM, True, "sym dQ"), (P.MODE_CLIP_SYM, False, "sym dK"),

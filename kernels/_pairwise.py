@@ -77,13 +77,23 @@ def size_bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def interpret_autotuned() -> bool:
+    """Under the interpreter, take the launch path a GPU takes (``BIOCLIP_FAST_INTERPRET_AUTOTUNED=1``): the
+    autotuned wrapper with the GPU's config lists, pruning and (unless ``BIOCLIP_FAST_AUTOTUNE=0``) benchmarking,
+    instead of the fixed ``INTERPRET_*_CONFIG`` tiles. Slow (GPU-sized tiles in numpy): tests and the gpu_check
+    rehearsal use it on tiny problems."""
+    return interpreting() and os.environ.get("BIOCLIP_FAST_INTERPRET_AUTOTUNED", "0").strip() == "1"
+
+
 def launch(kernel, tuned, grid, args, meta, interpret_config, device: torch.device):
     """Launch ``tuned`` (autotuned) on ``device``, or ``kernel`` with the fixed interpreter config."""
-    if interpreting():
+    if interpreting() and not interpret_autotuned():
         kernel[grid](*args, **meta, **interpret_config)
     elif device.type == "cuda":
         with torch.cuda.device(device):  # Triton launches on the current device, not the tensors' one
             tuned[grid](*args, **meta)
+    elif interpreting():
+        tuned[grid](*args, **meta)
     else:
         raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}")
 
@@ -160,19 +170,55 @@ def autotune_enabled() -> bool:
     return os.environ.get("BIOCLIP_FAST_AUTOTUNE", "1").strip() != "0"
 
 
+def _launch_width(named_args: dict, kwargs: dict) -> int:
+    """The feature width D of the launch being pruned. Triton calls ``early_config_prune(configs, named_args,
+    **kwargs)`` with only the *positional* arguments in ``named_args`` (3.6 and 3.8 alike) and the keywords in
+    ``kwargs``; the launchers pass the constexprs (D among them) as keywords. Either place is accepted."""
+    for src in (kwargs, named_args):
+        if "D" in src:
+            return int(src["D"])
+    raise KeyError(f"autotune pruning: no feature width D among the launch arguments "
+                   f"{sorted(named_args) + sorted(kwargs)}")
+
+
 def prune_fwd(configs, named_args, **kwargs):
-    out = fwd_configs(int(named_args["D"]))
+    out = fwd_configs(_launch_width(named_args, kwargs))
     return out if autotune_enabled() else out[:1]
 
 
 def prune_grad(configs, named_args, **kwargs):
-    out = grad_configs(int(named_args["D"]))
+    out = grad_configs(_launch_width(named_args, kwargs))
     return out if autotune_enabled() else out[:1]
 
 
 def prune_bwd(configs, named_args, **kwargs):
-    out = bwd_configs(int(named_args["D"]))
+    out = bwd_configs(_launch_width(named_args, kwargs))
     return out if autotune_enabled() else out[:1]
+
+
+def _interpreter_bench(kernel_call, quantiles=None, **_):
+    """Wall-clock time of one interpreted run (ms): the autotuner's benchmarker under ``TRITON_INTERPRET=1``, where
+    triton's own needs a GPU. Only the launch path is exercised; the timings say nothing about a GPU."""
+    import time
+
+    t0 = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def autotuned(kernel, *, key: list[str], prune, configs: list, reset_to_zero: list[str] | None = None,
+              restore_value: list[str] | None = None):
+    """``triton.autotune`` of ``kernel`` with the config list built per launch by ``prune`` (from the call's D).
+
+    Autotuning runs every pruned config on the *real* arguments. Buffers a config reads before writing
+    (``restore_value``) are restored after each trial; buffers whose slots only some configs write (per-program
+    partial sums: a config with fewer programs leaves the slots of a config with more) are zeroed before each trial
+    and again before the winning config's run (``reset_to_zero``; triton 3.6 and 3.8 both call the reset after
+    benchmarking). ``configs`` is a placeholder list of more than one entry: triton prunes only then."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           reset_to_zero=reset_to_zero, restore_value=restore_value,
+                           do_bench=_interpreter_bench if interpreting() else None)(kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,11 +505,11 @@ def _pairwise_bwd_kernel(
             tl.store(DB_PART + pid_x, tl.sum(db_acc, 0) * coef)
 
 
-_pairwise_bwd_tuned = triton.autotune(
-    configs=bwd_configs(64),  # placeholder: prune_bwd builds the list for the call's D
-    key=["B_BUCKET", "D", "MODE", "X_IS_ROWS", "PREC"],
-    prune_configs_by={"early_config_prune": prune_bwd},
-)(_pairwise_bwd_kernel)
+_pairwise_bwd_tuned = autotuned(
+    _pairwise_bwd_kernel, configs=bwd_configs(64),  # placeholder: prune_bwd builds the list for the call's D
+    key=["B_BUCKET", "D", "MODE", "X_IS_ROWS", "PREC"], prune=prune_bwd,
+    reset_to_zero=["DS_PART", "DB_PART"],  # one slot per X row block: configs with more blocks write more slots
+)
 
 
 def grad_prescale(dtype: torch.dtype) -> float:
@@ -531,12 +577,14 @@ def _grad_tile_kernel(
     Bq, Bk, c0, C, offset,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
+    ROW_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """W[i, j - c0] = GSCALE * G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block,
     plus centred partial sums for dscale / dbias (see ``_pairwise_bwd_kernel``). One-direction CLIP also writes
     the block's row sums of P to ``RS_PART[pid_n, i]``: the host renormalizes dQ with them (as the fused dQ kernel
-    does), since G leaves the tile before its row is complete."""
+    does), since G leaves the tile before its row is complete; only with ``ROW_SUMS`` (dQ needed: otherwise
+    RS_PART is a one-element dummy)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -579,7 +627,8 @@ def _grad_tile_kernel(
             p = tl.where(valid, row_probs(t, scale, bias, lr[:, None]), 0.0)
             g = p - tl.where(valid, onehot, 0.0)
             ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1), 0)
-            tl.store(RS_PART + pid_n.to(tl.int64) * Bq + offs_m, tl.sum(p, 1), mask=mask_m)
+            if ROW_SUMS:
+                tl.store(RS_PART + pid_n.to(tl.int64) * Bq + offs_m, tl.sum(p, 1), mask=mask_m)
         db = 0.0  # CLIP: sum G = 0 exactly (a logit shift changes neither softmax)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]
     tl.store(w_ptrs, (g * GSCALE).to(W.dtype.element_ty), mask=mask_m[:, None] & (offs_w[None, :] < C))
@@ -588,11 +637,11 @@ def _grad_tile_kernel(
     tl.store(DB_PART + pid, db)
 
 
-_grad_tile_tuned = triton.autotune(
-    configs=grad_configs(64),  # placeholder: prune_grad builds the list for the call's D
-    key=["B_BUCKET", "D", "MODE", "PREC"],
-    prune_configs_by={"early_config_prune": prune_grad},
-)(_grad_tile_kernel)
+_grad_tile_tuned = autotuned(
+    _grad_tile_kernel, configs=grad_configs(64),  # placeholder: prune_grad builds the list for the call's D
+    key=["B_BUCKET", "D", "MODE", "ROW_SUMS", "PREC"], prune=prune_grad,
+    reset_to_zero=["DS_PART", "DB_PART", "RS_PART"],  # per-program partials: the host sums every slot
+)
 
 # Extra device memory the backward may use beyond its inputs and outputs (bytes); the strategy is chosen to fit.
 BWD_MEMORY_BYTES = int(os.environ.get("BIOCLIP_FAST_BWD_MEMORY_MB", "64")) * 2**20
@@ -749,7 +798,7 @@ class _GradTiles:
                                    dtype=torch.float32)
         self.rs = torch.zeros(Bq if self.renorm else 0, device=dev, dtype=torch.float64)
         self.meta = dict(D=q.shape[1], MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(op),
-                         GSCALE=self.gscale)
+                         GSCALE=self.gscale, ROW_SUMS=self.renorm)
 
     def sweep(self, q_r, k_c, r0: int, c0: int) -> torch.Tensor:
         R, C = q_r.shape[0], k_c.shape[0]
