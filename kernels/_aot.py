@@ -195,7 +195,7 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
                                       (P.MODE_SIGLIP, True, "siglip dQ"), (P.MODE_SIGLIP, False, "siglip dK")):
             yield (f"bwd {name} {tag(cfg)}", P._pairwise_bwd_kernel,
                    dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=True, SCALAR_GRADS=x_is_rows, PREC=prec,
-                        GSCALE=gs, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+                        GSCALE=gs, QK_ORDER=False, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
 
 
 _COLS = ("D", "dtype", "kernel", "registers", "spill_store_bytes", "hgmma", "mufu_ex2", "mufu_ex2_total",

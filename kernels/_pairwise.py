@@ -336,7 +336,7 @@ def _pairwise_bwd_kernel(
     Bx, By, offset, inv_n,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, X_IS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
+    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr, QK_ORDER: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     NUM_ACC: tl.constexpr,
 ):
@@ -406,9 +406,18 @@ def _pairwise_bwd_kernel(
     for y0 in range(0, By, BLOCK_Y):
         offs_y = y0 + tl.arange(0, BLOCK_Y)
         mask_y = offs_y < By
+        # QK_ORDER (the dK kernel under the interpreter): form the tile as (Y @ X^T)^T, i.e. Q @ K^T as the forward
+        # does. The interpreter's tl.dot is numpy's BLAS, whose per-element summation order depends on the
+        # operands' order (OpenBLAS's Haswell/Zen sgemm): K @ Q^T then rounds the logits differently from the
+        # forward that produced the column LSEs (kernels/NOTES.md, "Logits rounded identically in both passes").
         if SINGLE_D:
             y_tile = _load_rows(Y, offs_y, mask_y, 0, D, BLOCK_D)
-            t = mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), PREC)
+            if QK_ORDER and not X_IS_ROWS:
+                t = tl.trans(mma(y_tile, tl.trans(x_tile), tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32), PREC))
+            else:
+                t = mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), PREC)
+        elif QK_ORDER and not X_IS_ROWS:
+            t = tl.trans(tile_dot(Y, X, offs_y, mask_y, offs_x, mask_x, D, BLOCK_Y, BLOCK_X, BLOCK_D, PREC))
         else:
             t = tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, PREC)
         s2 = t * scale2 + bias2
@@ -512,6 +521,16 @@ _pairwise_bwd_tuned = autotuned(
 )
 
 
+def qk_order(device: torch.device) -> bool:
+    """Whether the dK kernel forms its logits tile in the forward's operand order (Q @ K^T, then transposed) rather
+    than as K @ Q^T. Needed where the per-element summation order of a product depends on the operands' order:
+    the interpreter, whose tl.dot is numpy's BLAS (OpenBLAS's Haswell / Zen sgemm round A @ B^T and (B @ A^T)^T
+    differently in ~20 % of the entries). Not on CUDA: each entry of an MMA / FMA tile is accumulated over D in
+    the same k order whichever operand comes first, so the transposition would only cost a shuffle
+    (``test_gpu_logits_tile_does_not_depend_on_operand_order`` checks this on the GPU)."""
+    return device.type != "cuda"
+
+
 def grad_prescale(dtype: torch.dtype) -> float:
     """Power of two the gradient tile is multiplied by before its cast to the operand dtype: fp16 only (its
     normal range starts at 6e-5, probabilities at B = 1M are ~1e-6); exact to undo on the fp32 accumulator."""
@@ -553,7 +572,7 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
             cen_y if cen_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
             size_bucket(max(Bx, By)))
     meta = dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=bias is not None, SCALAR_GRADS=scalar_grads,
-                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype))
+                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype), QK_ORDER=qk_order(X.device))
 
     def grid(META):
         return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))

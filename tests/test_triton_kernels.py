@@ -860,3 +860,24 @@ def test_one_direction_without_dq_writes_no_row_sums(bwd):
     proc = subprocess.run([sys.executable, "-c", _DK_ONLY, bwd], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_logits_tile_does_not_depend_on_operand_order(dtype, monkeypatch):
+    """The fused dK kernel forms its logits tile as K @ Q^T on CUDA (``_pairwise.qk_order``): that must round
+    every logit exactly as the forward's Q @ K^T does (each MMA / FMA entry accumulates over D in the same k order
+    whichever operand comes first), or the column softmax no longer sums to 1 against the forward's LSEs. Checked
+    bitwise against the kernel forced to the forward's order."""
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "fused")
+    monkeypatch.setenv("BIOCLIP_FAST_AUTOTUNE", "0")
+    gen = torch.Generator().manual_seed(23)
+    q = _features(1000, 768, gen).to("cuda", dtype)
+    k = _features(1000, 768, gen).to("cuda", dtype)
+    scale = torch.tensor(100.0, device="cuda")
+    _, lr, lc = CL.clip_sym_fwd(q, k, scale, None)
+    out = []
+    for order in (False, True):
+        monkeypatch.setattr(_pairwise, "qk_order", lambda dev, o=order: o)
+        out.append(CL.clip_sym_bwd(q, k, scale, None, lr, lc, 1.0)[1])
+    assert torch.equal(out[0], out[1])
