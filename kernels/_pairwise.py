@@ -743,16 +743,33 @@ def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int 
     return ("gemm", chunk) if ok else ("fused", 0)
 
 
-def fwd_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: int | None = None) -> tuple[int, int]:
+# Upper bound of the forward's G row groups / H column splits (``clip_loss._grid_split``: G <= isqrt(T),
+# H <= cdiv(T, G), T = 4 x SMs): 26 covers GPUs up to ~170 SMs (H100 / H200: 132 -> G = 22, H = 24).
+FWD_SPLITS = 26
+
+
+def fwd_extra_bytes(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, rows: int, cols: int,
+                    splits: int = FWD_SPLITS) -> int:
+    """Extra memory of a forward in ``rows x cols`` launches: one row chunk's and one column chunk's cast (only
+    while casting; ``chunk_pairs`` reuses one buffer of each), the launch's (max, sum) partials (fp32, <= ``splits``
+    per row and per column) and their float64 reduction (``reduce_lse_bytes``; the launch's float64 LSEs, 8 B a
+    row / column), the running float64 LSEs and the positive logits (12 B per row, 8 per column)."""
+    rows, cols = min(rows, Bq), min(cols, Bk)
+    casts = (rows + cols) * D * op_elem if cast else 0
+    parts = 8 * splits * (rows + cols) + 8 * (rows + cols) + reduce_lse_bytes(splits, max(rows, cols))
+    return casts + parts + 12 * Bq + 8 * Bk
+
+
+def fwd_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: int | None = None,
+               splits: int = FWD_SPLITS) -> tuple[int, int]:
     """(rows, cols) per forward launch. Without a cast the kernels read q and k as they are: one launch. With one
-    (fp32 features, bf16/fp16 products), the casts of a row chunk and a column chunk plus the launch's partials
-    and the float64 running LSEs must fit ``budget``: all of q and k at once where they do, else about square
-    chunks (each launch is still a (G x H) grid over thousands of tiles)."""
+    (fp32 features, bf16/fp16 products), ``fwd_extra_bytes`` must fit ``budget``: all of q and k at once where
+    they do, else about square chunks (each launch is still a (G x H) grid over thousands of tiles)."""
     if not cast:
         return Bq, Bk
     budget = BWD_MEMORY_BYTES if budget is None else int(budget)
-    per = D * op_elem + 2 * 4 * 24  # a cast row + its share of the (G, H)-split partials (G, H <= ~24)
-    avail = max(0, budget - 8 * (Bq + Bk))
+    per = D * op_elem + 8 * splits + 8  # a cast row + its share of the partials and of the launch's LSEs
+    avail = max(0, budget - 12 * Bq - 8 * Bk - reduce_lse_bytes(splits, max(Bq, Bk)))
     if (Bq + Bk) * per <= avail:
         return Bq, Bk
     s = max(128, _floor128(avail // (2 * per)))
@@ -770,15 +787,36 @@ def _clamp_chunks(chunks: tuple[int, int], Bq: int, Bk: int) -> tuple[int, int]:
 
 def chunk_pairs(q: torch.Tensor, k: torch.Tensor, chunks: tuple[int, int], op: torch.dtype):
     """``(r0, q_r, c0, k_c)`` for every (row chunk, column chunk) pair, the chunks cast to ``op`` (views when the
-    features already are ``op``); a single column chunk is cast once. Row i of ``q_r`` is global row r0 + i, so
-    a positive at global column i + offset is local column i + (offset + r0 - c0) of ``k_c``."""
+    features already are ``op``). Row i of ``q_r`` is global row r0 + i, so a positive at global column i + offset
+    is local column i + (offset + r0 - c0) of ``k_c``.
+
+    The casts go into one row buffer and one column buffer, reused (a single column chunk is cast once): at most
+    one cast row chunk and one cast column chunk exist at any time, as ``fwd_extra_bytes`` / ``gemm2d_extra_bytes``
+    plan (``q[...].to(op)`` per chunk would hold the previous chunk, still referenced by the caller's loop
+    variables, while casting the next: twice the plan). The yielded chunks are valid until the next pair."""
     Bq, Bk = q.shape[0], k.shape[0]
     rows, cols = _clamp_chunks(chunks, Bq, Bk)
+    if op == q.dtype and op == k.dtype:
+        for r0 in range(0, Bq, rows):
+            for c0 in range(0, Bk, cols):
+                yield r0, q[r0:r0 + rows], c0, k[c0:c0 + cols]
+        return
     k_whole = k.to(op) if cols >= Bk else None
+    q_buf = q.to(op) if rows >= Bq else torch.empty((rows, q.shape[1]), device=q.device, dtype=op)
+    k_buf = None if k_whole is not None else torch.empty((cols, k.shape[1]), device=k.device, dtype=op)
     for r0 in range(0, Bq, rows):
-        q_r = q[r0:r0 + rows].to(op)
+        if rows >= Bq:
+            q_r = q_buf
+        else:
+            q_r = q_buf[:min(rows, Bq - r0)]
+            q_r.copy_(q[r0:r0 + rows])
         for c0 in range(0, Bk, cols):
-            yield r0, q_r, c0, (k_whole if k_whole is not None else k[c0:c0 + cols].to(op))
+            if k_whole is not None:
+                k_c = k_whole
+            else:
+                k_c = k_buf[:min(cols, Bk - c0)]
+                k_c.copy_(k[c0:c0 + cols])
+            yield r0, q_r, c0, k_c
 
 
 def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None = None, elem: int = 2) -> str:
@@ -1128,12 +1166,25 @@ def compute_operand(q: torch.Tensor, compute: torch.dtype | None) -> torch.dtype
     return compute
 
 
+_REDUCE_COLS = 4096  # reduce_lse's chunk: its float64 temporaries stay ~_REDUCE_TEMPS * 8 * S * 4096 bytes
+_REDUCE_TEMPS = 6  # float64 [S, chunk] temporaries alive at once in reduce_lse (conversions, log, sum, logsumexp)
+
+
 def reduce_lse(m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Combine per-split (max, sum of exp below it) partials [S, N] (natural units) into the LSE [N], in float64
-    (O(S*N), a few MB at most) so the fp32 result is rounded once (``dtype=torch.float64``: not rounded, for a
-    chunked forward that merges several launches)."""
-    part = m.double() + torch.log(l.double())
-    return torch.logsumexp(part, dim=0).to(dtype)
+    so the fp32 result is rounded once (``dtype=torch.float64``: not rounded, for a chunked forward that merges
+    several launches). Chunked over N: the float64 temporaries are bounded (``reduce_lse_bytes``) at any B."""
+    out = torch.empty(m.shape[1], device=m.device, dtype=dtype)
+    for c0 in range(0, m.shape[1], _REDUCE_COLS):
+        c1 = min(m.shape[1], c0 + _REDUCE_COLS)
+        part = m[:, c0:c1].double() + torch.log(l[:, c0:c1].double())
+        out[c0:c1] = torch.logsumexp(part, dim=0)
+    return out
+
+
+def reduce_lse_bytes(splits: int, n: int) -> int:
+    """Peak temporaries of ``reduce_lse`` on [splits, n] partials."""
+    return _REDUCE_TEMPS * 8 * splits * min(n, _REDUCE_COLS)
 
 
 def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:

@@ -285,21 +285,29 @@ def test_triton_dot_precision_follows_the_operand_dtype(monkeypatch):
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 def test_gpu_trainer_features_reach_the_kernels_in_bf16(monkeypatch):
+    """The trainer's fp32 features with compute_dtype="bf16": the op takes them as fp32 with a bf16 compute dtype,
+    every kernel launch reads bf16 chunk casts (tensor cores), the gradients come back fp32."""
     from bioclip_fast.kernels import clip_loss as CL
 
-    seen = []
-    real = CL._clip_fwd
+    ops, launches = [], []
+    real_fwd, real_launch = CL._clip_fwd, CL._clip_fwd_launch
 
-    def spy(q, k, *a, **kw):
-        seen.append((q.dtype, k.dtype))
-        return real(q, k, *a, **kw)
+    def spy_fwd(q, k, *a, **kw):
+        ops.append((q.dtype, k.dtype, kw.get("op_dtype")))
+        return real_fwd(q, k, *a, **kw)
 
-    monkeypatch.setattr(CL, "_clip_fwd", spy)
+    def spy_launch(q, k, *a, **kw):
+        launches.append((q.dtype, k.dtype))
+        return real_launch(q, k, *a, **kw)
+
+    monkeypatch.setattr(CL, "_clip_fwd", spy_fwd)
+    monkeypatch.setattr(CL, "_clip_fwd_launch", spy_launch)
     q = F.normalize(torch.randn(512, 768, device="cuda"), dim=-1).requires_grad_()
     k = F.normalize(torch.randn(512, 768, device="cuda"), dim=-1).requires_grad_()
     loss = FusedClipLoss(compute_dtype="bf16")(q, k, torch.tensor(14.3, device="cuda"))
     loss.backward()
-    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert ops == [(torch.float32, torch.float32, torch.bfloat16)]
+    assert launches and all(d == (torch.bfloat16, torch.bfloat16) for d in launches)
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
 
 
