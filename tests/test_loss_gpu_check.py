@@ -138,6 +138,8 @@ def test_kernel_step_cases_parse_and_skip_gemm2d_without_fp32_features(tmp_path)
     assert len(cases) == 10
 
 
+@pytest.mark.slow  # ~1.5 min on 2 cores: the whole suite's collection, the interpreter, a training step
+@pytest.mark.timeout(900)
 def test_rehearsal_runs_every_step_on_cpu_and_packs_the_results(tmp_path):
     """``gpu_check.sh OUT --rehearse``: every step on CPU (Triton under the interpreter on the GPU's launch path,
     tiny sizes) with the GPU run's processes, working folders, environment and packaging. Before: the steps ran
