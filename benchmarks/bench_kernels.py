@@ -34,12 +34,43 @@ def _compute(name):
     return torch.bfloat16 if name == "fp32-bf16" else None
 
 
+DEVICE = "cuda"  # "cpu" only under TRITON_INTERPRET=1 (gpu_check --rehearse: the plumbing, not a measurement)
+
+
 def _inputs(kind, B, D, dtype, gen):
     Bq = B if kind == "sym" else B // 2
     offset = 0 if kind == "sym" else B - Bq
-    q = F.normalize(torch.randn(Bq, D, device="cuda", generator=gen), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(B, D, device="cuda", generator=gen), dim=-1).to(dtype)
+    q = F.normalize(torch.randn(Bq, D, device=DEVICE, generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(B, D, device=DEVICE, generator=gen), dim=-1).to(dtype)
     return q, k, offset
+
+
+def _time_ms(fn, args):
+    """Median ms: triton's do_bench (CUDA events) on a GPU; one wall-clock run on CPU (rehearsal)."""
+    if DEVICE == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_extra(fn):
+    """(output, peak bytes allocated beyond what existed before) on CUDA; (output, None) on CPU."""
+    if DEVICE != "cuda":
+        return fn(), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
 
 
 def _fns(kind, q, k, scale, bias, offset, compute=None):
@@ -99,46 +130,36 @@ def _loss64(kind, q, k, scale, bias, offset, chunk=1024):
 
 
 def run_case(kind, B, D, dtype_name, bwd_strategy, args):
-    import triton.testing
-
     from bioclip_fast.kernels import _pairwise, clip_loss, siglip_loss
 
     os.environ["BIOCLIP_FAST_BWD"] = bwd_strategy
     dtype = _dtype(dtype_name)
-    gen = torch.Generator(device="cuda").manual_seed(B * 7 + D)
+    gen = torch.Generator(device=DEVICE).manual_seed(B * 7 + D)
     q, k, offset = _inputs(kind, B, D, dtype, gen)
-    scale = torch.tensor(14.3, device="cuda")
-    bias = torch.tensor(-10.0, device="cuda") if kind == "siglip" else None
+    scale = torch.tensor(14.3, device=DEVICE)
+    bias = torch.tensor(-10.0, device=DEVICE) if kind == "siglip" else None
     t0 = time.perf_counter()
     compute = _compute(dtype_name)
     fwd, bwd, saved = _fns(kind, q, k, scale, bias, offset, compute)
     bwd()
-    torch.cuda.synchronize()
+    _sync()
     tune_s = time.perf_counter() - t0
 
     def both():
         fwd()
         bwd()
 
-    t_fwd = triton.testing.do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
-    t_bwd = triton.testing.do_bench(bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
-    t_all = triton.testing.do_bench(both, warmup=args.warmup, rep=args.rep, return_mode="median")
+    t_fwd = _time_ms(fwd, args)
+    t_bwd = _time_ms(bwd, args)
+    t_all = _time_ms(both, args)
     Bq, Bk = q.shape[0], k.shape[0]
     mm_a, mm_b = (q, k.T) if compute is None else (q.to(compute), k.T.to(compute))
-    t_mm = triton.testing.do_bench(lambda: mm_a @ mm_b, warmup=args.warmup, rep=args.rep, return_mode="median")
+    t_mm = _time_ms(lambda: mm_a @ mm_b, args)
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = bwd()
-    torch.cuda.synchronize()
-    grads = out[0].nbytes + out[1].nbytes
-    extra_bwd = torch.cuda.max_memory_allocated() - base - grads
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fwd()
-    torch.cuda.synchronize()
-    extra_fwd = torch.cuda.max_memory_allocated() - base
+    out, extra_bwd = _peak_extra(bwd)
+    if extra_bwd is not None:
+        extra_bwd -= out[0].nbytes + out[1].nbytes
+    _, extra_fwd = _peak_extra(fwd)
 
     flop_fwd = 2 * Bq * Bk * D
     loss = saved[0] if isinstance(saved, tuple) else saved
@@ -156,7 +177,8 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
         "bwd_slices": slices,
         "tflops_fwd_bwd_executed": executed_flops(Bq, Bk, D, actual, slices) / t_all * 1e-9,
         "tflops_matmul": flop_fwd / t_mm * 1e-9,
-        "extra_mem_fwd_mb": extra_fwd / 2**20, "extra_mem_bwd_mb": extra_bwd / 2**20,
+        "extra_mem_fwd_mb": None if extra_fwd is None else extra_fwd / 2**20,
+        "extra_mem_bwd_mb": None if extra_bwd is None else extra_bwd / 2**20,
         "autotune_and_compile_s": tune_s,
         "fwd_config": str(getattr(clip_loss._clip_fwd_tuned if kind != "siglip" else siglip_loss._siglip_fwd_tuned,
                                   "best_config", None)),
@@ -198,19 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rep", type=int, default=200, help="ms (do_bench)")
     ap.add_argument("--check-max-b", type=int, default=16384, help="float64 loss check up to this B")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: under TRITON_INTERPRET=1 only (rehearses the run; the timings mean nothing)")
     return ap
 
 
 def main(argv=None) -> int:
+    global DEVICE
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():
+    DEVICE = args.device
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("bench_kernels: --device cpu needs TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
     cases = cases_for(args)
     rows = []
-    meta = {"device": torch.cuda.get_device_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    meta = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (TRITON_INTERPRET=1 rehearsal)", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "torch": torch.__version__, "triton": __import__("triton").__version__, "python": platform.python_version()}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_kernels.json")
@@ -221,6 +250,9 @@ def main(argv=None) -> int:
             rows.append({"kind": case[0], "B": case[1], "D": case[2], "dtype": case[3], "bwd": case[4],
                          "error": f"OOM: {exc}"})
             torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 - recorded as a failed case; the run exits 1
+            rows.append({"kind": case[0], "B": case[1], "D": case[2], "dtype": case[3], "bwd": case[4],
+                         "error": f"{type(exc).__name__}: {exc}"[:500], "failed": True})
         with open(path + ".tmp", "w") as f:  # after every case: a time-boxed run (gpu_check.sh) keeps what it has
             json.dump({"meta": meta, "results": rows, "complete": len(rows) == len(cases)}, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -233,8 +265,9 @@ def main(argv=None) -> int:
             continue
         print(f"{r['kind']:6s} {r['bwd']:5s} {r['dtype']:5s} {r['B']:7d} {r['D']:5d} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} "
               f"{r['fwd_bwd_ms']:8.3f} {r['tflops_fwd_bwd_reported']:8.1f} {r['tflops_fwd_bwd_executed']:8.1f} "
-              f"{r['tflops_matmul']:8.1f} {r['extra_mem_fwd_mb']:5.1f}/{r['extra_mem_bwd_mb']:5.1f} "
+              f"{r['tflops_matmul']:8.1f} {r['extra_mem_fwd_mb'] or 0:5.1f}/{r['extra_mem_bwd_mb'] or 0:5.1f} "
               f"{r.get('loss_rel_err', float('nan')):8.1e}")
+    failed = [r for r in rows if r.get("failed")]
     try:
         import matplotlib
 
@@ -256,7 +289,7 @@ def main(argv=None) -> int:
         fig.savefig(os.path.join(args.out, "bench_kernels.png"), dpi=120)
     except Exception as exc:  # noqa: BLE001 - the JSON is the result; the plot is a convenience
         print(f"plot skipped: {exc!r}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -78,7 +78,9 @@ def run_one(args, mode: str, batch: int) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     over = {
-        "model": args.model, "precision": args.precision, "engine": args.engine, "zero_stage": args.zero_stage,
+        "model": args.model, "precision": args.precision, "engine": args.engine,
+        # ZeRO is DeepSpeed's: the torch engine (no DeepSpeed on the host) takes no stage
+        "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
         "batch_size": batch * world, "max_steps": 10**6, "schedule_clock": "steps", "warmup_steps": 10,
         "lr": 1e-5, "progress": False, "eval_at_end": False, "out": str(Path(args.tmp) / f"{mode}_{batch}"),
         "grad_checkpointing": mode == "grad_checkpointing", "num_workers": args.num_workers,

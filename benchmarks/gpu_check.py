@@ -1,29 +1,36 @@
-"""One prepared GPU check: everything a GPU session should run first, time-boxed to finish in under 8 minutes.
+"""One prepared GPU check: everything a GPU session should run first, time-boxed to finish in 7 minutes
+including imports and compiles.
 
-    benchmarks/gpu_check.sh OUTDIR [--site DIR] [--budget-s 450] [--only STEP ...] [--dry-run]
+    benchmarks/gpu_check.sh OUTDIR [--site DIR] [--budget-s 400] [--only STEP ...] [--dry-run] [--rehearse]
 
 Runs, each step in its own process with its own time box (a step that overruns is killed and recorded as such,
 the others still run):
 
-  env       GPU, driver, torch / triton / Python versions, which optional packages import
-  pytest    ``pytest -m gpu`` (the GPU tests of the whole suite: kernels vs float64 with flash-attention's rule,
-            memory bounds, both backward strategies)
-  loss      the loss ladder ours vs open_clip vs Inf-CL, B = 4k ... 1M, D = 768, bf16 and "fp32-train" (fp32 features
-            as the trainer hands them; every implementation under bf16 autocast, ours with compute_dtype auto)
-  kernels   the Triton kernels alone with both backward strategies (fused, gemm) at B = 16k, 32k
+  env       GPU, driver, torch / triton / Python versions, which optional packages import, where bioclip_fast and
+            bioclip_fast.kernels import from
+  pytest    ``pytest -v -m gpu`` with ``BIOCLIP_FAST_AUTOTUNE=0`` (the default configs, no autotuning
+            benchmarks), the kernel test files first; fails when it collects no test
+  loss      the loss ladder ours vs open_clip vs Inf-CL, B = 4k ... 1M, D = 768, bf16 and "fp32-train"; rows
+            ordered by B so the comparison points at 4k-64k finish before 1M; a row of ours that ran anything
+            but the Triton kernels fails (``--expect-backend triton``)
+  kernels   the Triton kernels alone with the backward strategies (fused, gemm, gemm2d) at B = 32k (autotuned)
   decode    DALI vs PIL decode throughput (only when nvidia.dali imports)
   train     a short ViT-L/14 training benchmark (torch engine when DeepSpeed is absent)
 
-Needs on the host: Python >= 3.10, torch with CUDA, triton >= 3.6. No package index: pure-Python packages (pytest,
-open_clip_torch, inf-cl, webdataset, ...) come in ``--site DIR``, a folder of wheels (``*.whl`` are put on
-``PYTHONPATH`` as zip archives) and/or unpacked package trees (``DIR`` itself goes on ``PYTHONPATH``; see
-/work/shared/tools/device-pack.sh). The repository is used in place: if ``bioclip_fast`` is not installed, a
-symlink tree maps ``kernels/`` to ``bioclip_fast.kernels`` as setup.py does.
+Every step runs with a scratch folder as its working directory (never the repository root: ``python -m`` would put
+the source ``bioclip_fast/``, which has no ``kernels/``, first on ``sys.path``) and a package tree first on
+``PYTHONPATH`` that maps ``kernels/`` to ``bioclip_fast.kernels`` as setup.py does; the repository root comes after
+it (for ``tests``). Needs on the host: Python >= 3.10, torch with CUDA, triton >= 3.6. No package index:
+pure-Python packages (pytest, open_clip_torch, inf-cl, ...) come in ``--site DIR`` (``*.whl`` go on
+``PYTHONPATH`` as zip archives, ``DIR`` itself too).
 
-Writes ``OUTDIR/gpu_check.json`` (environment, per step: command, exit code, seconds, timed out, log, outputs) and
-``OUTDIR/gpu_check.png`` (step status and time), plus each step's own JSON/PNG under ``OUTDIR/<step>/`` and logs
-under ``OUTDIR/logs/``. Without a CUDA GPU it exits with status 3 and a one-line message (``--dry-run`` prints the
-plan instead).
+Output, at most 5 files directly in OUTDIR, rewritten after every step (a run cut short keeps what it has):
+``gpu_check.json`` (environment, per step: command, exit code, seconds, status, log tail, outputs),
+``gpu_check.png`` (step status and time), ``gpu_check.tar.gz`` (every step's JSON / PNG / junit and the full
+logs), and copies of the loss ladder's and the kernel benchmark's PNGs. Without a CUDA GPU it exits with status 3
+and a one-line message; ``--dry-run`` prints the plan; ``--rehearse`` runs every step on CPU (Triton under the
+interpreter on the GPU's launch path, tiny sizes) with the same processes, working directories, environment and
+packaging, to prove the plumbing before any GPU.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,13 +53,16 @@ NO_GPU_EXIT = 3
 
 # (name, share of the time budget, description). Shares sum to 1; unused time of a step is given to the next ones.
 STEPS = [
-    ("env", 0.02, "versions and GPU"),
-    ("pytest", 0.26, "pytest -m gpu"),
-    ("loss", 0.38, "loss ladder ours vs open_clip vs Inf-CL, B 4k-1M, bf16 + fp32-train"),
-    ("kernels", 0.14, "Triton kernels at B = 32k: fused, gemm and (fp32 features, bf16 products) gemm2d backward"),
-    ("decode", 0.08, "DALI / PIL decode (when DALI imports)"),
+    ("env", 0.06, "versions, GPU, package paths"),
+    ("pytest", 0.27, "pytest -v -m gpu, default configs (no autotuning), kernel tests first"),
+    ("loss", 0.34, "loss ladder ours vs open_clip vs Inf-CL, B 4k-1M by size, bf16 + fp32-train"),
+    ("kernels", 0.15, "Triton kernels at B = 32k: fused, gemm and (fp32 features, bf16 products) gemm2d backward"),
+    ("decode", 0.06, "DALI / PIL decode (when DALI imports)"),
     ("train", 0.12, "short ViT-L/14 training benchmark"),
 ]
+KILL_GRACE_S = 10  # SIGTERM -> SIGKILL for a step past its box
+MAX_TOTAL_S = 420  # the whole run, imports and compiles included, must fit 7 minutes of GPU time
+OUT_FILES = ("gpu_check.json", "gpu_check.png", "gpu_check.tar.gz", "loss.png", "kernels.png")
 
 
 def parse_args(argv=None):
@@ -59,11 +70,17 @@ def parse_args(argv=None):
     ap.add_argument("out", help="output directory (created)")
     ap.add_argument("--site", action="append", default=[],
                     help="folder of pure-Python wheels and/or unpacked packages to import from (repeatable)")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="total time box in seconds (default 450: < 8 min)")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help=f"total time box in seconds (default 400; at most {MAX_TOTAL_S} with the kill grace)")
     ap.add_argument("--only", nargs="+", choices=[s[0] for s in STEPS], help="run only these steps")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (commands and time boxes); run nothing")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the steps (default: this one)")
-    return ap.parse_args(argv)
+    ap.add_argument("--rehearse", action="store_true",
+                    help="run every step on CPU (interpreter, tiny sizes) with the same process layout and packaging")
+    args = ap.parse_args(argv)
+    if args.budget_s <= 0 or args.budget_s + KILL_GRACE_S > MAX_TOTAL_S:
+        ap.error(f"--budget-s must be in (0, {MAX_TOTAL_S - KILL_GRACE_S}]: the run must fit 7 minutes")
+    return args
 
 
 def site_paths(sites: list[str]) -> list[str]:
@@ -79,30 +96,66 @@ def site_paths(sites: list[str]) -> list[str]:
     return out
 
 
-def package_root(python: str, env: dict) -> tuple[str | None, str]:
-    """A directory to put on PYTHONPATH so that ``bioclip_fast`` and ``bioclip_fast.kernels`` import from this
-    checkout: none when it already imports, else a symlink tree (setup.py maps kernels/ -> bioclip_fast.kernels)."""
-    probe = subprocess.run([python, "-c", "import bioclip_fast.kernels._pairwise, bioclip_fast.loss"], env=env,
-                           capture_output=True, text=True, cwd=str(ROOT))
-    if probe.returncode == 0:
-        return None, "installed"
+def package_tree() -> str:
+    """A folder to put first on PYTHONPATH in which ``bioclip_fast`` is this checkout's source with ``kernels/``
+    mapped to ``bioclip_fast.kernels`` (as setup.py does): symlinks, so a built ``_C`` extension comes along."""
     tree = Path(tempfile.mkdtemp(prefix="bioclip_fast_src_"))
     pkg = tree / "bioclip_fast"
     pkg.mkdir()
     for entry in (ROOT / "bioclip_fast").iterdir():
         (pkg / entry.name).symlink_to(entry)
     (pkg / "kernels").symlink_to(ROOT / "kernels")
-    return str(tree), "symlink tree"
+    return str(tree)
+
+
+def package_root(python: str, env: dict) -> tuple[str | None, str]:
+    """(tree, how): the check always puts ``package_tree`` first (an installed copy could be another version)."""
+    return package_tree(), "symlink tree"
+
+
+def probe_package(python: str, env: dict, cwd: str) -> dict:
+    """Where ``bioclip_fast`` and ``bioclip_fast.kernels`` import from in a step's environment and working folder."""
+    code = ("import json, bioclip_fast, bioclip_fast.kernels._pairwise as p\n"
+            "print(json.dumps({'bioclip_fast': bioclip_fast.__file__, 'kernels': p.__file__}))\n")
+    proc = subprocess.run([python, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    try:
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]}
+    info["kernels_from_checkout"] = Path(info["kernels"]).resolve().is_relative_to((ROOT / "kernels").resolve())
+    return info
 
 
 def plan(args, out: Path) -> dict[str, list[str]]:
+    """The command of each step. ``out`` is the folder the steps write into (a scratch folder that is packed into
+    OUTDIR/gpu_check.tar.gz). ``--rehearse``: the same steps on CPU at tiny sizes."""
     py = args.python
+    tests = [str(ROOT / "tests" / "test_triton_kernels.py"), str(ROOT / "tests" / "test_loss_precision.py"),
+             str(ROOT / "tests")]  # kernel tests first (pytest drops the duplicates)
+    pytest_cmd = [py, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "--rootdir", str(ROOT),
+                  "-c", str(ROOT / "pyproject.toml"), f"--junitxml={out / 'pytest' / 'junit.xml'}"] + tests
+    if args.rehearse:
+        return {
+            "env": [py, str(ROOT / "benchmarks" / "gpu_check.py"), "--_env", str(out / "env.json")],
+            "pytest": pytest_cmd,
+            "loss": [py, "-m", "bioclip_fast.cli", "bench-loss", "--device", "cpu", "--dims", "32", "--impls", "ours",
+                     "open_clip", "--repeats", "1", "--warmup", "0", "--batch-sizes", "64", "128", "--dtypes",
+                     "fp32", "--order", "size", "--expect-backend", "triton", "--out", str(out / "loss")],
+            "kernels": [py, str(ROOT / "benchmarks" / "bench_kernels.py"), "--device", "cpu", "--B", "64", "--D",
+                        "32", "--dtype", "fp32", "--kinds", "sym", "--bwd", "fused", "gemm2d", "--out",
+                        str(out / "kernels")],
+            "decode": [py, str(ROOT / "benchmarks" / "bench_decode.py"), "--images", "8", "--backends", "all",
+                       "--out", str(out / "decode")],
+            "train": [py, str(ROOT / "benchmarks" / "bench_train.py"), "--cpu-smoke", "--engine", "torch",
+                      "--modes", "plain", "--batch-sizes", "4", "--steps", "1", "--warmup", "0",
+                      "--out", str(out / "train" / "bench_train.json")],
+        }
     loss_common = [py, "-m", "bioclip_fast.cli", "bench-loss", "--device", "cuda", "--dims", "768",
-                   "--impls", "ours", "open_clip", "inf_cl", "--repeats", "2", "--warmup", "1", "--time-budget", "6"]
+                   "--impls", "ours", "open_clip", "inf_cl", "--repeats", "2", "--warmup", "1", "--time-budget", "6",
+                   "--order", "size", "--expect-backend", "triton"]
     return {
         "env": [py, str(ROOT / "benchmarks" / "gpu_check.py"), "--_env", str(out / "env.json")],
-        "pytest": [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
-                   f"--junitxml={out / 'pytest' / 'junit.xml'}", str(ROOT / "tests")],
+        "pytest": pytest_cmd,
         "loss": loss_common + ["--batch-sizes", "4096", "16384", "65536", "262144", "1048576",
                                "--dtypes", "bf16", "fp32-train", "--out", str(out / "loss")],
         "kernels": [py, str(ROOT / "benchmarks" / "bench_kernels.py"), "--B", "32768", "--D", "768",
@@ -114,6 +167,20 @@ def plan(args, out: Path) -> dict[str, list[str]]:
         "train": [py, str(ROOT / "benchmarks" / "bench_train.py"), "--modes", "plain", "--batch-sizes", "64",
                   "--steps", "8", "--warmup", "3", "--out", str(out / "train" / "bench_train.json")],
     }
+
+
+def step_env(name: str, env: dict, rehearse: bool) -> dict:
+    """The environment of one step: the GPU run's, or (``--rehearse``) the same plus the interpreter on the GPU's
+    launch path (autotuned wrappers, config lists, pruning) and the Triton backend forced for ``ours``."""
+    e = dict(env)
+    if name in ("pytest", "loss"):
+        # default configs only: pytest must not spend its box benchmarking configs; the ladder would autotune
+        # every power-of-two bucket up to 1M (a full sweep per trial). The kernels step autotunes at 32k.
+        e["BIOCLIP_FAST_AUTOTUNE"] = "0"
+    if rehearse:
+        e.update(TRITON_INTERPRET="1", BIOCLIP_FAST_INTERPRET_AUTOTUNED="1", BIOCLIP_FAST_BACKEND="triton",
+                 CUDA_VISIBLE_DEVICES="")
+    return e
 
 
 def write_env(path: str) -> int:
@@ -130,6 +197,14 @@ def write_env(path: str) -> int:
                         cuda=torch.version.cuda, gpus=torch.cuda.device_count())
     except Exception as exc:  # noqa: BLE001 - reported
         info["torch_error"] = repr(exc)
+    try:
+        import bioclip_fast
+        import bioclip_fast.kernels._pairwise as kp
+
+        info["bioclip_fast"] = bioclip_fast.__file__
+        info["bioclip_fast.kernels"] = kp.__file__
+    except Exception as exc:  # noqa: BLE001 - reported
+        info["bioclip_fast_error"] = repr(exc)
     for mod in ("triton", "open_clip", "inf_cl", "deepspeed", "nvidia.dali", "webdataset", "pytest", "matplotlib"):
         try:
             m = __import__(mod, fromlist=["__version__"])
@@ -220,6 +295,59 @@ def _plain_bars_png(path: Path, values: list[float], colors: list[str], width=60
     path.write_bytes(png)
 
 
+def _junit_counts(path: Path) -> dict | None:
+    """tests / failures / errors / skipped of a pytest junit file (None when it does not exist)."""
+    if not path.exists():
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError:
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root)
+    return {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def step_verdict(name: str, rc: int | None, work: Path, rehearse: bool) -> tuple[str, str | None]:
+    """(status, reason): a step is ok only if its process exited 0 and it did what it is for."""
+    if rc is None:
+        return "timeout", None
+    if rc != 0:
+        return "failed", f"exit code {rc}"
+    if name == "pytest":
+        counts = _junit_counts(work / "pytest" / "junit.xml")
+        if not counts or counts["tests"] == 0:
+            return "failed", "pytest collected no tests (a module failed to import?)"
+        if not rehearse and counts["tests"] == counts["skipped"]:
+            return "failed", "every GPU test was skipped on a GPU host"
+    return "ok", None
+
+
+def pack(out: Path, work: Path, result: dict, final: bool = False) -> None:
+    """Write OUTDIR's files from the scratch folder: gpu_check.json, the tarball of everything, the summary PNG and
+    copies of the ladder's / kernel benchmark's PNGs. Atomic per file (a run killed mid-write keeps the last)."""
+    import tarfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".gpu_check.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(str(work), arcname="gpu_check")
+    os.replace(tmp, out / "gpu_check.tar.gz")
+    for name, pattern in (("loss.png", "loss/*.png"), ("kernels.png", "kernels/*.png")):
+        found = sorted(work.glob(pattern))
+        if found:
+            shutil.copyfile(found[-1], out / name)
+    result["outdir_files"] = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+    if final or result["steps"]:
+        try:
+            result["png_renderer"] = summary_png(result, out / "gpu_check.png")
+        except Exception as exc:  # noqa: BLE001 - the JSON is the result
+            result["png_error"] = repr(exc)
+    (out / ".gpu_check.json.tmp").write_text(json.dumps(result, indent=1))
+    os.replace(out / ".gpu_check.json.tmp", out / "gpu_check.json")
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -229,49 +357,78 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     env = dict(os.environ)
     paths = site_paths(args.site)
-    env["PYTHONPATH"] = os.pathsep.join(paths + [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("TRITON_INTERPRET", "0")
-    env["TRITON_INTERPRET"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
+    env["TRITON_INTERPRET"] = "0"
+    env.pop("BIOCLIP_FAST_BACKEND", None)
+    env.pop("BIOCLIP_FAST_INTERPRET_AUTOTUNED", None)
     steps = [s for s in STEPS if not args.only or s[0] in args.only]
-    commands = plan(args, out)
 
     if args.dry_run:
-        print(f"gpu_check plan (budget {args.budget_s:.0f} s, PYTHONPATH={env['PYTHONPATH']}):")
+        commands = plan(args, Path("<scratch>"))
+        print(f"gpu_check plan (budget {args.budget_s:.0f} s{', rehearsal on CPU' if args.rehearse else ''}; "
+              f"PYTHONPATH=<package tree>:{os.pathsep.join(paths + [str(ROOT)])}; each step's cwd = its scratch "
+              f"folder; OUTDIR gets {', '.join(OUT_FILES)}):")
         total_share = sum(s[1] for s in steps)
         for name, share, desc in steps:
             print(f"  {name:8s} box {args.budget_s * share / total_share:5.0f} s  {desc}\n"
                   f"           {' '.join(commands[name])}")
         return 0
 
-    pre = preflight(args.python, env)
-    if not pre.get("cuda"):
-        why = pre.get("torch_error") or pre.get("error") or "torch.cuda.is_available() is False"
-        print(f"gpu_check: no CUDA GPU on this host ({why}); nothing to check. `--dry-run` prints the plan.",
-              file=sys.stderr)
-        return NO_GPU_EXIT
-    if "triton" not in pre or _version_tuple(pre["triton"]) < (3, 6):
-        print(f"gpu_check: error: triton >= 3.6 is needed, found {pre.get('triton', pre.get('triton_error'))}",
-              file=sys.stderr)
-        return 2
-    root, how = package_root(args.python, env)
-    if root:
-        env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
+    base_pp = paths + [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    probe_env = dict(env, PYTHONPATH=os.pathsep.join(base_pp))
+    if args.rehearse:
+        probe_env.update(TRITON_INTERPRET="1")
+    pre = preflight(args.python, probe_env)
+    if not args.rehearse:
+        if not pre.get("cuda"):
+            why = pre.get("torch_error") or pre.get("error") or "torch.cuda.is_available() is False"
+            print(f"gpu_check: no CUDA GPU on this host ({why}); nothing to check. `--dry-run` prints the plan, "
+                  f"`--rehearse` runs it on CPU.", file=sys.stderr)
+            return NO_GPU_EXIT
+        if "triton" not in pre or _version_tuple(pre["triton"]) < (3, 6):
+            print(f"gpu_check: error: triton >= 3.6 is needed, found {pre.get('triton', pre.get('triton_error'))}",
+                  file=sys.stderr)
+            return 2
+    tree = package_tree()
+    env["PYTHONPATH"] = os.pathsep.join([tree] + base_pp)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
+    commands = plan(args, work)
+    (work / "logs").mkdir()
     for name, _, _ in steps:
-        (out / name).mkdir(exist_ok=True)
+        (work / name).mkdir(exist_ok=True)
+    package = probe_package(args.python, step_env("env", env, args.rehearse), str(work / "env"))
+    if not package.get("kernels_from_checkout"):
+        print(f"gpu_check: error: bioclip_fast.kernels does not import from {ROOT / 'kernels'}: {package}",
+              file=sys.stderr)
+        shutil.rmtree(tree, ignore_errors=True)
+        return 2
 
     t_start = time.monotonic()
     deadline = t_start + args.budget_s
     result = {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "budget_s": args.budget_s,
-              "package": how, "preflight": pre, "environment": {}, "steps": []}
+              "rehearsal": args.rehearse, "package": package, "preflight": pre, "environment": {}, "steps": [],
+              "complete": False}
+    current: dict = {}
+
+    def on_signal(signum, frame):  # the outer time limit: stop the step, keep what exists
+        proc = current.get("proc")
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        result["interrupted"] = f"signal {signum} during {current.get('name')}"
+        result["total_seconds"] = round(time.monotonic() - t_start, 1)
+        pack(out, work, result, final=True)
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    pack(out, work, result)
     remaining_share = sum(s[1] for s in steps)
     for name, share, desc in steps:
         now = time.monotonic()
         box = max(5.0, (deadline - now) * share / remaining_share)
         remaining_share -= share
-        rec = {"name": name, "what": desc, "command": commands[name], "box_s": round(box, 1)}
+        rec = {"name": name, "what": desc, "command": commands[name], "box_s": round(box, 1),
+               "cwd": str(work / name)}
         skip = None
         if name == "decode" and not pre.get("nvidia.dali"):
             skip = "nvidia.dali does not import"
@@ -287,44 +444,51 @@ def main(argv=None) -> int:
             rec.update(status="skipped", reason=skip, seconds=0.0)
             result["steps"].append(rec)
             print(f"[gpu_check] {name}: skipped ({skip})", flush=True)
+            pack(out, work, result)
             continue
-        step_env = dict(env)
-        if name == "loss":
-            # default configs only: autotuning every power-of-two bucket up to 1M (a full sweep per trial) would not
-            # fit the box; the kernels step autotunes at 16k / 32k
-            step_env["BIOCLIP_FAST_AUTOTUNE"] = "0"
-            rec["note"] = (rec.get("note", "") + " ours runs its default (spill-free) configs: BIOCLIP_FAST_AUTOTUNE=0").strip()
-        log = out / "logs" / f"{name}.log"
+        senv = step_env(name, env, args.rehearse)
+        if senv.get("BIOCLIP_FAST_AUTOTUNE") == "0":
+            rec["note"] = (rec.get("note", "") + " default (spill-free) configs: BIOCLIP_FAST_AUTOTUNE=0").strip()
+        log = work / "logs" / f"{name}.log"
         print(f"[gpu_check] {name}: {desc} (box {box:.0f} s)", flush=True)
         t0 = time.monotonic()
         with open(log, "w") as fh:
-            proc = subprocess.Popen(commands[name], stdout=fh, stderr=subprocess.STDOUT, env=step_env, cwd=str(ROOT),
-                                    start_new_session=True)
+            proc = subprocess.Popen(commands[name], stdout=fh, stderr=subprocess.STDOUT, env=senv,
+                                    cwd=str(work / name), start_new_session=True)
+            current.update(proc=proc, name=name)
             try:
                 rc = proc.wait(timeout=box)
-                status = "ok" if rc == 0 else "failed"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 15)
+                os.killpg(proc.pid, signal.SIGTERM)
                 try:
-                    proc.wait(timeout=10)
+                    proc.wait(timeout=KILL_GRACE_S)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                rc, status = None, "timeout"
-        rec.update(status=status, returncode=rc, seconds=round(time.monotonic() - t0, 1), log=str(log),
-                   outputs=sorted(str(Path(p).relative_to(out)) for p in glob.glob(str(out / name / "**" / "*"),
-                                                                                    recursive=True)
+                rc = None
+            current.clear()
+        status, reason = step_verdict(name, rc, work, args.rehearse)
+        rec.update(status=status, returncode=rc, seconds=round(time.monotonic() - t0, 1), log=f"logs/{name}.log",
+                   outputs=sorted(str(Path(p).relative_to(work)) for p in glob.glob(str(work / name / "**" / "*"),
+                                                                                     recursive=True)
                                   if Path(p).is_file()))
+        if reason:
+            rec["reason"] = reason
+        if name == "pytest":
+            rec["junit"] = _junit_counts(work / "pytest" / "junit.xml")
         rec["log_tail"] = log.read_text(errors="replace")[-1500:]
         result["steps"].append(rec)
-        print(f"[gpu_check] {name}: {status} in {rec['seconds']:.0f} s", flush=True)
-        if name == "env" and (out / "env.json").exists():
-            result["environment"] = json.loads((out / "env.json").read_text())
+        print(f"[gpu_check] {name}: {status} in {rec['seconds']:.0f} s" + (f" ({reason})" if reason else ""),
+              flush=True)
+        if name == "env" and (work / "env.json").exists():
+            result["environment"] = json.loads((work / "env.json").read_text())
+        result["total_seconds"] = round(time.monotonic() - t_start, 1)
+        pack(out, work, result)
     result["total_seconds"] = round(time.monotonic() - t_start, 1)
-    result["png_renderer"] = summary_png(result, out / "gpu_check.png")
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
-    if root:
-        shutil.rmtree(root, ignore_errors=True)
+    result["complete"] = True
+    pack(out, work, result, final=True)
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     failed = [s["name"] for s in result["steps"] if s["status"] in ("failed", "timeout")]
     print(f"[gpu_check] done in {result['total_seconds']:.0f} s; results in {out}"
           + (f"; not ok: {', '.join(failed)}" if failed else ""))

@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small CPU sizes (~1 minute): B 1024 2048 4096, D 512")
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
     parser.add_argument("--tag", default="", help="suffix for the output file names")
+    parser.add_argument("--order", default="impl", choices=["impl", "size"],
+                        help="impl: each implementation through all B in turn; size: every implementation at a B "
+                             "before the next B (the comparison points at small B finish first)")
+    parser.add_argument("--expect-backend", default=None, choices=["triton", "cpp", "torch"],
+                        help="fail a row of ours whose ops ran another backend (e.g. the torch reference after a "
+                             "failed Triton import) instead of labelling it ours")
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -136,6 +142,9 @@ def measure(impl: str, B: int, D: int, dtype_name: str, device, repeats: int, wa
     scale = torch.tensor(14.285, device=device, requires_grad=True)
     fn = _loss_fn(impl)
     cuda = device.type == "cuda"
+    from bioclip_fast.ops import dispatch
+
+    dispatch.CALLS.clear()
 
     autocast = dtype_name == "fp32-train"
 
@@ -179,6 +188,8 @@ def measure(impl: str, B: int, D: int, dtype_name: str, device, repeats: int, wa
         "impl": impl, "B": B, "D": D, "dtype": dtype_name, "seconds": t, "seconds_min": min(times),
         "seconds_all": times, "tflops": 8 * B * B * D / t / 1e12, "peak_extra_bytes": peak, "loss": loss_val,
     }
+    if impl in ("ours", "reference"):
+        row["backend"] = sorted(dispatch.CALLS)  # which implementation the ops actually ran
     if cpu_times:
         # CPU seconds of all threads: on a shared machine this is steadier than wall time (time-slicing by other
         # jobs does not count), so speedups are also reported on it.
@@ -313,6 +324,9 @@ def run(args) -> int:
 
     results = {"environment": environment(device), "notes": notes, "measurements": []}
     points = [(D, dt, impl, B) for D in dims for dt in dtypes for impl in impls for B in sorted(sizes)]
+    if args.order == "size":  # all implementations at each B before the next B (then dtype, D)
+        points.sort(key=lambda p: (p[3], p[1] != dtypes[0], dims.index(p[0]), dtypes.index(p[1]),
+                                   impls.index(p[2])))
     stopped: set[tuple] = set()
     for D, dt, impl, B in tqdm(points, desc="bench-loss", unit="pt"):
         key = (D, dt, impl)
@@ -324,13 +338,20 @@ def run(args) -> int:
         else:
             try:
                 row = measure(impl, B, D, dt, device, args.repeats, args.warmup)
-                if args.time_budget is not None and row["seconds"] > args.time_budget:
+                if impl == "ours" and args.expect_backend and row.get("backend") != [args.expect_backend]:
+                    row = {"impl": impl, "B": B, "D": D, "dtype": dt, "backend": row.get("backend"),
+                           "failed": f"ours ran {row.get('backend')}, expected {args.expect_backend}: not timed as ours",
+                           "unlabelled_seconds": row["seconds"]}
+                    stopped.add(key)
+                if "seconds" in row and args.time_budget is not None and row["seconds"] > args.time_budget:
                     stopped.add(key)
             except torch.cuda.OutOfMemoryError as exc:  # noqa: PERF203
                 row["skipped"] = f"out of memory: {str(exc).splitlines()[0]}"
                 stopped.add(key)
             except (RuntimeError, ImportError) as exc:
-                row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                # ours must run: its error fails the row (a competitor that cannot run here is skipped)
+                row["failed" if impl == "ours" else "skipped"] = (
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 stopped.add(key)
             finally:
                 if cuda:
@@ -343,7 +364,8 @@ def run(args) -> int:
                        f"{row['tflops']:7.3f} TFLOP/s  peak extra "
                        f"{'n/a' if mem is None else f'{mem / 2**20:.1f} MiB'}")
         else:
-            tqdm.write(f"{impl:>10} B={B:>8} D={D:>5} {dt}: skipped ({row['skipped']})")
+            tqdm.write(f"{impl:>10} B={B:>8} D={D:>5} {dt}: {'FAILED' if 'failed' in row else 'skipped'} "
+                       f"({row.get('failed') or row.get('skipped')})")
 
     # Speedups of ours over every other implementation at the same point.
     by_key = {(r["impl"], r["B"], r["D"], r["dtype"]): r for r in results["measurements"] if "seconds" in r}
@@ -372,6 +394,10 @@ def run(args) -> int:
     (out / f"{stem}.partial.json").unlink(missing_ok=True)
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    failed = [r for r in results["measurements"] if "failed" in r]
+    if failed:
+        print(f"bench-loss: {len(failed)} row(s) failed: {failed[0]['failed']}")
+        return 1
     return 0
 
 

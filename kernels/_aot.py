@@ -186,7 +186,8 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
     for cfg in (P.grad_configs(D) if all_configs else P.grad_configs(D)[:1]):
         for mode, name in ((P.MODE_CLIP_SYM, "sym"), (P.MODE_CLIP_DIR, "dir"), (P.MODE_SIGLIP, "siglip")):
             yield (f"grad_tile {name} {tag(cfg)}", P._grad_tile_kernel,
-                   dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, GSCALE=gs, **cfg.kwargs), cfg.num_warps,
+                   dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, GSCALE=gs, ROW_SUMS=mode == P.MODE_CLIP_DIR,
+                        **cfg.kwargs), cfg.num_warps,
                    cfg.num_stages)
     for cfg in bwd:
         for mode, x_is_rows, name in ((P.MODE_CLIP_SYM, True, "sym dQ"), (P.MODE_CLIP_SYM, False, "sym dK"),
@@ -194,7 +195,7 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
                                       (P.MODE_SIGLIP, True, "siglip dQ"), (P.MODE_SIGLIP, False, "siglip dK")):
             yield (f"bwd {name} {tag(cfg)}", P._pairwise_bwd_kernel,
                    dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=True, SCALAR_GRADS=x_is_rows, PREC=prec,
-                        GSCALE=gs, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+                        GSCALE=gs, QK_ORDER=False, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
 
 
 _COLS = ("D", "dtype", "kernel", "registers", "spill_store_bytes", "hgmma", "mufu_ex2", "mufu_ex2_total",

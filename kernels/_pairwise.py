@@ -77,13 +77,23 @@ def size_bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def interpret_autotuned() -> bool:
+    """Under the interpreter, take the launch path a GPU takes (``BIOCLIP_FAST_INTERPRET_AUTOTUNED=1``): the
+    autotuned wrapper with the GPU's config lists, pruning and (unless ``BIOCLIP_FAST_AUTOTUNE=0``) benchmarking,
+    instead of the fixed ``INTERPRET_*_CONFIG`` tiles. Slow (GPU-sized tiles in numpy): tests and the gpu_check
+    rehearsal use it on tiny problems."""
+    return interpreting() and os.environ.get("BIOCLIP_FAST_INTERPRET_AUTOTUNED", "0").strip() == "1"
+
+
 def launch(kernel, tuned, grid, args, meta, interpret_config, device: torch.device):
     """Launch ``tuned`` (autotuned) on ``device``, or ``kernel`` with the fixed interpreter config."""
-    if interpreting():
+    if interpreting() and not interpret_autotuned():
         kernel[grid](*args, **meta, **interpret_config)
     elif device.type == "cuda":
         with torch.cuda.device(device):  # Triton launches on the current device, not the tensors' one
             tuned[grid](*args, **meta)
+    elif interpreting():
+        tuned[grid](*args, **meta)
     else:
         raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}")
 
@@ -103,10 +113,12 @@ def fwd_configs(D: int) -> list[triton.Config]:
         bd = _d_block(D)
         shapes = ((128, 128, bd, 8, 3), (128, 64, bd, 4, 3), (64, 128, bd, 4, 3), (64, 64, bd, 4, 4))
     else:
-        # First = default (BIOCLIP_FAST_AUTOTUNE=0): the only one without spills at D = 768 in ptxas's report
-        # (the 128-row tiles spill 8-12 B of the column-statistics epilogue; kernels/NOTES.md).
-        shapes = ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
-                  (128, 128, 128, 8, 2))
+        # First = default (BIOCLIP_FAST_AUTOTUNE=0): 64 x 128 with 8 warps, spill-free at D = 768 under triton 3.6
+        # (the GPU host's: 188 registers) and 3.8 (166). With 4 warps the symmetric forward spills 20 B under
+        # 3.6 (255 registers; none under 3.8); the 128-row tiles spill 8-12 B of the column-statistics epilogue
+        # (kernels/NOTES.md). The autotuner still tries the 4-warp tile.
+        shapes = ((64, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                  (128, 64, 64, 4, 4), (128, 128, 128, 8, 2))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
             for bm, bn, bd, w, st in shapes]
 
@@ -160,19 +172,55 @@ def autotune_enabled() -> bool:
     return os.environ.get("BIOCLIP_FAST_AUTOTUNE", "1").strip() != "0"
 
 
+def _launch_width(named_args: dict, kwargs: dict) -> int:
+    """The feature width D of the launch being pruned. Triton calls ``early_config_prune(configs, named_args,
+    **kwargs)`` with only the *positional* arguments in ``named_args`` (3.6 and 3.8 alike) and the keywords in
+    ``kwargs``; the launchers pass the constexprs (D among them) as keywords. Either place is accepted."""
+    for src in (kwargs, named_args):
+        if "D" in src:
+            return int(src["D"])
+    raise KeyError(f"autotune pruning: no feature width D among the launch arguments "
+                   f"{sorted(named_args) + sorted(kwargs)}")
+
+
 def prune_fwd(configs, named_args, **kwargs):
-    out = fwd_configs(int(named_args["D"]))
+    out = fwd_configs(_launch_width(named_args, kwargs))
     return out if autotune_enabled() else out[:1]
 
 
 def prune_grad(configs, named_args, **kwargs):
-    out = grad_configs(int(named_args["D"]))
+    out = grad_configs(_launch_width(named_args, kwargs))
     return out if autotune_enabled() else out[:1]
 
 
 def prune_bwd(configs, named_args, **kwargs):
-    out = bwd_configs(int(named_args["D"]))
+    out = bwd_configs(_launch_width(named_args, kwargs))
     return out if autotune_enabled() else out[:1]
+
+
+def _interpreter_bench(kernel_call, quantiles=None, **_):
+    """Wall-clock time of one interpreted run (ms): the autotuner's benchmarker under ``TRITON_INTERPRET=1``, where
+    triton's own needs a GPU. Only the launch path is exercised; the timings say nothing about a GPU."""
+    import time
+
+    t0 = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def autotuned(kernel, *, key: list[str], prune, configs: list, reset_to_zero: list[str] | None = None,
+              restore_value: list[str] | None = None):
+    """``triton.autotune`` of ``kernel`` with the config list built per launch by ``prune`` (from the call's D).
+
+    Autotuning runs every pruned config on the *real* arguments. Buffers a config reads before writing
+    (``restore_value``) are restored after each trial; buffers whose slots only some configs write (per-program
+    partial sums: a config with fewer programs leaves the slots of a config with more) are zeroed before each trial
+    and again before the winning config's run (``reset_to_zero``; triton 3.6 and 3.8 both call the reset after
+    benchmarking). ``configs`` is a placeholder list of more than one entry: triton prunes only then."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           reset_to_zero=reset_to_zero, restore_value=restore_value,
+                           do_bench=_interpreter_bench if interpreting() else None)(kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,7 +338,7 @@ def _pairwise_bwd_kernel(
     Bx, By, offset, inv_n,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, X_IS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
+    SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr, QK_ORDER: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     NUM_ACC: tl.constexpr,
 ):
@@ -360,9 +408,18 @@ def _pairwise_bwd_kernel(
     for y0 in range(0, By, BLOCK_Y):
         offs_y = y0 + tl.arange(0, BLOCK_Y)
         mask_y = offs_y < By
+        # QK_ORDER (the dK kernel under the interpreter): form the tile as (Y @ X^T)^T, i.e. Q @ K^T as the forward
+        # does. The interpreter's tl.dot is numpy's BLAS, whose per-element summation order depends on the
+        # operands' order (OpenBLAS's Haswell/Zen sgemm): K @ Q^T then rounds the logits differently from the
+        # forward that produced the column LSEs (kernels/NOTES.md, "Logits rounded identically in both passes").
         if SINGLE_D:
             y_tile = _load_rows(Y, offs_y, mask_y, 0, D, BLOCK_D)
-            t = mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), PREC)
+            if QK_ORDER and not X_IS_ROWS:
+                t = tl.trans(mma(y_tile, tl.trans(x_tile), tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32), PREC))
+            else:
+                t = mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), PREC)
+        elif QK_ORDER and not X_IS_ROWS:
+            t = tl.trans(tile_dot(Y, X, offs_y, mask_y, offs_x, mask_x, D, BLOCK_Y, BLOCK_X, BLOCK_D, PREC))
         else:
             t = tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, PREC)
         s2 = t * scale2 + bias2
@@ -459,11 +516,21 @@ def _pairwise_bwd_kernel(
             tl.store(DB_PART + pid_x, tl.sum(db_acc, 0) * coef)
 
 
-_pairwise_bwd_tuned = triton.autotune(
-    configs=bwd_configs(64),  # placeholder: prune_bwd builds the list for the call's D
-    key=["B_BUCKET", "D", "MODE", "X_IS_ROWS", "PREC"],
-    prune_configs_by={"early_config_prune": prune_bwd},
-)(_pairwise_bwd_kernel)
+_pairwise_bwd_tuned = autotuned(
+    _pairwise_bwd_kernel, configs=bwd_configs(64),  # placeholder: prune_bwd builds the list for the call's D
+    key=["B_BUCKET", "D", "MODE", "X_IS_ROWS", "PREC"], prune=prune_bwd,
+    reset_to_zero=["DS_PART", "DB_PART"],  # one slot per X row block: configs with more blocks write more slots
+)
+
+
+def qk_order(device: torch.device) -> bool:
+    """Whether the dK kernel forms its logits tile in the forward's operand order (Q @ K^T, then transposed) rather
+    than as K @ Q^T. Needed where the per-element summation order of a product depends on the operands' order:
+    the interpreter, whose tl.dot is numpy's BLAS (OpenBLAS's Haswell / Zen sgemm round A @ B^T and (B @ A^T)^T
+    differently in ~20 % of the entries). Not on CUDA: each entry of an MMA / FMA tile is accumulated over D in
+    the same k order whichever operand comes first, so the transposition would only cost a shuffle
+    (``test_gpu_logits_tile_does_not_depend_on_operand_order`` checks this on the GPU)."""
+    return device.type != "cuda"
 
 
 def grad_prescale(dtype: torch.dtype) -> float:
@@ -507,7 +574,7 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
             cen_y if cen_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
             size_bucket(max(Bx, By)))
     meta = dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=bias is not None, SCALAR_GRADS=scalar_grads,
-                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype))
+                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype), QK_ORDER=qk_order(X.device))
 
     def grid(META):
         return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))
@@ -531,12 +598,14 @@ def _grad_tile_kernel(
     Bq, Bk, c0, C, offset,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
+    ROW_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """W[i, j - c0] = GSCALE * G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block,
     plus centred partial sums for dscale / dbias (see ``_pairwise_bwd_kernel``). One-direction CLIP also writes
     the block's row sums of P to ``RS_PART[pid_n, i]``: the host renormalizes dQ with them (as the fused dQ kernel
-    does), since G leaves the tile before its row is complete."""
+    does), since G leaves the tile before its row is complete; only with ``ROW_SUMS`` (dQ needed: otherwise
+    RS_PART is a one-element dummy)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -579,7 +648,8 @@ def _grad_tile_kernel(
             p = tl.where(valid, row_probs(t, scale, bias, lr[:, None]), 0.0)
             g = p - tl.where(valid, onehot, 0.0)
             ds = tl.sum(tl.sum(g * (t - cr[:, None]), 1), 0)
-            tl.store(RS_PART + pid_n.to(tl.int64) * Bq + offs_m, tl.sum(p, 1), mask=mask_m)
+            if ROW_SUMS:
+                tl.store(RS_PART + pid_n.to(tl.int64) * Bq + offs_m, tl.sum(p, 1), mask=mask_m)
         db = 0.0  # CLIP: sum G = 0 exactly (a logit shift changes neither softmax)
     w_ptrs = W + offs_m.to(tl.int64)[:, None] * C + offs_w[None, :]
     tl.store(w_ptrs, (g * GSCALE).to(W.dtype.element_ty), mask=mask_m[:, None] & (offs_w[None, :] < C))
@@ -588,11 +658,11 @@ def _grad_tile_kernel(
     tl.store(DB_PART + pid, db)
 
 
-_grad_tile_tuned = triton.autotune(
-    configs=grad_configs(64),  # placeholder: prune_grad builds the list for the call's D
-    key=["B_BUCKET", "D", "MODE", "PREC"],
-    prune_configs_by={"early_config_prune": prune_grad},
-)(_grad_tile_kernel)
+_grad_tile_tuned = autotuned(
+    _grad_tile_kernel, configs=grad_configs(64),  # placeholder: prune_grad builds the list for the call's D
+    key=["B_BUCKET", "D", "MODE", "ROW_SUMS", "PREC"], prune=prune_grad,
+    reset_to_zero=["DS_PART", "DB_PART", "RS_PART"],  # per-program partials: the host sums every slot
+)
 
 # Extra device memory the backward may use beyond its inputs and outputs (bytes); the strategy is chosen to fit.
 BWD_MEMORY_BYTES = int(os.environ.get("BIOCLIP_FAST_BWD_MEMORY_MB", "64")) * 2**20
@@ -675,16 +745,33 @@ def bwd_plan(Bq: int, Bk: int, D: int, elem: int, device_type: str, budget: int 
     return ("gemm", chunk) if ok else ("fused", 0)
 
 
-def fwd_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: int | None = None) -> tuple[int, int]:
+# Upper bound of the forward's G row groups / H column splits (``clip_loss._grid_split``: G <= isqrt(T),
+# H <= cdiv(T, G), T = 4 x SMs): 26 covers GPUs up to ~170 SMs (H100 / H200: 132 -> G = 22, H = 24).
+FWD_SPLITS = 26
+
+
+def fwd_extra_bytes(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, rows: int, cols: int,
+                    splits: int = FWD_SPLITS) -> int:
+    """Extra memory of a forward in ``rows x cols`` launches: one row chunk's and one column chunk's cast (only
+    while casting; ``chunk_pairs`` reuses one buffer of each), the launch's (max, sum) partials (fp32, <= ``splits``
+    per row and per column) and their float64 reduction (``reduce_lse_bytes``; the launch's float64 LSEs, 8 B a
+    row / column), the running float64 LSEs and the positive logits (12 B per row, 8 per column)."""
+    rows, cols = min(rows, Bq), min(cols, Bk)
+    casts = (rows + cols) * D * op_elem if cast else 0
+    parts = 8 * splits * (rows + cols) + 8 * (rows + cols) + reduce_lse_bytes(splits, max(rows, cols))
+    return casts + parts + 12 * Bq + 8 * Bk
+
+
+def fwd_chunks(Bq: int, Bk: int, D: int, op_elem: int, cast: bool, budget: int | None = None,
+               splits: int = FWD_SPLITS) -> tuple[int, int]:
     """(rows, cols) per forward launch. Without a cast the kernels read q and k as they are: one launch. With one
-    (fp32 features, bf16/fp16 products), the casts of a row chunk and a column chunk plus the launch's partials
-    and the float64 running LSEs must fit ``budget``: all of q and k at once where they do, else about square
-    chunks (each launch is still a (G x H) grid over thousands of tiles)."""
+    (fp32 features, bf16/fp16 products), ``fwd_extra_bytes`` must fit ``budget``: all of q and k at once where
+    they do, else about square chunks (each launch is still a (G x H) grid over thousands of tiles)."""
     if not cast:
         return Bq, Bk
     budget = BWD_MEMORY_BYTES if budget is None else int(budget)
-    per = D * op_elem + 2 * 4 * 24  # a cast row + its share of the (G, H)-split partials (G, H <= ~24)
-    avail = max(0, budget - 8 * (Bq + Bk))
+    per = D * op_elem + 8 * splits + 8  # a cast row + its share of the partials and of the launch's LSEs
+    avail = max(0, budget - 12 * Bq - 8 * Bk - reduce_lse_bytes(splits, max(Bq, Bk)))
     if (Bq + Bk) * per <= avail:
         return Bq, Bk
     s = max(128, _floor128(avail // (2 * per)))
@@ -702,15 +789,36 @@ def _clamp_chunks(chunks: tuple[int, int], Bq: int, Bk: int) -> tuple[int, int]:
 
 def chunk_pairs(q: torch.Tensor, k: torch.Tensor, chunks: tuple[int, int], op: torch.dtype):
     """``(r0, q_r, c0, k_c)`` for every (row chunk, column chunk) pair, the chunks cast to ``op`` (views when the
-    features already are ``op``); a single column chunk is cast once. Row i of ``q_r`` is global row r0 + i, so
-    a positive at global column i + offset is local column i + (offset + r0 - c0) of ``k_c``."""
+    features already are ``op``). Row i of ``q_r`` is global row r0 + i, so a positive at global column i + offset
+    is local column i + (offset + r0 - c0) of ``k_c``.
+
+    The casts go into one row buffer and one column buffer, reused (a single column chunk is cast once): at most
+    one cast row chunk and one cast column chunk exist at any time, as ``fwd_extra_bytes`` / ``gemm2d_extra_bytes``
+    plan (``q[...].to(op)`` per chunk would hold the previous chunk, still referenced by the caller's loop
+    variables, while casting the next: twice the plan). The yielded chunks are valid until the next pair."""
     Bq, Bk = q.shape[0], k.shape[0]
     rows, cols = _clamp_chunks(chunks, Bq, Bk)
+    if op == q.dtype and op == k.dtype:
+        for r0 in range(0, Bq, rows):
+            for c0 in range(0, Bk, cols):
+                yield r0, q[r0:r0 + rows], c0, k[c0:c0 + cols]
+        return
     k_whole = k.to(op) if cols >= Bk else None
+    q_buf = q.to(op) if rows >= Bq else torch.empty((rows, q.shape[1]), device=q.device, dtype=op)
+    k_buf = None if k_whole is not None else torch.empty((cols, k.shape[1]), device=k.device, dtype=op)
     for r0 in range(0, Bq, rows):
-        q_r = q[r0:r0 + rows].to(op)
+        if rows >= Bq:
+            q_r = q_buf
+        else:
+            q_r = q_buf[:min(rows, Bq - r0)]
+            q_r.copy_(q[r0:r0 + rows])
         for c0 in range(0, Bk, cols):
-            yield r0, q_r, c0, (k_whole if k_whole is not None else k[c0:c0 + cols].to(op))
+            if k_whole is not None:
+                k_c = k_whole
+            else:
+                k_c = k_buf[:min(cols, Bk - c0)]
+                k_c.copy_(k[c0:c0 + cols])
+            yield r0, q_r, c0, k_c
 
 
 def bwd_strategy(D: int, device: torch.device, Bq: int = 32768, Bk: int | None = None, elem: int = 2) -> str:
@@ -749,7 +857,7 @@ class _GradTiles:
                                    dtype=torch.float32)
         self.rs = torch.zeros(Bq if self.renorm else 0, device=dev, dtype=torch.float64)
         self.meta = dict(D=q.shape[1], MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(op),
-                         GSCALE=self.gscale)
+                         GSCALE=self.gscale, ROW_SUMS=self.renorm)
 
     def sweep(self, q_r, k_c, r0: int, c0: int) -> torch.Tensor:
         R, C = q_r.shape[0], k_c.shape[0]
@@ -1060,12 +1168,25 @@ def compute_operand(q: torch.Tensor, compute: torch.dtype | None) -> torch.dtype
     return compute
 
 
+_REDUCE_COLS = 4096  # reduce_lse's chunk: its float64 temporaries stay ~_REDUCE_TEMPS * 8 * S * 4096 bytes
+_REDUCE_TEMPS = 6  # float64 [S, chunk] temporaries alive at once in reduce_lse (conversions, log, sum, logsumexp)
+
+
 def reduce_lse(m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Combine per-split (max, sum of exp below it) partials [S, N] (natural units) into the LSE [N], in float64
-    (O(S*N), a few MB at most) so the fp32 result is rounded once (``dtype=torch.float64``: not rounded, for a
-    chunked forward that merges several launches)."""
-    part = m.double() + torch.log(l.double())
-    return torch.logsumexp(part, dim=0).to(dtype)
+    so the fp32 result is rounded once (``dtype=torch.float64``: not rounded, for a chunked forward that merges
+    several launches). Chunked over N: the float64 temporaries are bounded (``reduce_lse_bytes``) at any B."""
+    out = torch.empty(m.shape[1], device=m.device, dtype=dtype)
+    for c0 in range(0, m.shape[1], _REDUCE_COLS):
+        c1 = min(m.shape[1], c0 + _REDUCE_COLS)
+        part = m[:, c0:c1].double() + torch.log(l[:, c0:c1].double())
+        out[c0:c1] = torch.logsumexp(part, dim=0)
+    return out
+
+
+def reduce_lse_bytes(splits: int, n: int) -> int:
+    """Peak temporaries of ``reduce_lse`` on [splits, n] partials."""
+    return _REDUCE_TEMPS * 8 * splits * min(n, _REDUCE_COLS)
 
 
 def pairwise_flops(Bq: int, Bk: int, D: int, backward: bool = True) -> int:

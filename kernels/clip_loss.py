@@ -50,6 +50,7 @@ import triton.language as tl
 from bioclip_fast.kernels._pairwise import (
     INTERPRET_FWD_CONFIG,
     MODE_CLIP_DIR,
+    autotuned,
     _load_rows,
     MODE_CLIP_SYM,
     check_features,
@@ -179,12 +180,11 @@ def _clip_fwd_kernel(
         tl.store(ROW_PART + n_splits.to(tl.int64) * Bq + rptr, l_i, mask=mask_m)
 
 
-_clip_fwd_tuned = triton.autotune(
-    configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
-    key=["B_BUCKET", "D", "COL_STATS", "PREC"],
-    prune_configs_by={"early_config_prune": prune_fwd},
+_clip_fwd_tuned = autotuned(
+    _clip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
+    key=["B_BUCKET", "D", "COL_STATS", "PREC"], prune=prune_fwd,
     restore_value=["COL_M", "COL_L"],  # read-modify-write buffers: benchmarking runs must not accumulate
-)(_clip_fwd_kernel)
+)
 
 
 def _grid_split(n_rows: int, n_cols: int, target: int, col_stats: bool) -> tuple[int, int]:

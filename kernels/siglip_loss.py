@@ -19,6 +19,7 @@ import triton.language as tl
 from bioclip_fast.kernels._pairwise import (
     INTERPRET_FWD_CONFIG,
     MODE_SIGLIP,
+    autotuned,
     check_features,
     check_scalar,
     chunk_pairs,
@@ -87,11 +88,11 @@ def _siglip_fwd_kernel(
     tl.store(PART + pid_m * n_splits + pid_h, tl.sum(acc, 0))
 
 
-_siglip_fwd_tuned = triton.autotune(
-    configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
-    key=["B_BUCKET", "D", "PREC"],
-    prune_configs_by={"early_config_prune": prune_fwd},
-)(_siglip_fwd_kernel)
+_siglip_fwd_tuned = autotuned(
+    _siglip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
+    key=["B_BUCKET", "D", "PREC"], prune=prune_fwd,
+    reset_to_zero=["PART"],  # one slot per (row block, split): configs with more row blocks write more slots
+)
 
 
 def _check_offset(offset):

@@ -3,6 +3,7 @@ package plumbing and its outputs' writers; plus the bench-loss "fp32-train" poin
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 import subprocess
 import sys
@@ -47,9 +48,16 @@ def test_readme_dry_run_prints_the_time_boxed_plan(tmp_path):
         assert f"  {step}" in proc.stdout
     assert "-m gpu" in proc.stdout and "fp32-train" in proc.stdout and "--bwd fused gemm" in proc.stdout
     assert "1048576" in proc.stdout  # the ladder reaches B = 1M
+    assert "--order size" in proc.stdout and "--expect-backend triton" in proc.stdout
+    pytest_line = next(ln for ln in proc.stdout.splitlines() if " -m pytest " in ln)
+    last = [Path(a).name for a in pytest_line.split()[-3:]]
+    assert " -v " in pytest_line and last == ["test_triton_kernels.py", "test_loss_precision.py", "tests"], last
     boxes = [float(line.split("box")[1].split()[0]) for line in proc.stdout.splitlines() if " box " in line]
-    assert sum(boxes) <= 8 * 60 - 20  # each step time-boxed, all of them within 8 minutes
+    gc = _load_gpu_check()
+    # every step time-boxed; with each step's kill grace the run fits 7 minutes of GPU time
+    assert sum(boxes) + gc.KILL_GRACE_S <= 7 * 60
     assert "wheelpkg-1.0-py3-none-any.whl" in proc.stdout  # wheels go on PYTHONPATH
+    assert _run(str(tmp_path / "gpu"), "--budget-s", "900", "--dry-run").returncode == 2  # would not fit
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: the check would run for real")
@@ -128,3 +136,85 @@ def test_kernel_step_cases_parse_and_skip_gemm2d_without_fp32_features(tmp_path)
     assert pairs == {("bf16", "fused"), ("bf16", "gemm"), ("fp32-bf16", "fused"), ("fp32-bf16", "gemm"),
                      ("fp32-bf16", "gemm2d")}
     assert len(cases) == 10
+
+
+@pytest.mark.slow  # ~1.5 min on 2 cores: the whole suite's collection, the interpreter, a training step
+@pytest.mark.timeout(900)
+def test_rehearsal_runs_every_step_on_cpu_and_packs_the_results(tmp_path):
+    """``gpu_check.sh OUT --rehearse``: every step on CPU (Triton under the interpreter on the GPU's launch path,
+    tiny sizes) with the GPU run's processes, working folders, environment and packaging. Before: the steps ran
+    in the repository root, where ``python -m`` imports the source ``bioclip_fast/`` (no ``kernels/``): pytest
+    collected nothing and the ladder timed the torch reference as "ours"."""
+    import tarfile
+
+    out = tmp_path / "gpu"
+    proc = _run(str(out), "--rehearse", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    assert {"gpu_check.json", "gpu_check.png", "gpu_check.tar.gz"} <= set(files)
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["rehearsal"] and res["complete"] and res["package"]["kernels_from_checkout"], res["package"]
+    status = {s["name"]: s["status"] for s in res["steps"]}
+    assert all(v == "ok" for k, v in status.items() if k != "decode"), status
+    for step in res["steps"]:
+        if "cwd" in step:
+            assert Path(step["cwd"]).resolve() != ROOT.resolve()
+    pyt = next(s for s in res["steps"] if s["name"] == "pytest")
+    assert pyt["junit"]["tests"] > 0 and pyt["junit"]["errors"] == 0, pyt
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+        loss = next(n for n in names if n.startswith("gpu_check/loss/") and n.endswith(".json"))
+        rows = json.loads(tar.extractfile(loss).read())["measurements"]
+    assert any(n.endswith("logs/pytest.log") for n in names) and any("kernels/bench_kernels.json" in n for n in names)
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert ours and all(r.get("backend") == ["triton"] and "seconds" in r for r in ours), ours
+
+
+def test_bench_loss_fails_a_row_of_ours_that_ran_another_backend(tmp_path):
+    """A benchmark must never label a fallback as the kernel: on CPU ours runs the C++ path, so a ladder that
+    expects the Triton kernels fails the row (and exits 1) instead of timing it as ours."""
+    from bioclip_fast.bench_cli import main
+
+    out = tmp_path / "loss"
+    rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32", "--impls", "ours",
+               "--repeats", "1", "--warmup", "0", "--expect-backend", "triton", "--out", str(out)])
+    assert rc == 1
+    (result,) = [p for p in out.glob("loss_cpu_*.json") if not p.name.endswith(".partial.json")]
+    (row,) = json.loads(result.read_text())["measurements"]
+    assert "seconds" not in row and "expected triton" in row["failed"] and row["backend"] == ["cpp"]
+    rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32", "--impls", "ours",
+               "--repeats", "1", "--warmup", "0", "--expect-backend", "cpp", "--out", str(out)])
+    assert rc == 0
+
+
+def test_a_kernel_failure_is_never_replaced_by_the_reference(monkeypatch):
+    """No GPU-path failure falls back silently: an error inside the Triton launchers propagates out of the loss
+    (nothing catches it and retries with the torch reference), and a Triton backend that cannot load is reported
+    by a warning and recorded in ``dispatch.CALLS`` as the torch backend that ran."""
+    from bioclip_fast import fused_clip_loss
+    from bioclip_fast.ops import dispatch
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend on CPU tensors needs the interpreter")
+    from bioclip_fast.kernels import clip_loss as CL
+
+    def broken(*a, **kw):
+        raise KeyError("D")
+
+    monkeypatch.setattr(CL, "_clip_fwd_launch", broken)
+    q = torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)
+    with pytest.raises(KeyError):
+        fused_clip_loss(q, q.clone(), 10.0, backend="triton")
+    monkeypatch.setenv("BIOCLIP_FAST_BACKEND", "triton")
+    with pytest.raises(KeyError):
+        fused_clip_loss(q, q.clone(), 10.0)
+    # an import failure on a CUDA device: warned, and what runs is recorded as "torch"
+    monkeypatch.delenv("BIOCLIP_FAST_BACKEND")
+    monkeypatch.setattr(dispatch, "_cache", {"triton": ImportError("no triton")})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert dispatch.resolve("auto", torch.device("cuda")) == "torch"
+    dispatch.CALLS.clear()
+    fused_clip_loss(q, q.clone(), 10.0, backend="torch")
+    assert set(dispatch.CALLS) == {"torch"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections import Counter
 from types import SimpleNamespace
 
 import torch
@@ -20,6 +21,9 @@ ENV_VAR = "BIOCLIP_FAST_BACKEND"
 PRIMITIVES = ("clip_sym_fwd", "clip_sym_bwd", "clip_dir_fwd", "clip_dir_bwd", "siglip_fwd", "siglip_bwd")
 
 _cache: dict[str, SimpleNamespace | Exception] = {}
+# Concrete backends the ops ran, with call counts (one per primitive call): a benchmark resets it and reads which
+# implementation it timed, so a fallback is never labelled as the kernel it replaced.
+CALLS: Counter = Counter()
 _warned: set[str] = set()
 
 
@@ -100,4 +104,5 @@ def get(backend: str) -> SimpleNamespace:
     impl = _load(backend)
     if isinstance(impl, Exception):
         raise RuntimeError(f"bioclip_fast: loss backend {backend!r} is unavailable: {impl!r}") from impl
+    CALLS[backend] += 1
     return impl
