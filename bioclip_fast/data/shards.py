@@ -480,16 +480,6 @@ def make_shards(
 # ---------------------------------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------------------------------
-def load_manifest(shard_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
-
-
 def taxon_from_texts(texts: Mapping[str, str]) -> Taxon | None:
     """Recover the Taxon of a sample from its text members (taxonTag + common name), or None."""
     common = texts.get("common_name.txt", "")

@@ -110,11 +110,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ collectives (no-ops alone)
-def _barrier(info) -> None:
-    if info.distributed:
-        torch.distributed.barrier()
-
-
 def _broadcast(obj: Any, info) -> Any:
     """Rank 0's `obj` on every rank."""
     if not info.distributed:
@@ -169,10 +164,6 @@ def _hash_files(root: Path, names: list[str], info) -> dict[str, str]:
 
 def _list_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def dir_bytes(root: str | os.PathLike) -> int:
-    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
 
 
 def _fmt_bytes(n: float) -> str:
