@@ -213,3 +213,21 @@ def text_type_for_step(
         p = w / w.sum()
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 0x7E47])
     return types[int(rng.choice(len(types), p=p))]
+
+
+def taxon_from_texts(texts: Mapping[str, str]) -> Taxon | None:
+    """Recover the Taxon of a sample from its text members (taxonTag + common name), or None."""
+    common = texts.get("common_name.txt", "")
+    tagged = texts.get("taxonTag.txt") or texts.get("taxonTag_com.txt")
+    try:
+        if tagged:
+            taxon = Taxon.from_tagged(tagged, common_name=common)
+        elif texts.get("scientific_name.txt"):
+            taxon = Taxon.from_row({"scientific_name": texts["scientific_name.txt"], "common_name": common})
+        else:
+            return None
+    except ValueError:
+        return None
+    if taxon.common_name == taxon.scientific_name:
+        taxon = dataclasses.replace(taxon, common_name="")  # ToL stores the scientific name as fallback common name
+    return taxon

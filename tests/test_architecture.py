@@ -34,8 +34,6 @@ CLI_LAYER = 7
 
 KNOWN_CIRCLES = {
     frozenset({"bioclip_fast.hub", "bioclip_fast.model"}),
-    frozenset({"bioclip_fast.data.index", "bioclip_fast.data.shards"}),
-    frozenset({"bioclip_fast.data.bundled", "bioclip_fast.data.replay"}),
     frozenset({"bioclip_fast.train.checkpoint", "bioclip_fast.train.config", "bioclip_fast.train.engine",
                "bioclip_fast.train.rundir"}),
     frozenset({"bioclip_fast.eval.cli", "bioclip_fast.eval.suite"}),

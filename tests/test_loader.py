@@ -12,7 +12,7 @@ from PIL import Image
 
 from bioclip_fast.data import bundled, make_loader
 from bioclip_fast.data.loader import _dali_import_error
-from bioclip_fast.data.replay import build_bundled_replay
+from bioclip_fast.data.bundled import build_bundled_replay
 from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_index, read_metadata
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon

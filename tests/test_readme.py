@@ -71,7 +71,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, request):
     from bioclip_fast.data import bundled
-    from bioclip_fast.data.replay import build_bundled_replay
+    from bioclip_fast.data.bundled import build_bundled_replay
     from bioclip_fast.data.shards import read_metadata
     from bioclip_fast.data.synthetic import write_tol_shards
 

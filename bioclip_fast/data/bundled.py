@@ -7,8 +7,10 @@ build them (e.g. several ranks at start) serialize on a lock file; the finished 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bioclip_fast.data.shards import MANIFEST, make_shards, read_metadata  # noqa: F401 - read_metadata re-exported
+from bioclip_fast.data.replay import write_caption_shards
+from bioclip_fast.data.shards import MANIFEST, encode_image, make_shards, read_metadata, sample_key
 from bioclip_fast.taxonomy import Taxon
 
 SPLITS = ("train", "val", "all")
@@ -117,10 +120,35 @@ def default_shards(split: str = "train", *, workers: int | None = None, progress
     return sorted(str(p) for p in target.glob("shard-*.tar"))
 
 
-def replay_shards(*, progress: bool = False) -> list[str]:
-    """Bundled general-caption replay shards (see `bioclip_fast.data.replay.build_bundled_replay`)."""
-    from bioclip_fast.data.replay import build_bundled_replay
+def _caption(description: str) -> str:
+    # drop the leading wingspan ('3-3 3/8" (76-78 mm).') so captions read like web alt-text
+    text = re.sub(r'^[^A-Za-z]*\(\s*[\d\-\s]+mm\)\.\s*', "", description.strip())
+    return f"a photo of a butterfly. {text}"
 
+
+def build_bundled_replay(out_dir: str | os.PathLike, samples_per_shard: int = 200, progress: bool = False) -> dict:
+    """Stand-in replay set from the bundled images + description captions (see `bioclip_fast.data.replay`)."""
+    from tqdm import tqdm
+
+    root = butterflies_root()
+    with open(root / "descriptions.csv", newline="", encoding="utf-8") as f:
+        desc = {r["scientific_name"]: _caption(r["description"]) for r in csv.DictReader(f)}
+    rows = read_metadata(root / "metadata.csv")
+    missing = sorted({r["scientific_name"] for r in rows} - set(desc))
+    if missing:
+        raise ValueError(f"{root / 'descriptions.csv'} has no description for {missing}")
+
+    def samples():
+        for r in tqdm(rows, desc="replay shards", unit="img", disable=not progress):
+            data, err = encode_image(str(root / r["image"]), 224)
+            if data is not None:
+                yield "replay_" + sample_key(os.path.basename(r["image"])), data, desc[r["scientific_name"]]
+
+    return write_caption_shards(samples(), out_dir, samples_per_shard=samples_per_shard)
+
+
+def replay_shards(*, progress: bool = False) -> list[str]:
+    """Bundled general-caption replay shards (`build_bundled_replay`, cached like the butterfly shards)."""
     root = butterflies_root()
     rows = read_metadata(root / "metadata.csv")
     target = cache_dir() / f"leeds_butterflies-{_build_id(rows)}" / "replay"

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bioclip_fast.errors import DataError
-from bioclip_fast.taxonomy import TEXT_TYPE_KEYS, TEXT_TYPES, Taxon
+from bioclip_fast.taxonomy import TEXT_TYPE_KEYS, TEXT_TYPES, Taxon, taxon_from_texts
 
 INDEX_FORMAT = "bioclip_fast/index/1"
 INDEX_MANIFEST = "bioclip_index.json"
@@ -246,12 +246,6 @@ def head_digest(path: str | os.PathLike) -> str:
         os.close(fd)
 
 
-def _taxon_of(texts: dict[str, str]) -> Taxon | None:
-    from bioclip_fast.data.shards import taxon_from_texts
-
-    return taxon_from_texts(texts)
-
-
 def index_shard(path: str | os.PathLike) -> ShardIndex:
     """Index one webdataset tar: headers + small text members only (image payloads are seeked over)."""
     path = os.fspath(path)
@@ -303,7 +297,7 @@ def index_shard(path: str | os.PathLike) -> ShardIndex:
                 break
         if "txt" in members:
             txt_off[j], txt_size[j] = members["txt"]
-        t = _taxon_of(texts)
+        t = taxon_from_texts(texts)
         if t is not None:
             if t not in taxa_ids:
                 taxa_ids[t] = len(taxa)

@@ -5,24 +5,23 @@ to preserve CLIP's general-domain alignment. `make_loader(..., replay_shards=...
 as `batch["replay"]`; any LAION/DataComp-style webdataset works (an `.idx` is built by `write_index` if missing,
 otherwise the tar is scanned once).
 
-No real LAION data ships with the package. `build_bundled_replay` makes a small stand-in from the bundled butterfly
-images with free-text captions taken from the field-guide descriptions (`descriptions.csv`: "a photo of a
-butterfly. Wings long and narrow. Jet-black above, ..."). These are general-language captions, not taxonomic
-labels, so replay batches exercise the same code path as LAION data; they are a test/default fixture only.
+No real LAION data ships with the package. `bioclip_fast.data.bundled.build_bundled_replay` makes a small stand-in
+from the bundled butterfly images with free-text captions taken from the field-guide descriptions
+(`descriptions.csv`: "a photo of a butterfly. Wings long and narrow. Jet-black above, ..."). These are
+general-language captions, not taxonomic labels, so replay batches exercise the same code path as LAION data; they
+are a test/default fixture only.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bioclip_fast.data.shards import MANIFEST, _add_member, _atomic_write_text, encode_image, write_index
+from bioclip_fast.data.shards import MANIFEST, _add_member, _atomic_write_text, write_index
 
 REPLAY_FORMAT = "bioclip_fast/caption-shards/1"
 
@@ -73,33 +72,3 @@ def write_caption_shards(samples: Iterable[tuple[str, bytes, str]], out_dir: str
     manifest = {"format": REPLAY_FORMAT, "num_samples": sum(s["count"] for s in shards), "shards": shards}
     _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
-
-
-def _caption(description: str) -> str:
-    # drop the leading wingspan ('3-3 3/8" (76-78 mm).') so captions read like web alt-text
-    text = re.sub(r'^[^A-Za-z]*\(\s*[\d\-\s]+mm\)\.\s*', "", description.strip())
-    return f"a photo of a butterfly. {text}"
-
-
-def build_bundled_replay(out_dir: str | os.PathLike, samples_per_shard: int = 200, progress: bool = False) -> dict:
-    """Stand-in replay set from the bundled images + description captions (see the module docstring)."""
-    from tqdm import tqdm
-
-    from bioclip_fast.data.bundled import butterflies_root
-    from bioclip_fast.data.shards import read_metadata, sample_key
-
-    root = butterflies_root()
-    with open(root / "descriptions.csv", newline="", encoding="utf-8") as f:
-        desc = {r["scientific_name"]: _caption(r["description"]) for r in csv.DictReader(f)}
-    rows = read_metadata(root / "metadata.csv")
-    missing = sorted({r["scientific_name"] for r in rows} - set(desc))
-    if missing:
-        raise ValueError(f"{root / 'descriptions.csv'} has no description for {missing}")
-
-    def samples():
-        for r in tqdm(rows, desc="replay shards", unit="img", disable=not progress):
-            data, err = encode_image(str(root / r["image"]), 224)
-            if data is not None:
-                yield "replay_" + sample_key(os.path.basename(r["image"])), data, desc[r["scientific_name"]]
-
-    return write_caption_shards(samples(), out_dir, samples_per_shard=samples_per_shard)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv as csv_module
-import dataclasses
 import hashlib
 import io
 import json
@@ -30,7 +29,7 @@ from typing import Any
 
 from bioclip_fast.data.shardspec import resolve_shards  # noqa: F401 - the one resolver, re-exported
 from bioclip_fast.errors import DataError
-from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon
+from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon, taxon_from_texts
 
 FORMAT = "bioclip_fast/shards/1"
 MANIFEST = "manifest.json"
@@ -480,24 +479,6 @@ def make_shards(
 # ---------------------------------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------------------------------
-def taxon_from_texts(texts: Mapping[str, str]) -> Taxon | None:
-    """Recover the Taxon of a sample from its text members (taxonTag + common name), or None."""
-    common = texts.get("common_name.txt", "")
-    tagged = texts.get("taxonTag.txt") or texts.get("taxonTag_com.txt")
-    try:
-        if tagged:
-            taxon = Taxon.from_tagged(tagged, common_name=common)
-        elif texts.get("scientific_name.txt"):
-            taxon = Taxon.from_row({"scientific_name": texts["scientific_name.txt"], "common_name": common})
-        else:
-            return None
-    except ValueError:
-        return None
-    if taxon.common_name == taxon.scientific_name:
-        taxon = dataclasses.replace(taxon, common_name="")  # ToL stores the scientific name as fallback common name
-    return taxon
-
-
 def iter_shard_samples(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
     """Stream samples in archive order: {"key", "jpg" (bytes), "texts" {member: str}, "taxon" (Taxon|None),
     "shard"}. Members other than jpg/txt are under "extra". Reads any webdataset tar, not only ours."""
