@@ -138,7 +138,7 @@ def analyze_checkpoint(ckpt: Path, args: argparse.Namespace, out: Path, name: st
                              var_threshold=args.var_threshold, progress=not args.no_progress)
             skipped += r.pop("skipped")
             res[f"visual:{proto}"] = r
-    from bioclip_fast.eval.cli import skipped_summary
+    from bioclip_fast.eval.report import skipped_summary
 
     res["skipped_images"] = skipped_summary(skipped)
     return res
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
              if "species_plane_png" in r["intra"]]
     if pngs:
         md += ["## Plots", ""] + [f"- {n}, {k}: ![{k}]({p})" for n, k, p in pngs] + [""]
-    from bioclip_fast.eval.cli import skipped_markdown, warn_skipped
+    from bioclip_fast.eval.report import skipped_markdown, warn_skipped
 
     for n, r in results.items():
         warn_skipped(n, r["skipped_images"])

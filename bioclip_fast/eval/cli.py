@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bioclip_fast.devices import resolve_device
+from bioclip_fast.eval.report import skipped_markdown, skipped_summary, warn_skipped
 
 TASKS = ("zeroshot", "fewshot", "linear")
 
@@ -141,22 +142,6 @@ def _split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         tr.extend(idx[:h])
         te.extend(idx[h:])
     return np.sort(np.array(tr, dtype=np.int64)), np.sort(np.array(te, dtype=np.int64))
-
-
-def skipped_summary(skipped: list[dict[str, str]], limit: int = 200) -> dict[str, Any]:
-    """``{"count", "files": [{"image", "error"}]}`` (the first ``limit`` listed) of the images that were skipped."""
-    seen: dict[str, dict[str, str]] = {}
-    for s in skipped:
-        seen.setdefault(s["image"], s)
-    files = list(seen.values())
-    return {"count": len(files), "files": files[:limit]}
-
-
-def warn_skipped(what: str, summary: dict[str, Any]) -> None:
-    if summary["count"]:
-        first = summary["files"][0]
-        print(f"warning: {what}: skipped {summary['count']} unreadable image(s) (first: {first['image']}: "
-              f"{first['error']}); listed in the results", file=sys.stderr)
 
 
 def _task_failure(args: argparse.Namespace, errors: dict[str, str], task: str, exc: BaseException) -> None:
@@ -478,15 +463,3 @@ def report_notes(results: dict[str, dict[str, Any]]) -> list[str]:
         for task, e in r.get("errors", {}).items():
             notes.append(f"{name}: {task} not computed: {e}")
     return notes
-
-
-def skipped_markdown(by_model: dict[str, dict[str, Any]]) -> list[str]:
-    """A "Skipped images" section (empty list when nothing was skipped)."""
-    if not any(s["count"] for s in by_model.values()):
-        return []
-    md = ["## Skipped images (unreadable: missing, truncated or not an image)", ""]
-    for name, s in by_model.items():
-        if s["count"]:
-            md.append(f"- {name}: {s['count']}")
-            md += [f"  - `{f['image']}`: {f['error']}" for f in s["files"]]
-    return md + [""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,31 @@ def plot_confusion(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def skipped_summary(skipped: list[dict[str, str]], limit: int = 200) -> dict[str, Any]:
+    """``{"count", "files": [{"image", "error"}]}`` (the first ``limit`` listed) of the images that were skipped."""
+    seen: dict[str, dict[str, str]] = {}
+    for s in skipped:
+        seen.setdefault(s["image"], s)
+    files = list(seen.values())
+    return {"count": len(files), "files": files[:limit]}
+
+
+def warn_skipped(what: str, summary: dict[str, Any]) -> None:
+    if summary["count"]:
+        first = summary["files"][0]
+        print(f"warning: {what}: skipped {summary['count']} unreadable image(s) (first: {first['image']}: "
+              f"{first['error']}); listed in the results", file=sys.stderr)
+
+
+def skipped_markdown(by_model: dict[str, dict[str, Any]]) -> list[str]:
+    """A "Skipped images" section (empty list when nothing was skipped)."""
+    if not any(s["count"] for s in by_model.values()):
+        return []
+    md = ["## Skipped images (unreadable: missing, truncated or not an image)", ""]
+    for name, s in by_model.items():
+        if s["count"]:
+            md.append(f"- {name}: {s['count']}")
+            md += [f"  - `{f['image']}`: {f['error']}" for f in s["files"]]
+    return md + [""]

@@ -345,7 +345,7 @@ def run_suite(args: argparse.Namespace, ckpts: list, labels: list[str], device: 
     """Every model on every benchmark found; all results are written (``suite.json``, ``suite.md``, ``suite.png``)
     even when some benchmarks fail, each failed cell with its reason; the exit status is 2 when any failed."""
     from bioclip_fast.errors import EXIT_USAGE, DataError
-    from bioclip_fast.eval.cli import skipped_markdown, skipped_summary, warn_skipped
+    from bioclip_fast.eval.report import skipped_markdown, skipped_summary, warn_skipped
     from bioclip_fast.eval.report import write_json
 
     found, absent = discover(args.data_root)
