@@ -1,8 +1,36 @@
-"""torch.distributed helpers for the losses: rank/world queries and feature all-gathers with open_clip semantics."""
+"""torch.distributed helpers below the losses and the trainer: a process's rank info (`DistInfo`, from the launcher's
+environment), rank/world queries and feature all-gathers with open_clip semantics."""
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info_from_env() -> DistInfo:
+    """Rank info as set by torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def is_initialized() -> bool:

@@ -34,8 +34,6 @@ CLI_LAYER = 7
 
 KNOWN_CIRCLES = {
     frozenset({"bioclip_fast.hub", "bioclip_fast.model"}),
-    frozenset({"bioclip_fast.train.checkpoint", "bioclip_fast.train.config", "bioclip_fast.train.engine",
-               "bioclip_fast.train.rundir"}),
     # ops.precision -> (lazy) ops.dispatch -> (importlib) kernels.* -> kernels._pairwise -> ops.precision
     frozenset({"bioclip_fast.kernels._pairwise", "bioclip_fast.kernels.clip_loss", "bioclip_fast.kernels.siglip_loss",
                "bioclip_fast.ops.dispatch", "bioclip_fast.ops.precision"}),

@@ -154,7 +154,8 @@ def test_our_checkpoints_load_weights_only_and_describe_themselves(ckpts):
 
 def test_train_pretrained_without_model_builds_the_checkpoints_architecture(ckpts):
     from bioclip_fast.model import create_model
-    from bioclip_fast.train.config import resolve_config, validate_static
+    from bioclip_fast.train.config import resolve_config
+    from bioclip_fast.train.preflight import validate_static
 
     cfg = resolve_config({"pretrained": str(ckpts / "run" / "model.pt")})
     assert cfg.model == "bioclip-micro"  # not the preset's bioclip-nano

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from bioclip_fast.errors import CheckpointError
 from bioclip_fast.train import checkpoint as ckpt
-from bioclip_fast.train.config import ConfigError, TrainConfig, resolve_config, validate_runtime, validate_static
+from bioclip_fast.train.config import ConfigError, TrainConfig, resolve_config
+from bioclip_fast.train.preflight import validate_runtime, validate_static
 from bioclip_fast.train.loop import NonFiniteLossError, Trainer
 
 from tests._tolerances import assert_grad_close

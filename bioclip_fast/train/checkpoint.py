@@ -415,7 +415,7 @@ def verify_checkpoint(d: str | os.PathLike, info=None) -> str | None:
     """None if every file of checkpoint `d` has the size and sha256 its manifest records; else the reason.
 
     Collective when `info` describes several ranks (each hashes a share)."""
-    from bioclip_fast.train.engine import DistInfo
+    from bioclip_fast.distributed import DistInfo
 
     info = info or DistInfo()
     d = Path(d)
@@ -439,7 +439,7 @@ def select_checkpoint(spec: str | os.PathLike, info=None, *, log: Callable[[str]
     Returns (checkpoint or None when there is none at all, [(skipped dir, why)]). A checkpoint dir given directly is
     the only candidate. Collective (every rank calls it; the answer is the same on all).
     """
-    from bioclip_fast.train.engine import DistInfo
+    from bioclip_fast.distributed import DistInfo
 
     info = info or DistInfo()
     p = Path(spec)

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     launcher's death) after writing a checkpoint (run it again with --resume auto); 4 = this rank stopped because
     another rank failed (failures.py)."""
     from bioclip_fast.errors import EXIT_NONFINITE, EXIT_PREEMPTED, UsageError
-    from bioclip_fast.train.config import resolve_config, validate_static
+    from bioclip_fast.train.config import resolve_config
+    from bioclip_fast.train.preflight import validate_static
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bioclip_fast").setLevel(logging.INFO)  # ours at INFO; open_clip's chatter stays quiet

@@ -13,41 +13,17 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from bioclip_fast.distributed import DistInfo
 from bioclip_fast.train.config import ConfigError, TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------- distributed setup
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_info_from_env() -> DistInfo:
-    """Rank info as set by torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    return DistInfo(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
-
-
 def resolve_device(spec: str, info: DistInfo) -> torch.device:
     if spec == "auto":
         return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -20,15 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from bioclip_fast.distributed import DistInfo, dist_info_from_env
 from bioclip_fast.errors import CheckpointError, DataError, one_line
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import rundir, runlock
-from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note, validate_runtime, validate_static
+from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note
 from bioclip_fast.train.engine import (
     ClipTrainModule,
-    DistInfo,
     build_engine,
-    dist_info_from_env,
     init_distributed,
     resolve_device,
     resolve_engine_kind,
@@ -36,6 +35,7 @@ from bioclip_fast.train.engine import (
 from bioclip_fast.train.failures import mark_every_rank
 from bioclip_fast.train.gradcache import grad_cache_step
 from bioclip_fast.train.metrics import CollapseMonitor, ThroughputMeter, model_flops, peak_memory_gb, peak_tflops_for
+from bioclip_fast.train.preflight import validate_runtime, validate_static
 from bioclip_fast.train.signals import StopSignals
 
 log = logging.getLogger("bioclip_fast.train")
