@@ -101,7 +101,7 @@ class Trainer:
 
         self.batches = resolve_batches(cfg, self.info.world_size)  # per-GPU figures -> global batch sizes
         validate_runtime(cfg, world_size=self.info.world_size)
-        rundir.validate_run_dir(cfg)  # before the process group: no rank has written into --out yet
+        rundir.validate_run_dir(cfg, rank=self.info.rank)  # before the process group: nothing written yet
         self.device = resolve_device(cfg.device, self.info)
         self.engine_kind = resolve_engine_kind(cfg, self.info, self.device)
         if self.device.type == "cpu":
