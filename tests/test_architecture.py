@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 # and the ones below it. Command-line modules (`cli.py`, `*_cli.py`, `__main__.py`) are the top layer, whatever
 # package they are in: nothing imports them but the command dispatcher.
 LAYERS: dict[str, int] = {
-    "errors": 0, "sysinfo": 0,
+    "errors": 0, "sysinfo": 0, "fileio": 0,
     "taxonomy": 1, "kernels": 1, "devices": 1,
     "ops": 2, "distributed": 2,
     "loss": 3, "data": 3, "tol": 3, "model": 3, "hub": 3,

@@ -1,0 +1,69 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Every writer in the package that replaces a file goes through here. The new content is written to a temporary file
+in the same directory (so ``os.replace`` is a rename on one filesystem), and the temporary file is removed if the
+write fails. ``durable=True`` also fsyncs the file before the rename and the directory after it, so the new content
+survives a power loss once the call returns (checkpoints, run metadata); without it the write is atomic but may be
+lost to a crash of the machine, which is fine for caches and reports that can be rebuilt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_path"]
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory's fsync makes a rename inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], *, durable: bool = False,
+                mkdir: bool = True) -> Path:
+    """Replace ``path`` by what ``save(tmp)`` writes to a temporary path beside it (``torch.save``, ``np.save`` …).
+
+    ``save`` must write exactly the path it is given (``np.save`` adds ``.npy`` to a name without it: the temporary
+    name keeps ``path``'s suffix for that reason).
+    """
+    path = Path(path)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save(tmp)
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if durable:
+        fsync_path(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False, mkdir: bool = True) -> Path:
+    return atomic_save(path, lambda tmp: tmp.write_bytes(data), durable=durable, mkdir=mkdir)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False, mkdir: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), durable=durable, mkdir=mkdir)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, durable: bool = False, mkdir: bool = True,
+                      **dumps_kwargs: Any) -> Path:
+    """``json.dumps(obj, **dumps_kwargs)`` written atomically (a trailing newline when ``indent`` is given)."""
+    text = json.dumps(obj, **dumps_kwargs)
+    if dumps_kwargs.get("indent") is not None:
+        text += "\n"
+    return atomic_write_text(path, text, durable=durable, mkdir=mkdir)
