@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,15 +30,22 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], *, durable
                 mkdir: bool = True) -> Path:
     """Replace ``path`` by what ``save(tmp)`` writes to a temporary path beside it (``torch.save``, ``np.save`` …).
 
-    ``save`` must write exactly the path it is given (``np.save`` adds ``.npy`` to a name without it: the temporary
+    The new file gets the mode a plain ``open(path, "w")`` would (0666 less the umask). ``save`` must write
+    exactly the path it is given (``np.save`` adds ``.npy`` to a name without it: the temporary
     name keeps ``path``'s suffix for that reason).
     """
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Not tempfile.mkstemp: its 0600 mode would make every index, manifest and checkpoint unreadable to the other
+    # users of a shared cluster filesystem. O_EXCL with 0666 & ~umask gives what a plain open() would.
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         save(tmp)
         if durable:

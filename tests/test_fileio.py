@@ -45,3 +45,18 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         atomic_save(p, boom)
     assert p.read_text() == "old"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_mode_follows_the_umask_like_a_plain_open(tmp_path):
+    """Not mkstemp's 0600: an index or checkpoint on a shared filesystem stays readable to the group."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_save(tmp_path / "b.npy", lambda tmp: np.save(tmp, np.zeros(2)))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.txt": 0o644, "b.npy": 0o644, "plain.txt": 0o644}
