@@ -300,7 +300,7 @@ def test_dali_mixed_on_gpu_matches_cpu(data):
 
 
 def test_jpeg_structure_check(data):
-    from bioclip_fast.data.cpu import CorruptImage, image_size
+    from bioclip_fast.data.decode_cpu import CorruptImage, image_size
 
     jpg = next(iter_shard_samples(data["shards"][:1]))["jpg"]
     assert image_size(jpg) == Image.open(io.BytesIO(jpg)).size
@@ -348,7 +348,7 @@ def test_epoch_plan_is_a_partition_and_mixes_shards(counts):
 def test_crop_boxes_follow_torchvision_random_resized_crop():
     from torchvision.transforms import RandomResizedCrop
 
-    from bioclip_fast.data.cpu import center_crop_box, random_resized_crop_box
+    from bioclip_fast.data.decode_cpu import center_crop_box, random_resized_crop_box
 
     rng = np.random.default_rng(0)
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from bioclip_fast.data import cpu as cpu_ops
+from bioclip_fast.data import decode_cpu as cpu_ops
 from bioclip_fast.data.index import IMAGE_EXTS, tar_number
 from bioclip_fast.data.shardspec import resolve_shards
 from bioclip_fast.errors import DataError
@@ -1015,7 +1015,7 @@ class Loader:
         if self._consumed >= self._len:  # previous epoch finished: move on
             self.epoch, self._consumed = self.epoch + 1, 0
         if self.backend == "dali":
-            from bioclip_fast.data.dali import DaliDecoder
+            from bioclip_fast.data.decode_dali import DaliDecoder
 
             if self._dali is None:
                 self._dali = DaliDecoder(self)

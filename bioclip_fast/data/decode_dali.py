@@ -156,7 +156,7 @@ class DaliDecoder:
         return self._pipes
 
     def _cpu_part(self, inputs, keys: list[str], skipped: list[str]):
-        from bioclip_fast.data.cpu import CorruptImage, decode_crop_resize
+        from bioclip_fast.data.decode_cpu import CorruptImage, decode_crop_resize
 
         keep, images = [], []
         for i, (jpeg, anchor, shape) in enumerate(zip(*inputs)):
