@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from bioclip_fast.data import decode_cpu as cpu_ops
-from bioclip_fast.data.index import IMAGE_EXTS, tar_number
+from bioclip_fast.data.index import IMAGE_EXTS
 from bioclip_fast.data.shardspec import resolve_shards
+from bioclip_fast.data.tar import tar_number
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon, validate_text_types
 
