@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bioclip_fast.data.tar import walk_tar
+from bioclip_fast.data.tar import member_key, walk_tar
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPE_KEYS, TEXT_TYPES, Taxon, taxon_from_texts
 
@@ -145,11 +145,10 @@ def index_shard(path: str | os.PathLike) -> ShardIndex:
     try:
         while True:
             name, off, size, text = next(gen)
-            base = name.rsplit("/", 1)[-1]
-            dot = base.find(".")
-            if dot <= 0:
+            split = member_key(name)
+            if split is None:
                 continue  # hidden or extension-less files are not samples (as in webdataset)
-            key, ext = name[: len(name) - len(base)] + base[:dot], base[dot + 1 :]
+            key, ext = split
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}, {}))
             samples[-1][1][ext] = (off, size)

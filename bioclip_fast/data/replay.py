@@ -21,7 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bioclip_fast.data.shards import MANIFEST, _add_member, _atomic_write_text, write_index
+from bioclip_fast.data.shards import MANIFEST, _atomic_write_text, write_index
+from bioclip_fast.data.tar import add_member
 
 REPLAY_FORMAT = "bioclip_fast/caption-shards/1"
 
@@ -61,8 +62,8 @@ def write_caption_shards(samples: Iterable[tuple[str, bytes, str]], out_dir: str
             os.close(fd)
             tf = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
             count = 0
-        _add_member(tf, f"{key}.jpg", jpg)
-        _add_member(tf, f"{key}.txt", caption.encode())
+        add_member(tf, f"{key}.jpg", jpg)
+        add_member(tf, f"{key}.txt", caption.encode())
         count += 1
         if count == samples_per_shard:
             close()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bioclip_fast.data.shardspec import resolve_shards  # noqa: F401 - the one resolver, re-exported
+from bioclip_fast.data.tar import add_member, member_key, tar_samples
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon, taxon_from_texts
 
@@ -188,37 +189,6 @@ def _encode_task(args: tuple[str, int, str, int]) -> tuple[bytes | None, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # tar + index writing
 # ---------------------------------------------------------------------------------------------------------------------
-def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible archives: same input -> same bytes
-    info.mode = 0o644
-    tf.addfile(info, io.BytesIO(data))
-
-
-def index_tar(tar_path: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
-    """[(key, [(ext, data offset, size, member name), ...]), ...] in archive order (what `wds2idx` records)."""
-    samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
-    try:
-        tf = tarfile.open(tar_path, "r:")
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{tar_path}: not a readable tar archive ({e})") from None
-    with _tar_errors(tar_path), tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            dot = base.find(".")
-            if dot <= 0:
-                continue  # hidden or extension-less files are not samples (as in webdataset)
-            prefix = m.name[: len(m.name) - len(base)]
-            key, ext = prefix + base[:dot], base[dot + 1 :]
-            if not samples or samples[-1][0] != key:
-                samples.append((key, []))
-            samples[-1][1].append((ext, m.offset_data, m.size, m.name))
-    return samples
-
-
 @contextlib.contextmanager
 def _tar_errors(path):
     """Name the shard in errors from a truncated or damaged archive."""
@@ -232,7 +202,7 @@ def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None 
     """Write the DALI `fn.readers.webdataset` index (same format as DALI's `wds2idx`) for a tar shard."""
     tar_path = Path(tar_path)
     idx_path = Path(idx_path) if idx_path is not None else tar_path.with_suffix(".idx")
-    samples = index_tar(tar_path)
+    samples = tar_samples(tar_path)
     if not samples:
         raise ValueError(f"{tar_path}: no samples; DALI cannot index an empty shard")
     lines = [f"{IDX_VERSION} {len(samples)}"]
@@ -417,9 +387,9 @@ def make_shards(
                         if data is None:
                             skipped.append({"image": rows[j]["image"], "line": rows[j].get("_line"), "error": err})
                             continue
-                        _add_member(tf, f"{keys[j]}.jpg", data)
+                        add_member(tf, f"{keys[j]}.jpg", data)
                         for member, text in taxa[j].shard_texts().items():
-                            _add_member(tf, f"{keys[j]}.{member}", text.encode())
+                            add_member(tf, f"{keys[j]}.{member}", text.encode())
                         written_keys.append(keys[j])
                         labels.append(class_index[taxa[j].label])
                 if written_keys:
@@ -488,11 +458,10 @@ def iter_shard_samples(shards: str | os.PathLike | Iterable[str | os.PathLike]) 
             for m in tf:
                 if not m.isreg():
                     continue
-                base = m.name.rsplit("/", 1)[-1]
-                dot = base.find(".")
-                if dot <= 0:
+                split = member_key(m.name)
+                if split is None:
                     continue
-                key, ext = m.name[: len(m.name) - len(base)] + base[:dot], base[dot + 1 :]
+                key, ext = split
                 if current is None or current["key"] != key:
                     if current is not None:
                         yield _finish_sample(current)

@@ -1,9 +1,16 @@
-"""Webdataset tar archives read by their 512-byte headers: `walk_tar` lists the members (name, data offset, size)
-and reads only the small text payloads asked for, seeking over images; `tar_number` decodes a header's numeric
-field. Handles ustar prefixes, GNU long names and pax headers; a damaged or truncated archive raises DataError."""
+"""Webdataset tar archives: the one header walker, the sample key of a member name, and the member writer.
+
+`walk_tar` lists the members (name, data offset, size) by their 512-byte headers and reads only the small text
+payloads asked for, seeking over images (ustar prefixes, GNU long names and pax headers; a damaged or truncated
+archive raises DataError). Both indexes of a shard are built from it: our sidecar (`bioclip_fast.data.index`) and
+DALI's `.idx` (`bioclip_fast.data.shards.write_dali_index`). `member_key` splits a member name into sample key and
+extension as webdataset does; `add_member` writes one member with fixed metadata (reproducible archives).
+"""
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 
 from bioclip_fast.errors import DataError
 
@@ -123,3 +130,38 @@ def walk_tar(path: str, want_text=lambda ext: ext.endswith("txt")):
         return r.bytes_read
     finally:
         r.close()
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a member name, split at the first dot of the basename as webdataset does
+    (`a/b.sci.txt` -> (`a/b`, `sci.txt`)); None for hidden or extension-less files, which are not samples."""
+    base = name.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    if dot <= 0:
+        return None
+    return name[: len(name) - len(base)] + base[:dot], base[dot + 1 :]
+
+
+def tar_samples(path: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
+    """[(key, [(ext, data offset, size, member name), ...]), ...] in archive order, from the headers alone (what
+    DALI's `wds2idx` records). Raises DataError for a damaged archive."""
+    samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
+    walk = walk_tar(os.fspath(path), want_text=lambda ext: False)
+    for name, off, size, _ in walk:
+        split = member_key(name)
+        if split is None:
+            continue
+        key, ext = split
+        if not samples or samples[-1][0] != key:
+            samples.append((key, []))
+        samples[-1][1].append((ext, off, size, name))
+    return samples
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes, *, mtime: int = 0) -> None:
+    """Append a regular file `name` holding `data` (mode 0644; `mtime` 0 by default: same input, same bytes)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o644
+    tf.addfile(info, io.BytesIO(data))
