@@ -13,7 +13,7 @@ from PIL import Image
 from bioclip_fast.data import bundled, make_loader
 from bioclip_fast.data.loader import _dali_import_error
 from bioclip_fast.data.bundled import build_bundled_replay
-from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_index, read_metadata
+from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_dali_index, read_metadata
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon
 
@@ -54,7 +54,7 @@ def corrupt(data):
     d = data["tmp"] / "corrupt"
     shutil.copytree(Path(data["shards"][0]).parent, d)
     tar = d / "shard-000001.tar"
-    idx = read_index(tar.with_suffix(".idx"))
+    idx = read_dali_index(tar.with_suffix(".idx"))
     buf = bytearray(tar.read_bytes())
     bad = []
     for j, mode in ((2, "garbage"), (9, "truncated"), (5, "bad-scan")):

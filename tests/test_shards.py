@@ -18,7 +18,7 @@ from bioclip_fast.data.shards import (
     SHARD_TEXT_KEYS,
     iter_shard_samples,
     make_shards,
-    read_index,
+    read_dali_index,
     read_metadata,
 )
 from bioclip_fast.data.tar import tar_samples
@@ -104,7 +104,7 @@ def test_round_trip_every_key_and_counts(built):
 
 def test_index_matches_dali_wds2idx(built, tmp_path):
     tar = built["out"] / "shard-000000.tar"
-    ours = read_index(tar.with_suffix(".idx"))
+    ours = read_dali_index(tar.with_suffix(".idx"))
     with tarfile.open(tar) as tf:
         for key, members in ours:
             for ext, (off, size) in members.items():

@@ -2,7 +2,7 @@
 
 BioCLIP 2 keeps a fixed share of general image-text pairs in each batch (2,816 biology + 320 replay samples per GPU)
 to preserve CLIP's general-domain alignment. `make_loader(..., replay_shards=..., replay_batch_size=R)` returns them
-as `batch["replay"]`; any LAION/DataComp-style webdataset works (an `.idx` is built by `write_index` if missing,
+as `batch["replay"]`; any LAION/DataComp-style webdataset works (an `.idx` is built by `write_dali_index` if missing,
 otherwise the tar is scanned once).
 
 No real LAION data ships with the package. `bioclip_fast.data.bundled.build_bundled_replay` makes a small stand-in
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bioclip_fast.data.shards import MANIFEST, _atomic_write_text, write_index
+from bioclip_fast.data.shards import MANIFEST, _atomic_write_text, write_dali_index
 from bioclip_fast.data.tar import add_member
 
 REPLAY_FORMAT = "bioclip_fast/caption-shards/1"
@@ -45,7 +45,7 @@ def write_caption_shards(samples: Iterable[tuple[str, bytes, str]], out_dir: str
         tf.close()
         path = out_dir / f"{prefix}-{len(shards):06d}.tar"
         os.replace(tmp, path)
-        write_index(path)
+        write_dali_index(path)
         shards.append({"name": path.name, "count": count})
         tf = tmp = None
 

@@ -34,7 +34,7 @@ from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon, taxon_from_text
 
 FORMAT = "bioclip_fast/shards/1"
 MANIFEST = "manifest.json"
-IDX_VERSION = "v1.2"
+DALI_IDX_VERSION = "v1.2"
 REQUIRED_COLUMNS = ("image",)
 TAXON_COLUMNS = RANKS + ("scientific_name",)
 # columns a full metadata CSV has (the bundled metadata.csv); a missing one is an error unless allowed
@@ -187,7 +187,7 @@ def _encode_task(args: tuple[str, int, str, int]) -> tuple[bytes | None, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# tar + index writing
+# the DALI `.idx` index (for `fn.readers.webdataset`; the loader reads through our sidecars, `data.index`)
 # ---------------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _tar_errors(path):
@@ -198,14 +198,14 @@ def _tar_errors(path):
         raise ValueError(f"{path}: damaged tar archive ({type(e).__name__}: {e})") from None
 
 
-def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> Path:
+def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> Path:
     """Write the DALI `fn.readers.webdataset` index (same format as DALI's `wds2idx`) for a tar shard."""
     tar_path = Path(tar_path)
     idx_path = Path(idx_path) if idx_path is not None else tar_path.with_suffix(".idx")
     samples = tar_samples(tar_path)
     if not samples:
         raise ValueError(f"{tar_path}: no samples; DALI cannot index an empty shard")
-    lines = [f"{IDX_VERSION} {len(samples)}"]
+    lines = [f"{DALI_IDX_VERSION} {len(samples)}"]
     for _, members in samples:
         if any(" " in name for *_, name in members):
             raise ValueError(f"{tar_path}: member names with spaces cannot be indexed: {members[0][3]!r}")
@@ -214,7 +214,7 @@ def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None 
     return idx_path
 
 
-def read_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+def read_dali_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Parse a DALI webdataset index: [(key, {ext: (offset, size)}), ...]."""
     idx_path = Path(idx_path)
     with idx_path.open() as f:
@@ -394,7 +394,7 @@ def make_shards(
                         labels.append(class_index[taxa[j].label])
                 if written_keys:
                     os.replace(tmp_tar, tar_path)
-                    write_index(tar_path)
+                    write_dali_index(tar_path)
                 else:
                     for p in (tar_path, tar_path.with_suffix(".idx"), Path(str(tar_path) + ".bfidx.npz")):
                         p.unlink(missing_ok=True)
