@@ -181,8 +181,8 @@ def _synthetic_index(root: Path, n_shards: int, n_classes: int, classes_per_shar
     binary table, or the previous format's JSON class list); returns the shard spec."""
     import numpy as np
 
-    from bioclip_fast.data.index import (INDEX_FORMAT, INDEX_MANIFEST, _atomic_json, class_arrays,
-                                         save_class_table)
+    from bioclip_fast.data.index import INDEX_FORMAT, INDEX_MANIFEST, class_arrays, save_class_table
+    from bioclip_fast.fileio import atomic_write_json
 
     root.mkdir(parents=True)
     names = [f"shard-{i:06d}.tar" for i in range(n_shards)]
@@ -217,7 +217,7 @@ def _synthetic_index(root: Path, n_shards: int, n_classes: int, classes_per_shar
         manifest["classes"] = rows
     else:
         save_class_table(root, manifest, class_arrays(rows, per))
-    _atomic_json(root / INDEX_MANIFEST, manifest)
+    atomic_write_json(root / INDEX_MANIFEST, manifest, separators=(",", ":"))
     return str(root / ("shard-{000000..%06d}.tar" % (n_shards - 1)))
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from bioclip_fast.data.tar import member_key, walk_tar
 from bioclip_fast.errors import DataError
+from bioclip_fast.fileio import atomic_save, atomic_write_json
 from bioclip_fast.taxonomy import TEXT_TYPE_KEYS, TEXT_TYPES, Taxon, taxon_from_texts
 
 INDEX_FORMAT = "bioclip_fast/index/1"
@@ -86,16 +87,13 @@ class ShardIndex:
                 "head": self.head, "keys": self.keys, "taxa": self.taxa, "strings": self.strings,
                 "text_types": list(TEXT_TYPES)}
         blob = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), dtype=np.uint8)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, meta=blob, img_off=self.img_off, img_size=self.img_size, img_ext=self.img_ext,
                          txt_off=self.txt_off, txt_size=self.txt_size, taxon=self.taxon, captions=self.captions)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_save(path, write, mkdir=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ShardIndex":
@@ -438,19 +436,17 @@ def save_class_table(out: str | os.PathLike, manifest: dict[str, Any], arrays: d
     files, written = {}, []
     for key, arr in arrays.items():
         path = out / f"{INDEX_MANIFEST.rsplit('.', 1)[0]}.{token}.{key}.npy"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_save(path, lambda tmp: _save_npy(tmp, arr), mkdir=False)
         files[key] = path.name
         written.append(path)
     manifest["class_table"] = {"format": CLASS_TABLE_FORMAT, "num_classes": int(len(arrays["counts"])),
                                "files": files}
     return written
+
+
+def _save_npy(tmp: Path, arr: np.ndarray) -> None:
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
 
 
 def write_index_manifest(out: str | os.PathLike, manifest: dict[str, Any]) -> None:
@@ -460,7 +456,7 @@ def write_index_manifest(out: str | os.PathLike, manifest: dict[str, Any]) -> No
     out = Path(out)
     arrays = class_arrays(manifest.pop("classes"), [s.pop("classes") for s in manifest["shards"]])
     written = {p.name for p in save_class_table(out, manifest, arrays)}
-    _atomic_json(out / INDEX_MANIFEST, manifest)
+    atomic_write_json(out / INDEX_MANIFEST, manifest, mkdir=False, separators=(",", ":"))
     stem = INDEX_MANIFEST.rsplit(".", 1)[0] + "."
     for old in out.glob(stem + "*.npy"):
         if old.name not in written:
@@ -479,17 +475,6 @@ def load_class_table(index_dir: str | os.PathLike, manifest: dict[str, Any] | No
     if "class_table" in m:
         return ClassTable.open(index_dir, m)
     return ClassTable(class_arrays(m["classes"], [s.get("classes", []) for s in m["shards"]]))
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def index_shards(shards, out: str | os.PathLike | None = None, *, workers: int = 1, progress: bool = True,

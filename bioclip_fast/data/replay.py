@@ -13,16 +13,17 @@ are a test/default fixture only.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bioclip_fast.data.shards import MANIFEST, _atomic_write_text, write_dali_index
+from bioclip_fast.data.shards import MANIFEST, write_dali_index
 from bioclip_fast.data.tar import add_member
+from bioclip_fast.fileio import atomic_save, atomic_write_text
 
 REPLAY_FORMAT = "bioclip_fast/caption-shards/1"
 
@@ -35,41 +36,30 @@ def write_caption_shards(samples: Iterable[tuple[str, bytes, str]], out_dir: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
-    tf = None
-    tmp = None
-
-    def close() -> None:
-        nonlocal tf, tmp
-        if tf is None:
-            return
-        tf.close()
+    seen: set[str] = set()
+    it = iter(samples)
+    for first in it:
         path = out_dir / f"{prefix}-{len(shards):06d}.tar"
-        os.replace(tmp, path)
+        count = 0
+
+        def write_tar(tmp: Path) -> None:
+            nonlocal count
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+                for key, jpg, caption in itertools.chain([first], itertools.islice(it, samples_per_shard - 1)):
+                    if "." in key or "/" in key or not key:
+                        raise ValueError(f"replay sample key {key!r} must be non-empty without '.' or '/'")
+                    if key in seen:
+                        raise ValueError(f"duplicate replay sample key {key!r}")
+                    seen.add(key)
+                    add_member(tf, f"{key}.jpg", jpg)
+                    add_member(tf, f"{key}.txt", caption.encode())
+                    count += 1
+
+        atomic_save(path, write_tar, mkdir=False)
         write_dali_index(path)
         shards.append({"name": path.name, "count": count})
-        tf = tmp = None
-
-    count = 0
-    seen: set[str] = set()
-    for key, jpg, caption in samples:
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"replay sample key {key!r} must be non-empty without '.' or '/'")
-        if key in seen:
-            raise ValueError(f"duplicate replay sample key {key!r}")
-        seen.add(key)
-        if tf is None:
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".replay.", suffix=".tmp")
-            os.close(fd)
-            tf = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-            count = 0
-        add_member(tf, f"{key}.jpg", jpg)
-        add_member(tf, f"{key}.txt", caption.encode())
-        count += 1
-        if count == samples_per_shard:
-            close()
-    close()
     if not shards:
         raise ValueError("no replay samples given")
     manifest = {"format": REPLAY_FORMAT, "num_samples": sum(s["count"] for s in shards), "shards": shards}
-    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest

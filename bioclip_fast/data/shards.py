@@ -20,7 +20,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ from typing import Any
 from bioclip_fast.data.shardspec import resolve_shards  # noqa: F401 - the one resolver, re-exported
 from bioclip_fast.data.tar import add_member, member_key, tar_samples
 from bioclip_fast.errors import DataError
+from bioclip_fast.fileio import atomic_save, atomic_write_text
 from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon, taxon_from_texts
 
 FORMAT = "bioclip_fast/shards/1"
@@ -210,7 +210,7 @@ def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | 
         if any(" " in name for *_, name in members):
             raise ValueError(f"{tar_path}: member names with spaces cannot be indexed: {members[0][3]!r}")
         lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in members))
-    _atomic_write_text(idx_path, "\n".join(lines) + "\n")
+    atomic_write_text(idx_path, "\n".join(lines) + "\n")
     return idx_path
 
 
@@ -238,17 +238,6 @@ def read_dali_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tu
     if len(out) != int(head[1]):
         raise ValueError(f"{idx_path}: header says {head[1]} samples, found {len(out)} (truncated index?)")
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,11 +366,10 @@ def make_shards(
             ]
             results = pool.map(_encode_task, tasks, chunksize=8) if pool else map(_encode_task, tasks)
             tar_path = out_dir / f"shard-{i:06d}.tar"
-            fd, tmp_tar = tempfile.mkstemp(dir=out_dir, prefix=f".{tar_path.name}.", suffix=".tmp")
-            os.close(fd)
             written_keys, labels, skipped = [], [], []
-            try:
-                with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+
+            def write_tar(tmp: Path) -> None:
+                with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
                     for j, (data, err) in zip(range(lo, hi), results):
                         pbar.update(1)
                         if data is None:
@@ -392,18 +380,16 @@ def make_shards(
                             add_member(tf, f"{keys[j]}.{member}", text.encode())
                         written_keys.append(keys[j])
                         labels.append(class_index[taxa[j].label])
-                if written_keys:
-                    os.replace(tmp_tar, tar_path)
-                    write_dali_index(tar_path)
-                else:
-                    for p in (tar_path, tar_path.with_suffix(".idx"), Path(str(tar_path) + ".bfidx.npz")):
-                        p.unlink(missing_ok=True)
-            finally:
-                if os.path.exists(tmp_tar):
-                    os.unlink(tmp_tar)
+
+            atomic_save(tar_path, write_tar, mkdir=False)
+            if written_keys:
+                write_dali_index(tar_path)
+            else:  # every image of the chunk was skipped: no tar (nor one left by an earlier build)
+                for p in (tar_path, tar_path.with_suffix(".idx"), Path(str(tar_path) + ".bfidx.npz")):
+                    p.unlink(missing_ok=True)
             meta = {"format": FORMAT, "fingerprint": fp, "count": len(written_keys), "keys": written_keys,
                     "labels": labels, "skipped": skipped}
-            _atomic_write_text(sidecar(i), json.dumps(meta))  # last: marks the shard complete for resume
+            atomic_write_text(sidecar(i), json.dumps(meta))  # last: marks the shard complete for resume
     finally:
         pbar.close()
         if pool:
@@ -438,7 +424,7 @@ def make_shards(
         "skipped": skipped_all,
         "seconds": round(time.time() - t0, 2),
     }
-    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     if index:  # the loader's shard index (offsets, taxa, caption members): no header scan at training startup
         from bioclip_fast.data.index import index_shards
 
