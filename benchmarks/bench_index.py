@@ -68,7 +68,7 @@ def _index_in_child(spec: str, out: str, workers: int, q) -> None:
 def bench_index(root: Path, args) -> dict:
     import multiprocessing as mp
 
-    from bioclip_fast.data.loader import ShardSet
+    from bioclip_fast.data.shard_set import ShardSet
     from bioclip_fast.data.shards import iter_shard_samples
     from bioclip_fast.data.synthetic import write_tol_shards
 
@@ -128,7 +128,9 @@ def bench_index(root: Path, args) -> dict:
 
 def bench_read_path(root: Path, args) -> dict:
     from bioclip_fast.data.index import index_shards
-    from bioclip_fast.data.loader import BatchReader, Loader, ShardSet, SourceConfig
+    from bioclip_fast.data.batch_reader import BatchReader, SourceConfig
+    from bioclip_fast.data.loader import Loader
+    from bioclip_fast.data.shard_set import ShardSet
     from bioclip_fast.data.synthetic import write_tol_shards
 
     res = {}

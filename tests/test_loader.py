@@ -327,7 +327,7 @@ def test_eval_keeps_last_batch_by_default_and_replay_needs_captions(data):
 
 @pytest.mark.parametrize("counts", [[10] * 7 + [3], [5], [100, 1, 1, 50]])
 def test_epoch_plan_is_a_partition_and_mixes_shards(counts):
-    from bioclip_fast.data.loader import EpochPlan
+    from bioclip_fast.data.epoch_plan import EpochPlan
 
     for world_size in (1, 2, 3):
         for drop_last in (True, False):
@@ -437,7 +437,7 @@ def test_captions_come_from_the_shard_members(provider):
 def test_loader_uses_the_index_and_never_scans(provider, tmp_path, monkeypatch):
     from bioclip_fast.data import index as index_mod
     from bioclip_fast.data.index import index_shards
-    from bioclip_fast.data.loader import ShardSet
+    from bioclip_fast.data.shard_set import ShardSet
 
     cache = tmp_path / "cache"
     index_shards(str(provider["dir"]), cache, progress=False)
@@ -525,7 +525,7 @@ def _rank_split_worker(rank, world, init_file, shard_dir, out_dir):
 
     import torch.distributed as dist
 
-    from bioclip_fast.data.loader import ShardSet
+    from bioclip_fast.data.shard_set import ShardSet
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -555,7 +555,8 @@ def test_read_path_loads_each_small_shard_once(tmp_path):
     """60 shards x 10 samples: the 8-lane order touches more shards than a fixed 24-entry cache held; each shard's
     table must be loaded once per process, not re-parsed on every miss."""
     from bioclip_fast.data.index import index_shards
-    from bioclip_fast.data.loader import BatchReader, ShardSet, SourceConfig
+    from bioclip_fast.data.batch_reader import BatchReader, SourceConfig
+    from bioclip_fast.data.shard_set import ShardSet
 
     write_tol_shards(tmp_path / "s", 60, 10)
     index_shards(str(tmp_path / "s"), progress=False)
