@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from bioclip_fast.data import bundled, make_loader
-from bioclip_fast.data.loader import _dali_import_error
 from bioclip_fast.data.bundled import build_bundled_replay
+from bioclip_fast.data.decode_dali import dali_import_error
 from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_dali_index, read_metadata
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon
@@ -20,7 +20,7 @@ from bioclip_fast.taxonomy import TEXT_TYPES, Taxon
 ROOT = bundled.butterflies_root()
 S = 32  # small images keep the suite fast on 2 cores
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
-needs_dali = pytest.mark.skipif(_dali_import_error() is not None, reason=f"DALI unavailable: {_dali_import_error()}")
+needs_dali = pytest.mark.skipif(dali_import_error() is not None, reason=f"DALI unavailable: {dali_import_error()}")
 
 
 def _rows(n_per_species):

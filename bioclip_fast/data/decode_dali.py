@@ -13,6 +13,7 @@ decoded), resize, normalize. `benchmarks/bench_decode.py` also measures the plai
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 from typing import Any
@@ -21,6 +22,22 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def dali_import_error() -> str | None:
+    """Why NVIDIA DALI cannot be imported here ("ExcType: message"), or None when it can (checked once)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.fn  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported (the loader's `backend="auto"` picks it on a CUDA device)."""
+    return dali_import_error() is None
 
 
 def _build_pipeline(source, *, batch_size: int, size: int, mean, std, device_id: int | None, num_threads: int,

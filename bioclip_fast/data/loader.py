@@ -28,7 +28,6 @@ sync), and a sample is counted once, at its own position, never again when it wa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import torch
 
 from bioclip_fast.data import decode_cpu as cpu_ops
 from bioclip_fast.data.batch_reader import BadSample, BatchReader, SourceConfig
+from bioclip_fast.data.decode_dali import dali_available, dali_import_error
 from bioclip_fast.data.epoch_plan import num_batches
 from bioclip_fast.data.shard_set import ShardSet
 from bioclip_fast.errors import DataError
@@ -179,9 +179,9 @@ class Loader:
         cfg = SourceConfig(batch_size, image_size, train, self.seed, rank, world_size, self.shuffle,
                            shuffle_buffer, drop_last, tuple(crop_scale), tuple(crop_ratio))
         if backend == "auto":
-            backend = "dali" if self.device.type == "cuda" and _dali_available() else "cpu"
-        if backend == "dali" and not _dali_available():
-            raise RuntimeError(f"backend='dali' but NVIDIA DALI cannot be imported: {_dali_import_error()}")
+            backend = "dali" if self.device.type == "cuda" and dali_available() else "cpu"
+        if backend == "dali" and not dali_available():
+            raise RuntimeError(f"backend='dali' but NVIDIA DALI cannot be imported: {dali_import_error()}")
         self.backend = backend
         decode = backend == "cpu"
         self._bio = BatchReader(self.source, cfg, decode=decode)
@@ -491,20 +491,6 @@ class _ListSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.items)
-
-
-@functools.lru_cache(maxsize=1)
-def _dali_import_error() -> str | None:
-    try:
-        import nvidia.dali  # noqa: F401
-        import nvidia.dali.fn  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _dali_available() -> bool:
-    return _dali_import_error() is None
 
 
 def make_loader(shards, batch_size: int, *, image_size: int = 224, mean=None, std=None, tokenizer=None,
