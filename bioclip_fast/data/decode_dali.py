@@ -4,11 +4,12 @@ loader's device is the CPU (`device_id=None`), which is what CI runs.
 
 Why not `fn.readers.webdataset` + `fn.random_resized_crop`: the reader's shuffling cannot reproduce a given
 position, so it cannot give the exact mid-epoch resume, equal per-rank batch counts and corrupt-sample replacement
-the loader promises, and its crops differ from the CPU backend's. Reading bytes by offset (from the same DALI
-`.idx` files) is a few microseconds per sample and runs in the loader's worker processes; they also validate the
-JPEG structure, so a corrupt sample never reaches nvJPEG, and compute the crop boxes (torchvision's
-RandomResizedCrop algorithm) from seeded uniforms. DALI then does all pixel work: ROI decode (only the crop is
-decoded), resize, normalize. `benchmarks/bench_decode.py` also measures the plain `fn.readers.webdataset` reader.
+the loader promises, and its crops differ from the CPU backend's. Reading bytes by offset (the shard index's
+sidecars, `bioclip_fast.data.index`, not DALI's `.idx` files) is a few microseconds per sample and runs in the
+loader's worker processes (`batch_reader`); they also validate the JPEG structure, so a corrupt sample never reaches
+nvJPEG, and compute the crop boxes (torchvision's RandomResizedCrop algorithm) from seeded uniforms. DALI then does
+all pixel work: ROI decode (only the crop is decoded), resize, normalize. `benchmarks/bench_decode.py` also measures
+the plain `fn.readers.webdataset` reader (through the `.idx` files `make-shards` writes).
 """
 from __future__ import annotations
 

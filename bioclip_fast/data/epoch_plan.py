@@ -1,5 +1,13 @@
-"""The epoch plan: which samples a rank reads in an epoch, and in what order, as a pure function of (seed, epoch,
-rank, position) over the per-shard sample counts."""
+"""The epoch plan: which samples a rank reads in an epoch, and in what order.
+
+Sample order is a pure function of (seed, epoch, rank, position), computed from per-shard sample counts (no sample
+list is materialized: locating a batch is a searchsorted over the shards' cumulative counts):
+
+1. the shards are permuted per epoch, and their samples concatenated;
+2. rank r takes a contiguous slice (equal lengths when `drop_last`, so every rank has the same number of batches);
+3. the slice is read round-robin from 8 equal segments ("lanes", so nearby positions come from distant shards),
+   and consecutive blocks of `shuffle_buffer` positions are permuted.
+"""
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -1,23 +1,24 @@
 """`make_loader`: shards -> fixed-shape training/eval batches, on a DALI (GPU/CPU) or PIL backend.
 
-Sample order is a pure function of (seed, epoch, rank, position), computed from per-shard sample counts:
+The loader is four parts: the shard set (`shard_set.ShardSet`: shards, sample counts and classes from the shard
+index, each shard's per-sample table loaded on first use), the epoch plan (`epoch_plan.EpochPlan`: which samples a
+rank reads in an epoch, in what order, a pure function of (seed, epoch, rank, position)), the batch reader
+(`batch_reader.BatchReader`, in the DataLoader worker processes: reads a batch's samples by the byte offsets of the
+shard index sidecars, `bioclip-fast index-shards`, and decodes them with `decode_cpu`, or hands the JPEG bytes and
+crop boxes to `decode_dali`), and this module (`Loader`: the DataLoader, epoch position and resume state, bad-sample
+counts and limit, normalization and caption tokens).
 
-1. the shards are permuted per epoch, and their samples concatenated;
-2. rank r takes a contiguous slice (equal lengths when `drop_last`, so every rank has the same number of batches);
-3. the slice is read round-robin from 8 equal segments ("lanes", so nearby positions come from distant shards),
-   and consecutive blocks of `shuffle_buffer` positions are permuted.
-
-Workers read samples by byte offset (DALI `.idx` files), so any batch can be produced independently: the position
-in the epoch is the whole loader state, a resumed run sees exactly the remaining samples in the same order, and
-crops come from per-batch seeded uniforms so augmentation repeats too.
+Any batch can be produced independently from its position: the position in the epoch is the whole loader state, a
+resumed run sees exactly the remaining samples in the same order, and crops come from per-batch seeded uniforms so
+augmentation repeats too.
 
 Bad samples are skipped and counted in `loader.stats` (`skipped_corrupt` in all, `bad_samples` per reason, see
-`BAD_REASONS`): corrupt image bytes, and in training also shards damaged after they were indexed (truncated: the
-samples before the cut are still read; rewritten on a shared filesystem, unreadable, read errors). In training,
-a skipped sample is replaced by the nearest earlier sample of the rank's order (outside the batch) so every batch has
-exactly `batch_size` samples (distributed contrastive losses gather equal-size batches); in eval (`train=False`) it
-is simply left out, so every good sample is seen exactly once (a shard that is no longer the indexed one stops
-eval with a DataError).
+`shard_set.BAD_REASONS`): corrupt image bytes, and in training also shards damaged after they were indexed
+(truncated: the samples before the cut are still read; rewritten on a shared filesystem, unreadable, read errors).
+In training, a skipped sample is replaced by the nearest earlier sample of the rank's order (outside the batch) so
+every batch has exactly `batch_size` samples (distributed contrastive losses gather equal-size batches); in eval
+(`train=False`) it is simply left out, so every good sample is seen exactly once (a shard that is no longer the
+indexed one stops eval with a DataError).
 
 Like webdataset's `handler=warn_and_continue` a damaged shard is warned about once (one log line naming the shard and
 the reason) and training continues; unlike it, a limit stops a run whose data is largely bad: with

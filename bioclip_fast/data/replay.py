@@ -2,8 +2,9 @@
 
 BioCLIP 2 keeps a fixed share of general image-text pairs in each batch (2,816 biology + 320 replay samples per GPU)
 to preserve CLIP's general-domain alignment. `make_loader(..., replay_shards=..., replay_batch_size=R)` returns them
-as `batch["replay"]`; any LAION/DataComp-style webdataset works (an `.idx` is built by `write_dali_index` if missing,
-otherwise the tar is scanned once).
+as `batch["replay"]`; any LAION/DataComp-style webdataset works. Replay shards are read like the biology shards,
+through the shard index (`bioclip-fast index-shards`; shards without one are indexed from their tar headers when
+the loader starts).
 
 No real LAION data ships with the package. `bioclip_fast.data.bundled.build_bundled_replay` makes a small stand-in
 from the bundled butterfly images with free-text captions taken from the field-guide descriptions
@@ -30,7 +31,8 @@ REPLAY_FORMAT = "bioclip_fast/caption-shards/1"
 
 def write_caption_shards(samples: Iterable[tuple[str, bytes, str]], out_dir: str | os.PathLike,
                          samples_per_shard: int = 10000, prefix: str = "replay") -> dict[str, Any]:
-    """Write (key, jpeg bytes, caption) samples as `.jpg` + `.txt` webdataset shards with DALI indexes."""
+    """Write (key, jpeg bytes, caption) samples as `.jpg` + `.txt` webdataset shards, each with a DALI `.idx` (for
+    DALI's own reader), and a `manifest.json`. Each shard appears whole (written to a temporary file, renamed)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard!r}")
     out_dir = Path(out_dir)

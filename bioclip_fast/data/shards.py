@@ -3,12 +3,15 @@
 Output of `make_shards(image_root, csv, out_dir)`:
 
     shard-000000.tar    samples `<key>.jpg` + the ten TreeOfLife text members (`<key>.sci.txt`, ...)
-    shard-000000.idx    DALI `wds2idx` index (v1.2): per sample "ext offset size name ..." for random access
-    shard-000000.json   our sidecar: keys, class index per sample (into the manifest's classes), skipped images
+    shard-000000.idx    DALI `wds2idx` index (v1.2, `write_dali_index`): per sample "ext offset size name ...", for
+                        DALI's own `fn.readers.webdataset`; our loader does not read it
+    shard-000000.json   build record: keys, class index per sample (into the manifest's classes), skipped images
     manifest.json       counts per shard, classes (taxa) with counts, skipped images, the build config
+    shard-000000.tar.bfidx.npz, bioclip_index.json (+ its class table)
+                        the shard index the loader reads (`bioclip_fast.data.index`; with `index=True`, the default)
 
 A shard is a fixed chunk of `samples_per_shard` CSV rows, so a rerun with `resume=True` rebuilds only the shards
-whose sidecar is missing (the sidecar is renamed into place last). Unreadable images are skipped and listed.
+whose build record is missing (the record is renamed into place last). Unreadable images are skipped and listed.
 """
 from __future__ import annotations
 
@@ -187,7 +190,7 @@ def _encode_task(args: tuple[str, int, str, int]) -> tuple[bytes | None, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the DALI `.idx` index (for `fn.readers.webdataset`; the loader reads through our sidecars, `data.index`)
+# the DALI `.idx` index (for `fn.readers.webdataset`; the loader reads through the shard index, `data.index`)
 # ---------------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _tar_errors(path):
@@ -324,12 +327,12 @@ def make_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (len(rows) + samples_per_shard - 1) // samples_per_shard
 
-    def sidecar(i: int) -> Path:
+    def build_record(i: int) -> Path:
         return out_dir / f"shard-{i:06d}.json"
 
     pending = []
     for i in range(n_shards):
-        sc = sidecar(i)
+        sc = build_record(i)
         if resume and sc.exists():
             try:
                 meta = json.loads(sc.read_text())
@@ -389,7 +392,7 @@ def make_shards(
                     p.unlink(missing_ok=True)
             meta = {"format": FORMAT, "fingerprint": fp, "count": len(written_keys), "keys": written_keys,
                     "labels": labels, "skipped": skipped}
-            atomic_write_text(sidecar(i), json.dumps(meta))  # last: marks the shard complete for resume
+            atomic_write_text(build_record(i), json.dumps(meta))  # last: marks the shard complete for resume
     finally:
         pbar.close()
         if pool:
@@ -398,7 +401,7 @@ def make_shards(
     shards, skipped_all = [], []
     class_counts = [0] * len(class_labels)
     for i in range(n_shards):
-        meta = json.loads(sidecar(i).read_text())
+        meta = json.loads(build_record(i).read_text())
         skipped_all.extend(meta["skipped"])
         for lab in meta["labels"]:
             class_counts[lab] += 1
