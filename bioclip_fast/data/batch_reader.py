@@ -12,11 +12,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from bioclip_fast.data import decode_cpu as cpu_ops
+from bioclip_fast.data import decode_cpu
 from bioclip_fast.data.epoch_plan import EpochPlan
 from bioclip_fast.data.index import IMAGE_EXTS
 from bioclip_fast.data.shard_set import ShardDamaged, ShardEntries, ShardSet
-from bioclip_fast.data.tar import tar_number
+from bioclip_fast.data.tar import header_mismatch
 from bioclip_fast.errors import DataError
 
 
@@ -30,32 +30,6 @@ class BadSample(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.key}: {self.detail}"
-
-
-def _header_mismatch(block, name: str, size: int) -> str | None:
-    """Why the 512-byte tar header `block` is not that of member `name` holding `size` bytes; None when it is.
-
-    Name (ustar prefix joined) and size fields only: a few slices, no checksum sum. A name longer than the 100-byte
-    field (GNU long-name / pax records in front of the header) is compared as far as the field holds it."""
-    block = bytes(block)
-    if len(block) != 512:
-        return "no tar header there"
-    got = block[0:100].split(b"\0", 1)[0]
-    if block[257:262] == b"ustar":
-        prefix = block[345:500].split(b"\0", 1)[0]
-        if prefix:
-            got = prefix + b"/" + got
-    want = name.encode("utf-8", "surrogateescape")
-    # pax headers carry non-ASCII names; the ustar field then holds a lossy copy: such members are checked by size
-    if got != want and want.isascii() and not (len(want) >= 100 and len(got) >= 90 and want.startswith(got)):
-        return f"the tar member there is {got.decode('utf-8', 'replace')!r}, the index names {name!r}"
-    try:
-        got_size = tar_number(block[124:136])
-    except ValueError:
-        return f"the tar header of {name!r} is damaged"
-    if got_size != size:
-        return f"member {name!r} holds {got_size} bytes, the index says {size}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -136,7 +110,7 @@ class BatchReader:
         (one read), which must name that member: a shard rewritten after it was indexed (same size, other content)
         raises ShardDamaged("shard_changed") instead of handing out another sample's bytes under this label."""
         data = self._pread(s, size + 512, offset - 512)
-        why = _header_mismatch(data[:512], name, size)
+        why = header_mismatch(data[:512], name, size)
         if why is not None:
             raise self._changed(s, offset - 512, why)
         return data[512:]
@@ -187,13 +161,13 @@ class BatchReader:
     def _prepare(self, data: bytes | None, u: np.ndarray):
         """-> (image uint8 HWC | None, box) or raises CorruptImage."""
         if data is None:
-            raise cpu_ops.CorruptImage("sample has no image member")
-        w, h = cpu_ops.image_size(data)
+            raise decode_cpu.CorruptImage("sample has no image member")
+        w, h = decode_cpu.image_size(data)
         c = self.cfg
-        box = (cpu_ops.random_resized_crop_box(w, h, u, c.crop_scale, c.crop_ratio) if c.train
-               else cpu_ops.center_crop_box(w, h))
+        box = (decode_cpu.random_resized_crop_box(w, h, u, c.crop_scale, c.crop_ratio) if c.train
+               else decode_cpu.center_crop_box(w, h))
         if self.decode:
-            return cpu_ops.decode_crop_resize(data, box, c.image_size), box
+            return decode_cpu.decode_crop_resize(data, box, c.image_size), box
         return None, box
 
     def _bad_sample(self, s: int, j: int, e: ShardEntries | None, err: Exception) -> BadSample:
@@ -215,7 +189,7 @@ class BatchReader:
         plan = plan or self.plan(epoch)
         c = self.cfg
         n = len(positions)
-        uniforms = np.random.default_rng([c.seed, *rng_key, 0xC209]).random((n, cpu_ops.UNIFORMS_PER_SLOT))
+        uniforms = np.random.default_rng([c.seed, *rng_key, 0xC209]).random((n, decode_cpu.UNIFORMS_PER_SLOT))
         shard_idx, within = plan.locate_array(positions)
         ents: dict[int, ShardEntries] = {}
         slot_bad: list[ShardDamaged | None] = [None] * n
@@ -263,7 +237,7 @@ class BatchReader:
                 if got != sz[k]:  # buf holds garbage past `got`: never decode it
                     slot_bad[k] = ShardDamaged("past_eof", self._past_eof(sl[k], of[k] + sz[k]))
                     continue
-                why = _header_mismatch(hv[512 * k:512 * k + 512], _member_name(ents[sl[k]], wl[k]), sz[k])
+                why = header_mismatch(hv[512 * k:512 * k + 512], _member_name(ents[sl[k]], wl[k]), sz[k])
                 if why is not None:
                     slot_bad[k] = self._changed(sl[k], of[k] - 512, why)
                     if not replace:
@@ -289,20 +263,20 @@ class BatchReader:
                     key = e.keys[j]
                     label = -1 if caption_kind else int(e.labels[j])
                     if data is None:
-                        raise cpu_ops.CorruptImage("sample has no image member")
+                        raise decode_cpu.CorruptImage("sample has no image member")
                     if not caption_kind and label < 0:
-                        raise cpu_ops.CorruptImage("no taxonomy in the sample's text members")
-                    wh = cpu_ops.image_size(data)
+                        raise decode_cpu.CorruptImage("no taxonomy in the sample's text members")
+                    wh = decode_cpu.image_size(data)
                     if caption_kind:  # read inside the try: a failing read is replaced like a bad image
                         caption = (self._member(s, e.keys[j] + ".txt", int(e.txt_size[j]), int(e.txt_off[j]))
                                    if e.txt_off[j] >= 0 else b"")
                     if self.decode:  # the PIL path decodes here, so a decoder failure is replaced like any other
-                        box = (cpu_ops.random_resized_crop_box(wh[0], wh[1], uniforms[k], c.crop_scale,
+                        box = (decode_cpu.random_resized_crop_box(wh[0], wh[1], uniforms[k], c.crop_scale,
                                                                c.crop_ratio) if c.train
-                               else cpu_ops.center_crop_box(*wh))
-                        images.append(cpu_ops.decode_crop_resize(bytes(data), box, c.image_size))
+                               else decode_cpu.center_crop_box(*wh))
+                        images.append(decode_cpu.decode_crop_resize(bytes(data), box, c.image_size))
                     break
-                except (cpu_ops.CorruptImage, ShardDamaged) as err:
+                except (decode_cpu.CorruptImage, ShardDamaged) as err:
                     if primary:
                         skipped.append(self._bad_sample(s, j, e, err))
                         primary = False
@@ -339,10 +313,10 @@ class BatchReader:
                 member_caps.append(tuple(e.strings[x] if x >= 0 else None for x in e.captions[:, j].tolist()))
         wh_arr = np.asarray(dims, dtype=np.int64).reshape(-1, 2)
         if c.train:
-            boxes = cpu_ops.random_resized_crop_boxes(wh_arr[:, 0], wh_arr[:, 1], uniforms[kept_slots],
+            boxes = decode_cpu.random_resized_crop_boxes(wh_arr[:, 0], wh_arr[:, 1], uniforms[kept_slots],
                                                       c.crop_scale, c.crop_ratio)
         else:
-            boxes = np.asarray([cpu_ops.center_crop_box(w, h) for w, h in dims], dtype=np.int64).reshape(-1, 4)
+            boxes = np.asarray([decode_cpu.center_crop_box(w, h) for w, h in dims], dtype=np.int64).reshape(-1, 4)
         out: dict[str, Any] = {"key": keys, "label": torch.as_tensor(labels, dtype=torch.long),
                                "skipped": skipped, "box": boxes.astype(np.int32).reshape(-1, 4)}
         if self.decode:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bioclip_fast.data import decode_cpu as cpu_ops
+from bioclip_fast.data import decode_cpu
 from bioclip_fast.data.batch_reader import BadSample, BatchReader, SourceConfig
 from bioclip_fast.data.decode_dali import dali_available, dali_import_error
 from bioclip_fast.data.epoch_plan import num_batches
@@ -132,8 +132,8 @@ class Loader:
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, num_workers: int = 2, drop_last: bool | None = None,
                  replay_shards=None, replay_batch_size: int = 0, shuffle: bool | None = None,
-                 crop_scale: tuple[float, float] = cpu_ops.DEFAULT_SCALE,
-                 crop_ratio: tuple[float, float] = cpu_ops.DEFAULT_RATIO, dali_threads: int | None = None,
+                 crop_scale: tuple[float, float] = decode_cpu.DEFAULT_SCALE,
+                 crop_ratio: tuple[float, float] = decode_cpu.DEFAULT_RATIO, dali_threads: int | None = None,
                  progress: bool = False, index_dir: str | os.PathLike | None = None,
                  max_bad_fraction: float | None = None, defer_bad_limit: bool = False):
         import open_clip

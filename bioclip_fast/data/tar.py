@@ -3,8 +3,10 @@
 `walk_tar` lists the members (name, data offset, size) by their 512-byte headers and reads only the small text
 payloads asked for, seeking over images (ustar prefixes, GNU long names and pax headers; a damaged or truncated
 archive raises DataError). Both indexes of a shard are built from it: our sidecar (`bioclip_fast.data.index`) and
-DALI's `.idx` (`bioclip_fast.data.shards.write_dali_index`). `member_key` splits a member name into sample key and
-extension as webdataset does; `add_member` writes one member with fixed metadata (reproducible archives).
+DALI's `.idx` (`bioclip_fast.data.shards.write_dali_index`). `header_mismatch` checks that the header in front of a
+payload names the member the index recorded (the batch reader's guard against a rewritten shard). `member_key` splits
+a member name into sample key and extension as webdataset does; `add_member` writes one member with fixed metadata
+(reproducible archives).
 """
 from __future__ import annotations
 
@@ -130,6 +132,32 @@ def walk_tar(path: str, want_text=lambda ext: ext.endswith("txt")):
         return r.bytes_read
     finally:
         r.close()
+
+
+def header_mismatch(block, name: str, size: int) -> str | None:
+    """Why the 512-byte tar header `block` is not that of member `name` holding `size` bytes; None when it is.
+
+    Name (ustar prefix joined) and size fields only: a few slices, no checksum sum. A name longer than the 100-byte
+    field (GNU long-name / pax records in front of the header) is compared as far as the field holds it."""
+    block = bytes(block)
+    if len(block) != 512:
+        return "no tar header there"
+    got = block[0:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            got = prefix + b"/" + got
+    want = name.encode("utf-8", "surrogateescape")
+    # pax headers carry non-ASCII names; the ustar field then holds a lossy copy: such members are checked by size
+    if got != want and want.isascii() and not (len(want) >= 100 and len(got) >= 90 and want.startswith(got)):
+        return f"the tar member there is {got.decode('utf-8', 'replace')!r}, the index names {name!r}"
+    try:
+        got_size = tar_number(block[124:136])
+    except ValueError:
+        return f"the tar header of {name!r} is damaged"
+    if got_size != size:
+        return f"member {name!r} holds {got_size} bytes, the index says {size}"
+    return None
 
 
 def member_key(name: str) -> tuple[str, str] | None:
