@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from bioclip_fast.data.bundled import default_shards
-    from bioclip_fast.data.loader import _dali_import_error
+    from bioclip_fast.data.decode_dali import dali_import_error
     from bioclip_fast.data.shards import resolve_shards
 
     torch.set_num_threads(1)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         ap.error("--repeat-shards must be >= 1")
     shards = shards * args.repeat_shards
     cuda = torch.cuda.is_available()
-    dali_err = _dali_import_error()
+    dali_err = dali_import_error()
     plan = {
         "loader-dali-mixed": (lambda: bench_loader(shards, "dali", "cuda", args), "gpu"),
         "reader-dali-mixed": (lambda: bench_dali_reader(shards, "cuda", args), "gpu"),

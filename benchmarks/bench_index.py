@@ -68,7 +68,7 @@ def _index_in_child(spec: str, out: str, workers: int, q) -> None:
 def bench_index(root: Path, args) -> dict:
     import multiprocessing as mp
 
-    from bioclip_fast.data.loader import ShardSet
+    from bioclip_fast.data.shard_set import ShardSet
     from bioclip_fast.data.shards import iter_shard_samples
     from bioclip_fast.data.synthetic import write_tol_shards
 
@@ -128,7 +128,9 @@ def bench_index(root: Path, args) -> dict:
 
 def bench_read_path(root: Path, args) -> dict:
     from bioclip_fast.data.index import index_shards
-    from bioclip_fast.data.loader import BatchReader, Loader, ShardSet, SourceConfig
+    from bioclip_fast.data.batch_reader import BatchReader, SourceConfig
+    from bioclip_fast.data.loader import Loader
+    from bioclip_fast.data.shard_set import ShardSet
     from bioclip_fast.data.synthetic import write_tol_shards
 
     res = {}
@@ -181,8 +183,8 @@ def _synthetic_index(root: Path, n_shards: int, n_classes: int, classes_per_shar
     binary table, or the previous format's JSON class list); returns the shard spec."""
     import numpy as np
 
-    from bioclip_fast.data.index import (INDEX_FORMAT, INDEX_MANIFEST, _atomic_json, class_arrays,
-                                         save_class_table)
+    from bioclip_fast.data.index import INDEX_FORMAT, INDEX_MANIFEST, class_arrays, save_class_table
+    from bioclip_fast.fileio import atomic_write_json
 
     root.mkdir(parents=True)
     names = [f"shard-{i:06d}.tar" for i in range(n_shards)]
@@ -217,7 +219,7 @@ def _synthetic_index(root: Path, n_shards: int, n_classes: int, classes_per_shar
         manifest["classes"] = rows
     else:
         save_class_table(root, manifest, class_arrays(rows, per))
-    _atomic_json(root / INDEX_MANIFEST, manifest)
+    atomic_write_json(root / INDEX_MANIFEST, manifest, separators=(",", ":"))
     return str(root / ("shard-{000000..%06d}.tar" % (n_shards - 1)))
 
 

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 
 from bioclip_fast.data import bundled, make_loader
-from bioclip_fast.data.loader import _dali_import_error
 from bioclip_fast.data.bundled import build_bundled_replay
-from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_index, read_metadata
+from bioclip_fast.data.decode_dali import dali_import_error
+from bioclip_fast.data.shards import iter_shard_samples, make_shards, read_dali_index, read_metadata
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import TEXT_TYPES, Taxon
 
 ROOT = bundled.butterflies_root()
 S = 32  # small images keep the suite fast on 2 cores
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
-needs_dali = pytest.mark.skipif(_dali_import_error() is not None, reason=f"DALI unavailable: {_dali_import_error()}")
+needs_dali = pytest.mark.skipif(dali_import_error() is not None, reason=f"DALI unavailable: {dali_import_error()}")
 
 
 def _rows(n_per_species):
@@ -54,7 +54,7 @@ def corrupt(data):
     d = data["tmp"] / "corrupt"
     shutil.copytree(Path(data["shards"][0]).parent, d)
     tar = d / "shard-000001.tar"
-    idx = read_index(tar.with_suffix(".idx"))
+    idx = read_dali_index(tar.with_suffix(".idx"))
     buf = bytearray(tar.read_bytes())
     bad = []
     for j, mode in ((2, "garbage"), (9, "truncated"), (5, "bad-scan")):
@@ -300,7 +300,7 @@ def test_dali_mixed_on_gpu_matches_cpu(data):
 
 
 def test_jpeg_structure_check(data):
-    from bioclip_fast.data.cpu import CorruptImage, image_size
+    from bioclip_fast.data.decode_cpu import CorruptImage, image_size
 
     jpg = next(iter_shard_samples(data["shards"][:1]))["jpg"]
     assert image_size(jpg) == Image.open(io.BytesIO(jpg)).size
@@ -327,7 +327,7 @@ def test_eval_keeps_last_batch_by_default_and_replay_needs_captions(data):
 
 @pytest.mark.parametrize("counts", [[10] * 7 + [3], [5], [100, 1, 1, 50]])
 def test_epoch_plan_is_a_partition_and_mixes_shards(counts):
-    from bioclip_fast.data.loader import EpochPlan
+    from bioclip_fast.data.epoch_plan import EpochPlan
 
     for world_size in (1, 2, 3):
         for drop_last in (True, False):
@@ -348,7 +348,7 @@ def test_epoch_plan_is_a_partition_and_mixes_shards(counts):
 def test_crop_boxes_follow_torchvision_random_resized_crop():
     from torchvision.transforms import RandomResizedCrop
 
-    from bioclip_fast.data.cpu import center_crop_box, random_resized_crop_box
+    from bioclip_fast.data.decode_cpu import center_crop_box, random_resized_crop_box
 
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -437,7 +437,7 @@ def test_captions_come_from_the_shard_members(provider):
 def test_loader_uses_the_index_and_never_scans(provider, tmp_path, monkeypatch):
     from bioclip_fast.data import index as index_mod
     from bioclip_fast.data.index import index_shards
-    from bioclip_fast.data.loader import ShardSet
+    from bioclip_fast.data.shard_set import ShardSet
 
     cache = tmp_path / "cache"
     index_shards(str(provider["dir"]), cache, progress=False)
@@ -525,7 +525,7 @@ def _rank_split_worker(rank, world, init_file, shard_dir, out_dir):
 
     import torch.distributed as dist
 
-    from bioclip_fast.data.loader import ShardSet
+    from bioclip_fast.data.shard_set import ShardSet
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -555,7 +555,8 @@ def test_read_path_loads_each_small_shard_once(tmp_path):
     """60 shards x 10 samples: the 8-lane order touches more shards than a fixed 24-entry cache held; each shard's
     table must be loaded once per process, not re-parsed on every miss."""
     from bioclip_fast.data.index import index_shards
-    from bioclip_fast.data.loader import BatchReader, ShardSet, SourceConfig
+    from bioclip_fast.data.batch_reader import BatchReader, SourceConfig
+    from bioclip_fast.data.shard_set import ShardSet
 
     write_tol_shards(tmp_path / "s", 60, 10)
     index_shards(str(tmp_path / "s"), progress=False)

@@ -18,8 +18,8 @@ import pytest
 
 from bioclip_fast.cli import main
 from bioclip_fast.data import make_loader
+from bioclip_fast.data.decode_dali import dali_import_error
 from bioclip_fast.data.index import ShardIndex, sidecar_path
-from bioclip_fast.data.loader import _dali_import_error
 from bioclip_fast.data.synthetic import write_tol_shards
 from bioclip_fast.errors import DataError
 
@@ -127,7 +127,7 @@ def test_too_many_bad_samples_stop_in_one_line(indexed, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("dali", marks=pytest.mark.skipif(
-    _dali_import_error() is not None, reason=f"DALI unavailable: {_dali_import_error()}"))])
+    dali_import_error() is not None, reason=f"DALI unavailable: {dali_import_error()}"))])
 def test_shard_shortened_while_in_use_and_resume_keeps_counts(indexed, tmp_path, caplog, backend):
     """The loader already holds shard 2's table when the file is cut: its members past the new end are short reads
     (past_eof), never decoded from stale buffer bytes; the samples before the cut are still used. The counts and the

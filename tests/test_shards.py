@@ -16,12 +16,12 @@ from bioclip_fast.cli import main as cli_main
 from bioclip_fast.data import bundled
 from bioclip_fast.data.shards import (
     SHARD_TEXT_KEYS,
-    index_tar,
     iter_shard_samples,
     make_shards,
-    read_index,
+    read_dali_index,
     read_metadata,
 )
+from bioclip_fast.data.tar import tar_samples
 from bioclip_fast.taxonomy import Taxon
 
 ROOT = bundled.butterflies_root()
@@ -97,14 +97,14 @@ def test_round_trip_every_key_and_counts(built):
     assert all((out / s["name"]).is_file() and s["count"] > 0 for s in manifest["shards"])
     for entry in manifest["shards"]:
         tar = out / entry["name"]
-        assert len(index_tar(tar)) == entry["count"]
+        assert len(tar_samples(tar)) == entry["count"]
         side = json.loads(tar.with_suffix(".json").read_text())
         assert len(side["keys"]) == len(side["labels"]) == entry["count"]
 
 
 def test_index_matches_dali_wds2idx(built, tmp_path):
     tar = built["out"] / "shard-000000.tar"
-    ours = read_index(tar.with_suffix(".idx"))
+    ours = read_dali_index(tar.with_suffix(".idx"))
     with tarfile.open(tar) as tf:
         for key, members in ours:
             for ext, (off, size) in members.items():
@@ -236,8 +236,8 @@ def test_damaged_archives_are_named_in_errors(built, tmp_path):
         list(iter_shard_samples([str(cut)]))
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"not a tar" * 100)
-    with pytest.raises(ValueError, match=r"junk.tar: not a readable tar archive"):
-        index_tar(junk)
+    with pytest.raises(DataError, match=r"junk.tar: damaged tar archive or not a tar"):
+        tar_samples(junk)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

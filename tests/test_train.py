@@ -362,10 +362,10 @@ def test_default_run_learns_and_writes_its_outputs(trained_model_dir):
 @pytest.mark.parametrize("engine", ["deepspeed", "torch"])
 def test_gpu_bf16_training_runs_with_dali_and_reports_mfu(tmp_path, engine):
     """bf16 on CUDA: DeepSpeed ZeRO-2 (bf16 weights, fp32 master) or torch autocast, DALI data, MFU from the table."""
-    from bioclip_fast.data.loader import _dali_import_error
+    from bioclip_fast.data.decode_dali import dali_import_error
 
-    if _dali_import_error() is not None:  # as test_loader: a GPU host may lack DALI
-        pytest.skip(f"DALI unavailable: {_dali_import_error()}")
+    if dali_import_error() is not None:  # as test_loader: a GPU host may lack DALI
+        pytest.skip(f"DALI unavailable: {dali_import_error()}")
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
     cfg = resolve_config({"model": "bioclip-tiny", "engine": engine, "precision": "bf16", "batch_size": 64,

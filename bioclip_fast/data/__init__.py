@@ -1,5 +1,7 @@
-"""Data pipeline: TreeOfLife-layout shards (`shards`), the bundled butterflies (`bundled`), batch loading on DALI
-or CPU (`loader`, `dali`, `cpu`) and experience replay (`replay`).
+"""Data pipeline: TreeOfLife-layout shards (`shards`), the bundled butterflies (`bundled`), the shard index the
+loader reads samples through (`index`, built from tar headers walked by `tar`), batch loading (`loader`, made of
+`shard_set`, `epoch_plan` and `batch_reader`) with JPEG decode on DALI or the CPU (`decode_dali`, `decode_cpu`), and
+experience replay (`replay`).
 
 Names are resolved lazily so `make-shards` and the bundled-data helpers do not import torch.
 """

@@ -14,8 +14,9 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +83,25 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _build_once(target: Path, build: Callable[[Path], Any]) -> None:
+    """Make the cache directory `target` unless it is complete (has its MANIFEST): `build(tmp)` fills a temporary
+    directory beside it, renamed into place, under a lock file (concurrent callers build it once)."""
+    if (target / MANIFEST).is_file():
+        return
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / MANIFEST).is_file():  # another process may have finished while we waited
+            return
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            build(tmp)
+            if target.exists():  # a half-built dir from a killed process without the manifest
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _build_id(rows: Sequence[Mapping[str, str]]) -> str:
     h = hashlib.sha1(f"{BUILD_VERSION}/{SAMPLES_PER_SHARD}/{VAL_FRACTION}/{SPLIT_SEED}".encode())
     for r in rows:
@@ -100,23 +120,15 @@ def default_shards(split: str = "train", *, workers: int | None = None, progress
     root = butterflies_root()
     rows = read_metadata(root / "metadata.csv")
     target = cache_dir() / f"leeds_butterflies-{_build_id(rows)}" / split_name
-    manifest = target / MANIFEST
-    if not manifest.is_file():
-        with _file_lock(target.parent / f".{split_name}.lock"):
-            if not manifest.is_file():  # another process may have finished while we waited
-                train, val = _split(rows)
-                part = {"train": train, "val": val, "all": rows}[split_name]
-                tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{split_name}."))
-                try:
-                    make_shards(root, part, tmp, samples_per_shard=SAMPLES_PER_SHARD,
-                                workers=workers if workers is not None else min(4, os.cpu_count() or 1),
-                                image_size=224, progress=progress)
-                    if target.exists():  # a half-built dir from a killed process without the manifest
-                        shutil.rmtree(target)
-                    os.replace(tmp, target)
-                finally:
-                    if tmp.exists():
-                        shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(tmp: Path) -> None:
+        train, val = _split(rows)
+        part = {"train": train, "val": val, "all": rows}[split_name]
+        make_shards(root, part, tmp, samples_per_shard=SAMPLES_PER_SHARD,
+                    workers=workers if workers is not None else min(4, os.cpu_count() or 1),
+                    image_size=224, progress=progress)
+
+    _build_once(target, build)
     return sorted(str(p) for p in target.glob("shard-*.tar"))
 
 
@@ -152,16 +164,5 @@ def replay_shards(*, progress: bool = False) -> list[str]:
     root = butterflies_root()
     rows = read_metadata(root / "metadata.csv")
     target = cache_dir() / f"leeds_butterflies-{_build_id(rows)}" / "replay"
-    if not (target / MANIFEST).is_file():
-        with _file_lock(target.parent / ".replay.lock"):
-            if not (target / MANIFEST).is_file():
-                tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".replay."))
-                try:
-                    build_bundled_replay(tmp, progress=progress)
-                    if target.exists():
-                        shutil.rmtree(target)
-                    os.replace(tmp, target)
-                finally:
-                    if tmp.exists():
-                        shutil.rmtree(tmp, ignore_errors=True)
+    _build_once(target, lambda tmp: build_bundled_replay(tmp, progress=progress))
     return sorted(str(p) for p in target.glob("*.tar"))

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from bioclip_fast.data.tar import member_key, walk_tar
 from bioclip_fast.errors import DataError
+from bioclip_fast.fileio import atomic_save, atomic_write_json
 from bioclip_fast.taxonomy import TEXT_TYPE_KEYS, TEXT_TYPES, Taxon, taxon_from_texts
 
 INDEX_FORMAT = "bioclip_fast/index/1"
@@ -36,127 +38,8 @@ CLASS_TABLE_FORMAT = "bioclip_fast/class-table/1"
 CLASS_FIELDS = ("kingdom", "phylum", "class", "order", "family", "genus", "species", "common_name")
 SIDECAR_SUFFIX = ".bfidx.npz"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_TEXT_BYTES = 64 * 1024  # text members larger than this are skipped (not captions)
 # caption member of each of the five training text types (the reference's text type -> member mapping)
 CAPTION_MEMBERS = tuple(TEXT_TYPE_KEYS[tt] for tt in TEXT_TYPES)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# tar header walking
-# ---------------------------------------------------------------------------------------------------------------------
-def tar_number(field: bytes) -> int:
-    """A tar header's numeric field (octal, or GNU base-256)."""
-    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    s = field.split(b"\0", 1)[0].strip()
-    return int(s, 8) if s else 0
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        sp = data.find(b" ", pos)
-        if sp < 0:
-            break
-        n = int(data[pos:sp])
-        rec = data[sp + 1 : pos + n - 1].decode("utf-8", "replace")
-        k, _, v = rec.partition("=")
-        out[k] = v
-        pos += n
-    return out
-
-
-class _Reader:
-    """pread-based reader that counts the bytes it requests (the benchmark's 'bytes read')."""
-
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-        self.bytes_read = 0
-
-    def read(self, n: int, off: int) -> bytes:
-        b = os.pread(self.fd, n, off)
-        self.bytes_read += len(b)
-        return b
-
-    def close(self):
-        os.close(self.fd)
-
-
-def walk_tar(path: str, want_text=lambda ext: ext.endswith("txt")):
-    """Yield (member name, data offset, size, text bytes | None) for regular files, reading headers and only the
-    payloads `want_text(ext)` accepts (<= MAX_TEXT_BYTES). Returns the reader's byte count via StopIteration.value."""
-    r = _Reader(path)
-    try:
-        off = 0
-        block = r.read(512, 0)
-        long_name: str | None = None
-        pax: dict[str, str] = {}
-        zero_blocks = 0
-        if 0 < len(block) < 512:
-            raise DataError(f"{path}: not a tar archive ({r.size} bytes, shorter than one tar header)")
-        while len(block) == 512:
-            if block == b"\0" * 512:
-                zero_blocks += 1
-                if zero_blocks == 2:
-                    break
-                off += 512
-                block = r.read(512, off)
-                continue
-            zero_blocks = 0
-            try:
-                chk = tar_number(block[148:156])
-                size = tar_number(block[124:136])
-            except ValueError:
-                chk, size = -1, 0
-            if chk != sum(block[:148]) + 256 + sum(block[156:]):
-                raise DataError(f"{path}: damaged tar archive or not a tar (bad header at byte {off})")
-            typ = block[156:157]
-            name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if block[257:262] == b"ustar":
-                prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-                if prefix:
-                    name = prefix + "/" + name
-            data_off = off + 512
-            padded = (size + 511) & ~511
-            nxt = data_off + padded
-            if nxt > r.size:
-                raise DataError(f"{path}: damaged tar archive (member {name!r} runs past the end of the file; "
-                                "truncated?)")
-            if typ in (b"L", b"x", b"g"):  # GNU long name / pax headers: read their (small) payload
-                payload = r.read(padded + 512, data_off)
-                if typ == b"L":
-                    long_name = payload[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
-                elif typ == b"x":
-                    pax = _pax_records(payload[:size])
-                off, block = nxt, payload[padded:]
-                continue
-            if long_name is not None:
-                name, long_name = long_name, None
-            if "path" in pax:
-                name = pax["path"]
-            if "size" in pax:
-                size = int(pax["size"])
-                padded = (size + 511) & ~511
-                nxt = data_off + padded
-            pax = {}
-            text = None
-            if typ in (b"0", b"\0", b"7"):
-                base = name.rsplit("/", 1)[-1]
-                dot = base.find(".")
-                ext = base[dot + 1 :] if dot > 0 else ""
-                if ext and size <= MAX_TEXT_BYTES and want_text(ext):
-                    chunk = r.read(padded + 512, data_off)  # payload + the next header in one call
-                    text = chunk[:size]
-                    yield name, data_off, size, text
-                    off, block = nxt, chunk[padded:]
-                    continue
-                yield name, data_off, size, None
-            off = nxt
-            block = r.read(512, off)  # seek over the payload: image bytes are never read
-        return r.bytes_read
-    finally:
-        r.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,16 +87,13 @@ class ShardIndex:
                 "head": self.head, "keys": self.keys, "taxa": self.taxa, "strings": self.strings,
                 "text_types": list(TEXT_TYPES)}
         blob = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), dtype=np.uint8)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, meta=blob, img_off=self.img_off, img_size=self.img_size, img_ext=self.img_ext,
                          txt_off=self.txt_off, txt_size=self.txt_size, taxon=self.taxon, captions=self.captions)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_save(path, write, mkdir=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ShardIndex":
@@ -263,11 +143,10 @@ def index_shard(path: str | os.PathLike) -> ShardIndex:
     try:
         while True:
             name, off, size, text = next(gen)
-            base = name.rsplit("/", 1)[-1]
-            dot = base.find(".")
-            if dot <= 0:
+            split = member_key(name)
+            if split is None:
                 continue  # hidden or extension-less files are not samples (as in webdataset)
-            key, ext = name[: len(name) - len(base)] + base[:dot], base[dot + 1 :]
+            key, ext = split
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}, {}))
             samples[-1][1][ext] = (off, size)
@@ -557,19 +436,17 @@ def save_class_table(out: str | os.PathLike, manifest: dict[str, Any], arrays: d
     files, written = {}, []
     for key, arr in arrays.items():
         path = out / f"{INDEX_MANIFEST.rsplit('.', 1)[0]}.{token}.{key}.npy"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_save(path, lambda tmp: _save_npy(tmp, arr), mkdir=False)
         files[key] = path.name
         written.append(path)
     manifest["class_table"] = {"format": CLASS_TABLE_FORMAT, "num_classes": int(len(arrays["counts"])),
                                "files": files}
     return written
+
+
+def _save_npy(tmp: Path, arr: np.ndarray) -> None:
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
 
 
 def write_index_manifest(out: str | os.PathLike, manifest: dict[str, Any]) -> None:
@@ -579,7 +456,7 @@ def write_index_manifest(out: str | os.PathLike, manifest: dict[str, Any]) -> No
     out = Path(out)
     arrays = class_arrays(manifest.pop("classes"), [s.pop("classes") for s in manifest["shards"]])
     written = {p.name for p in save_class_table(out, manifest, arrays)}
-    _atomic_json(out / INDEX_MANIFEST, manifest)
+    atomic_write_json(out / INDEX_MANIFEST, manifest, mkdir=False, separators=(",", ":"))
     stem = INDEX_MANIFEST.rsplit(".", 1)[0] + "."
     for old in out.glob(stem + "*.npy"):
         if old.name not in written:
@@ -598,17 +475,6 @@ def load_class_table(index_dir: str | os.PathLike, manifest: dict[str, Any] | No
     if "class_table" in m:
         return ClassTable.open(index_dir, m)
     return ClassTable(class_arrays(m["classes"], [s.get("classes", []) for s in m["shards"]]))
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def index_shards(shards, out: str | os.PathLike | None = None, *, workers: int = 1, progress: bool = True,

@@ -3,12 +3,15 @@
 Output of `make_shards(image_root, csv, out_dir)`:
 
     shard-000000.tar    samples `<key>.jpg` + the ten TreeOfLife text members (`<key>.sci.txt`, ...)
-    shard-000000.idx    DALI `wds2idx` index (v1.2): per sample "ext offset size name ..." for random access
-    shard-000000.json   our sidecar: keys, class index per sample (into the manifest's classes), skipped images
+    shard-000000.idx    DALI `wds2idx` index (v1.2, `write_dali_index`): per sample "ext offset size name ...", for
+                        DALI's own `fn.readers.webdataset`; our loader does not read it
+    shard-000000.json   build record: keys, class index per sample (into the manifest's classes), skipped images
     manifest.json       counts per shard, classes (taxa) with counts, skipped images, the build config
+    shard-000000.tar.bfidx.npz, bioclip_index.json (+ its class table)
+                        the shard index the loader reads (`bioclip_fast.data.index`; with `index=True`, the default)
 
 A shard is a fixed chunk of `samples_per_shard` CSV rows, so a rerun with `resume=True` rebuilds only the shards
-whose sidecar is missing (the sidecar is renamed into place last). Unreadable images are skipped and listed.
+whose build record is missing (the record is renamed into place last). Unreadable images are skipped and listed.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from bioclip_fast.data.shardspec import resolve_shards  # noqa: F401 - the one resolver, re-exported
+from bioclip_fast.data.tar import add_member, member_key, tar_samples
 from bioclip_fast.errors import DataError
+from bioclip_fast.fileio import atomic_save, atomic_write_text
 from bioclip_fast.taxonomy import RANKS, SHARD_TEXT_KEYS, Taxon, taxon_from_texts
 
 FORMAT = "bioclip_fast/shards/1"
 MANIFEST = "manifest.json"
-IDX_VERSION = "v1.2"
+DALI_IDX_VERSION = "v1.2"
 REQUIRED_COLUMNS = ("image",)
 TAXON_COLUMNS = RANKS + ("scientific_name",)
 # columns a full metadata CSV has (the bundled metadata.csv); a missing one is an error unless allowed
@@ -186,39 +190,8 @@ def _encode_task(args: tuple[str, int, str, int]) -> tuple[bytes | None, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# tar + index writing
+# the DALI `.idx` index (for `fn.readers.webdataset`; the loader reads through the shard index, `data.index`)
 # ---------------------------------------------------------------------------------------------------------------------
-def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible archives: same input -> same bytes
-    info.mode = 0o644
-    tf.addfile(info, io.BytesIO(data))
-
-
-def index_tar(tar_path: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
-    """[(key, [(ext, data offset, size, member name), ...]), ...] in archive order (what `wds2idx` records)."""
-    samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
-    try:
-        tf = tarfile.open(tar_path, "r:")
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{tar_path}: not a readable tar archive ({e})") from None
-    with _tar_errors(tar_path), tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            dot = base.find(".")
-            if dot <= 0:
-                continue  # hidden or extension-less files are not samples (as in webdataset)
-            prefix = m.name[: len(m.name) - len(base)]
-            key, ext = prefix + base[:dot], base[dot + 1 :]
-            if not samples or samples[-1][0] != key:
-                samples.append((key, []))
-            samples[-1][1].append((ext, m.offset_data, m.size, m.name))
-    return samples
-
-
 @contextlib.contextmanager
 def _tar_errors(path):
     """Name the shard in errors from a truncated or damaged archive."""
@@ -228,23 +201,23 @@ def _tar_errors(path):
         raise ValueError(f"{path}: damaged tar archive ({type(e).__name__}: {e})") from None
 
 
-def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> Path:
+def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> Path:
     """Write the DALI `fn.readers.webdataset` index (same format as DALI's `wds2idx`) for a tar shard."""
     tar_path = Path(tar_path)
     idx_path = Path(idx_path) if idx_path is not None else tar_path.with_suffix(".idx")
-    samples = index_tar(tar_path)
+    samples = tar_samples(tar_path)
     if not samples:
         raise ValueError(f"{tar_path}: no samples; DALI cannot index an empty shard")
-    lines = [f"{IDX_VERSION} {len(samples)}"]
+    lines = [f"{DALI_IDX_VERSION} {len(samples)}"]
     for _, members in samples:
         if any(" " in name for *_, name in members):
             raise ValueError(f"{tar_path}: member names with spaces cannot be indexed: {members[0][3]!r}")
         lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in members))
-    _atomic_write_text(idx_path, "\n".join(lines) + "\n")
+    atomic_write_text(idx_path, "\n".join(lines) + "\n")
     return idx_path
 
 
-def read_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+def read_dali_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Parse a DALI webdataset index: [(key, {ext: (offset, size)}), ...]."""
     idx_path = Path(idx_path)
     with idx_path.open() as f:
@@ -268,17 +241,6 @@ def read_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[i
     if len(out) != int(head[1]):
         raise ValueError(f"{idx_path}: header says {head[1]} samples, found {len(out)} (truncated index?)")
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,12 +327,12 @@ def make_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (len(rows) + samples_per_shard - 1) // samples_per_shard
 
-    def sidecar(i: int) -> Path:
+    def build_record(i: int) -> Path:
         return out_dir / f"shard-{i:06d}.json"
 
     pending = []
     for i in range(n_shards):
-        sc = sidecar(i)
+        sc = build_record(i)
         if resume and sc.exists():
             try:
                 meta = json.loads(sc.read_text())
@@ -407,33 +369,30 @@ def make_shards(
             ]
             results = pool.map(_encode_task, tasks, chunksize=8) if pool else map(_encode_task, tasks)
             tar_path = out_dir / f"shard-{i:06d}.tar"
-            fd, tmp_tar = tempfile.mkstemp(dir=out_dir, prefix=f".{tar_path.name}.", suffix=".tmp")
-            os.close(fd)
             written_keys, labels, skipped = [], [], []
-            try:
-                with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+
+            def write_tar(tmp: Path) -> None:
+                with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
                     for j, (data, err) in zip(range(lo, hi), results):
                         pbar.update(1)
                         if data is None:
                             skipped.append({"image": rows[j]["image"], "line": rows[j].get("_line"), "error": err})
                             continue
-                        _add_member(tf, f"{keys[j]}.jpg", data)
+                        add_member(tf, f"{keys[j]}.jpg", data)
                         for member, text in taxa[j].shard_texts().items():
-                            _add_member(tf, f"{keys[j]}.{member}", text.encode())
+                            add_member(tf, f"{keys[j]}.{member}", text.encode())
                         written_keys.append(keys[j])
                         labels.append(class_index[taxa[j].label])
-                if written_keys:
-                    os.replace(tmp_tar, tar_path)
-                    write_index(tar_path)
-                else:
-                    for p in (tar_path, tar_path.with_suffix(".idx"), Path(str(tar_path) + ".bfidx.npz")):
-                        p.unlink(missing_ok=True)
-            finally:
-                if os.path.exists(tmp_tar):
-                    os.unlink(tmp_tar)
+
+            atomic_save(tar_path, write_tar, mkdir=False)
+            if written_keys:
+                write_dali_index(tar_path)
+            else:  # every image of the chunk was skipped: no tar (nor one left by an earlier build)
+                for p in (tar_path, tar_path.with_suffix(".idx"), Path(str(tar_path) + ".bfidx.npz")):
+                    p.unlink(missing_ok=True)
             meta = {"format": FORMAT, "fingerprint": fp, "count": len(written_keys), "keys": written_keys,
                     "labels": labels, "skipped": skipped}
-            _atomic_write_text(sidecar(i), json.dumps(meta))  # last: marks the shard complete for resume
+            atomic_write_text(build_record(i), json.dumps(meta))  # last: marks the shard complete for resume
     finally:
         pbar.close()
         if pool:
@@ -442,7 +401,7 @@ def make_shards(
     shards, skipped_all = [], []
     class_counts = [0] * len(class_labels)
     for i in range(n_shards):
-        meta = json.loads(sidecar(i).read_text())
+        meta = json.loads(build_record(i).read_text())
         skipped_all.extend(meta["skipped"])
         for lab in meta["labels"]:
             class_counts[lab] += 1
@@ -468,7 +427,7 @@ def make_shards(
         "skipped": skipped_all,
         "seconds": round(time.time() - t0, 2),
     }
-    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     if index:  # the loader's shard index (offsets, taxa, caption members): no header scan at training startup
         from bioclip_fast.data.index import index_shards
 
@@ -488,11 +447,10 @@ def iter_shard_samples(shards: str | os.PathLike | Iterable[str | os.PathLike]) 
             for m in tf:
                 if not m.isreg():
                     continue
-                base = m.name.rsplit("/", 1)[-1]
-                dot = base.find(".")
-                if dot <= 0:
+                split = member_key(m.name)
+                if split is None:
                     continue
-                key, ext = m.name[: len(m.name) - len(base)] + base[:dot], base[dot + 1 :]
+                key, ext = split
                 if current is None or current["key"] != key:
                     if current is not None:
                         yield _finish_sample(current)

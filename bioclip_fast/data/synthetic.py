@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bioclip_fast.data.tar import add_member
 from bioclip_fast.taxonomy import Taxon
+
+MTIME = 1_700_000_000  # member mtime of these tars (a plain `tarfile` writer's would be a real time)
 
 TAXA = [
     Taxon("Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus", "plexippus", "Monarch"),
@@ -33,26 +36,19 @@ def jpeg_bytes(seed: int, size: int = 24, quality: int = 80) -> bytes:
     return out.getvalue()
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 1_700_000_000
-    tf.addfile(info, io.BytesIO(data))
-
-
 def write_tol_shard(path: str | os.PathLike, samples: Sequence[Mapping], *, fmt=tarfile.USTAR_FORMAT) -> Path:
     """Write a TreeOfLife-layout tar. Each sample: {"key", "taxon" (Taxon), "jpg" (bytes), optional
     "override" {member: text} (replaces members), optional "drop" [members] (omits members)}."""
     path = Path(path)
     with tarfile.open(path, "w", format=fmt) as tf:
         for s in samples:
-            _add(tf, f"{s['key']}.jpg", s["jpg"])
+            add_member(tf, f"{s['key']}.jpg", s["jpg"], mtime=MTIME)
             texts = dict(s["taxon"].shard_texts())
             texts.update(s.get("override", {}))
             for member in s.get("drop", ()):
                 texts.pop(member, None)
             for member, text in texts.items():
-                _add(tf, f"{s['key']}.{member}", text.encode())
+                add_member(tf, f"{s['key']}.{member}", text.encode(), mtime=MTIME)
     return path
 
 

@@ -89,9 +89,9 @@ def validate_static(cfg: TrainConfig) -> None:
                 "(pip install 'bioclip_fast[train]')")
     _check_device(cfg.device)
     if cfg.data_backend == "dali":
-        from bioclip_fast.data.loader import _dali_import_error
+        from bioclip_fast.data.decode_dali import dali_import_error
 
-        why = _dali_import_error()
+        why = dali_import_error()
         if why is not None:
             bad(f"data_backend=dali but NVIDIA DALI cannot be imported ({why}); use --data-backend cpu or auto")
     if cfg.eval_at_end or cfg.eval_every:

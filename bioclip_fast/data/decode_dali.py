@@ -4,15 +4,17 @@ loader's device is the CPU (`device_id=None`), which is what CI runs.
 
 Why not `fn.readers.webdataset` + `fn.random_resized_crop`: the reader's shuffling cannot reproduce a given
 position, so it cannot give the exact mid-epoch resume, equal per-rank batch counts and corrupt-sample replacement
-the loader promises, and its crops differ from the CPU backend's. Reading bytes by offset (from the same DALI
-`.idx` files) is a few microseconds per sample and runs in the loader's worker processes; they also validate the
-JPEG structure, so a corrupt sample never reaches nvJPEG, and compute the crop boxes (torchvision's
-RandomResizedCrop algorithm) from seeded uniforms. DALI then does all pixel work: ROI decode (only the crop is
-decoded), resize, normalize. `benchmarks/bench_decode.py` also measures the plain `fn.readers.webdataset` reader.
+the loader promises, and its crops differ from the CPU backend's. Reading bytes by offset (the shard index's
+sidecars, `bioclip_fast.data.index`, not DALI's `.idx` files) is a few microseconds per sample and runs in the
+loader's worker processes (`batch_reader`); they also validate the JPEG structure, so a corrupt sample never reaches
+nvJPEG, and compute the crop boxes (torchvision's RandomResizedCrop algorithm) from seeded uniforms. DALI then does
+all pixel work: ROI decode (only the crop is decoded), resize, normalize. `benchmarks/bench_decode.py` also measures
+the plain `fn.readers.webdataset` reader (through the `.idx` files `make-shards` writes).
 """
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 from typing import Any
@@ -21,6 +23,22 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def dali_import_error() -> str | None:
+    """Why NVIDIA DALI cannot be imported here ("ExcType: message"), or None when it can (checked once)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.fn  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported (the loader's `backend="auto"` picks it on a CUDA device)."""
+    return dali_import_error() is None
 
 
 def _build_pipeline(source, *, batch_size: int, size: int, mean, std, device_id: int | None, num_threads: int,
@@ -156,7 +174,7 @@ class DaliDecoder:
         return self._pipes
 
     def _cpu_part(self, inputs, keys: list[str], skipped: list[str]):
-        from bioclip_fast.data.cpu import CorruptImage, decode_crop_resize
+        from bioclip_fast.data.decode_cpu import CorruptImage, decode_crop_resize
 
         keep, images = [], []
         for i, (jpeg, anchor, shape) in enumerate(zip(*inputs)):
