@@ -34,13 +34,8 @@ CLI_LAYER = 7
 
 KNOWN_CIRCLES = {
     frozenset({"bioclip_fast.hub", "bioclip_fast.model"}),
-    # ops.precision -> (lazy) ops.dispatch -> (importlib) kernels.* -> kernels._pairwise -> ops.precision
-    frozenset({"bioclip_fast.kernels._pairwise", "bioclip_fast.kernels.clip_loss", "bioclip_fast.kernels.siglip_loss",
-               "bioclip_fast.ops.dispatch", "bioclip_fast.ops.precision"}),
 }
-KNOWN_UPWARD = {
-    ("bioclip_fast.kernels._pairwise", "bioclip_fast.ops.precision"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bioclip_fast.ops.precision import input_precision
+from bioclip_fast.kernels.precision import input_precision
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
