@@ -16,32 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
-from bioclip_fast.kernels._pairwise import (
-    INTERPRET_FWD_CONFIG,
-    MODE_SIGLIP,
-    autotuned,
-    check_features,
-    check_scalar,
-    chunk_pairs,
-    compute_operand,
-    dot_precision,
-    fwd_chunks,
-    fwd_configs,
-    launch,
-    mma,
-    pairwise_bwd_both,
-    pairwise_flops,
-    prune_fwd,
-    size_bucket,
-    target_programs,
-    tile_dot,
-)
+from bioclip_fast.kernels.autotune import (INTERPRET_FWD_CONFIG, autotuned, fwd_configs, launch, prune_fwd, size_bucket,
+                                           target_programs)
+from bioclip_fast.kernels.backward import pairwise_bwd_both
+from bioclip_fast.kernels.operands import chunk_pairs
+from bioclip_fast.kernels.planner import fwd_chunks, pairwise_flops
+from bioclip_fast.kernels.precision import dot_precision
+from bioclip_fast.kernels.tiles import MODE_SIGLIP, mma, tile_dot
+from bioclip_fast.kernels.validation import check_features, check_scalar, compute_operand
 
 __all__ = ["siglip_fwd", "siglip_bwd", "flops"]
 
 
 @triton.jit
-def _siglip_fwd_kernel(
+def siglip_fwd_kernel(
     Q, K, SCALE, BIAS, PART,
     Bq, Bk, offset, n_splits,
     B_BUCKET,  # autotune key only
@@ -88,8 +76,8 @@ def _siglip_fwd_kernel(
     tl.store(PART + pid_m * n_splits + pid_h, tl.sum(acc, 0))
 
 
-_siglip_fwd_tuned = autotuned(
-    _siglip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
+siglip_fwd_tuned = autotuned(
+    siglip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
     key=["B_BUCKET", "D", "PREC"], prune=prune_fwd,
     reset_to_zero=["PART"],  # one slot per (row block, split): configs with more row blocks write more slots
 )
@@ -123,7 +111,7 @@ def _siglip_fwd_launch(q, k, scale32, bias32, offset: int) -> torch.Tensor:
     def grid(META):
         return (triton.cdiv(Bq, META["BLOCK_M"]), H)
 
-    launch(_siglip_fwd_kernel, _siglip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
+    launch(siglip_fwd_kernel, siglip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
     # Partials are O(B/BLOCK_M * H) numbers: sum them in float64 so the total does not depend on the split.
     return part.double().sum()
 
