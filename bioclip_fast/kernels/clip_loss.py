@@ -55,7 +55,7 @@ from bioclip_fast.kernels.operands import chunk_pairs
 from bioclip_fast.kernels.planner import fwd_chunks, pairwise_flops
 from bioclip_fast.kernels.precision import dot_precision
 from bioclip_fast.kernels.tiles import MODE_CLIP_DIR, MODE_CLIP_SYM, load_rows, mma
-from bioclip_fast.kernels.validation import check_features, check_scalar, check_vector, compute_operand
+from bioclip_fast.kernels.validation import check_loss_inputs, check_vector, compute_operand, grad_loss_tensor
 
 __all__ = ["clip_sym_fwd", "clip_sym_bwd", "clip_dir_fwd", "clip_dir_bwd", "flops"]
 
@@ -245,19 +245,6 @@ def _target(dev):
     return target_programs(dev)
 
 
-def _prep(q, k, scale, bias):
-    q, k = check_features(q, k)
-    scale32 = check_scalar(scale, "scale", q.device)
-    bias32 = check_scalar(bias, "bias", q.device, optional=True)
-    return q, k, scale32, bias32
-
-
-def _grad_tensor(grad_loss, device):
-    if not isinstance(grad_loss, torch.Tensor):
-        return torch.tensor(float(grad_loss), device=device, dtype=torch.float32)
-    return check_scalar(grad_loss, "grad_loss", device)
-
-
 def _scalar_grads(ds, db, scale, bias):
     dscale = ds.reshape(scale.shape).to(torch.float32)
     dbias = db.reshape(bias.shape).to(torch.float32) if bias is not None else None
@@ -272,7 +259,7 @@ def clip_sym_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     S_jj))``, ``lse_row_i = logsumexp_j S_ij``, ``lse_col_j = logsumexp_i S_ij``. ``compute``: the products'
     dtype when it differs from the features' (fp32 features, bf16/fp16 tensor-core products; cast per chunk).
     """
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"symmetric CLIP loss needs as many rows in q ({q.shape[0]}) as in k ({k.shape[0]})")
     lse_row, lse_col, pos = _clip_fwd(q, k, scale32, bias32, 0, col_stats=True, op_dtype=compute_operand(q, compute))
@@ -287,13 +274,13 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, need_q: bool = 
     ``G = (0.5 * (P_row + P_col) - I) / B * grad_loss`` with ``P_row = exp(S - lse_row)``, ``P_col = exp(S -
     lse_col)``; ``dq = scale G k``, ``dk = scale G^T q``, ``dscale = sum G * (q k^T)``, ``dbias = sum G``.
     """
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     B = q.shape[0]
     if k.shape[0] != B:
         raise ValueError(f"symmetric CLIP loss needs as many rows in q ({B}) as in k ({k.shape[0]})")
     lse_row = check_vector(lse_row, "lse_row", B, q.device)
     lse_col = check_vector(lse_col, "lse_col", B, q.device)
-    g = _grad_tensor(grad_loss, q.device)
+    g = grad_loss_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse_row, lse_col, g, offset=0, inv_n=1.0 / B,
                                        mode=MODE_CLIP_SYM, need_q=need_q, need_k=need_k,
                                        op_dtype=compute_operand(q, compute))
@@ -314,7 +301,7 @@ def clip_dir_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     """One direction of the CLIP loss: rows q [Bq, D] against columns k [Bk, D], positive of row i at column
     ``i + offset`` (multi-GPU local loss: offset = rank * Bq). Returns ``(loss, lse)``, ``loss = mean_i(lse_i -
     S_{i, i+offset})``."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     _check_offset(offset, q.shape[0], k.shape[0])
     lse, _, pos = _clip_fwd(q, k, scale32, bias32, offset, col_stats=False, op_dtype=compute_operand(q, compute))
     return (lse - pos).mean(), lse
@@ -324,11 +311,11 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, need_q: bool = 
                  compute: torch.dtype | None = None):
     """Gradients of ``clip_dir_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)`` with ``G = (P - onehot) / Bq *
     grad_loss``."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     Bq, Bk = q.shape[0], k.shape[0]
     _check_offset(offset, Bq, Bk)
     lse = check_vector(lse, "lse", Bq, q.device)
-    g = _grad_tensor(grad_loss, q.device)
+    g = grad_loss_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse, None, g, offset=offset, inv_n=1.0 / Bq,
                                        mode=MODE_CLIP_DIR, need_q=need_q, need_k=need_k,
                                        op_dtype=compute_operand(q, compute))

@@ -23,7 +23,7 @@ from bioclip_fast.kernels.operands import chunk_pairs
 from bioclip_fast.kernels.planner import fwd_chunks, pairwise_flops
 from bioclip_fast.kernels.precision import dot_precision
 from bioclip_fast.kernels.tiles import MODE_SIGLIP, mma, tile_dot
-from bioclip_fast.kernels.validation import check_features, check_scalar, compute_operand
+from bioclip_fast.kernels.validation import check_loss_inputs, compute_operand, grad_loss_tensor
 
 __all__ = ["siglip_fwd", "siglip_bwd", "flops"]
 
@@ -88,13 +88,6 @@ def _check_offset(offset):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
 
 
-def _prep(q, k, scale, bias):
-    q, k = check_features(q, k)
-    scale32 = check_scalar(scale, "scale", q.device)
-    bias32 = check_scalar(bias, "bias", q.device, optional=True)
-    return q, k, scale32, bias32
-
-
 def _siglip_fwd_launch(q, k, scale32, bias32, offset: int) -> torch.Tensor:
     """One launch over q [Bq, D] x k [Bk, D] (operands as given): the float64 sum of its loss terms."""
     Bq, D = q.shape
@@ -122,7 +115,7 @@ def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torc
     """SigLIP loss of rows q [Bq, D] against columns k [Bk, D] (fp32 scalar tensor). ``compute``: the products'
     dtype when it differs from the features' (fp32 features, bf16/fp16 products): q and k are cast per (row x
     column) chunk within the memory budget (``fwd_chunks``), one launch per chunk pair."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     _check_offset(offset)
     Bq, D = q.shape
     Bk = k.shape[0]
@@ -139,13 +132,10 @@ def siglip_bwd(q, k, scale, bias, offset: int, grad_loss, need_q: bool = True, n
                compute: torch.dtype | None = None):
     """Gradients of ``siglip_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)``, with
     ``dS_ij = -z_ij * sigmoid(-z_ij * S_ij) / Bq * grad_loss``, ``dscale = sum dS * (q k^T)``, ``dbias = sum dS``."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     _check_offset(offset)
     Bq = q.shape[0]
-    if isinstance(grad_loss, torch.Tensor):
-        g = check_scalar(grad_loss, "grad_loss", q.device)
-    else:
-        g = torch.tensor(float(grad_loss), device=q.device, dtype=torch.float32)
+    g = grad_loss_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, None, None, g, offset=offset, inv_n=1.0 / Bq,
                                        mode=MODE_SIGLIP, need_q=need_q, need_k=need_k,
                                        op_dtype=compute_operand(q, compute))

@@ -53,6 +53,21 @@ def check_vector(t: torch.Tensor, name: str, n: int, device: torch.device) -> to
     return t.detach().to(torch.float32).contiguous()
 
 
+def check_loss_inputs(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """A launcher's features and scalars checked: contiguous q, k and fp32 scale, bias (None stays None)."""
+    q, k = check_features(q, k)
+    scale32 = check_scalar(scale, "scale", q.device)
+    bias32 = check_scalar(bias, "bias", q.device, optional=True)
+    return q, k, scale32, bias32
+
+
+def grad_loss_tensor(grad_loss, device: torch.device) -> torch.Tensor:
+    """The upstream gradient of a loss as an fp32 one-element tensor on ``device`` (a Python number is accepted)."""
+    if not isinstance(grad_loss, torch.Tensor):
+        return torch.tensor(float(grad_loss), device=device, dtype=torch.float32)
+    return check_scalar(grad_loss, "grad_loss", device)
+
+
 def compute_operand(q: torch.Tensor, compute: torch.dtype | None) -> torch.dtype | None:
     """The products' dtype when it differs from the features': only fp32 features are cast (per chunk)."""
     if compute is None or compute == q.dtype:
