@@ -1,5 +1,5 @@
-"""Build the C++ CPU path (csrc/) as ``bioclip_fast._C`` and ship the Triton kernels (kernels/) as
-``bioclip_fast.kernels``.
+"""Build the C++ CPU path (csrc/) as ``bioclip_fast._C``; the Triton kernels ship in the package
+(``bioclip_fast/kernels/``).
 
 The extension is plain pybind11 over raw ``data_ptr()`` buffers (no ``<torch/extension.h>``), so it builds in
 seconds and needs no torch at build time. It is built once per instruction set and chosen at run time (cpuid), never
@@ -44,7 +44,6 @@ setup(
         "bioclip_fast.eval",
         "bioclip_fast.analysis",
     ],
-    package_dir={"bioclip_fast.kernels": "kernels"},
     package_data={"bioclip_fast": ["assets/**/*", "assets/*"]},
     include_package_data=True,
     ext_modules=ext_modules,

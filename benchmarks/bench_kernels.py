@@ -130,7 +130,7 @@ def _loss64(kind, q, k, scale, bias, offset, chunk=1024):
 
 
 def run_case(kind, B, D, dtype_name, bwd_strategy, args):
-    from bioclip_fast.kernels import _pairwise, clip_loss, siglip_loss
+    from bioclip_fast.kernels import backward_fused, clip_loss, planner, siglip_loss
 
     os.environ["BIOCLIP_FAST_BWD"] = bwd_strategy
     dtype = _dtype(dtype_name)
@@ -164,9 +164,9 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
     flop_fwd = 2 * Bq * Bk * D
     loss = saved[0] if isinstance(saved, tuple) else saved
     op_elem = 2 if compute is not None else q.element_size()
-    actual = _pairwise.bwd_plan(Bq, Bk, D, op_elem, q.device.type, grads_fp32=q.dtype == torch.float32,
+    actual = planner.bwd_plan(Bq, Bk, D, op_elem, q.device.type, grads_fp32=q.dtype == torch.float32,
                                 cast=compute is not None)[0]
-    cfgs = list(_pairwise._pairwise_bwd_tuned.cache.values())
+    cfgs = list(backward_fused.pairwise_bwd_tuned.cache.values())
     slices = max((-(-D // (c.kwargs["NUM_ACC"] * c.kwargs["BLOCK_DO"])) for c in cfgs), default=1)
     rec = {
         "kind": kind, "bwd": bwd_strategy, "B": B, "Bq": Bq, "Bk": Bk, "D": D, "dtype": dtype_name,
@@ -180,9 +180,9 @@ def run_case(kind, B, D, dtype_name, bwd_strategy, args):
         "extra_mem_fwd_mb": None if extra_fwd is None else extra_fwd / 2**20,
         "extra_mem_bwd_mb": None if extra_bwd is None else extra_bwd / 2**20,
         "autotune_and_compile_s": tune_s,
-        "fwd_config": str(getattr(clip_loss._clip_fwd_tuned if kind != "siglip" else siglip_loss._siglip_fwd_tuned,
+        "fwd_config": str(getattr(clip_loss.clip_fwd_tuned if kind != "siglip" else siglip_loss.siglip_fwd_tuned,
                                   "best_config", None)),
-        "bwd_configs": sorted({str(c) for c in _pairwise._pairwise_bwd_tuned.cache.values()}),
+        "bwd_configs": sorted({str(c) for c in backward_fused.pairwise_bwd_tuned.cache.values()}),
         "loss": float(loss),
     }
     if B <= args.check_max_b:

@@ -17,12 +17,12 @@ the others still run):
   decode    DALI vs PIL decode throughput (only when nvidia.dali imports)
   train     a short ViT-L/14 training benchmark (torch engine when DeepSpeed is absent)
 
-Every step runs with a scratch folder as its working directory (never the repository root: ``python -m`` would put
-the source ``bioclip_fast/``, which has no ``kernels/``, first on ``sys.path``) and a package tree first on
-``PYTHONPATH`` that maps ``kernels/`` to ``bioclip_fast.kernels`` as setup.py does; the repository root comes after
-it (for ``tests``). Needs on the host: Python >= 3.10, torch with CUDA, triton >= 3.6. No package index:
-pure-Python packages (pytest, open_clip_torch, inf-cl, ...) come in ``--site DIR`` (``*.whl`` go on
-``PYTHONPATH`` as zip archives, ``DIR`` itself too).
+Every step runs with a scratch folder as its working directory (never the repository root) and a package tree
+first on ``PYTHONPATH`` holding this checkout's ``bioclip_fast/`` (the Triton kernels included), so an installed
+copy of another version is never the one measured; the repository root comes after it (for ``tests``). Needs on
+the host: Python >= 3.10, torch with CUDA, triton >= 3.6. No package index: pure-Python packages (pytest,
+open_clip_torch, inf-cl, ...) come in ``--site DIR`` (``*.whl`` go on ``PYTHONPATH`` as zip archives, ``DIR``
+itself too).
 
 Output, at most 5 files directly in OUTDIR, rewritten after every step (a run cut short keeps what it has):
 ``gpu_check.json`` (environment, per step: command, exit code, seconds, status, log tail, outputs),
@@ -97,14 +97,13 @@ def site_paths(sites: list[str]) -> list[str]:
 
 
 def package_tree() -> str:
-    """A folder to put first on PYTHONPATH in which ``bioclip_fast`` is this checkout's source with ``kernels/``
-    mapped to ``bioclip_fast.kernels`` (as setup.py does): symlinks, so a built ``_C`` extension comes along."""
+    """A folder to put first on PYTHONPATH in which ``bioclip_fast`` is this checkout's source (its kernels in
+    ``bioclip_fast/kernels/``): symlinks, so a built ``_C`` extension comes along."""
     tree = Path(tempfile.mkdtemp(prefix="bioclip_fast_src_"))
     pkg = tree / "bioclip_fast"
     pkg.mkdir()
     for entry in (ROOT / "bioclip_fast").iterdir():
         (pkg / entry.name).symlink_to(entry)
-    (pkg / "kernels").symlink_to(ROOT / "kernels")
     return str(tree)
 
 
@@ -115,14 +114,15 @@ def package_root(python: str, env: dict) -> tuple[str | None, str]:
 
 def probe_package(python: str, env: dict, cwd: str) -> dict:
     """Where ``bioclip_fast`` and ``bioclip_fast.kernels`` import from in a step's environment and working folder."""
-    code = ("import json, bioclip_fast, bioclip_fast.kernels._pairwise as p\n"
+    code = ("import json, bioclip_fast, bioclip_fast.kernels.clip_loss as p\n"
             "print(json.dumps({'bioclip_fast': bioclip_fast.__file__, 'kernels': p.__file__}))\n")
     proc = subprocess.run([python, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
     try:
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         return {"error": ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]}
-    info["kernels_from_checkout"] = Path(info["kernels"]).resolve().is_relative_to((ROOT / "kernels").resolve())
+    checkout = (ROOT / "bioclip_fast" / "kernels").resolve()
+    info["kernels_from_checkout"] = Path(info["kernels"]).resolve().is_relative_to(checkout)
     return info
 
 
@@ -199,7 +199,7 @@ def write_env(path: str) -> int:
         info["torch_error"] = repr(exc)
     try:
         import bioclip_fast
-        import bioclip_fast.kernels._pairwise as kp
+        import bioclip_fast.kernels.clip_loss as kp
 
         info["bioclip_fast"] = bioclip_fast.__file__
         info["bioclip_fast.kernels"] = kp.__file__
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         (work / name).mkdir(exist_ok=True)
     package = probe_package(args.python, step_env("env", env, args.rehearse), str(work / "env"))
     if not package.get("kernels_from_checkout"):
-        print(f"gpu_check: error: bioclip_fast.kernels does not import from {ROOT / 'kernels'}: {package}",
+        print(f"gpu_check: error: bioclip_fast.kernels does not import from {ROOT / 'bioclip_fast' / 'kernels'}: {package}",
               file=sys.stderr)
         shutil.rmtree(tree, ignore_errors=True)
         return 2

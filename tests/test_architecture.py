@@ -1,8 +1,8 @@
 """The package's layering, read from its source: no new import circle, no new import from a lower layer to a higher one.
 
 The module graph is built from every ``import`` / ``from … import`` statement and every
-``importlib.import_module("<literal>")`` call in ``bioclip_fast/`` and ``kernels/`` (mapped in as
-``bioclip_fast.kernels``), wherever it stands (module level or inside a function: a lazy import is still a
+``importlib.import_module("<literal>")`` call in ``bioclip_fast/`` (the Triton kernels included:
+``bioclip_fast/kernels/``), wherever it stands (module level or inside a function: a lazy import is still a
 dependency). Importing the package root for one of its submodules (``from bioclip_fast import errors``) counts as an
 edge to that submodule, not to the root.
 
@@ -34,25 +34,20 @@ CLI_LAYER = 7
 
 KNOWN_CIRCLES = {
     frozenset({"bioclip_fast.hub", "bioclip_fast.model"}),
-    # ops.precision -> (lazy) ops.dispatch -> (importlib) kernels.* -> kernels._pairwise -> ops.precision
-    frozenset({"bioclip_fast.kernels._pairwise", "bioclip_fast.kernels.clip_loss", "bioclip_fast.kernels.siglip_loss",
-               "bioclip_fast.ops.dispatch", "bioclip_fast.ops.precision"}),
 }
-KNOWN_UPWARD = {
-    ("bioclip_fast.kernels._pairwise", "bioclip_fast.ops.precision"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for base, pkg in ((REPO / "bioclip_fast", "bioclip_fast"), (REPO / "kernels", "bioclip_fast.kernels")):
-        for path in sorted(base.rglob("*.py")):
-            if "assets" in path.parts or "__pycache__" in path.parts:
-                continue
-            parts = list(path.relative_to(base).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            mods[".".join([pkg, *parts])] = path
+    base = REPO / "bioclip_fast"
+    for path in sorted(base.rglob("*.py")):
+        if "assets" in path.parts or "__pycache__" in path.parts:
+            continue
+        parts = list(path.relative_to(base).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(["bioclip_fast", *parts])] = path
     return mods
 
 

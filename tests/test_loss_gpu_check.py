@@ -76,14 +76,14 @@ def test_bad_site_and_usage_are_one_line_errors(tmp_path):
     assert proc.returncode == 2 and "gpu_check.sh OUTDIR" in proc.stdout
 
 
-def test_site_wheels_import_and_source_tree_maps_kernels(tmp_path):
+def test_site_wheels_import_and_source_tree_holds_the_kernels(tmp_path):
     gc = _load_gpu_check()
     paths = gc.site_paths([str(_site(tmp_path))])
     code = "import tinypkg, wheelpkg; print(tinypkg.VALUE + wheelpkg.VALUE)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "3", out.stderr
-    # Without an installed bioclip_fast (here: an isolated interpreter), a symlink tree maps kernels/ like setup.py.
+    # Without an installed bioclip_fast (here: an isolated interpreter), a symlink tree holds the checkout's source.
     iso = tmp_path / "iso.sh"
     iso.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')  # no site-packages: nothing installed
     iso.chmod(0o755)
@@ -91,7 +91,7 @@ def test_site_wheels_import_and_source_tree_maps_kernels(tmp_path):
     if tree is None:
         pytest.skip("bioclip_fast imports even in isolated mode (installed into the interpreter itself)")
     assert how == "symlink tree"
-    assert (Path(tree) / "bioclip_fast" / "kernels" / "_pairwise.py").exists()
+    assert (Path(tree) / "bioclip_fast" / "kernels" / "clip_loss.py").exists()
     assert (Path(tree) / "bioclip_fast" / "loss.py").exists()
 
 
@@ -143,7 +143,7 @@ def test_kernel_step_cases_parse_and_skip_gemm2d_without_fp32_features(tmp_path)
 def test_rehearsal_runs_every_step_on_cpu_and_packs_the_results(tmp_path):
     """``gpu_check.sh OUT --rehearse``: every step on CPU (Triton under the interpreter on the GPU's launch path,
     tiny sizes) with the GPU run's processes, working folders, environment and packaging. Before: the steps ran
-    in the repository root, where ``python -m`` imports the source ``bioclip_fast/`` (no ``kernels/``): pytest
+    in the repository root, where ``python -m`` imported the source ``bioclip_fast/`` (then without its kernels): pytest
     collected nothing and the ladder timed the torch reference as "ours"."""
     import tarfile
 

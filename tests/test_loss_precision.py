@@ -103,12 +103,12 @@ def assert_flash_attention_rule(kind, name, ours, truth, torch32):
 def _force_gemm_backward(monkeypatch, strategy):
     """The Triton GEMM-assisted backwards (the CUDA defaults for wide D) with small ragged chunks: ``gemm`` (column
     chunks, fp32 dQ accumulator) or ``gemm2d`` (row x column chunks into the fp32 gradients)."""
-    from bioclip_fast.kernels import _pairwise
+    from bioclip_fast.kernels import planner
 
     monkeypatch.setenv("BIOCLIP_FAST_BWD", strategy)
-    monkeypatch.setattr(_pairwise, "BWD_MEMORY_BYTES", 1)
-    monkeypatch.setattr(_pairwise, "_MIN_CHUNK", 48)
-    monkeypatch.setattr(_pairwise, "gemm2d_chunks", lambda *a, **kw: (48, 56))
+    monkeypatch.setattr(planner, "BWD_MEMORY_BYTES", 1)
+    monkeypatch.setattr(planner, "MIN_CHUNK", 48)
+    monkeypatch.setattr(planner, "gemm2d_chunks", lambda *a, **kw: (48, 56))
 
 
 @pytest.mark.parametrize("image_noise", [0.05, 10.0], ids=["near-dup-images", "random-images"])
@@ -275,11 +275,11 @@ def test_trainer_call_gets_bf16_tensor_cores_on_cuda():
 
 def test_triton_dot_precision_follows_the_operand_dtype(monkeypatch):
     triton = pytest.importorskip("triton")  # noqa: F841
-    from bioclip_fast.kernels import _pairwise
+    from bioclip_fast.kernels import precision as kernel_precision
 
-    assert _pairwise.dot_precision(torch.bfloat16) == ""
+    assert kernel_precision.dot_precision(torch.bfloat16) == ""
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert _pairwise.dot_precision(torch.float32) == "tf32x3"
+    assert kernel_precision.dot_precision(torch.float32) == "tf32x3"
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
@@ -360,16 +360,16 @@ def test_finite_check_on_an_accelerator_never_reads_the_flag_on_the_host(monkeyp
 def test_triton_backward_skips_the_dk_kernel_when_k_needs_no_grad(monkeypatch):
     """gather_with_grad=False hands the loss columns without grad: only the dQ kernel runs (it also yields dscale)."""
     _triton_backend()
-    from bioclip_fast.kernels import _pairwise
+    from bioclip_fast.kernels import backward
 
     calls = []
-    real = _pairwise.pairwise_bwd
+    real = backward.pairwise_bwd
 
     def spy(X, Y, *a, **kw):
         calls.append(kw["x_is_rows"])
         return real(X, Y, *a, **kw)
 
-    monkeypatch.setattr(_pairwise, "pairwise_bwd", spy)
+    monkeypatch.setattr(backward, "pairwise_bwd", spy)
     q, k = near_duplicate_batch(seed=7, image_noise=0.5)
     q = q[:20].clone().requires_grad_()
     s = torch.tensor(10.0, requires_grad=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bioclip_fast.kernels import _pairwise
+from bioclip_fast.kernels import autotune, backward_fused, backward_gemm, planner
 from bioclip_fast.kernels import clip_loss as CL
 from bioclip_fast.kernels import siglip_loss as SL
 
@@ -84,12 +84,12 @@ def _features(B, D, gen, normalize=True):
 def small_tiles(monkeypatch):
     """Interpreter tiles of 16 with a 16-wide, one-accumulator backward: exercises the D-sliced backward
     (several programs along D, logits recomputed per slice) and the multi-chunk D loop at tiny D."""
-    monkeypatch.setitem(_pairwise.INTERPRET_FWD_CONFIG, "BLOCK_M", 16)
-    monkeypatch.setitem(_pairwise.INTERPRET_FWD_CONFIG, "BLOCK_N", 16)
-    monkeypatch.setitem(_pairwise.INTERPRET_FWD_CONFIG, "BLOCK_D", 16)
+    monkeypatch.setitem(autotune.INTERPRET_FWD_CONFIG, "BLOCK_M", 16)
+    monkeypatch.setitem(autotune.INTERPRET_FWD_CONFIG, "BLOCK_N", 16)
+    monkeypatch.setitem(autotune.INTERPRET_FWD_CONFIG, "BLOCK_D", 16)
     for key, val in (("BLOCK_X", 16), ("BLOCK_Y", 16), ("BLOCK_D", 16), ("BLOCK_DO", 16), ("NUM_ACC", 1)):
-        monkeypatch.setitem(_pairwise.INTERPRET_BWD_CONFIG, key, val)
-    monkeypatch.setattr(_pairwise, "INTERPRET_TARGET_PROGRAMS", 9)
+        monkeypatch.setitem(autotune.INTERPRET_BWD_CONFIG, key, val)
+    monkeypatch.setattr(autotune, "INTERPRET_TARGET_PROGRAMS", 9)
 
 
 needs_interpreter_or_gpu = pytest.mark.skipif(
@@ -277,8 +277,8 @@ def test_results_are_deterministic_and_inputs_untouched():
 def gemm_backward(monkeypatch):
     """The GEMM-assisted backward with 16-column chunks (several chunks and a ragged last one)."""
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm")
-    monkeypatch.setattr(_pairwise, "BWD_MEMORY_BYTES", 1)
-    monkeypatch.setattr(_pairwise, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(planner, "BWD_MEMORY_BYTES", 1)
+    monkeypatch.setattr(planner, "MIN_CHUNK", 16)
 
 
 @needs_interpreter_or_gpu
@@ -319,36 +319,87 @@ def test_default_backward_fits_64mb_at_every_batch(D, elem, monkeypatch):
     within BIOCLIP_FAST_BWD_MEMORY_MB (64 MiB) from B = 1 to B = 1M, and uses the one-recompute GEMM backward where
     that fits (mid-size B at wide D)."""
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "auto")
-    monkeypatch.setattr(_pairwise, "interpreting", lambda: False)
+    monkeypatch.setattr(planner, "interpreting", lambda: False)
     budget = 64 * 2**20
     picked = set()
     for B in [1, 17, 1000, 4096, 16384, 32768, 65536, 262144, 1 << 20]:
-        strategy, chunk = _pairwise.bwd_plan(B, B, D, elem, "cuda", budget=budget)
-        extra = (_pairwise.gemm_extra_bytes(B, B, D, elem, chunk) if strategy == "gemm"
-                 else _pairwise.fused_extra_bytes(B, B, D))
+        strategy, chunk = planner.bwd_plan(B, B, D, elem, "cuda", budget=budget)
+        extra = (planner.gemm_extra_bytes(B, B, D, elem, chunk) if strategy == "gemm"
+                 else planner.fused_extra_bytes(B, B, D))
         assert extra <= budget, (B, D, elem, strategy, chunk, extra / 2**20)
         if strategy == "gemm":
-            assert chunk >= min(B, _pairwise._MIN_CHUNK)
+            assert chunk >= min(B, planner.MIN_CHUNK)
         picked.add(strategy)
     assert "fused" in picked  # B = 1M never fits a fp32 [B, D] accumulator
     if D > 128:
         assert "gemm" in picked, D
-    assert _pairwise.bwd_plan(32768, 32768, 768, 2, "cpu")[0] == "fused"  # Triton on CPU: interpreter only
+    assert planner.bwd_plan(32768, 32768, 768, 2, "cpu")[0] == "fused"  # Triton on CPU: interpreter only
     # The old floor (256 columns) alone was a 512 MiB workspace at B = 1M; a forced gemm still honours it.
-    s, c = _pairwise.bwd_plan(1 << 20, 1 << 20, 768, 2, "cuda", budget=budget, choice="gemm")
+    s, c = planner.bwd_plan(1 << 20, 1 << 20, 768, 2, "cuda", budget=budget, choice="gemm")
     assert s == "gemm" and c == 256
+
+
+_PLANNER_ALONE = r"""
+import json, sys
+
+
+class NoTritonNoTorch:  # the planner must import and plan on a machine that has neither
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("triton", "torch"):
+            raise ImportError(f"{name} is not importable here")
+
+
+sys.meta_path.insert(0, NoTritonNoTorch())
+from bioclip_fast.kernels import planner
+
+plans = []
+for B, D, elem, fp32 in json.loads(sys.argv[1]):
+    plans.append([planner.bwd_plan(B, B, D, elem, "cuda", 64 * 2**20, grads_fp32=fp32, cast=fp32 and elem == 2),
+                  planner.fwd_chunks(B, B, D, elem, True, 64 * 2**20), planner.pairwise_flops(B, B, D)])
+print(json.dumps(plans))
+"""
+
+
+def test_memory_planner_plans_without_triton_or_torch(monkeypatch):
+    """``kernels.planner`` is pure Python: in a process where importing triton or torch fails it imports and makes
+    the same plans (strategy, chunks, forward chunks, FLOPs) as here, where both are loaded."""
+    import json
+    import subprocess
+    import sys
+
+    import triton
+
+    cases = [[B, D, elem, fp32] for B in (1, 1000, 32768, 1 << 20) for D in (64, 768) for elem in (2, 4)
+             for fp32 in (False, True)]
+    env = dict(os.environ, TRITON_INTERPRET="0", BIOCLIP_FAST_BWD="auto")
+    env.pop("BIOCLIP_FAST_BWD_MEMORY_MB", None)
+    proc = subprocess.run([sys.executable, "-c", _PLANNER_ALONE, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setenv("BIOCLIP_FAST_BWD", "auto")
+    monkeypatch.setattr(planner, "interpreting", lambda: False)
+    want = [[list(planner.bwd_plan(B, B, D, elem, "cuda", 64 * 2**20, grads_fp32=fp32, cast=fp32 and elem == 2)),
+             list(planner.fwd_chunks(B, B, D, elem, True, 64 * 2**20)), planner.pairwise_flops(B, B, D)]
+            for B, D, elem, fp32 in cases]
+    got = [[[s, list(c) if isinstance(c, list) else c], f, n] for (s, c), f, n in json.loads(proc.stdout)]
+    want = [[[s, list(c) if isinstance(c, tuple) else c], f, n] for (s, c), f, n in want]
+    assert got == want
+    assert {p[0][0] for p in got} == {"fused", "gemm", "gemm2d"}  # the grid reaches every strategy
+    for a in range(0, 600, 7):
+        for b in (1, 16, 128, 129):
+            assert planner.cdiv(a, b) == triton.cdiv(a, b)
 
 
 def test_backward_strategy_choice(monkeypatch):
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "fused")
-    assert _pairwise.bwd_strategy(768, torch.device("cuda")) == "fused"
+    assert planner.bwd_strategy(768, torch.device("cuda")) == "fused"
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm")
-    assert _pairwise.bwd_strategy(16, torch.device("cpu")) == "gemm"
+    assert planner.bwd_strategy(16, torch.device("cpu")) == "gemm"
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "auto")
-    assert _pairwise.bwd_strategy(64, torch.device("cpu")) == "fused"
+    assert planner.bwd_strategy(64, torch.device("cpu")) == "fused"
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "fast")
     with pytest.raises(ValueError, match="BIOCLIP_FAST_BWD"):
-        _pairwise.bwd_strategy(64, torch.device("cpu"))
+        planner.bwd_strategy(64, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,7 +444,7 @@ def test_flops_helpers():
 def test_autotune_config_lists_cover_every_width():
     """Every D gets at least one config; backward configs cover D within <= 4 register accumulators."""
     for D in (1, 16, 70, 128, 200, 256, 512, 768, 1024, 2048):
-        fwd, bwd = _pairwise.fwd_configs(D), _pairwise.bwd_configs(D)
+        fwd, bwd = autotune.fwd_configs(D), autotune.bwd_configs(D)
         assert fwd and bwd, D
         for c in fwd:
             assert c.kwargs["BLOCK_D"] >= 16 and c.kwargs["BLOCK_D"] & (c.kwargs["BLOCK_D"] - 1) == 0
@@ -496,9 +547,9 @@ def test_gpu_memory_is_linear_in_batch(strategy, monkeypatch):
     dq, dk, ds, _ = CL.clip_sym_bwd(q, k, scale, None, lr, lc, 1.0)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - dq.nbytes - dk.nbytes
-    chunk = _pairwise.bwd_plan(B, B, D, 2, "cuda", choice=strategy)[1]
-    budget = 16 * 2**20 + (_pairwise.gemm_extra_bytes(B, B, D, 2, chunk) if strategy == "gemm"
-                           else _pairwise.BWD_MEMORY_BYTES)
+    chunk = planner.bwd_plan(B, B, D, 2, "cuda", choice=strategy)[1]
+    budget = 16 * 2**20 + (planner.gemm_extra_bytes(B, B, D, 2, chunk) if strategy == "gemm"
+                           else planner.BWD_MEMORY_BYTES)
     assert extra < budget, f"extra memory {extra / 2**20:.1f} MiB"
     assert torch.isfinite(loss) and torch.isfinite(dq.float()).all()
 
@@ -513,7 +564,7 @@ def test_gpu_trainer_path_one_recompute_within_64mb(B):
     from bioclip_fast.ops.clip_loss import clip_sym_loss
 
     D = 768
-    assert _pairwise.bwd_plan(B, B, D, 2, "cuda", grads_fp32=True, cast=True)[0] == "gemm2d"
+    assert planner.bwd_plan(B, B, D, 2, "cuda", grads_fp32=True, cast=True)[0] == "gemm2d"
     gen = torch.Generator(device="cuda").manual_seed(3)
     q0 = F.normalize(torch.randn(B, D, device="cuda", generator=gen), dim=-1)
     k0 = F.normalize(q0 + 0.3 * torch.randn(B, D, device="cuda", generator=gen), dim=-1)
@@ -528,7 +579,7 @@ def test_gpu_trainer_path_one_recompute_within_64mb(B):
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - q.grad.nbytes - k.grad.nbytes
-    assert extra <= _pairwise.BWD_MEMORY_BYTES + 16 * 2**20, f"extra memory {extra / 2**20:.1f} MiB"
+    assert extra <= planner.BWD_MEMORY_BYTES + 16 * 2**20, f"extra memory {extra / 2**20:.1f} MiB"
     assert q.grad.dtype == torch.float32
     qb, kb = q0.clone().requires_grad_(), k0.clone().requires_grad_()
     loss_b = CL.clip_sym_fwd(qb.bfloat16(), kb.bfloat16(), scale)[0]
@@ -554,8 +605,6 @@ def test_default_configs_compile_for_hopper_without_spills(tmp_path):
     import subprocess
     import sys
 
-    from bioclip_fast.kernels import _pairwise as P
-
     import triton
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -576,7 +625,7 @@ def test_default_configs_compile_for_hopper_without_spills(tmp_path):
     # one exp2 per logit in the forward's fast path: MUFU.EX2 per logit (both paths counted) stays small
     fwd = [r for r in reports if r["kernel"].startswith("clip_fwd dir")]
     assert fwd and fwd[0]["mufu_ex2_per_logit"] <= 1.5, fwd
-    assert P.fwd_configs(768)[0].kwargs["BLOCK_M"] == 64  # the spill-free default
+    assert autotune.fwd_configs(768)[0].kwargs["BLOCK_M"] == 64  # the spill-free default
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,8 +667,8 @@ def gemm2d_backward(monkeypatch):
     """The (row x column)-chunked backward with ragged chunks smaller than the interpreter's 32-wide tiles' sums:
     several chunks on both axes, positives crossing chunk borders."""
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm2d")
-    real = _pairwise.gemm2d_chunks
-    monkeypatch.setattr(_pairwise, "gemm2d_chunks", lambda *a, **kw: (24, 40))
+    real = planner.gemm2d_chunks
+    monkeypatch.setattr(planner, "gemm2d_chunks", lambda *a, **kw: (24, 40))
     return real
 
 
@@ -705,38 +754,38 @@ def test_fp32_gradients_get_one_recompute_within_64mb_at_every_batch(D, cast, mo
     one-recompute gemm2d backward at every B from 1 to 1M for D > 128, its extra memory within 64 MiB, with chunks
     of at least 256 rows and columns; the forward's per-chunk casts fit the same budget."""
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "auto")
-    monkeypatch.setattr(_pairwise, "interpreting", lambda: False)
+    monkeypatch.setattr(planner, "interpreting", lambda: False)
     budget = 64 * 2**20
     elem = 2 if cast else 4
     for Bq, Bk in [(1, 1), (17, 17), (1000, 1000), (4096, 4096), (16384, 16384), (32768, 32768), (65536, 65536),
                    (1 << 20, 1 << 20), (2816, 32 * 2816), (320, 1 << 20)]:
-        strategy, chunks = _pairwise.bwd_plan(Bq, Bk, D, elem, "cuda", budget=budget, grads_fp32=True, cast=cast)
+        strategy, chunks = planner.bwd_plan(Bq, Bk, D, elem, "cuda", budget=budget, grads_fp32=True, cast=cast)
         if strategy == "gemm2d":
             rows, cols = chunks
             assert rows >= min(Bq, 256) and cols >= min(Bk, 256), (Bq, D, chunks)
-            extra = _pairwise.gemm2d_extra_bytes(Bq, Bk, D, elem, cast, rows, cols)
+            extra = planner.gemm2d_extra_bytes(Bq, Bk, D, elem, cast, rows, cols)
         else:
             assert D <= 128 and strategy == "fused", (Bq, D, strategy)
-            extra = _pairwise.fused_extra_bytes(Bq, Bk, D) + ((Bq + Bk) * D * elem if cast else 0)
+            extra = planner.fused_extra_bytes(Bq, Bk, D) + ((Bq + Bk) * D * elem if cast else 0)
         assert extra <= budget, (Bq, Bk, D, strategy, chunks, extra / 2**20)
         if D > 128:
             assert strategy == "gemm2d", (Bq, D, strategy)
-        rows, cols = _pairwise.fwd_chunks(Bq, Bk, D, elem, cast, budget)
-        fwd_extra = _pairwise.fwd_extra_bytes(Bq, Bk, D, elem, cast, rows, cols) if cast else 0
+        rows, cols = planner.fwd_chunks(Bq, Bk, D, elem, cast, budget)
+        fwd_extra = planner.fwd_extra_bytes(Bq, Bk, D, elem, cast, rows, cols) if cast else 0
         assert fwd_extra <= budget, (Bq, Bk, D, rows, cols)
         if cast and Bq >= 16384 and D >= 768:  # no launch smaller than ~4k x 4k at the scales that chunk
             assert min(rows, cols) >= 4096, (Bq, D, rows, cols)
     # bf16 gradients keep the old rule (no fp32 accumulator fits at B = 32k, D = 768)
-    assert _pairwise.bwd_plan(32768, 32768, 768, 2, "cuda", budget=budget)[0] == "fused"
-    assert _pairwise.bwd_plan(32768, 32768, 768, 2, "cuda", budget=budget, choice="gemm2d")[0] == "gemm"
+    assert planner.bwd_plan(32768, 32768, 768, 2, "cuda", budget=budget)[0] == "fused"
+    assert planner.bwd_plan(32768, 32768, 768, 2, "cuda", budget=budget, choice="gemm2d")[0] == "gemm"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The launch path a GPU takes: the autotuned wrappers with the GPU's config lists, pruning and benchmarking
 # ----------------------------------------------------------------------------------------------------------------
 
-_TUNED = (("clip_fwd", CL._clip_fwd_tuned), ("siglip_fwd", SL._siglip_fwd_tuned),
-          ("bwd", _pairwise._pairwise_bwd_tuned), ("grad_tile", _pairwise._grad_tile_tuned))
+_TUNED = (("clip_fwd", CL.clip_fwd_tuned), ("siglip_fwd", SL.siglip_fwd_tuned),
+          ("bwd", backward_fused.pairwise_bwd_tuned), ("grad_tile", backward_gemm.grad_tile_tuned))
 
 
 def _tile_programs(config, n=130):
@@ -794,11 +843,11 @@ def test_first_autotuned_call_is_correct_with_a_non_first_config_winning(kind, b
     dq, dk, dscale and dbias match float64. Before: KeyError 'D' in the prune functions, then partial sums left
     by other configs (dscale for every kind, SigLIP loss and dbias, one-direction dQ under gemm / gemm2d)."""
     monkeypatch.setenv("BIOCLIP_FAST_BWD", bwd)
-    monkeypatch.setattr(_pairwise, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(planner, "MIN_CHUNK", 16)
     if bwd == "gemm":
-        monkeypatch.setattr(_pairwise, "BWD_MEMORY_BYTES", 1)  # several column chunks
+        monkeypatch.setattr(planner, "BWD_MEMORY_BYTES", 1)  # several column chunks
     if bwd == "gemm2d":
-        monkeypatch.setattr(_pairwise, "gemm2d_chunks", lambda *a, **kw: (96, 100))
+        monkeypatch.setattr(planner, "gemm2d_chunks", lambda *a, **kw: (96, 100))
     gen = torch.Generator().manual_seed(17)
     Bq, Bk = (130, 130) if kind != "dir" else (130, 260)
     offset = 0 if kind == "sym" else (130 if kind == "dir" else 5)
@@ -827,13 +876,13 @@ def test_first_autotuned_call_is_correct_with_a_non_first_config_winning(kind, b
 
 _DK_ONLY = r"""
 import os, sys, torch
-from bioclip_fast.kernels import _pairwise, clip_loss as CL
-_pairwise._MIN_CHUNK = 16
+from bioclip_fast.kernels import clip_loss as CL, planner
+planner.MIN_CHUNK = 16
 os.environ["BIOCLIP_FAST_BWD"] = sys.argv[1]
 if sys.argv[1] == "gemm2d":
-    _pairwise.gemm2d_chunks = lambda *a, **kw: (48, 64)
+    planner.gemm2d_chunks = lambda *a, **kw: (48, 64)
 else:
-    _pairwise.BWD_MEMORY_BYTES = 1
+    planner.BWD_MEMORY_BYTES = 1
 g = torch.Generator().manual_seed(3)
 q = torch.nn.functional.normalize(torch.randn(100, 24, generator=g), dim=-1)
 k = torch.nn.functional.normalize(torch.randn(200, 24, generator=g), dim=-1)
@@ -867,7 +916,7 @@ def test_one_direction_without_dq_writes_no_row_sums(bwd):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_logits_tile_does_not_depend_on_operand_order(dtype, monkeypatch):
-    """The fused dK kernel forms its logits tile as K @ Q^T on CUDA (``_pairwise.qk_order``): that must round
+    """The fused dK kernel forms its logits tile as K @ Q^T on CUDA (``backward_fused.qk_order``): that must round
     every logit exactly as the forward's Q @ K^T does (each MMA / FMA entry accumulates over D in the same k order
     whichever operand comes first), or the column softmax no longer sums to 1 against the forward's LSEs. Checked
     bitwise against the kernel forced to the forward's order."""
@@ -880,7 +929,7 @@ def test_gpu_logits_tile_does_not_depend_on_operand_order(dtype, monkeypatch):
     _, lr, lc = CL.clip_sym_fwd(q, k, scale, None)
     out = []
     for order in (False, True):
-        monkeypatch.setattr(_pairwise, "qk_order", lambda dev, o=order: o)
+        monkeypatch.setattr(backward_fused, "qk_order", lambda dev, o=order: o)
         out.append(CL.clip_sym_bwd(q, k, scale, None, lr, lc, 1.0)[1])
     assert torch.equal(out[0], out[1])
 
@@ -948,11 +997,11 @@ def test_chunked_casts_and_partials_stay_within_the_memory_plan(monkeypatch):
     q, k = _features(B, D, gen), _features(B, D, gen)
     scale = torch.tensor(10.0)
     splits = 2  # the interpreter's (G, H) grid: INTERPRET_TARGET_PROGRAMS = 4
-    monkeypatch.setattr(_pairwise, "_REDUCE_COLS", 64)
+    monkeypatch.setattr(planner, "REDUCE_COLS", 64)
     budget = 80_000
-    rows, cols = _pairwise.fwd_chunks(B, B, D, 2, True, budget, splits=splits)
+    rows, cols = planner.fwd_chunks(B, B, D, 2, True, budget, splits=splits)
     assert rows < B and cols < B  # several launches
-    plan = _pairwise.fwd_extra_bytes(B, B, D, 2, True, rows, cols, splits=splits)
+    plan = planner.fwd_extra_bytes(B, B, D, 2, True, rows, cols, splits=splits)
     assert plan <= budget
     with _LiveBytes()(q, k, scale) as fwd:
         lr, lc, _ = CL._clip_fwd(q, k, scale, None, 0, True, op_dtype=torch.bfloat16, chunks=(rows, cols))
@@ -962,7 +1011,7 @@ def test_chunked_casts_and_partials_stay_within_the_memory_plan(monkeypatch):
 
     monkeypatch.setenv("BIOCLIP_FAST_BWD", "gemm2d")
     r2, c2 = 96, 100
-    monkeypatch.setattr(_pairwise, "gemm2d_chunks", lambda *a, **kw: (r2, c2))
+    monkeypatch.setattr(planner, "gemm2d_chunks", lambda *a, **kw: (r2, c2))
     with _LiveBytes()(q, k, scale, lr, lc) as bwd:
         CL.clip_sym_bwd(q, k, scale, None, lr, lc, 1.0, compute=torch.bfloat16)
     # the products' operands: one cast row chunk, one cast column chunk and the gradient tile workspace

@@ -12,39 +12,9 @@ from typing import Optional
 
 import torch
 
-from bioclip_fast.ops import dispatch
+from bioclip_fast.ops.backend_call import backend_impl, call_bwd, dbias_out, fake_grad, grad_out, out_dtype
 from bioclip_fast.ops.precision import compute_kw, operands
 from bioclip_fast.ops.validate import prepare_loss_inputs
-
-
-def _impl(backend: str, q: torch.Tensor):
-    return dispatch.get(dispatch.resolve(backend, q.device, q.dtype))
-
-
-def _out_dtype(q: torch.Tensor) -> torch.dtype:
-    """Losses / LSEs are fp32, float64 for float64 features (the reference computes those in float64)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _dbias_out(dbias: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-    # custom_op outputs cannot be None: without a bias, return zeros (autograd drops them).
-    return torch.zeros_like(scale) if dbias is None else dbias
-
-
-def _grad_out(g: Optional[torch.Tensor], like: torch.Tensor, needed: bool) -> torch.Tensor:
-    # A feature gradient autograd does not need is skipped by the backend; the op returns an empty placeholder.
-    if not needed:
-        return like.new_empty(0)
-    return g
-
-
-def _fake_grad(like: torch.Tensor, needed: bool) -> torch.Tensor:
-    return torch.empty_like(like) if needed else like.new_empty(0)
-
-
-def call_bwd(impl_fn, *args, need_q: bool, need_k: bool, compute: str = ""):
-    """Call a backend's backward; every backend skips the product of a feature gradient nobody needs."""
-    return impl_fn(*args, need_q=need_q, need_k=need_k, **compute_kw(compute))
 
 
 # ------------------------------------------------------------------------------------------------ symmetric
@@ -53,14 +23,14 @@ def clip_sym_fwd_op(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], backend: str,
     compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, lse_row, lse_col = _impl(backend, q).clip_sym_fwd(q.contiguous(), k.contiguous(), scale, bias,
-                                                            **compute_kw(compute))
+    loss, lse_row, lse_col = backend_impl(backend, q).clip_sym_fwd(q.contiguous(), k.contiguous(), scale, bias,
+                                                                   **compute_kw(compute))
     return loss.reshape(()), lse_row, lse_col
 
 
 @clip_sym_fwd_op.register_fake
 def _(q, k, scale, bias, backend, compute=""):
-    B, dt = q.shape[0], _out_dtype(q)
+    B, dt = q.shape[0], out_dtype(q)
     return q.new_empty((), dtype=dt), q.new_empty(B, dtype=dt), q.new_empty(B, dtype=dt)
 
 
@@ -78,14 +48,15 @@ def clip_sym_bwd_op(
     need_k: bool = True,
     compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, ds, db = call_bwd(_impl(backend, q).clip_sym_bwd, q.contiguous(), k.contiguous(), scale, bias, lse_row,
-                              lse_col, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
-    return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, _dbias_out(db, scale)
+    dq, dk, ds, db = call_bwd(backend_impl(backend, q).clip_sym_bwd, q.contiguous(), k.contiguous(), scale, bias,
+                              lse_row, lse_col, grad_loss.to(out_dtype(q)), need_q=need_q, need_k=need_k,
+                              compute=compute)
+    return grad_out(dq, q, need_q), grad_out(dk, k, need_k), ds, dbias_out(db, scale)
 
 
 @clip_sym_bwd_op.register_fake
 def _(q, k, scale, bias, lse_row, lse_col, grad_loss, backend, need_q=True, need_k=True, compute=""):
-    return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
+    return (fake_grad(q, need_q), fake_grad(k, need_k), torch.empty_like(scale),
             torch.empty_like(scale if bias is None else bias))
 
 
@@ -114,14 +85,14 @@ def clip_dir_fwd_op(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str,
     compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse = _impl(backend, q).clip_dir_fwd(q.contiguous(), k.contiguous(), scale, bias, offset,
-                                               **compute_kw(compute))
+    loss, lse = backend_impl(backend, q).clip_dir_fwd(q.contiguous(), k.contiguous(), scale, bias, offset,
+                                                      **compute_kw(compute))
     return loss.reshape(()), lse
 
 
 @clip_dir_fwd_op.register_fake
 def _(q, k, scale, bias, offset, backend, compute=""):
-    dt = _out_dtype(q)
+    dt = out_dtype(q)
     return q.new_empty((), dtype=dt), q.new_empty(q.shape[0], dtype=dt)
 
 
@@ -139,14 +110,14 @@ def clip_dir_bwd_op(
     need_k: bool = True,
     compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, ds, db = call_bwd(_impl(backend, q).clip_dir_bwd, q.contiguous(), k.contiguous(), scale, bias, lse,
-                              offset, grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
-    return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, _dbias_out(db, scale)
+    dq, dk, ds, db = call_bwd(backend_impl(backend, q).clip_dir_bwd, q.contiguous(), k.contiguous(), scale, bias, lse,
+                              offset, grad_loss.to(out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
+    return grad_out(dq, q, need_q), grad_out(dk, k, need_k), ds, dbias_out(db, scale)
 
 
 @clip_dir_bwd_op.register_fake
 def _(q, k, scale, bias, lse, offset, grad_loss, backend, need_q=True, need_k=True, compute=""):
-    return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
+    return (fake_grad(q, need_q), fake_grad(k, need_k), torch.empty_like(scale),
             torch.empty_like(scale if bias is None else bias))
 
 
@@ -182,7 +153,9 @@ def clip_sym_loss(
 ) -> torch.Tensor:
     """½(CE(S, diag) + CE(Sᵀ, diag)) with S = scale·q@kᵀ + bias, never materializing S. Differentiable in all.
     ``compute_dtype``: dtype of the products on CUDA (see ``bioclip_fast.ops.precision``)."""
-    scale_t, bias_t, _ = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=True)
+    scale_t, bias_t, _ = prepare_loss_inputs(q, k, scale, bias, backend=backend,
+                                             check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name,
+                                             same_batch=True)
     q, k, compute = operands(q, k, compute_dtype, backend)
     return clip_sym_fwd_op(q, k, scale_t, bias_t, backend, compute)[0]
 
@@ -201,6 +174,8 @@ def clip_dir_loss(
     compute_dtype="auto",
 ) -> torch.Tensor:
     """mean_i CE(S_i, i+offset) with S = scale·q@kᵀ + bias (q: local rows, k: e.g. all-gathered columns)."""
-    scale_t, bias_t, offset = prepare_loss_inputs(q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset)
+    scale_t, bias_t, offset = prepare_loss_inputs(q, k, scale, bias, backend=backend,
+                                                  check_finite_inputs=check_finite_inputs, q_name=q_name,
+                                                  k_name=k_name, same_batch=False, offset=offset)
     q, k, compute = operands(q, k, compute_dtype, backend)
     return clip_dir_fwd_op(q, k, scale_t, bias_t, offset, backend, compute)[0]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from bioclip_fast.kernels.precision import input_precision
+
 _NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 _ALLOWED = (torch.bfloat16, torch.float16, torch.float32)
@@ -57,14 +59,6 @@ def operand_dtype(input_dtype: torch.dtype, device_type: str, compute_dtype="aut
         ac = autocast_dtype if autocast_dtype is not None else _autocast_dtype(device_type)
         cd = ac if ac in _ALLOWED else input_dtype
     return cd
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for operands of ``dtype``: "" for bf16/fp16 (tensor cores, fp32 accumulation),
-    for fp32 the mode ``torch.set_float32_matmul_precision`` selects, like torch's own fp32 matmuls."""
-    if dtype != torch.float32:
-        return ""
-    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 def cuda_plan(input_dtype: torch.dtype, compute_dtype="auto", autocast_dtype: torch.dtype | None = None) -> dict:

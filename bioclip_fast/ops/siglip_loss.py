@@ -10,14 +10,9 @@ from typing import Optional
 
 import torch
 
-from bioclip_fast.ops import dispatch
-from bioclip_fast.ops.clip_loss import _fake_grad, _grad_out, _out_dtype, call_bwd
+from bioclip_fast.ops.backend_call import backend_impl, call_bwd, dbias_out, fake_grad, grad_out, out_dtype
 from bioclip_fast.ops.precision import compute_kw, operands
 from bioclip_fast.ops.validate import prepare_loss_inputs
-
-
-def _impl(backend: str, q: torch.Tensor):
-    return dispatch.get(dispatch.resolve(backend, q.device, q.dtype))
 
 
 @torch.library.custom_op("bioclip_fast::siglip_fwd", mutates_args=())
@@ -25,13 +20,13 @@ def siglip_fwd_op(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], offset: int, backend: str,
     compute: str = "",
 ) -> torch.Tensor:
-    return _impl(backend, q).siglip_fwd(q.contiguous(), k.contiguous(), scale, bias, offset,
-                                        **compute_kw(compute)).reshape(())
+    return backend_impl(backend, q).siglip_fwd(q.contiguous(), k.contiguous(), scale, bias, offset,
+                                               **compute_kw(compute)).reshape(())
 
 
 @siglip_fwd_op.register_fake
 def _(q, k, scale, bias, offset, backend, compute=""):
-    return q.new_empty((), dtype=_out_dtype(q))
+    return q.new_empty((), dtype=out_dtype(q))
 
 
 @torch.library.custom_op("bioclip_fast::siglip_bwd", mutates_args=())
@@ -47,14 +42,14 @@ def siglip_bwd_op(
     need_k: bool = True,
     compute: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, ds, db = call_bwd(_impl(backend, q).siglip_bwd, q.contiguous(), k.contiguous(), scale, bias, offset,
-                              grad_loss.to(_out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
-    return _grad_out(dq, q, need_q), _grad_out(dk, k, need_k), ds, (torch.zeros_like(scale) if db is None else db)
+    dq, dk, ds, db = call_bwd(backend_impl(backend, q).siglip_bwd, q.contiguous(), k.contiguous(), scale, bias,
+                              offset, grad_loss.to(out_dtype(q)), need_q=need_q, need_k=need_k, compute=compute)
+    return grad_out(dq, q, need_q), grad_out(dk, k, need_k), ds, dbias_out(db, scale)
 
 
 @siglip_bwd_op.register_fake
 def _(q, k, scale, bias, offset, grad_loss, backend, need_q=True, need_k=True, compute=""):
-    return (_fake_grad(q, need_q), _fake_grad(k, need_k), torch.empty_like(scale),
+    return (fake_grad(q, need_q), fake_grad(k, need_k), torch.empty_like(scale),
             torch.empty_like(scale if bias is None else bias))
 
 
@@ -89,7 +84,8 @@ def siglip_loss(
 ) -> torch.Tensor:
     """−(1/Bq)·Σ_ij logsigmoid(z_ij·(scale·q_i·k_j + bias)), z = +1 iff j == i + offset; never materializes S."""
     scale_t, bias_t, offset = prepare_loss_inputs(
-        q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name, same_batch=False, offset=offset, need_all_positives=False
+        q, k, scale, bias, backend=backend, check_finite_inputs=check_finite_inputs, q_name=q_name, k_name=k_name,
+        same_batch=False, offset=offset, need_all_positives=False,
     )
     q, k, compute = operands(q, k, compute_dtype, backend)
     return siglip_fwd_op(q, k, scale_t, bias_t, offset, backend, compute)

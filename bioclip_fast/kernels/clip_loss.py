@@ -7,37 +7,37 @@ it stores only log-sum-exp vectors. The backward recomputes each logits tile fro
 FLOPs (``flops()``): forward 2*Bq*Bk*D; forward + backward reported as 8*B^2*D for the symmetric loss (the
 kernels execute 10*B^2*D: the dQ and dK kernels each recompute the logits).
 
-Forward layout (``_clip_fwd_kernel``): a (G, H) grid. Program (g, h) owns a contiguous range of row blocks (group
+Forward layout (``clip_fwd_kernel``): a (G, H) grid. Program (g, h) owns a contiguous range of row blocks (group
 g) and a contiguous range of column blocks (split h). It reads each of its q row blocks once and streams its k
 column blocks; per row block it writes one row-LSE partial ``row_part[h, rows]``. For the symmetric loss it also
 merges the tile's column (max, sum-exp) into ``col_m/col_l[g, cols]``, a slice that only it touches (no atomics).
 A tiny torch log-sum-exp over H (rows) and G (columns) finishes the vectors. Extra memory is
 ``(H*Bq + 2*G*Bk) * 4`` bytes with G, H ~ sqrt(4 * #SMs); about 9 MB at B = 32k on an H100.
 
-Backward (``_pairwise.pairwise_bwd_both``), three strategies, ``BIOCLIP_FAST_BWD=auto|fused|gemm|gemm2d``:
+Backward (``backward.pairwise_bwd_both``), three strategies, ``BIOCLIP_FAST_BWD=auto|fused|gemm|gemm2d``:
 - ``gemm2d`` (fp32 features only; the products in bf16/fp16 with ``compute``, cast per chunk): for each (row
   chunk, column chunk) a Triton kernel writes G into a workspace and cuBLAS accumulates ``dQ_r += G k_c`` and
   ``dK_c += G^T q_r`` in place in the fp32 gradients: each logits tile computed once (6*B^2*D), extra memory
-  ``_pairwise.gemm2d_extra_bytes`` (workspace + the two chunk casts), within the budget at every B.
+  ``planner.gemm2d_extra_bytes`` (workspace + the two chunk casts), within the budget at every B.
 - ``gemm``: a Triton kernel writes G for a chunk of columns into a workspace and cuBLAS computes ``dQ += G k_c``
   (fp32 accumulator) and ``dK_c = G^T q``: each logits tile computed once (6*B^2*D backward FLOPs, two thirds in
-  cuBLAS); extra memory ``_pairwise.gemm_extra_bytes`` (workspace + 4*Bq*D accumulator).
+  cuBLAS); extra memory ``planner.gemm_extra_bytes`` (workspace + 4*Bq*D accumulator).
 - ``fused``: a dQ kernel over q row blocks streaming k and a dK kernel over k row blocks streaming q; each
   recomputes the logits tile, forms G in registers and accumulates ``G @ k`` / ``G^T @ q`` in fp32 registers.
   No atomics, deterministic, O(B) extra memory. For D > 512 a 64-row dX block no longer fits in registers without
   spills (ptxas), so the kernels split D in two slices (the logits recomputed per slice).
-- ``auto`` (``_pairwise.bwd_plan``): fp32 features -> ``gemm2d`` (D > 128, or wherever the other strategies'
+- ``auto`` (``planner.bwd_plan``): fp32 features -> ``gemm2d`` (D > 128, or wherever the other strategies'
   full casts would not fit); bf16/fp16 features -> ``gemm`` wherever its extra memory fits
   ``BIOCLIP_FAST_BWD_MEMORY_MB`` (64 MiB) on CUDA for D > 128, else ``fused``: within 64 MiB at every B.
   With bf16/fp16 gradients no single-recompute schedule fits a fixed budget at every B: whichever of dQ / dK is
   not owned by the program holding a tile has partial sums for all B rows live at some point (B*D values kept at
   more than bf16 precision); fp32 gradients are themselves that storage.
 Forward with ``compute`` (fp32 features, bf16/fp16 products): q and k are cast per (row x column) chunk within
-the budget (``_pairwise.fwd_chunks``: one launch up to B*D*2*2 <= budget), one launch per chunk pair, LSEs merged
+the budget (``planner.fwd_chunks``: one launch up to B*D*2*2 <= budget), one launch per chunk pair, LSEs merged
 in float64 and rounded once.
 Numerics (all backends): the owned softmax is renormalized (exactly for one-direction rows, to first order for the
 symmetric loss), probabilities are formed from ``t * scale + (bias - lse)`` in natural units, and the scale
-gradient is centred on each row's positive dot product (see ``_pairwise._pairwise_bwd_kernel``).
+gradient is centred on each row's positive dot product (see ``backward_fused.pairwise_bwd_kernel``).
 """
 from __future__ import annotations
 
@@ -47,37 +47,21 @@ import torch
 import triton
 import triton.language as tl
 
-from bioclip_fast.kernels._pairwise import (
-    INTERPRET_FWD_CONFIG,
-    MODE_CLIP_DIR,
-    autotuned,
-    _load_rows,
-    MODE_CLIP_SYM,
-    check_features,
-    check_scalar,
-    check_vector,
-    chunk_pairs,
-    compute_operand,
-    dot_precision,
-    fwd_chunks,
-    fwd_configs,
-    launch,
-    mma,
-    pairwise_bwd_both,
-    pairwise_flops,
-    prune_fwd,
-    reduce_lse,
-    size_bucket,
-    target_programs,
-)
+from bioclip_fast.kernels import planner
+from bioclip_fast.kernels.autotune import (INTERPRET_FWD_CONFIG, autotuned, fwd_configs, launch, prune_fwd, size_bucket,
+                                           target_programs)
+from bioclip_fast.kernels.backward import pairwise_bwd_both
+from bioclip_fast.kernels.operands import chunk_pairs
+from bioclip_fast.kernels.planner import fwd_chunks, pairwise_flops
+from bioclip_fast.kernels.precision import dot_precision
+from bioclip_fast.kernels.tiles import MODE_CLIP_DIR, MODE_CLIP_SYM, load_rows, mma
+from bioclip_fast.kernels.validation import check_loss_inputs, check_vector, compute_operand, grad_loss_tensor
 
 __all__ = ["clip_sym_fwd", "clip_sym_bwd", "clip_dir_fwd", "clip_dir_bwd", "flops"]
 
-_LN2 = 0.6931471805599453
-
 
 @triton.jit
-def _clip_fwd_kernel(
+def clip_fwd_kernel(
     Q, K, SCALE, BIAS, ROW_PART, COL_M, COL_L, POS,
     Bq, Bk, offset, n_groups, n_splits,
     B_BUCKET,  # autotune key only
@@ -113,7 +97,7 @@ def _clip_fwd_kernel(
         offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < Bq
         if NUM_D == 1:
-            q_tile = _load_rows(Q, offs_m, mask_m, 0, D, BLOCK_D)
+            q_tile = load_rows(Q, offs_m, mask_m, 0, D, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         tgt = offs_m + offset  # column of each row's positive
@@ -124,13 +108,13 @@ def _clip_fwd_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < Bk
             if NUM_D == 1:
-                k_tile = _load_rows(K, offs_n, mask_n, 0, D, BLOCK_D)
+                k_tile = load_rows(K, offs_n, mask_n, 0, D, BLOCK_D)
                 t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
             else:
                 t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for d0 in range(0, D, BLOCK_D):
-                    t = mma(_load_rows(Q, offs_m, mask_m, d0, D, BLOCK_D),
-                            tl.trans(_load_rows(K, offs_n, mask_n, d0, D, BLOCK_D)), t, PREC)
+                    t = mma(load_rows(Q, offs_m, mask_m, d0, D, BLOCK_D),
+                            tl.trans(load_rows(K, offs_n, mask_n, d0, D, BLOCK_D)), t, PREC)
             s2 = t * scale + bias
 
             # Positive logits S[i, i + offset]: only tiles the shifted diagonal crosses.
@@ -180,11 +164,23 @@ def _clip_fwd_kernel(
         tl.store(ROW_PART + n_splits.to(tl.int64) * Bq + rptr, l_i, mask=mask_m)
 
 
-_clip_fwd_tuned = autotuned(
-    _clip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
+clip_fwd_tuned = autotuned(
+    clip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
     key=["B_BUCKET", "D", "COL_STATS", "PREC"], prune=prune_fwd,
     restore_value=["COL_M", "COL_L"],  # read-modify-write buffers: benchmarking runs must not accumulate
 )
+
+
+def reduce_lse(m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Combine per-split (max, sum of exp below it) partials [S, N] (natural units) into the LSE [N], in float64
+    so the fp32 result is rounded once (``dtype=torch.float64``: not rounded, for a chunked forward that merges
+    several launches). Chunked over N: the float64 temporaries are bounded (``planner.reduce_lse_bytes``) at any B."""
+    out = torch.empty(m.shape[1], device=m.device, dtype=dtype)
+    for c0 in range(0, m.shape[1], planner.REDUCE_COLS):
+        c1 = min(m.shape[1], c0 + planner.REDUCE_COLS)
+        part = m[:, c0:c1].double() + torch.log(l[:, c0:c1].double())
+        out[c0:c1] = torch.logsumexp(part, dim=0)
+    return out
 
 
 def _grid_split(n_rows: int, n_cols: int, target: int, col_stats: bool) -> tuple[int, int]:
@@ -217,7 +213,7 @@ def _clip_fwd_launch(q, k, scale, bias, offset: int, col_stats: bool, pos: torch
     def grid(META):
         return (G if col_stats else triton.cdiv(Bq, META["BLOCK_M"]), H)
 
-    launch(_clip_fwd_kernel, _clip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
+    launch(clip_fwd_kernel, clip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
     lse_row = reduce_lse(row_part[0], row_part[1], torch.float64)
     lse_col = reduce_lse(col_m, col_l, torch.float64) if col_stats else None
     return lse_row, lse_col
@@ -249,19 +245,6 @@ def _target(dev):
     return target_programs(dev)
 
 
-def _prep(q, k, scale, bias):
-    q, k = check_features(q, k)
-    scale32 = check_scalar(scale, "scale", q.device)
-    bias32 = check_scalar(bias, "bias", q.device, optional=True)
-    return q, k, scale32, bias32
-
-
-def _grad_tensor(grad_loss, device):
-    if not isinstance(grad_loss, torch.Tensor):
-        return torch.tensor(float(grad_loss), device=device, dtype=torch.float32)
-    return check_scalar(grad_loss, "grad_loss", device)
-
-
 def _scalar_grads(ds, db, scale, bias):
     dscale = ds.reshape(scale.shape).to(torch.float32)
     dbias = db.reshape(bias.shape).to(torch.float32) if bias is not None else None
@@ -276,7 +259,7 @@ def clip_sym_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     S_jj))``, ``lse_row_i = logsumexp_j S_ij``, ``lse_col_j = logsumexp_i S_ij``. ``compute``: the products'
     dtype when it differs from the features' (fp32 features, bf16/fp16 tensor-core products; cast per chunk).
     """
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"symmetric CLIP loss needs as many rows in q ({q.shape[0]}) as in k ({k.shape[0]})")
     lse_row, lse_col, pos = _clip_fwd(q, k, scale32, bias32, 0, col_stats=True, op_dtype=compute_operand(q, compute))
@@ -291,13 +274,13 @@ def clip_sym_bwd(q, k, scale, bias, lse_row, lse_col, grad_loss, need_q: bool = 
     ``G = (0.5 * (P_row + P_col) - I) / B * grad_loss`` with ``P_row = exp(S - lse_row)``, ``P_col = exp(S -
     lse_col)``; ``dq = scale G k``, ``dk = scale G^T q``, ``dscale = sum G * (q k^T)``, ``dbias = sum G``.
     """
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     B = q.shape[0]
     if k.shape[0] != B:
         raise ValueError(f"symmetric CLIP loss needs as many rows in q ({B}) as in k ({k.shape[0]})")
     lse_row = check_vector(lse_row, "lse_row", B, q.device)
     lse_col = check_vector(lse_col, "lse_col", B, q.device)
-    g = _grad_tensor(grad_loss, q.device)
+    g = grad_loss_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse_row, lse_col, g, offset=0, inv_n=1.0 / B,
                                        mode=MODE_CLIP_SYM, need_q=need_q, need_k=need_k,
                                        op_dtype=compute_operand(q, compute))
@@ -318,7 +301,7 @@ def clip_dir_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: to
     """One direction of the CLIP loss: rows q [Bq, D] against columns k [Bk, D], positive of row i at column
     ``i + offset`` (multi-GPU local loss: offset = rank * Bq). Returns ``(loss, lse)``, ``loss = mean_i(lse_i -
     S_{i, i+offset})``."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     _check_offset(offset, q.shape[0], k.shape[0])
     lse, _, pos = _clip_fwd(q, k, scale32, bias32, offset, col_stats=False, op_dtype=compute_operand(q, compute))
     return (lse - pos).mean(), lse
@@ -328,11 +311,11 @@ def clip_dir_bwd(q, k, scale, bias, lse, offset: int, grad_loss, need_q: bool = 
                  compute: torch.dtype | None = None):
     """Gradients of ``clip_dir_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)`` with ``G = (P - onehot) / Bq *
     grad_loss``."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     Bq, Bk = q.shape[0], k.shape[0]
     _check_offset(offset, Bq, Bk)
     lse = check_vector(lse, "lse", Bq, q.device)
-    g = _grad_tensor(grad_loss, q.device)
+    g = grad_loss_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, lse, None, g, offset=offset, inv_n=1.0 / Bq,
                                        mode=MODE_CLIP_DIR, need_q=need_q, need_k=need_k,
                                        op_dtype=compute_operand(q, compute))

@@ -16,32 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
-from bioclip_fast.kernels._pairwise import (
-    INTERPRET_FWD_CONFIG,
-    MODE_SIGLIP,
-    autotuned,
-    check_features,
-    check_scalar,
-    chunk_pairs,
-    compute_operand,
-    dot_precision,
-    fwd_chunks,
-    fwd_configs,
-    launch,
-    mma,
-    pairwise_bwd_both,
-    pairwise_flops,
-    prune_fwd,
-    size_bucket,
-    target_programs,
-    tile_dot,
-)
+from bioclip_fast.kernels.autotune import (INTERPRET_FWD_CONFIG, autotuned, fwd_configs, launch, prune_fwd, size_bucket,
+                                           target_programs)
+from bioclip_fast.kernels.backward import pairwise_bwd_both
+from bioclip_fast.kernels.operands import chunk_pairs
+from bioclip_fast.kernels.planner import fwd_chunks, pairwise_flops
+from bioclip_fast.kernels.precision import dot_precision
+from bioclip_fast.kernels.tiles import MODE_SIGLIP, mma, tile_dot
+from bioclip_fast.kernels.validation import check_loss_inputs, compute_operand, grad_loss_tensor
 
 __all__ = ["siglip_fwd", "siglip_bwd", "flops"]
 
 
 @triton.jit
-def _siglip_fwd_kernel(
+def siglip_fwd_kernel(
     Q, K, SCALE, BIAS, PART,
     Bq, Bk, offset, n_splits,
     B_BUCKET,  # autotune key only
@@ -88,8 +76,8 @@ def _siglip_fwd_kernel(
     tl.store(PART + pid_m * n_splits + pid_h, tl.sum(acc, 0))
 
 
-_siglip_fwd_tuned = autotuned(
-    _siglip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
+siglip_fwd_tuned = autotuned(
+    siglip_fwd_kernel, configs=fwd_configs(64),  # placeholder: prune_fwd builds the list for the call's D
     key=["B_BUCKET", "D", "PREC"], prune=prune_fwd,
     reset_to_zero=["PART"],  # one slot per (row block, split): configs with more row blocks write more slots
 )
@@ -98,13 +86,6 @@ _siglip_fwd_tuned = autotuned(
 def _check_offset(offset):
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-
-
-def _prep(q, k, scale, bias):
-    q, k = check_features(q, k)
-    scale32 = check_scalar(scale, "scale", q.device)
-    bias32 = check_scalar(bias, "bias", q.device, optional=True)
-    return q, k, scale32, bias32
 
 
 def _siglip_fwd_launch(q, k, scale32, bias32, offset: int) -> torch.Tensor:
@@ -123,7 +104,7 @@ def _siglip_fwd_launch(q, k, scale32, bias32, offset: int) -> torch.Tensor:
     def grid(META):
         return (triton.cdiv(Bq, META["BLOCK_M"]), H)
 
-    launch(_siglip_fwd_kernel, _siglip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
+    launch(siglip_fwd_kernel, siglip_fwd_tuned, grid, args, meta, INTERPRET_FWD_CONFIG, dev)
     # Partials are O(B/BLOCK_M * H) numbers: sum them in float64 so the total does not depend on the split.
     return part.double().sum()
 
@@ -134,7 +115,7 @@ def siglip_fwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torc
     """SigLIP loss of rows q [Bq, D] against columns k [Bk, D] (fp32 scalar tensor). ``compute``: the products'
     dtype when it differs from the features' (fp32 features, bf16/fp16 products): q and k are cast per (row x
     column) chunk within the memory budget (``fwd_chunks``), one launch per chunk pair."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     _check_offset(offset)
     Bq, D = q.shape
     Bk = k.shape[0]
@@ -151,13 +132,10 @@ def siglip_bwd(q, k, scale, bias, offset: int, grad_loss, need_q: bool = True, n
                compute: torch.dtype | None = None):
     """Gradients of ``siglip_fwd``'s loss: ``(dq, dk, dscale, dbias_or_None)``, with
     ``dS_ij = -z_ij * sigmoid(-z_ij * S_ij) / Bq * grad_loss``, ``dscale = sum dS * (q k^T)``, ``dbias = sum dS``."""
-    q, k, scale32, bias32 = _prep(q, k, scale, bias)
+    q, k, scale32, bias32 = check_loss_inputs(q, k, scale, bias)
     _check_offset(offset)
     Bq = q.shape[0]
-    if isinstance(grad_loss, torch.Tensor):
-        g = check_scalar(grad_loss, "grad_loss", q.device)
-    else:
-        g = torch.tensor(float(grad_loss), device=q.device, dtype=torch.float32)
+    g = grad_loss_tensor(grad_loss, q.device)
     dq, dk, ds, db = pairwise_bwd_both(q, k, scale32, bias32, None, None, g, offset=offset, inv_n=1.0 / Bq,
                                        mode=MODE_SIGLIP, need_q=need_q, need_k=need_k,
                                        op_dtype=compute_operand(q, compute))

@@ -1,7 +1,7 @@
 """Compile the loss kernels for a GPU target without a GPU; read ptxas's resource report and the SASS.
 
     TRITON_INTERPRET=0 python -m bioclip_fast.kernels._aot --D 768 --dtype bf16 [--arch 90] [--all-configs]
-        [--json out.json] [--notes kernels/NOTES.md]
+        [--json out.json] [--notes bioclip_fast/kernels/NOTES.md]
 
 Prints, per kernel and config: whether the tensor-core path is used (``wgmma`` on sm_90), whether loads are
 asynchronous copies (``cp.async``), registers per thread, spill bytes, and static SASS counts (``nvdisasm`` of the
@@ -31,9 +31,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from bioclip_fast.kernels import _pairwise as P  # noqa: E402
-from bioclip_fast.kernels import clip_loss as C  # noqa: E402
-from bioclip_fast.kernels import siglip_loss as S  # noqa: E402
+from bioclip_fast.kernels import autotune  # noqa: E402
+from bioclip_fast.kernels.backward_fused import pairwise_bwd_kernel  # noqa: E402
+from bioclip_fast.kernels.backward_gemm import grad_tile_kernel  # noqa: E402
+from bioclip_fast.kernels.clip_loss import clip_fwd_kernel  # noqa: E402
+from bioclip_fast.kernels.siglip_loss import siglip_fwd_kernel  # noqa: E402
+from bioclip_fast.kernels.tiles import MODE_CLIP_DIR, MODE_CLIP_SYM, MODE_SIGLIP  # noqa: E402
 
 _INT_ARGS_DIV16 = ("Bq", "Bk", "Bx", "By", "C")
 
@@ -168,8 +171,8 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
     config of each autotune list is the default: the one ``BIOCLIP_FAST_AUTOTUNE=0`` runs)."""
     prec = "ieee" if dtype == "fp32" else ""
     gs = 16384.0 if dtype == "fp16" else 1.0
-    fwd = P.fwd_configs(D) if all_configs else P.fwd_configs(D)[:1]
-    bwd = P.bwd_configs(D) if all_configs else P.bwd_configs(D)[:1]
+    fwd = autotune.fwd_configs(D) if all_configs else autotune.fwd_configs(D)[:1]
+    bwd = autotune.bwd_configs(D) if all_configs else autotune.bwd_configs(D)[:1]
 
     def tag(cfg):
         k = cfg.kwargs
@@ -179,21 +182,21 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
 
     for cfg in fwd:
         for col in (True, False):
-            yield (f"clip_fwd {'sym' if col else 'dir'} {tag(cfg)}", C._clip_fwd_kernel,
+            yield (f"clip_fwd {'sym' if col else 'dir'} {tag(cfg)}", clip_fwd_kernel,
                    dict(D=D, HAS_BIAS=True, COL_STATS=col, PREC=prec, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
-        yield (f"siglip_fwd {tag(cfg)}", S._siglip_fwd_kernel, dict(D=D, HAS_BIAS=True, PREC=prec, **cfg.kwargs),
+        yield (f"siglip_fwd {tag(cfg)}", siglip_fwd_kernel, dict(D=D, HAS_BIAS=True, PREC=prec, **cfg.kwargs),
                cfg.num_warps, cfg.num_stages)
-    for cfg in (P.grad_configs(D) if all_configs else P.grad_configs(D)[:1]):
-        for mode, name in ((P.MODE_CLIP_SYM, "sym"), (P.MODE_CLIP_DIR, "dir"), (P.MODE_SIGLIP, "siglip")):
-            yield (f"grad_tile {name} {tag(cfg)}", P._grad_tile_kernel,
-                   dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, GSCALE=gs, ROW_SUMS=mode == P.MODE_CLIP_DIR,
+    for cfg in (autotune.grad_configs(D) if all_configs else autotune.grad_configs(D)[:1]):
+        for mode, name in ((MODE_CLIP_SYM, "sym"), (MODE_CLIP_DIR, "dir"), (MODE_SIGLIP, "siglip")):
+            yield (f"grad_tile {name} {tag(cfg)}", grad_tile_kernel,
+                   dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, GSCALE=gs, ROW_SUMS=mode == MODE_CLIP_DIR,
                         **cfg.kwargs), cfg.num_warps,
                    cfg.num_stages)
     for cfg in bwd:
-        for mode, x_is_rows, name in ((P.MODE_CLIP_SYM, True, "sym dQ"), (P.MODE_CLIP_SYM, False, "sym dK"),
-                                      (P.MODE_CLIP_DIR, True, "dir dQ"), (P.MODE_CLIP_DIR, False, "dir dK"),
-                                      (P.MODE_SIGLIP, True, "siglip dQ"), (P.MODE_SIGLIP, False, "siglip dK")):
-            yield (f"bwd {name} {tag(cfg)}", P._pairwise_bwd_kernel,
+        for mode, x_is_rows, name in ((MODE_CLIP_SYM, True, "sym dQ"), (MODE_CLIP_SYM, False, "sym dK"),
+                                      (MODE_CLIP_DIR, True, "dir dQ"), (MODE_CLIP_DIR, False, "dir dK"),
+                                      (MODE_SIGLIP, True, "siglip dQ"), (MODE_SIGLIP, False, "siglip dK")):
+            yield (f"bwd {name} {tag(cfg)}", pairwise_bwd_kernel,
                    dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=True, SCALAR_GRADS=x_is_rows, PREC=prec,
                         GSCALE=gs, QK_ORDER=False, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
 

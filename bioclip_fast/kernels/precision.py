@@ -1,0 +1,29 @@
+"""Precision of the kernels' products: the ``tl.dot`` input precision of an operand dtype and the power of two the
+fp16 gradient tiles are scaled by. Imports torch only (no triton): ``bioclip_fast.ops.precision`` builds the
+losses' compute-dtype plan on it.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for operands of ``dtype``: "" for bf16/fp16 (tensor cores, fp32 accumulation),
+    for fp32 the mode ``torch.set_float32_matmul_precision`` selects, like torch's own fp32 matmuls."""
+    if dtype != torch.float32:
+        return ""
+    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Tensor-core mode of the kernels' fp32 products, following ``torch.set_float32_matmul_precision`` like
+    torch's own fp32 matmuls: "highest" (torch's default) -> exact fp32 ("ieee", CUDA cores), "high" -> 3xTF32
+    (about fp32 accuracy on tensor cores), "medium" -> TF32. "" for bf16/fp16 (always tensor cores). The losses
+    cast fp32 features to bf16 first under autocast or ``compute_dtype`` (``bioclip_fast.ops.precision``)."""
+    return input_precision(dtype)
+
+
+def grad_prescale(dtype: torch.dtype) -> float:
+    """Power of two the gradient tile is multiplied by before its cast to the operand dtype: fp16 only (its
+    normal range starts at 6e-5, probabilities at B = 1M are ~1e-6); exact to undo on the fp32 accumulator."""
+    return 16384.0 if dtype == torch.float16 else 1.0
