@@ -108,7 +108,7 @@ def test_summary_png_without_matplotlib_is_a_valid_png(tmp_path):
 
 def test_bench_loss_fp32_train_point_runs_on_cpu(tmp_path):
     """The ladder's fp32-train dtype: fp32 features, every implementation under bf16 autocast."""
-    from bioclip_fast.bench_cli import main
+    from bioclip_fast.cli.bench_loss import main
 
     out = tmp_path / "loss"
     rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32-train", "--impls", "ours",
@@ -174,7 +174,7 @@ def test_rehearsal_runs_every_step_on_cpu_and_packs_the_results(tmp_path):
 def test_bench_loss_fails_a_row_of_ours_that_ran_another_backend(tmp_path):
     """A benchmark must never label a fallback as the kernel: on CPU ours runs the C++ path, so a ladder that
     expects the Triton kernels fails the row (and exits 1) instead of timing it as ours."""
-    from bioclip_fast.bench_cli import main
+    from bioclip_fast.cli.bench_loss import main
 
     out = tmp_path / "loss"
     rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32", "--impls", "ours",

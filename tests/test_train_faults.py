@@ -368,7 +368,7 @@ def test_zero_stage_alone_selects_deepspeed_and_torch_runs_record_no_stage():
 
 # ------------------------------------------------------------------------------------------------ 9. figures
 def test_chance_is_set_by_the_classes_the_classifier_scored(tmp_path, capsys):
-    from bioclip_fast.train.cli import _print_summary
+    from bioclip_fast.cli.train import _print_summary
 
     tr = micro_trainer(tmp_path, eval_templates="simple")
     res = tr.evaluate("final")  # bundled val split: 10 species

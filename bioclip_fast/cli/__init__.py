@@ -14,17 +14,17 @@ from bioclip_fast.errors import EXIT_INTERRUPTED
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("bioclip_fast.train.cli", "train a BioCLIP-2-style model (default: tiny model on bundled butterflies)"),
-    "make-shards": ("bioclip_fast.data.shards_cli", "images + metadata CSV -> TreeOfLife-200M-layout webdataset shards"),
-    "index-shards": ("bioclip_fast.data.index_cli", "index shards (headers + text members only) for a fast start"),
-    "eval": ("bioclip_fast.eval.cli", "zero-shot / few-shot / linear-probe evaluation"),
-    "analyze": ("bioclip_fast.analysis.cli", "emergent-property analysis of an embedding space"),
-    "predict": ("bioclip_fast.predict_cli", "classify images (pybioclip-compatible)"),
-    "embed": ("bioclip_fast.predict_cli", "write image embeddings (pybioclip's JSON, or npy/parquet) with image ids"),
-    "list-models": ("bioclip_fast.predict_cli", "list the models --model accepts (or an architecture's tags)"),
-    "list-tol-taxa": ("bioclip_fast.predict_cli", "print the TreeOfLife species table's taxa as CSV"),
-    "export": ("bioclip_fast.export_cli", "export a run / checkpoint as an open_clip hub snapshot folder"),
-    "bench-loss": ("bioclip_fast.bench_cli", "benchmark the fused contrastive loss against peers"),
+    "train": ("bioclip_fast.cli.train", "train a BioCLIP-2-style model (default: tiny model on bundled butterflies)"),
+    "make-shards": ("bioclip_fast.cli.make_shards", "images + metadata CSV -> TreeOfLife-200M-layout webdataset shards"),
+    "index-shards": ("bioclip_fast.cli.index_shards", "index shards (headers + text members only) for a fast start"),
+    "eval": ("bioclip_fast.cli.eval", "zero-shot / few-shot / linear-probe evaluation"),
+    "analyze": ("bioclip_fast.cli.analyze", "emergent-property analysis of an embedding space"),
+    "predict": ("bioclip_fast.cli.predict", "classify images (pybioclip-compatible)"),
+    "embed": ("bioclip_fast.cli.predict", "write image embeddings (pybioclip's JSON, or npy/parquet) with image ids"),
+    "list-models": ("bioclip_fast.cli.predict", "list the models --model accepts (or an architecture's tags)"),
+    "list-tol-taxa": ("bioclip_fast.cli.predict", "print the TreeOfLife species table's taxa as CSV"),
+    "export": ("bioclip_fast.cli.export", "export a run / checkpoint as an open_clip hub snapshot folder"),
+    "bench-loss": ("bioclip_fast.cli.bench_loss", "benchmark the fused contrastive loss against peers"),
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bioclip_fast.eval.cli import add_data_arguments, add_model_arguments
+    from bioclip_fast.cli.eval import add_data_arguments, add_model_arguments
 
     add_model_arguments(parser, multiple=True)
     add_data_arguments(parser)
@@ -208,7 +208,7 @@ def validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
     from bioclip_fast.devices import resolve_device
-    from bioclip_fast.eval.cli import resolve_checkpoints
+    from bioclip_fast.cli.eval import resolve_checkpoints
     from bioclip_fast.eval.datasets import check_data_source
     from bioclip_fast.eval.report import markdown_table, write_json
 
