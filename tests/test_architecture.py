@@ -181,3 +181,19 @@ def test_circle_finder_finds_a_circle():
     for n in "abcd":
         graph.setdefault(n, set())
     assert circles(dict(graph)) == {frozenset("abc")}
+
+
+def test_each_subcommand_module_has_the_one_protocol_and_only_the_dispatcher_names_it():
+    """`bioclip_fast.cli.COMMANDS` names one module per subcommand; each defines ``add_arguments(parser)`` and
+    ``run(args)``, and no module imports one (a command is never used as a library: what several share lives in
+    cli modules that are no subcommand, or in the library below)."""
+    from bioclip_fast.cli import COMMANDS
+
+    mods = _modules()
+    subcommands = {module for module, _ in COMMANDS.values()}
+    for module in sorted(subcommands):
+        defined = {n.name for n in ast.parse(mods[module].read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert {"add_arguments", "run"} <= defined, f"{module} lacks add_arguments/run"
+    graph = import_graph()
+    users = sorted((a, b) for a, targets in graph.items() for b in targets if b in subcommands)
+    assert not users, f"subcommand modules imported as a library: {users}"
