@@ -43,6 +43,7 @@ setup(
         "bioclip_fast.train",
         "bioclip_fast.eval",
         "bioclip_fast.analysis",
+        "bioclip_fast.cli",
     ],
     package_data={"bioclip_fast": ["assets/**/*", "assets/*"]},
     include_package_data=True,

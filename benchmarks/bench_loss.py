@@ -7,7 +7,7 @@ torch chunked reference, fwd+bwd time, peak extra memory, TFLOP/s; JSON + PNG un
 """
 import sys
 
-from bioclip_fast.bench_cli import main
+from bioclip_fast.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench-loss", *sys.argv[1:]]))

@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_path"]
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_path", "replace_file"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -48,12 +48,21 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], *, durable
             continue
     try:
         save(tmp)
-        if durable:
-            fsync_path(tmp)
-        os.replace(tmp, path)
+        replace_file(tmp, path, durable=durable)
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike, *, durable: bool = False) -> Path:
+    """Rename the finished temporary file ``tmp`` (in ``path``'s directory) over ``path``: the last step of
+    :func:`atomic_save`, for writers that stream into a temporary file of their own over a long job (a memmap, parquet
+    row groups) and replace the file once at the end. ``durable`` fsyncs the file before and the directory after."""
+    path = Path(path)
+    if durable:
+        fsync_path(tmp)
+    os.replace(tmp, path)
     if durable:
         fsync_path(path.parent)
     return path

@@ -159,7 +159,7 @@ def test_suite_on_a_hub_snapshot_folder(tmp_path, monkeypatch):
     """The suite command on released-weights layout (a hub-snapshot folder) gives the numbers our checkpoint of the
     same weights gives. Loading the snapshot is bioclip_fast.model.load_model's job (`local-dir:`)."""
     from bioclip_fast.cli import main
-    from bioclip_fast.eval.cli import resolve_checkpoint
+    from bioclip_fast.cli.args import resolve_checkpoint
     from bioclip_fast.model import create_model, load_model, save_model
 
     torch.manual_seed(3)

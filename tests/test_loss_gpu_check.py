@@ -108,11 +108,11 @@ def test_summary_png_without_matplotlib_is_a_valid_png(tmp_path):
 
 def test_bench_loss_fp32_train_point_runs_on_cpu(tmp_path):
     """The ladder's fp32-train dtype: fp32 features, every implementation under bf16 autocast."""
-    from bioclip_fast.bench_cli import main
+    from bioclip_fast.cli import main
 
     out = tmp_path / "loss"
-    rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32-train", "--impls", "ours",
-               "open_clip", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    rc = main(["bench-loss", "--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32-train",
+               "--impls", "ours", "open_clip", "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert rc == 0
     (result,) = [p for p in out.glob("loss_cpu_*.json") if not p.name.endswith(".partial.json")]
     rows = json.loads(result.read_text())["measurements"]
@@ -174,17 +174,17 @@ def test_rehearsal_runs_every_step_on_cpu_and_packs_the_results(tmp_path):
 def test_bench_loss_fails_a_row_of_ours_that_ran_another_backend(tmp_path):
     """A benchmark must never label a fallback as the kernel: on CPU ours runs the C++ path, so a ladder that
     expects the Triton kernels fails the row (and exits 1) instead of timing it as ours."""
-    from bioclip_fast.bench_cli import main
+    from bioclip_fast.cli import main
 
     out = tmp_path / "loss"
-    rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32", "--impls", "ours",
-               "--repeats", "1", "--warmup", "0", "--expect-backend", "triton", "--out", str(out)])
+    rc = main(["bench-loss", "--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32",
+               "--impls", "ours", "--repeats", "1", "--warmup", "0", "--expect-backend", "triton", "--out", str(out)])
     assert rc == 1
     (result,) = [p for p in out.glob("loss_cpu_*.json") if not p.name.endswith(".partial.json")]
     (row,) = json.loads(result.read_text())["measurements"]
     assert "seconds" not in row and "expected triton" in row["failed"] and row["backend"] == ["cpp"]
-    rc = main(["--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32", "--impls", "ours",
-               "--repeats", "1", "--warmup", "0", "--expect-backend", "cpp", "--out", str(out)])
+    rc = main(["bench-loss", "--device", "cpu", "--batch-sizes", "32", "--dims", "16", "--dtypes", "fp32",
+               "--impls", "ours", "--repeats", "1", "--warmup", "0", "--expect-backend", "cpp", "--out", str(out)])
     assert rc == 0
 
 

@@ -368,14 +368,14 @@ def test_zero_stage_alone_selects_deepspeed_and_torch_runs_record_no_stage():
 
 # ------------------------------------------------------------------------------------------------ 9. figures
 def test_chance_is_set_by_the_classes_the_classifier_scored(tmp_path, capsys):
-    from bioclip_fast.train.cli import _print_summary
+    from bioclip_fast.cli.train import print_summary
 
     tr = micro_trainer(tmp_path, eval_templates="simple")
     res = tr.evaluate("final")  # bundled val split: 10 species
     assert res["n_classes"] == 10 and res["chance_top1"] == pytest.approx(0.1)
     # val images of one species scored by a 10-class classifier: chance is 10%, not 100%
     one = {**res, "per_class": {"Danaus plexippus": 0.5}, "n": 17}
-    _print_summary({"run_dir": "r", "steps": 1, "train_seconds": 1.0, "final_loss": 1.0, "zero_shot": one})
+    print_summary({"run_dir": "r", "steps": 1, "train_seconds": 1.0, "final_loss": 1.0, "zero_shot": one})
     out = capsys.readouterr().out
     assert "1 class (the classifier scored 10) (chance 10%)" in out and "chance 100%" not in out
 

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bioclip_fast.eval.cli import add_data_arguments, add_model_arguments
+    from bioclip_fast.cli.args import add_checkpoint_arguments, add_data_arguments
 
-    add_model_arguments(parser, multiple=True)
+    add_checkpoint_arguments(parser, multiple=True)
     add_data_arguments(parser)
     parser.set_defaults(split="all")
     parser.add_argument("--inter-attribute", action="append", default=None, metavar="COLUMN",
@@ -208,7 +207,7 @@ def validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
     from bioclip_fast.devices import resolve_device
-    from bioclip_fast.eval.cli import resolve_checkpoints
+    from bioclip_fast.cli.args import resolve_checkpoints
     from bioclip_fast.eval.datasets import check_data_source
     from bioclip_fast.eval.report import markdown_table, write_json
 

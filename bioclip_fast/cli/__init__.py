@@ -1,6 +1,8 @@
 """`bioclip-fast` command line: one subcommand per module, imported lazily so `--help` stays fast.
 
-Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). Expected failures
+Each subcommand has its module in this package (``COMMANDS``), which exposes ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit code); flags shared by several subcommands are defined once, in :mod:`.args` (and, for
+predict and embed, :mod:`.image_io`), modules that are no subcommand. Expected failures
 (:class:`bioclip_fast.errors.UsageError`, ``OSError``, ``ValueError``) print one line, ``bioclip-fast CMD: error: ...``,
 and exit 2; ``--debug`` (on every subcommand) shows the traceback instead.
 """
@@ -14,17 +16,17 @@ from bioclip_fast.errors import EXIT_INTERRUPTED
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("bioclip_fast.train.cli", "train a BioCLIP-2-style model (default: tiny model on bundled butterflies)"),
-    "make-shards": ("bioclip_fast.data.shards_cli", "images + metadata CSV -> TreeOfLife-200M-layout webdataset shards"),
-    "index-shards": ("bioclip_fast.data.index_cli", "index shards (headers + text members only) for a fast start"),
-    "eval": ("bioclip_fast.eval.cli", "zero-shot / few-shot / linear-probe evaluation"),
-    "analyze": ("bioclip_fast.analysis.cli", "emergent-property analysis of an embedding space"),
-    "predict": ("bioclip_fast.predict_cli", "classify images (pybioclip-compatible)"),
-    "embed": ("bioclip_fast.predict_cli", "write image embeddings (pybioclip's JSON, or npy/parquet) with image ids"),
-    "list-models": ("bioclip_fast.predict_cli", "list the models --model accepts (or an architecture's tags)"),
-    "list-tol-taxa": ("bioclip_fast.predict_cli", "print the TreeOfLife species table's taxa as CSV"),
-    "export": ("bioclip_fast.export_cli", "export a run / checkpoint as an open_clip hub snapshot folder"),
-    "bench-loss": ("bioclip_fast.bench_cli", "benchmark the fused contrastive loss against peers"),
+    "train": ("bioclip_fast.cli.train", "train a BioCLIP-2-style model (default: tiny model on bundled butterflies)"),
+    "make-shards": ("bioclip_fast.cli.make_shards", "images + metadata CSV -> TreeOfLife-200M-layout webdataset shards"),
+    "index-shards": ("bioclip_fast.cli.index_shards", "index shards (headers + text members only) for a fast start"),
+    "eval": ("bioclip_fast.cli.eval", "zero-shot / few-shot / linear-probe evaluation"),
+    "analyze": ("bioclip_fast.cli.analyze", "emergent-property analysis of an embedding space"),
+    "predict": ("bioclip_fast.cli.predict", "classify images (pybioclip-compatible)"),
+    "embed": ("bioclip_fast.cli.embed", "write image embeddings (pybioclip's JSON, or npy/parquet) with image ids"),
+    "list-models": ("bioclip_fast.cli.list_models", "list the models --model accepts (or an architecture's tags)"),
+    "list-tol-taxa": ("bioclip_fast.cli.list_tol_taxa", "print the TreeOfLife species table's taxa as CSV"),
+    "export": ("bioclip_fast.cli.export", "export a run / checkpoint as an open_clip hub snapshot folder"),
+    "bench-loss": ("bioclip_fast.cli.bench_loss", "benchmark the fused contrastive loss against peers"),
 }
 
 
@@ -88,10 +90,7 @@ def _main(argv: list[str], guard: SigintGuard) -> int:
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"bioclip-fast {name}", description=help_)
-    if hasattr(module, "add_arguments_for"):  # modules serving several subcommands
-        module.add_arguments_for(name, parser)
-    else:
-        module.add_arguments(parser)
+    module.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(rest)
     args.command = name
@@ -120,6 +119,3 @@ def run_subcommand(prog: str, run, args, *, guard: SigintGuard | None = None) ->
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
-
-if __name__ == "__main__":
-    sys.exit(main())

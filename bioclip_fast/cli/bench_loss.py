@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bioclip_fast.errors import UsageError
+from bioclip_fast.fileio import atomic_write_text
 
 IMPLS = ("ours", "reference", "open_clip", "inf_cl")
 # "fp32-train": fp32 features as a trainer hands them, every implementation called under bf16 autocast (open_clip's
@@ -389,7 +390,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     date = results["environment"]["date"][:10]
     stem = f"loss_{device.type}_{date}{('_' + args.tag) if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2))
     (out / f"{stem}.partial.json").unlink(missing_ok=True)
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
@@ -405,14 +406,5 @@ def _write_partial(args, results: dict, device) -> None:
     out.mkdir(parents=True, exist_ok=True)
     date = results["environment"]["date"][:10]
     stem = f"loss_{device.type}_{date}{('_' + args.tag) if args.tag else ''}"
-    (out / f"{stem}.partial.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / f"{stem}.partial.json", json.dumps(results, indent=2))  # a kill mid-write keeps the last
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench-loss", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,40 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from bioclip_fast.cli.args import add_checkpoint_arguments, add_data_arguments, resolve_checkpoints
 from bioclip_fast.devices import resolve_device
 from bioclip_fast.eval.report import skipped_markdown, skipped_summary, warn_skipped
 
 TASKS = ("zeroshot", "fewshot", "linear")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
-    if multiple:
-        parser.add_argument("--checkpoint", "--model", dest="checkpoints", action="append", required=True,
-                            metavar="PATH", help="our checkpoint or an open_clip state dict (repeat to compare models)")
-    else:
-        parser.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="PATH",
-                            help="our checkpoint (model.pt or a run dir) or an open_clip state dict")
-    parser.add_argument("--model-name", default=None,
-                        help="open_clip architecture for plain state dicts (e.g. ViT-L-14); ours describe themselves")
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="butterflies",
-                        help="'butterflies' (bundled), a metadata CSV, an ImageFolder dir, or shards (*.tar / dir)")
-    parser.add_argument("--split", default="val", choices=("train", "val", "all"),
-                        help="split of the bundled butterflies (default val: held out from training)")
-    parser.add_argument("--root", default=None, help="image root for a CSV (default: the CSV's folder)")
-    parser.add_argument("--image-column", default=None,
-                        help="image path column (default: image, or the reference's filepath)")
-    parser.add_argument("--label-column", default=None, help="class column (default: scientific_name / species / label)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, multiple=True)
+    add_checkpoint_arguments(parser, multiple=True)
     add_data_arguments(parser)
     parser.add_argument("--train-data", default=None,
                         help="support / training images for few-shot and linear probe (default: the butterflies' "
@@ -93,43 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--suite: NeWT random-search iterations per task (reference 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval_results", help="output directory")
-
-
-HUB_PREFIXES = ("local-dir:", "hf-hub:")
-
-
-def resolve_checkpoint(path: str) -> Path | str:
-    """Our checkpoint file (a run dir resolves to its model.pt); hub specs (``local-dir:PATH``, ``hf-hub:NAME``) and
-    hub-snapshot folders (``open_clip_config.json`` beside the weights) are passed on to
-    :func:`bioclip_fast.model.load_model` as ``local-dir:PATH`` strings."""
-    if str(path).startswith(HUB_PREFIXES):
-        return str(path)
-    p = Path(path)
-    if p.is_dir() and (p / "open_clip_config.json").is_file() and not (p / "model.pt").is_file():
-        return f"local-dir:{p}"
-    if p.is_dir():
-        for name in ("model.pt", "checkpoint.pt", "final.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise FileNotFoundError(f"{p} is a directory without model.pt")
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    return p
-
-
-def model_label(path: Path | str) -> str:
-    if isinstance(path, str):
-        return Path(path.split(":", 1)[1].rstrip("/")).name or path
-    return path.parent.name if path.name in ("model.pt", "checkpoint.pt", "final.pt") else path.stem
-
-
-def resolve_checkpoints(paths: list[str]) -> tuple[list[Path | str], list[str]]:
-    """Checkpoint files and one unique display label each (index-prefixed where two would collide)."""
-    ckpts = [resolve_checkpoint(c) for c in paths]
-    labels = [model_label(c) for c in ckpts]
-    if len(set(labels)) != len(labels):
-        labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
-    return ckpts, labels
 
 
 def _split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

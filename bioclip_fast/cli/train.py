@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Expected failures raise UsageError/ValueError/OSError: `bioclip-fast train: error: ...`, exit 2 (cli.py).
+    """Expected failures raise UsageError/ValueError/OSError: `bioclip-fast train: error: ...`, exit 2
+    (:func:`bioclip_fast.cli.run_subcommand`).
 
     Exit codes of their own: 3 = stopped on a non-finite loss; 75 = stopped by SIGTERM/SIGINT/SIGUSR1 (or its
     launcher's death) after writing a checkpoint (run it again with --resume auto); 4 = this rank stopped because
@@ -115,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
                   f"--resume auto", file=sys.stderr)
         return EXIT_PREEMPTED
     if trainer.info.is_main:
-        _print_summary(summary)
+        print_summary(summary)
     return 0
 
 
-def _print_summary(s: dict[str, Any]) -> None:
+def print_summary(s: dict[str, Any]) -> None:
     lines = [
         f"run dir     : {s['run_dir']}",
         f"steps       : {s['steps']} in {s['train_seconds']:.0f} s ({s.get('img_s', 0):.1f} img/s, "
