@@ -11,7 +11,7 @@ import glob
 import platform
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 cflags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 x86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -34,17 +34,7 @@ ext_modules = [
 ]
 
 setup(
-    packages=[
-        "bioclip_fast",
-        "bioclip_fast.kernels",
-        "bioclip_fast.ops",
-        "bioclip_fast.integrations",
-        "bioclip_fast.data",
-        "bioclip_fast.train",
-        "bioclip_fast.eval",
-        "bioclip_fast.analysis",
-        "bioclip_fast.cli",
-    ],
+    packages=find_packages(include=["bioclip_fast", "bioclip_fast.*"]),  # every package, eval.beyond included
     package_data={"bioclip_fast": ["assets/**/*", "assets/*"]},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -192,3 +192,16 @@ def test_each_subcommand_module_has_the_one_protocol_and_only_the_dispatcher_nam
     graph = import_graph()
     users = sorted((a, b) for a, targets in graph.items() for b in targets if b in subcommands)
     assert not users, f"subcommand modules imported as a library: {users}"
+
+
+def test_a_built_package_ships_every_module(tmp_path):
+    """A non-editable install (a wheel, the offline bundle) holds every module of the source tree: setup.py finds
+    the packages itself, so a new subpackage (eval.beyond was once left out) cannot be missed."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO, check=True,
+                   capture_output=True)
+    built = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.py")}
+    source = {str(p.relative_to(REPO)) for p in (REPO / "bioclip_fast").rglob("*.py") if "__pycache__" not in p.parts}
+    assert source - built == set()
