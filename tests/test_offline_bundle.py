@@ -73,6 +73,13 @@ def test_make_offline_bundle_as_documented_installs_with_no_index(tmp_path):
         names = tar.getnames()
     assert "pytest" in names and "_pytest" in names and "pluggy" in names
 
+    # a run that fails (here: a requirement no wheel satisfies) leaves the previous bundle as it was
+    before = (out / "bundle.json").read_bytes()
+    res = subprocess.run([sys.executable, str(SCRIPT), "--groups", "test", "--package", "pytest<0", "--out", str(out),
+                          "--python", sys.executable], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "extra" in res.stderr, res.stderr
+    assert (out / "bundle.json").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["bundle"]
+
     # on the host: pip with the index off, from the bundle alone (here into a folder, for this Python)
     target = tmp_path / "host"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",

@@ -229,6 +229,8 @@ def pack(args) -> dict:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "bundle.json").exists():
         raise PackError(f"--out {out} is a non-empty folder that is not a bundle; refusing to empty it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # beside --out: renamed into place
     tmp = Path(tempfile.mkdtemp(prefix="offline_bundle_"))
     try:
         wheels = {g: tmp / "wheels" / g for g in args.groups}
@@ -245,50 +247,56 @@ def pack(args) -> dict:
                      env=dict(os.environ, DS_BUILD_OPS="0"))
             elif g == "project":
                 _run([build_py, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels[g]), str(ROOT)],
-                     f"project: wheel of {ROOT.name} for Python {args.python_version}")
+                     f"project: wheel of this checkout for Python {args.python_version}")
             else:
                 _run([args.python, "-m", "pip", "download", "-q", "--no-deps", *plat, "-d", str(wheels[g]),
                       *reqs[g]], f"{g}: {len(reqs[g])} wheel(s)")
-        if out.exists():
-            shutil.rmtree(out)
-        (out / "wheels").mkdir(parents=True)
+        (stage / "wheels").mkdir()
         for g in args.groups:
             for w in wheels[g].glob("*.whl"):
-                shutil.copy2(w, out / "wheels" / w.name)
+                shutil.copy2(w, stage / "wheels" / w.name)
         requirements = [r for g in args.groups for r in reqs[g]]
-        if "project" in args.groups:  # the wheel built here is the one pinned
-            built = next((out / "wheels").glob("bioclip_fast-*.whl"))
+        check_plat = list(plat)
+        if "project" in args.groups:  # the wheel built here is the one pinned; its platform tag is the build host's
+            built = next((stage / "wheels").glob("bioclip_fast-*.whl"))
             requirements[requirements.index("bioclip_fast")] = f"bioclip_fast=={built.name.split('-')[1]}"
-        (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
+            check_plat += ["--platform", built.name[:-len(".whl")].split("-")[-1]]
+        (stage / "requirements.txt").write_text("\n".join(requirements) + "\n")
         site_groups = [g for g in args.groups if g != "dali"]
         if site_groups:
             tree = tmp / "site"
             tree.mkdir()
             unpack_wheels([w for g in site_groups for w in sorted(wheels[g].glob("*.whl"))], tree, args.python_version)
             print("[offline-bundle] site.tar.xz", flush=True)
-            write_xz(tree, out / "site.tar.xz", args.xz_preset)
+            write_xz(tree, stage / "site.tar.xz", args.xz_preset)
         if "dali" in args.groups:
             tree = tmp / "site-dali"
             tree.mkdir()
             unpack_wheels(sorted(wheels["dali"].glob("*.whl")), tree, args.python_version)
             print(f"[offline-bundle] dali/part-NN ({args.part_mb} MB each)", flush=True)
             write_xz(tree, tmp / "dali.tar.xz", args.xz_preset)
-            split_file(tmp / "dali.tar.xz", out / "dali", args.part_mb)
+            split_file(tmp / "dali.tar.xz", stage / "dali", args.part_mb)
         # the check: every pinned requirement resolves from wheels/ alone, for the host's Python and platform
-        _run([args.python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(out / "wheels"),
-              "--no-deps", "--dry-run", "--ignore-installed", "--target", str(tmp / "check"), *plat,
-              "-r", str(out / "requirements.txt")], "check: requirements.txt resolves from wheels/ with no index")
-        files = sorted(p for p in out.rglob("*") if p.is_file())
+        _run([args.python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(stage / "wheels"),
+              "--no-deps", "--dry-run", "--ignore-installed", "--target", str(tmp / "check"), *check_plat,
+              "-r", str(stage / "requirements.txt")], "check: requirements.txt resolves from wheels/ with no index")
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
         manifest = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "python_version": args.python_version, "platforms": args.platform, "groups": args.groups,
             "requirements": requirements,
-            "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+            "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
         }
-        (out / "bundle.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (stage / "bundle.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        # only a complete, checked bundle replaces the previous one (a failed run leaves that intact)
+        stage.chmod(0o755)  # mkdtemp made it private
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def main(argv=None) -> int:
