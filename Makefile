@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export DS_BUILD_OPS := 0
 
-.PHONY: install build train test bench clean test-gpu-host-versions test-cpu-matrix
+.PHONY: install build train test bench clean test-gpu-host-versions test-cpu-matrix offline-bundle
 
 install: $(VENV)/.installed build
 
@@ -74,3 +74,14 @@ test-cpu-matrix: install
 		rc=$$?; line="$$c ATEN_CPU_CAPABILITY=$$a OMP_NUM_THREADS=$$t: $$(tail -n 1 $$log.log)"; \
 		echo "$$line" | tee -a runs/cpu-matrix/summary.txt; [ $$rc = 0 ] || fail=1; \
 	done; exit $$fail
+
+# --- Packages for an offline GPU host (Python 3.12, torch, triton, no package index): wheels + an unpacked site tree
+# + DALI in parts, checked to install with the index off (docs/gpu-host.md). BUNDLE_GROUPS=base,deepspeed,test,project
+# leaves out DALI (~190 MB).
+BUNDLE_DIR ?= .devpack/bundle
+BUNDLE_GROUPS ?= base,deepspeed,test,project,dali
+BUNDLE_XZ_PRESET ?= 6
+
+offline-bundle: $(VENV)/.installed
+	$(PY) tools/pack_offline_host.py --out $(BUNDLE_DIR) --groups $(BUNDLE_GROUPS) --python $(PY) \
+		--xz-preset $(BUNDLE_XZ_PRESET)

@@ -210,14 +210,14 @@ def test_python_api_matches_pybioclip_api(world, hf_env):
 
 
 def _readme_commands() -> list[str]:
-    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Predict and embed with the released BioCLIP 2", 1)[1].split("```bash", 1)[1]
+    text = (Path(__file__).parent.parent / "docs" / "predict.md").read_text(encoding="utf-8")
+    section = text.split("## Predict and embed with the released BioCLIP 2", 1)[1].split("```bash", 1)[1]
     block = section.split("```", 1)[0]
     return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.startswith("bioclip-fast ")]
 
 
 def test_readme_predict_commands_run_as_written(world, hf_env, capsys, tmp_path, monkeypatch):
-    """Every command of the README's BioCLIP 2 section, as written, in a folder holding files of those names."""
+    """Every command of docs/predict.md's BioCLIP 2 section, as written, in a folder holding files of those names."""
     import shlex
 
     from bioclip_fast.model import create_model, save_model

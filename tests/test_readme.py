@@ -1,13 +1,16 @@
-"""Every command line in README.md's ```bash blocks is run here, as written, with small data substituted for paths.
+"""Every command line in the ```bash blocks of README.md and of the manual's pages (docs/*.md) is run here, as
+written, with small data substituted for paths.
 
-How it works: `readme_commands()` extracts the commands (backslash continuations joined, `#` comments dropped).
+How it works: `readme_commands()` extracts the commands of one file (backslash continuations joined, `#` comments
+dropped); `DOC_FILES` lists the files read, and a command shown in several of them (the README's cluster example is
+also in docs/training.md) runs once.
 `RUNNERS` maps a regex on the command to a runner that substitutes small data for the README's paths (a regex
 table `SUBSTITUTIONS` and per-runner maps), may append flags that only shrink the run (`--max-steps`, a tiny
 `--model`, small batches, `--nproc-per-node 1`), and runs it: `bioclip-fast ...` in-process through
 `bioclip_fast.cli.main` (asserting exit 0), `torchrun ...` and `make ...` as subprocesses.
 
-A README command that no runner matches FAILS `test_every_readme_command_has_a_runner` (so the README cannot show a
-command nobody runs). To register a new one:
+A command that no runner matches FAILS `test_every_readme_command_has_a_runner` (so neither the README nor the
+manual can show a command nobody runs). To register a new one:
 
 1. write `def run_<name>(argv: list[str], ctx: Ctx) -> None` that maps the README's placeholder paths to small data
    (`ctx` has temp dirs, the bundled butterfly shards/images, foreign TreeOfLife-layout shards, a trained tiny model,
@@ -16,7 +19,8 @@ command nobody runs). To register a new one:
 
 Keep runners tiny (a few seconds each): the whole suite runs on 2 CPU cores. `make test` is checked, not run (it
 would run this suite recursively): its recipe must be `python -m pytest` and `.ci/run` must call it. `make train` runs
-its recipe's last command with `--max-steps` appended.
+its recipe's last command with `--max-steps` appended. A command whose realistic run needs another test file's
+fixtures is `covered_by` that test, which must read the page the command is shown on (or spell its flags).
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ from bioclip_fast.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+# the README and every page of the manual (docs/architecture.md included: a command shown there runs too)
+DOC_FILES = [README] + sorted((REPO / "docs").glob("*.md"))
 
 
 def readme_commands(text: str | None = None) -> list[str]:
@@ -50,6 +56,15 @@ def readme_commands(text: str | None = None) -> list[str]:
             if tokens:
                 cmds.append(shlex.join(tokens))
     return cmds
+
+
+def doc_commands() -> dict[str, list[str]]:
+    """Every command of README.md and docs/*.md, in the order shown (README first), mapped to the files showing it."""
+    out: dict[str, list[str]] = {}
+    for path in DOC_FILES:
+        for cmd in readme_commands(path.read_text(encoding="utf-8")):
+            out.setdefault(cmd, []).append(str(path.relative_to(REPO)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,6 +81,7 @@ class Ctx:
     image_dir: Path  # a folder of 4 images (predict/embed)
     pretrained: Path  # a bioclip-nano checkpoint file (stands in for the laion2b ViT-L-14 weights)
     trained_dir: Callable[[], Path]  # the suite's trained tiny model run dir (built on first use)
+    eval_csv: Path  # 104 bundled butterflies (about 10 per species), absolute image paths, + analysis columns
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +110,20 @@ def shared(tmp_path_factory, request):
 
     pre = d / "ViT-L-14-laion2b_s32b_b82k.bin"
     save_model(pre, create_model("bioclip-nano"))
+    # a benchmark-like CSV (absolute image paths) with a species-level attribute per family and two per-image ones
+    all_rows = read_metadata(root / "metadata.csv")
+    eval_rows = all_rows[::8]
+    habitat = {f: ("meadow", "forest")[i % 2] for i, f in enumerate(sorted({r["family"] for r in all_rows}))}
+    extra = ["habitat", "wing_length", "sex"]
+    lines = [",".join(cols + extra)]
+    for i, r in enumerate(eval_rows):
+        row = dict(r, image=str(root / r["image"]))
+        lines.append(",".join([row[c] for c in cols] + [habitat[r["family"]], f"{30 + (i * 7) % 11}",
+                                                        ("female", "male")[i % 2]]))
+    eval_csv = d / "eval_metadata.csv"
+    eval_csv.write_text("\n".join(lines) + "\n")
     return Ctx(tmp=d, shared=d, tol=d / "tol", laion=d / "laion", csv=csv, images=root, image_dir=d / "images",
-               pretrained=pre, trained_dir=lambda: request.getfixturevalue("trained_model_dir"))
+               pretrained=pre, trained_dir=lambda: request.getfixturevalue("trained_model_dir"), eval_csv=eval_csv)
 
 
 # README placeholder path -> small data (regex on one argv token; first match wins)
@@ -106,6 +134,7 @@ def _substitute(argv: list[str], ctx: Ctx, extra: dict[str, str] | None = None) 
         r"^/scratch/tol-index$": str(ctx.shared / "tol-index"),
         r"^[\w.-]*laion2b[\w.-]*\.bin$": str(ctx.pretrained),
         r"^my_metadata\.csv$": str(ctx.csv),
+        r"^/data/[\w/-]+\.csv$|^my\.csv$": str(ctx.eval_csv),
         r"^my_images/?$": str(ctx.images),
         r"^images/$": str(ctx.image_dir),
         r"^shards/$": str(ctx.tmp / "shards"),
@@ -219,6 +248,17 @@ def run_predict_embed(argv: list[str], ctx: Ctx) -> None:
         assert (ctx.tmp / "embeddings.parquet").is_file()
 
 
+def run_analyze_own_data(argv: list[str], ctx: Ctx) -> None:
+    """docs/emergent.md's own-data command: its run directories are the suite's trained model, its CSV the butterflies
+    with a species-level `habitat`, a per-image `wing_length` and `sex`."""
+    argv = [str(ctx.trained_dir()) if re.fullmatch(r"runs/\w+", a) else a for a in argv]
+    cmd = _substitute(argv, ctx, {r"^analysis/$": str(ctx.tmp / "analysis")})
+    _main(cmd + ["--permutations", "9"] + (["--no-progress"] if _accepts(cmd, "--no-progress") else []))
+    res = json.loads((ctx.tmp / "analysis" / "analysis.json").read_text())
+    text = json.dumps(res)
+    assert all(k in text for k in ("habitat", "wing_length", "sex")), text[:2000]
+
+
 def _accepts(cmd: list[str], flag: str) -> bool:
     from bioclip_fast.cli import COMMANDS
 
@@ -232,18 +272,20 @@ def _accepts(cmd: list[str], flag: str) -> bool:
 
 
 def covered_by(test_file: str, test_name: str) -> Callable[[list[str], Ctx], None]:
-    """A README command whose realistic run needs the fixtures of another test file (a hub-snapshot model and species
-    table in a fake offline HF cache, benchmark folders in their published layouts, a preempted run): that test runs
-    it. The runner checks that the test exists and that every flag of the README command appears in that test's file
-    (either the test reads the command from README.md, or it spells the same flags), so the two cannot drift apart."""
+    """A command whose realistic run needs the fixtures of another test file (a hub-snapshot model and species table in
+    a fake offline HF cache, benchmark folders in their published layouts, a preempted run, a package download): that
+    test runs it. The runner checks that the test exists and that it either reads a page showing the command
+    (README.md or docs/<page>.md, by file name) or spells every flag of the command, so the two cannot drift apart."""
 
     def run(argv: list[str], ctx: Ctx) -> None:
         source = (REPO / test_file).read_text()
-        assert f"def {test_name}(" in source, f"{test_file}::{test_name} is gone; it ran README command {argv}"
-        reads_readme = "README.md" in source
+        assert f"def {test_name}(" in source, f"{test_file}::{test_name} is gone; it ran the documented command {argv}"
+        shown_in = COMMANDS.get(shlex.join(argv), [])
+        reads_page = any(Path(page).name in source for page in shown_in)
         flags = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
         missing = [f for f in flags if f not in source]
-        assert reads_readme or not missing, f"{test_file}::{test_name} does not run README flags {missing}"
+        assert reads_page or not missing, (f"{test_file}::{test_name} reads none of {shown_in} and does not run the "
+                                           f"flags {missing}")
 
     run.__name__ = f"covered_by[{test_file}::{test_name}]"
     return run
@@ -262,6 +304,11 @@ RUNNERS: list[tuple[str, Callable[[list[str], Ctx], None]]] = [
      covered_by("tests/test_loss_gpu_check.py", "test_readme_dry_run_prints_the_time_boxed_plan")),
     (r"^bash benchmarks/gpu_check\.sh ",
      covered_by("tests/test_loss_gpu_check.py", "test_readme_command_without_gpu_exits_3_with_one_line")),
+    (r"^make offline-bundle\b",
+     covered_by("tests/test_offline_bundle.py", "test_make_offline_bundle_as_documented_installs_with_no_index")),
+    (r"^python tools/pack_offline_host\.py --list$",
+     covered_by("tests/test_offline_bundle.py", "test_list_as_documented_pins_every_group")),
+    (r"^bioclip-fast analyze --checkpoint runs/\w+ --checkpoint runs/\w+ --data my\.csv\b", run_analyze_own_data),
     (r"^make (train|test)$", run_make),
     (r"^bioclip-fast make-shards\b", run_make_shards),
     (r"^bioclip-fast index-shards\b", run_index_shards),
@@ -276,25 +323,49 @@ def _runner_for(cmd: str):
     return next((fn for pat, fn in RUNNERS if re.search(pat, cmd)), None)
 
 
-COMMANDS = readme_commands()
+COMMANDS = doc_commands()
 
 
 def test_readme_has_commands_and_extraction_is_exact():
-    assert len(COMMANDS) >= 5
+    assert len(COMMANDS) >= 5 and "make test" in COMMANDS and "make train" in COMMANDS
+    assert all(page.startswith(("README.md", "docs/")) for pages in COMMANDS.values() for page in pages)
     sample = "```bash\nfoo --a 'x y' \\\n    --b 2   # note\n# only a comment\n\nbar\n```\n```python\nnot_me\n```"
     assert readme_commands(sample) == ["foo --a 'x y' --b 2", "bar"]
 
 
 def test_every_readme_command_has_a_runner():
-    missing = [c for c in COMMANDS if _runner_for(c) is None]
-    assert not missing, ("README commands that no test runs (register a runner in tests/test_readme.py, see its "
+    missing = {c: pages for c, pages in COMMANDS.items() if _runner_for(c) is None}
+    assert not missing, ("documented commands that no test runs (register a runner in tests/test_readme.py, see its "
                          f"docstring): {missing}")
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=[c[:60] for c in COMMANDS])
+@pytest.mark.parametrize("cmd", list(COMMANDS), ids=[f"{COMMANDS[c][0]}: {c[:60]}" for c in COMMANDS])
 def test_readme_command_runs(cmd, shared, tmp_path, monkeypatch):
     runner = _runner_for(cmd)
     if runner is None:
-        pytest.fail(f"no runner for README command {cmd!r}")
+        pytest.fail(f"no runner for the command {cmd!r} of {COMMANDS[cmd]}")
     monkeypatch.chdir(tmp_path)
     runner(shlex.split(cmd), dataclasses.replace(shared, tmp=tmp_path))
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+\s+(.*?)\s*$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower().replace("`", "")).replace(" ", "-") for h in heads}
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists and, with `#…`, one of its headings."""
+    broken = []
+    for page in DOC_FILES:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and anchor not in _anchors(dest.read_text(encoding="utf-8")):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, broken

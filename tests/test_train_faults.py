@@ -426,14 +426,14 @@ def test_collapse_count_carries_over_a_resume(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ README
 def _readme_block(marker: str) -> list[str]:
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
     block = text[text.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.startswith("bioclip-fast ")]
 
 
 @pytest.mark.slow  # ~30 s on 2 idle cores: three CLI runs of the CPU demo model, two zero-shot evals
 def test_readme_preemption_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    """The README's three commands (runs/demo -> a temp dir): preempted by SIGTERM in step 2 -> exit 75 with a
+    """docs/training.md's three commands (runs/demo -> a temp dir): preempted by SIGTERM in step 2 -> exit 75 with a
     checkpoint; the same command with --resume auto finishes; --allow-changed max_steps extends the run."""
     import shlex
 
