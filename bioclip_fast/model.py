@@ -8,7 +8,6 @@ import copy
 import logging
 import math
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from collections.abc import Mapping
@@ -16,6 +15,14 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bioclip_fast.errors import CheckpointError, UsageError
+from bioclip_fast.hub import (  # noqa: F401 - HUB_CONFIG, export_open_clip: public as bioclip_fast.model.*
+    BIOCLIP_MODEL_STR, HUB_CONFIG, TOL_MODELS, LoadedModel, _offline, _quiet_open_clip, export_open_clip,
+    hf_snapshot, is_hub_snapshot, load_hub_snapshot,
+)
+from bioclip_fast.preprocess import get_tokenizer, image_mean_std, image_transform  # noqa: F401 - public here too
+from bioclip_fast.weights import _plain, read_weights_file
 
 CHECKPOINT_FORMAT = "bioclip_fast/model/1"
 
@@ -155,25 +162,6 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _plain(obj: Any) -> Any:
-    """Meta as plain containers and scalars, so the checkpoint loads with ``torch.load(weights_only=True)``."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted(_plain(v) for v in obj)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy scalar
-        return obj.item()
-    if hasattr(obj, "to_dict"):
-        return _plain(obj.to_dict())
-    return str(obj)  # Path, Enum, ...: their text
-
-
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
     """Write a self-describing checkpoint (config + weights + meta such as class names), atomically.
 
@@ -193,102 +181,6 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] |
         path,
     )
     return path
-
-
-def read_weights_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
-    """A weights file as a dict, never unpickling arbitrary objects: ``.safetensors`` via safetensors, anything else
-    through ``torch.load(weights_only=True)`` (tensors, plain containers and scalars only)."""
-    from bioclip_fast.errors import CheckpointError
-
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a weights file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(path), device="cpu"))
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise CheckpointError(f"could not read {path}: {_first_line(e)}") from e
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - unsafe pickle, truncated zip, garbage bytes, ...
-        if mmap and not isinstance(e, pickle.UnpicklingError):  # e.g. a legacy (non-zip) torch.save file
-            return read_weights_file(path, mmap=False)
-        raise CheckpointError(_unreadable_weights(path, e)) from e
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
-    return ckpt
-
-
-def unpickled_objects(e: BaseException) -> str | None:
-    """For torch.load(weights_only=True)'s refusal of a pickle that holds objects other than tensors: the object's
-    name (or ""); None when the error says something else (random bytes, text, a truncated archive)."""
-    import re
-
-    text = str(e)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return found.group(1)
-    if "unrecognized function" in text or "Unsupported class" in text:
-        return ""
-    return None
-
-
-def _pickled_objects_in(path: str | os.PathLike) -> str | None:
-    """For a file torch's weights-only loader could not parse: when it is a complete pickle stream (read with
-    pickletools, which executes nothing), the first global it imports outside torch/collections (or ""); None when it
-    is not a pickle at all (random bytes, text)."""
-    import pickletools
-
-    try:
-        with open(path, "rb") as f:
-            if f.read(1) != b"\x80":  # PROTO: every pickle of protocol >= 2 (torch.save's) starts with it
-                return None
-            f.seek(0)
-            strings: list[str] = []
-            names: list[str] = []
-            for op, arg, _ in pickletools.genops(f):
-                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                    strings.append(str(arg))
-                elif op.name == "GLOBAL":
-                    names.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-    except Exception:  # noqa: BLE001 - not a (complete) pickle
-        return None
-    foreign = [n for n in names if not n.startswith(("torch.", "collections."))]
-    return foreign[0] if foreign else ""
-
-
-def _unreadable_weights(path: Path, e: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused a file: objects it will not unpickle (named), or not a weights file
-    at all (random bytes, text, a truncated archive)."""
-    import re
-
-    text = str(e)
-    found = unpickled_objects(e)
-    if found is None:
-        found = _pickled_objects_in(path)
-    if found is not None:
-        what = f" ({found})" if found else ""
-        return (f"refusing to load {path}: it holds Python objects other than tensors and plain containers{what}, and "
-                f"weights are never unpickled blindly; re-save it as a state dict or .safetensors")
-    reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    reason = reason.group(1).strip() if reason else _first_line(e)
-    try:
-        size = f"{path.stat().st_size} bytes"
-    except OSError:
-        size = "size unknown"
-    return (f"{path} is not a readable checkpoint or weights file (not a torch.save archive of tensors, nor "
-            f".safetensors; {size}; torch.load: {type(e).__name__}: {reason})")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 _read_checkpoint = read_weights_file  # older name
@@ -424,9 +316,7 @@ def load_model(
     spec = str(path)
     if spec.startswith(("local-dir:", "hf-hub:")) or (Path(spec).is_dir() and not (Path(spec) / "model.pt").exists()
                                                       and (Path(spec) / "open_clip_config.json").is_file()):
-        from bioclip_fast import hub  # released weights as open_clip hub snapshots (pybioclip's model strings)
-
-        loaded = hub.load(spec, device=device)
+        loaded = load(spec, device=device)  # released weights as open_clip hub snapshots (pybioclip's model strings)
         return loaded.model, loaded.preprocess, loaded.tokenizer, loaded.meta
     path = checkpoint_path(path)
     ckpt = read_weights_file(path)
@@ -448,73 +338,80 @@ def load_model(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# open_clip hub-snapshot export
+# model strings: one resolver (moved unchanged from hub.py)
 # --------------------------------------------------------------------------------------------------------------------
-HUB_CONFIG = "open_clip_config.json"
-HUB_WEIGHTS = "open_clip_model.safetensors"
-META_FILE = "bioclip_fast_meta.json"  # our extra: the label set etc., ignored by open_clip
+def load(model_str: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
+         model_name: str | None = None) -> LoadedModel:
+    """Resolve ``model_str`` (+ ``pretrained``) to a model in eval mode with its preprocess and tokenizer."""
+    import open_clip
 
+    from bioclip_fast.model import checkpoint_path, get_tokenizer, image_transform, list_models, load_model
 
-def export_open_clip(model: nn.Module, out: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``out/`` as an open_clip hub snapshot: ``open_clip_config.json`` (the full ``model_cfg`` and the
-    preprocess config, so no registration is needed) and ``open_clip_model.safetensors``. ``visual.continual_proj``
-    (a training-only replay projection plain open_clip does not know) is dropped; ``logit_scale`` is saved 0-dim as
-    open_clip creates it. Loads with ``open_clip.create_model_from_pretrained("local-dir:OUT")``."""
-    import json
+    model_str = str(model_str or BIOCLIP_MODEL_STR)
+    if model_str.startswith("hf-hub:"):
+        repo = model_str.removeprefix("hf-hub:")
+        snap = hf_snapshot(repo)
+        loaded = load_hub_snapshot(snap, device, model_str)
+        loaded.tol_repo = TOL_MODELS.get(model_str, loaded.tol_repo)
+        return loaded
+    if model_str.startswith("local-dir:"):
+        return load_hub_snapshot(Path(model_str.removeprefix("local-dir:")).expanduser(), device, model_str)
+    path = Path(model_str).expanduser()
+    if path.is_dir():
+        if is_hub_snapshot(path):
+            return load_hub_snapshot(path, device, model_str)
+        if (path / "model.pt").is_file():
+            model, preprocess, tokenizer, meta = load_model(path, device=device)
+            return LoadedModel(model, preprocess, tokenizer, model_str, "checkpoint", meta)
+        raise UsageError(f"--model {model_str}: the directory holds neither open_clip_config.json (a hub snapshot) "
+                         f"nor model.pt (a bioclip_fast run)")
+    if path.is_file():
+        model, preprocess, tokenizer, meta = load_model(path, model_name=model_name, device=device)
+        return LoadedModel(model, preprocess, tokenizer, model_str, "checkpoint", meta)
+    if os.sep in model_str or model_str.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise UsageError(f"--model {model_str}: no such file or directory")
+    # an architecture name, with a pretrained file or tag
+    known = set(list_models())
+    name = model_str.replace("/", "-")
+    if name not in known:
+        raise UsageError(f"--model {model_str}: not a file, folder, hf-hub:/local-dir: source or known architecture "
+                         f"(see bioclip-fast list-models)")
+    if pretrained and Path(pretrained).expanduser().exists():
+        model, preprocess, tokenizer, meta = load_model(checkpoint_path(Path(pretrained).expanduser()),
+                                                        model_name=name, device=device)
+        from bioclip_fast.model import _arch_key, describe_architecture, get_model_config
 
-    from safetensors.torch import save_file
+        wanted = get_model_config(name)
+        if _arch_key(getattr(model, "model_cfg", wanted)) != _arch_key(wanted):  # our checkpoint says another one
+            raise CheckpointError(f"checkpoint {pretrained} is "
+                                  f"{describe_architecture(getattr(model, 'model_name', None), model.model_cfg)}, "
+                                  f"model is {describe_architecture(name, wanted)}")
+        return LoadedModel(model, preprocess, tokenizer, model_str, "checkpoint", meta)
+    tags = [] if name not in open_clip.list_models() else open_clip.list_pretrained_tags_by_model(name)
+    if pretrained is None and len(tags) > 1:
+        raise UsageError(f"--model {model_str}: multiple pretrained tags available {tags}; pass --pretrained TAG "
+                         f"or --pretrained FILE")
+    tag = pretrained or (tags[0] if tags else None)
+    if tag is None:
+        from bioclip_fast.model import create_model
 
-    out = Path(out)
-    cfg = getattr(model, "model_cfg", None)
-    if not cfg:
-        raise ValueError("the model has no model_cfg to export (create it with bioclip_fast.model.create_model)")
-    mean, std = image_mean_std(model)
-    size = model.visual.image_size
-    pp = {"mean": list(mean), "std": list(std), "interpolation": "bicubic", "resize_mode": "shortest",
-          "size": list(size) if isinstance(size, (tuple, list)) else int(size)}
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
-             if k != "visual.continual_proj"}
-    for key in ("logit_scale", "logit_bias"):
-        if key in state and state[key].numel() == 1:
-            state[key] = state[key].reshape(())
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+        logging.getLogger(__name__).warning("--model %s without --pretrained: randomly initialised weights", name)
+        model = create_model(name).to(device).eval()
+        return LoadedModel(model, image_transform(model), get_tokenizer(model), model_str, "open_clip")
+    if tag not in tags:
+        raise UsageError(f"--pretrained {tag}: neither a file nor a tag of {name} (tags: {tags or 'none'})")
+    import huggingface_hub.constants as hf_constants
+
+    was_offline = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = was_offline or _offline()  # read at import; honour a later HF_HUB_OFFLINE=1
     try:
-        save_file(state, str(tmp / HUB_WEIGHTS), metadata={"format": "pt"})
-        (tmp / HUB_CONFIG).write_text(json.dumps({"model_cfg": _plain(cfg), "preprocess_cfg": pp}, indent=2) + "\n")
-        if meta:
-            (tmp / META_FILE).write_text(json.dumps(
-                {"model_name": getattr(model, "model_name", None), **_plain(dict(meta))}, indent=1) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
+        with _quiet_open_clip():
+            model, preprocess = open_clip.create_model_from_pretrained(name, pretrained=tag, device=device,
+                                                                       return_transform=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - no network
+        raise CheckpointError(f"--model {name} --pretrained {tag}: cannot download the weights "
+                              f"({' '.join(str(e).split())[:160]}); pass --pretrained FILE") from None
     finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def image_transform(model: nn.Module, train: bool = False):
-    """torchvision transform matching the model's image size and normalization."""
-    import open_clip
-
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
-    std = pp.get("std", open_clip.OPENAI_DATASET_STD)
-    return open_clip.image_transform(size, is_train=train, mean=mean, std=std)
-
-
-def get_tokenizer(model: nn.Module):
-    """The open_clip tokenizer for the model's text tower (CLIP BPE, no hub access)."""
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
-
-
-def image_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    import open_clip
-
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    return tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        hf_constants.HF_HUB_OFFLINE = was_offline
+    model.model_name, model.model_cfg = name, open_clip.get_model_config(name)
+    return LoadedModel(model.eval(), preprocess, open_clip.get_tokenizer(name), model_str, "open_clip")

@@ -245,8 +245,8 @@ class BaseClassifier:
         preprocess_mode: str = "auto",
         precision: str = "fp32",
     ):
-        from bioclip_fast import hub
-        from bioclip_fast.model import get_tokenizer, image_transform
+        from bioclip_fast.model import get_tokenizer, image_transform, load
+        from bioclip_fast.preprocess import squash_preprocess
 
         if checkpoint is not None:
             if model_str is not None:
@@ -270,7 +270,7 @@ class BaseClassifier:
             self.meta = dict(meta or {})
             self.kind = "module"
         else:
-            loaded = hub.load(None if model_str is None else os.fspath(model_str), pretrained_str,
+            loaded = load(None if model_str is None else os.fspath(model_str), pretrained_str,
                               device=self.device, model_name=model_name)
             self.model = loaded.model.to(self.device).eval()
             self.preprocess, self.tokenizer = preprocess or loaded.preprocess, tokenizer or loaded.tokenizer
@@ -279,7 +279,7 @@ class BaseClassifier:
         self.pretrained_str = pretrained_str
         self.preprocess_mode = preprocess_mode
         if preprocess_mode == "squash" or (preprocess_mode == "auto" and self.tol_repo and preprocess is None):
-            self.preprocess = hub.squash_preprocess(self.image_size())
+            self.preprocess = squash_preprocess(self.image_size())
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.templates = templates
@@ -290,10 +290,10 @@ class BaseClassifier:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def _use_squash_for_table(self) -> None:
-        from bioclip_fast import hub
+        from bioclip_fast.preprocess import squash_preprocess
 
         if self.preprocess_mode == "auto":
-            self.preprocess = hub.squash_preprocess(self.image_size())
+            self.preprocess = squash_preprocess(self.image_size())
 
     def _autocast(self):
         if self.precision == "fp32":

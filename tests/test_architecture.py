@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS: dict[str, int] = {
     "errors": 0, "sysinfo": 0, "fileio": 0,
     "taxonomy": 1, "kernels": 1, "devices": 1,
-    "ops": 2, "distributed": 2,
+    "ops": 2, "distributed": 2, "weights": 2, "preprocess": 2,
     "loss": 3, "data": 3, "tol": 3, "model": 3, "hub": 3,
     "integrations": 4,
     "predict": 5,
@@ -33,7 +33,6 @@ LAYERS: dict[str, int] = {
 CLI_LAYER = 7
 
 KNOWN_CIRCLES = {
-    frozenset({"bioclip_fast.hub", "bioclip_fast.model"}),
     # ops.precision -> (lazy) ops.dispatch -> (importlib) kernels.* -> kernels._pairwise -> ops.precision
     frozenset({"bioclip_fast.kernels._pairwise", "bioclip_fast.kernels.clip_loss", "bioclip_fast.kernels.siglip_loss",
                "bioclip_fast.ops.dispatch", "bioclip_fast.ops.precision"}),

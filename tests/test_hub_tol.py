@@ -358,7 +358,7 @@ def test_our_checkpoint_with_a_species_table(ckpts, tmp_path, capsys, monkeypatc
     # the same scores by hand: squash to the model's 32 px, softmax over the 72 species, summed per order
     from PIL import Image
 
-    from bioclip_fast.hub import squash_preprocess
+    from bioclip_fast.preprocess import squash_preprocess
 
     model = load_model(ckpts / "run")[0]
     with torch.no_grad():
