@@ -1,21 +1,19 @@
-"""Models as users have them: what ``--model`` / ``model_str`` accept (pybioclip's and open_clip's forms and ours).
+"""open_clip hub snapshots, read and written here, and the Hugging Face cache they come from.
 
-* ``hf-hub:ORG/NAME`` (default ``hf-hub:imageomics/bioclip-2``): the Hugging Face cache first (no network), then a
-  download; without either, one line saying so.
-* ``local-dir:PATH`` or a plain path to an open_clip hub-snapshot folder (``open_clip_config.json`` +
-  ``open_clip_model.safetensors`` and/or ``open_clip_pytorch_model.bin``): loaded by open_clip itself, exactly as
-  pybioclip does, with ``weights_only=True`` for ``.bin``.
-* an open_clip architecture name (``ViT-B-16``, or our ``bioclip-tiny`` ...) with ``pretrained`` a file or a tag.
-* our checkpoints (``model.pt``) and run directories: they describe their architecture.
-
-TreeOfLife models (``hf-hub:imageomics/bioclip`` and ``-2``, or snapshots of them in the HF cache) get pybioclip's
-squash-to-224 preprocessing and their species table from the matching TreeOfLife dataset repo.
+A snapshot is a folder with ``open_clip_config.json`` (the model and preprocess configs) and the weights
+(``open_clip_model.safetensors`` and/or ``open_clip_pytorch_model.bin``), the layout of ``hf-hub:`` repos such as
+``hf-hub:imageomics/bioclip-2``. :func:`load_hub_snapshot` reads one through open_clip itself (as pybioclip does;
+``weights_only=True`` for a ``.bin``, whose refusal names the objects it holds), :func:`export_open_clip` writes one
+from a bioclip_fast model (+ ``bioclip_fast_meta.json``, our label set, which open_clip ignores), and
+:func:`hf_snapshot` finds a repo in the HF cache (no network) before downloading it. The TreeOfLife models' names and
+their species-table repos are here too. Which string names which source is :func:`bioclip_fast.model.parse_model_str`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-import tempfile
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +23,18 @@ import torch
 from torch import nn
 
 from bioclip_fast.errors import CheckpointError, UsageError
+from bioclip_fast.fileio import atomic_save, atomic_write_json
 from bioclip_fast.preprocess import image_mean_std
-from bioclip_fast.weights import _plain
+from bioclip_fast.weights import pickled_objects_in, plain_data, unpickled_objects
 
 BIOCLIP_V1_MODEL_STR = "hf-hub:imageomics/bioclip"
 BIOCLIP_V2_MODEL_STR = "hf-hub:imageomics/bioclip-2"
 BIOCLIP_MODEL_STR = BIOCLIP_V2_MODEL_STR
 TOL_MODELS = {BIOCLIP_V1_MODEL_STR: "imageomics/TreeOfLife-10M", BIOCLIP_V2_MODEL_STR: "imageomics/TreeOfLife-200M"}
 TOL_EMBEDDINGS = ("embeddings/txt_emb_species.npy", "embeddings/txt_emb_species.json")
+HUB_CONFIG = "open_clip_config.json"
+HUB_WEIGHTS = "open_clip_model.safetensors"
+META_FILE = "bioclip_fast_meta.json"  # our extra: the label set etc., ignored by open_clip
 
 
 @dataclass
@@ -54,7 +56,7 @@ def hf_cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
-def _offline() -> bool:
+def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
@@ -70,7 +72,7 @@ def hf_snapshot(repo_id: str, *, repo_type: str = "model", files: tuple[str, ...
             return Path(paths[0]).parents[len(Path(files[0]).parts) - 1]
         return Path(snapshot_download(repo_id, repo_type=repo_type, cache_dir=cache, local_files_only=True))
     except Exception as cached_error:  # noqa: BLE001 - not cached: try the network unless offline
-        if _offline():
+        if hf_offline():
             raise CheckpointError(
                 f"{repo_id} ({repo_type}) is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set; "
                 f"download it where there is network, or pass a local folder"
@@ -89,7 +91,7 @@ def hf_snapshot(repo_id: str, *, repo_type: str = "model", files: tuple[str, ...
 
 
 def is_hub_snapshot(path: str | os.PathLike) -> bool:
-    return (Path(path) / "open_clip_config.json").is_file()
+    return (Path(path) / HUB_CONFIG).is_file()
 
 
 def _tol_repo_of_snapshot(path: Path) -> str | None:
@@ -114,28 +116,22 @@ def load_hub_snapshot(path: str | os.PathLike, device: str | torch.device, model
         raise CheckpointError(f"--model {model_str}: {path} has no weights (open_clip_model.safetensors or "
                               f"open_clip_pytorch_model.bin)")
     try:
-        with _quiet_open_clip():
+        with quiet_open_clip():
             model, preprocess = open_clip.create_model_from_pretrained(
                 f"local-dir:{path}", device=device, return_transform=True, weights_only=True)
             tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     except Exception as e:  # noqa: BLE001 - corrupt weights, wrong shapes, unsafe pickle
-        import pickle
-
         text = " ".join(str(e).split())[:240]
         if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
-            from bioclip_fast.weights import _pickled_objects_in, unpickled_objects
-
             objects = unpickled_objects(e) is not None or any(
-                _pickled_objects_in(w) is not None for w in weights if w.suffix != ".safetensors")
+                pickled_objects_in(w) is not None for w in weights if w.suffix != ".safetensors")
             text = ("the .bin holds Python objects other than tensors; weights are never unpickled blindly" if objects
                     else "the .bin is not a readable weights file (not a torch.save archive of tensors)")
         raise CheckpointError(f"--model {model_str}: cannot load the open_clip snapshot {path}: {text}") from None
-    import json
-
-    cfg = json.loads((path / "open_clip_config.json").read_text(encoding="utf-8"))
+    cfg = json.loads((path / HUB_CONFIG).read_text(encoding="utf-8"))
     model.model_cfg = cfg.get("model_cfg")
     meta: dict[str, Any] = {}
-    meta_file = path / "bioclip_fast_meta.json"  # written by `bioclip-fast export`: the label set
+    meta_file = path / META_FILE  # written by `bioclip-fast export`: the label set
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     model.model_name = meta.get("model_name") or model_str
@@ -143,7 +139,7 @@ def load_hub_snapshot(path: str | os.PathLike, device: str | torch.device, model
                        tol_repo=_tol_repo_of_snapshot(path))
 
 
-class _quiet_open_clip:
+class quiet_open_clip:
     """open_clip logs INFO/WARNING lines while loading a snapshot; keep the user's terminal to our own lines."""
 
     def __enter__(self):
@@ -163,21 +159,11 @@ def tol_table_dir(model: LoadedModel) -> Path | None:
     return snap / "embeddings"
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# open_clip hub-snapshot export
-# --------------------------------------------------------------------------------------------------------------------
-HUB_CONFIG = "open_clip_config.json"
-HUB_WEIGHTS = "open_clip_model.safetensors"
-META_FILE = "bioclip_fast_meta.json"  # our extra: the label set etc., ignored by open_clip
-
-
 def export_open_clip(model: nn.Module, out: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``out/`` as an open_clip hub snapshot: ``open_clip_config.json`` (the full ``model_cfg`` and the
     preprocess config, so no registration is needed) and ``open_clip_model.safetensors``. ``visual.continual_proj``
     (a training-only replay projection plain open_clip does not know) is dropped; ``logit_scale`` is saved 0-dim as
     open_clip creates it. Loads with ``open_clip.create_model_from_pretrained("local-dir:OUT")``."""
-    import json
-
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -193,18 +179,10 @@ def export_open_clip(model: nn.Module, out: str | os.PathLike, meta: Mapping[str
     for key in ("logit_scale", "logit_bias"):
         if key in state and state[key].numel() == 1:
             state[key] = state[key].reshape(())
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
-    try:
-        save_file(state, str(tmp / HUB_WEIGHTS), metadata={"format": "pt"})
-        (tmp / HUB_CONFIG).write_text(json.dumps({"model_cfg": _plain(cfg), "preprocess_cfg": pp}, indent=2) + "\n")
-        if meta:
-            (tmp / META_FILE).write_text(json.dumps(
-                {"model_name": getattr(model, "model_name", None), **_plain(dict(meta))}, indent=1) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Each file is replaced atomically; the config, which makes the folder a snapshot, is written last.
+    atomic_save(out / HUB_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    if meta:
+        atomic_write_json(out / META_FILE, {"model_name": getattr(model, "model_name", None),
+                                            **plain_data(dict(meta))}, indent=1)
+    atomic_write_json(out / HUB_CONFIG, {"model_cfg": plain_data(cfg), "preprocess_cfg": pp}, indent=2)
     return out

@@ -1,6 +1,21 @@
 """open_clip models for BioCLIP-2-style training: creation by name, a `logit_scale` of shape [1] (DeepSpeed cannot
 shard 0-dim parameters), the optional `visual.continual_proj` used for experience-replay samples, gradient
-checkpointing, and a self-describing checkpoint format that needs no hub access to load.
+checkpointing, a self-describing checkpoint format that needs no hub access to load, and the one resolver of model
+strings (what ``--model`` / ``model_str`` accept; pybioclip's and open_clip's forms and ours):
+
+* ``hf-hub:ORG/NAME`` (default ``hf-hub:imageomics/bioclip-2``): the Hugging Face cache first (no network), then a
+  download; without either, one line saying so.
+* ``local-dir:PATH`` or a plain path to an open_clip hub-snapshot folder (``open_clip_config.json`` +
+  ``open_clip_model.safetensors`` and/or ``open_clip_pytorch_model.bin``): loaded by open_clip itself, exactly as
+  pybioclip does, with ``weights_only=True`` for ``.bin`` (:mod:`bioclip_fast.hub` reads and writes snapshots).
+* an open_clip architecture name (``ViT-B-16``, or our ``bioclip-tiny`` ...) with ``pretrained`` a file or a tag.
+* our checkpoints (``model.pt``) and run directories: they describe their architecture.
+
+:func:`parse_model_str` parses a string (nothing loaded), :func:`resolve_model` loads any of them,
+:func:`load_model` the paths to weights (checkpoints and snapshots) as ``(model, preprocess, tokenizer, meta)``.
+TreeOfLife models (``hf-hub:imageomics/bioclip`` and ``-2``, or snapshots of them in the HF cache) get pybioclip's
+squash-to-224 preprocessing and their species table from the matching TreeOfLife dataset repo (see
+:mod:`bioclip_fast.predict`).
 """
 from __future__ import annotations
 
@@ -8,21 +23,22 @@ import copy
 import logging
 import math
 import os
-import tempfile
-from pathlib import Path
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bioclip_fast.errors import CheckpointError, UsageError
+from bioclip_fast.fileio import atomic_save
 from bioclip_fast.hub import (  # noqa: F401 - HUB_CONFIG, export_open_clip: public as bioclip_fast.model.*
-    BIOCLIP_MODEL_STR, HUB_CONFIG, TOL_MODELS, LoadedModel, _offline, _quiet_open_clip, export_open_clip,
-    hf_snapshot, is_hub_snapshot, load_hub_snapshot,
+    BIOCLIP_MODEL_STR, HUB_CONFIG, TOL_MODELS, LoadedModel, export_open_clip, hf_offline, hf_snapshot,
+    is_hub_snapshot, load_hub_snapshot, quiet_open_clip,
 )
 from bioclip_fast.preprocess import get_tokenizer, image_mean_std, image_transform  # noqa: F401 - public here too
-from bioclip_fast.weights import _plain, read_weights_file
+from bioclip_fast.weights import plain_data, read_weights_file
 
 CHECKPOINT_FORMAT = "bioclip_fast/model/1"
 
@@ -150,18 +166,6 @@ def encode_image(model: nn.Module, images: torch.Tensor, *, replay: bool = False
     return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
     """Write a self-describing checkpoint (config + weights + meta such as class names), atomically.
 
@@ -169,21 +173,15 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] |
     """
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "model_name": getattr(model, "model_name", None),
-            "model_cfg": _plain(getattr(model, "model_cfg", None)),
-            "continual_proj": getattr(model.visual, "continual_proj", None) is not None,
-            "state_dict": state,
-            "meta": _plain(dict(meta or {})),
-        },
-        path,
-    )
-    return path
-
-
-_read_checkpoint = read_weights_file  # older name
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": getattr(model, "model_name", None),
+        "model_cfg": plain_data(getattr(model, "model_cfg", None)),
+        "continual_proj": getattr(model.visual, "continual_proj", None) is not None,
+        "state_dict": state,
+        "meta": plain_data(dict(meta or {})),
+    }
+    return atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -296,7 +294,73 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ckpt: Mapping[str, A
 def _arch_key(cfg: Mapping[str, Any]) -> str:
     import json
 
-    return json.dumps(_plain(cfg), sort_keys=True)
+    return json.dumps(plain_data(cfg), sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model strings: one parser, one resolver
+# --------------------------------------------------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model string names (:func:`parse_model_str`).
+
+    ``kind``: ``hf-hub`` (``location`` = the repo id), ``snapshot`` (an open_clip hub-snapshot folder),
+    ``checkpoint`` (a weights file: our ``model.pt`` or a plain state dict / ``.safetensors``) or ``architecture``
+    (an open_clip / bioclip_fast architecture name). ``spec`` is the string as given (error messages name it).
+    """
+
+    kind: str
+    spec: str
+    location: str
+
+
+def parse_model_str(model_str: str | os.PathLike | None, *, architectures: bool = True) -> ModelSource:
+    """The one place a model string is parsed; nothing is loaded. ``None`` is ``hf-hub:imageomics/bioclip-2``.
+
+    ``hf-hub:ORG/NAME``; ``local-dir:PATH``; a folder holding ``model.pt`` (our run; it wins over a hub snapshot in
+    the same folder) or ``open_clip_config.json`` (a hub snapshot); a file; else an architecture name (``ViT-B/16``
+    is ``ViT-B-16``). ``architectures=False`` (paths to weights, :func:`load_model`): whatever is not a hub source
+    or snapshot folder is a checkpoint path, and reading it says what is wrong with it.
+    """
+    spec = os.fspath(model_str) if model_str is not None else BIOCLIP_MODEL_STR
+    spec = str(spec)
+    if spec.startswith("hf-hub:"):
+        return ModelSource("hf-hub", spec, spec.removeprefix("hf-hub:"))
+    if spec.startswith("local-dir:"):
+        return ModelSource("snapshot", spec, str(Path(spec.removeprefix("local-dir:")).expanduser()))
+    path = Path(spec).expanduser() if architectures else Path(spec)
+    if path.is_dir():
+        if (path / "model.pt").is_file():
+            return ModelSource("checkpoint", spec, str(path / "model.pt"))
+        if is_hub_snapshot(path):
+            return ModelSource("snapshot", spec, str(path))
+        if architectures:
+            raise UsageError(f"--model {spec}: the directory holds neither open_clip_config.json (a hub snapshot) "
+                             f"nor model.pt (a bioclip_fast run)")
+    if path.is_file() or not architectures:
+        return ModelSource("checkpoint", spec, str(path))
+    if os.sep in spec or spec.endswith(WEIGHT_SUFFIXES):
+        raise UsageError(f"--model {spec}: no such file or directory")
+    name = spec.replace("/", "-")
+    if name not in set(list_models()):
+        raise UsageError(f"--model {spec}: not a file, folder, hf-hub:/local-dir: source or known architecture "
+                         f"(see bioclip-fast list-models)")
+    return ModelSource("architecture", spec, name)
+
+
+def resolve_model(model_str: str | os.PathLike | None = None, pretrained: str | None = None, *,
+                  device: str | torch.device = "cpu", model_name: str | None = None) -> LoadedModel:
+    """Any model string (:func:`parse_model_str`; ``pretrained`` a file or an open_clip tag for an architecture
+    name) as a model in eval mode with its preprocess and tokenizer. ``model_name`` is the architecture of a plain
+    state dict. TreeOfLife models (``hf-hub:imageomics/bioclip`` and ``-2``, or their snapshots in the HF cache)
+    carry ``tol_repo``, the dataset repo of their species table."""
+    source = parse_model_str(model_str)
+    if source.kind == "architecture":
+        return _load_architecture(source, pretrained, device)
+    return _load_source(source, device, model_name)
 
 
 def load_model(
@@ -311,14 +375,25 @@ def load_model(
     hub snapshot (``local-dir:DIR``, a folder with ``open_clip_config.json``, or ``hf-hub:ORG/NAME`` from the local
     HF cache); a plain open_clip state dict (``.pt``/``.bin``/``.safetensors``) needs ``model_name``.
     """
-    from bioclip_fast.errors import CheckpointError
+    loaded = _load_source(parse_model_str(path, architectures=False), device, model_name)
+    return loaded.model, loaded.preprocess, loaded.tokenizer, loaded.meta
 
-    spec = str(path)
-    if spec.startswith(("local-dir:", "hf-hub:")) or (Path(spec).is_dir() and not (Path(spec) / "model.pt").exists()
-                                                      and (Path(spec) / "open_clip_config.json").is_file()):
-        loaded = load(spec, device=device)  # released weights as open_clip hub snapshots (pybioclip's model strings)
-        return loaded.model, loaded.preprocess, loaded.tokenizer, loaded.meta
-    path = checkpoint_path(path)
+
+def _load_source(source: ModelSource, device: str | torch.device, model_name: str | None) -> LoadedModel:
+    if source.kind == "hf-hub":
+        loaded = load_hub_snapshot(hf_snapshot(source.location), device, source.spec)
+        loaded.tol_repo = TOL_MODELS.get(source.spec, loaded.tol_repo)
+        return loaded
+    if source.kind == "snapshot":
+        return load_hub_snapshot(Path(source.location), device, source.spec)
+    model, meta = _load_checkpoint(Path(source.location), model_name)
+    model = model.to(device).eval()
+    return LoadedModel(model, image_transform(model, train=False), get_tokenizer(model), source.spec, "checkpoint",
+                       meta)
+
+
+def _load_checkpoint(path: Path, model_name: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Our checkpoint builds the architecture it describes; a plain state dict needs ``model_name``."""
     ckpt = read_weights_file(path)
     if is_our_checkpoint(ckpt):
         name = ckpt.get("model_name") or model_name or "bioclip-tiny"
@@ -333,68 +408,30 @@ def load_model(
         load_weights(model, path, ckpt)
         meta = {}
     del ckpt
-    model = model.to(device).eval()
-    return model, image_transform(model, train=False), get_tokenizer(model), meta
+    return model, meta
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# model strings: one resolver (moved unchanged from hub.py)
-# --------------------------------------------------------------------------------------------------------------------
-def load(model_str: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
-         model_name: str | None = None) -> LoadedModel:
-    """Resolve ``model_str`` (+ ``pretrained``) to a model in eval mode with its preprocess and tokenizer."""
+def _load_architecture(source: ModelSource, pretrained: str | None, device: str | torch.device) -> LoadedModel:
+    """An architecture name with a pretrained file (ours or a plain state dict), an open_clip tag, or neither."""
     import open_clip
 
-    from bioclip_fast.model import checkpoint_path, get_tokenizer, image_transform, list_models, load_model
-
-    model_str = str(model_str or BIOCLIP_MODEL_STR)
-    if model_str.startswith("hf-hub:"):
-        repo = model_str.removeprefix("hf-hub:")
-        snap = hf_snapshot(repo)
-        loaded = load_hub_snapshot(snap, device, model_str)
-        loaded.tol_repo = TOL_MODELS.get(model_str, loaded.tol_repo)
-        return loaded
-    if model_str.startswith("local-dir:"):
-        return load_hub_snapshot(Path(model_str.removeprefix("local-dir:")).expanduser(), device, model_str)
-    path = Path(model_str).expanduser()
-    if path.is_dir():
-        if is_hub_snapshot(path):
-            return load_hub_snapshot(path, device, model_str)
-        if (path / "model.pt").is_file():
-            model, preprocess, tokenizer, meta = load_model(path, device=device)
-            return LoadedModel(model, preprocess, tokenizer, model_str, "checkpoint", meta)
-        raise UsageError(f"--model {model_str}: the directory holds neither open_clip_config.json (a hub snapshot) "
-                         f"nor model.pt (a bioclip_fast run)")
-    if path.is_file():
-        model, preprocess, tokenizer, meta = load_model(path, model_name=model_name, device=device)
-        return LoadedModel(model, preprocess, tokenizer, model_str, "checkpoint", meta)
-    if os.sep in model_str or model_str.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise UsageError(f"--model {model_str}: no such file or directory")
-    # an architecture name, with a pretrained file or tag
-    known = set(list_models())
-    name = model_str.replace("/", "-")
-    if name not in known:
-        raise UsageError(f"--model {model_str}: not a file, folder, hf-hub:/local-dir: source or known architecture "
-                         f"(see bioclip-fast list-models)")
+    name, model_str = source.location, source.spec
     if pretrained and Path(pretrained).expanduser().exists():
-        model, preprocess, tokenizer, meta = load_model(checkpoint_path(Path(pretrained).expanduser()),
-                                                        model_name=name, device=device)
-        from bioclip_fast.model import _arch_key, describe_architecture, get_model_config
-
+        model, meta = _load_checkpoint(checkpoint_path(Path(pretrained).expanduser()), name)
+        model = model.to(device).eval()
         wanted = get_model_config(name)
         if _arch_key(getattr(model, "model_cfg", wanted)) != _arch_key(wanted):  # our checkpoint says another one
             raise CheckpointError(f"checkpoint {pretrained} is "
                                   f"{describe_architecture(getattr(model, 'model_name', None), model.model_cfg)}, "
                                   f"model is {describe_architecture(name, wanted)}")
-        return LoadedModel(model, preprocess, tokenizer, model_str, "checkpoint", meta)
+        return LoadedModel(model, image_transform(model, train=False), get_tokenizer(model), model_str, "checkpoint",
+                           meta)
     tags = [] if name not in open_clip.list_models() else open_clip.list_pretrained_tags_by_model(name)
     if pretrained is None and len(tags) > 1:
         raise UsageError(f"--model {model_str}: multiple pretrained tags available {tags}; pass --pretrained TAG "
                          f"or --pretrained FILE")
     tag = pretrained or (tags[0] if tags else None)
     if tag is None:
-        from bioclip_fast.model import create_model
-
         logging.getLogger(__name__).warning("--model %s without --pretrained: randomly initialised weights", name)
         model = create_model(name).to(device).eval()
         return LoadedModel(model, image_transform(model), get_tokenizer(model), model_str, "open_clip")
@@ -403,9 +440,9 @@ def load(model_str: str | None = None, pretrained: str | None = None, *, device:
     import huggingface_hub.constants as hf_constants
 
     was_offline = hf_constants.HF_HUB_OFFLINE
-    hf_constants.HF_HUB_OFFLINE = was_offline or _offline()  # read at import; honour a later HF_HUB_OFFLINE=1
+    hf_constants.HF_HUB_OFFLINE = was_offline or hf_offline()  # read at import; honour a later HF_HUB_OFFLINE=1
     try:
-        with _quiet_open_clip():
+        with quiet_open_clip():
             model, preprocess = open_clip.create_model_from_pretrained(name, pretrained=tag, device=device,
                                                                        return_transform=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - no network

@@ -219,7 +219,7 @@ def _check_device(device: str | torch.device | None) -> torch.device:
 
 
 class BaseClassifier:
-    """Loads a model (see :mod:`bioclip_fast.hub` for what ``model_str`` accepts) and turns images into features.
+    """Loads a model (see :mod:`bioclip_fast.model` for what ``model_str`` accepts) and turns images into features.
 
     pybioclip's constructor: ``BaseClassifier(model_str=..., pretrained_str=..., device=...)``. Also accepted: an
     already loaded ``model=`` (with optional ``preprocess`` / ``tokenizer``), and ``checkpoint=`` (= model_str).
@@ -245,7 +245,7 @@ class BaseClassifier:
         preprocess_mode: str = "auto",
         precision: str = "fp32",
     ):
-        from bioclip_fast.model import get_tokenizer, image_transform, load
+        from bioclip_fast.model import get_tokenizer, image_transform, resolve_model
         from bioclip_fast.preprocess import squash_preprocess
 
         if checkpoint is not None:
@@ -270,7 +270,7 @@ class BaseClassifier:
             self.meta = dict(meta or {})
             self.kind = "module"
         else:
-            loaded = load(None if model_str is None else os.fspath(model_str), pretrained_str,
+            loaded = resolve_model(None if model_str is None else os.fspath(model_str), pretrained_str,
                               device=self.device, model_name=model_name)
             self.model = loaded.model.to(self.device).eval()
             self.preprocess, self.tokenizer = preprocess or loaded.preprocess, tokenizer or loaded.tokenizer

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 
-def _plain(obj: Any) -> Any:
+def plain_data(obj: Any) -> Any:
     """Meta as plain containers and scalars, so the checkpoint loads with ``torch.load(weights_only=True)``."""
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain_data(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain_data(v) for v in obj]
     if isinstance(obj, (set, frozenset)):
-        return sorted(_plain(v) for v in obj)
+        return sorted(plain_data(v) for v in obj)
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, torch.Tensor):
@@ -27,7 +27,7 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy scalar
         return obj.item()
     if hasattr(obj, "to_dict"):
-        return _plain(obj.to_dict())
+        return plain_data(obj.to_dict())
     return str(obj)  # Path, Enum, ...: their text
 
 
@@ -73,7 +73,7 @@ def unpickled_objects(e: BaseException) -> str | None:
     return None
 
 
-def _pickled_objects_in(path: str | os.PathLike) -> str | None:
+def pickled_objects_in(path: str | os.PathLike) -> str | None:
     """For a file torch's weights-only loader could not parse: when it is a complete pickle stream (read with
     pickletools, which executes nothing), the first global it imports outside torch/collections (or ""); None when it
     is not a pickle at all (random bytes, text)."""
@@ -107,7 +107,7 @@ def _unreadable_weights(path: Path, e: BaseException) -> str:
     text = str(e)
     found = unpickled_objects(e)
     if found is None:
-        found = _pickled_objects_in(path)
+        found = pickled_objects_in(path)
     if found is not None:
         what = f" ({found})" if found else ""
         return (f"refusing to load {path}: it holds Python objects other than tensors and plain containers{what}, and "
