@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 # package they are in: nothing imports them but the command dispatcher.
 LAYERS: dict[str, int] = {
     "errors": 0, "sysinfo": 0, "fileio": 0,
-    "taxonomy": 1, "kernels": 1, "devices": 1,
+    "taxonomy": 1, "kernels": 1, "devices": 1, "templates": 1,
     "ops": 2, "distributed": 2, "weights": 2, "preprocess": 2,
     "loss": 3, "data": 3, "tol": 3, "model": 3, "hub": 3,
     "integrations": 4,
