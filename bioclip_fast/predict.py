@@ -192,24 +192,12 @@ def _chunks(images: Iterable[ImageInput], size: int) -> Iterator[list]:
 
 
 def resolve_templates(templates: str | Sequence[str] | None) -> list:
-    """``openai`` (the 80 CLIP ImageNet templates pybioclip uses for custom labels), ``simple`` ("a photo of {}."),
-    ``none`` (the bare name), or a list of ``{}`` format strings / callables."""
-    if templates is None or templates == "openai":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    """``openai`` (the default: the 80 CLIP ImageNet templates pybioclip uses for custom labels), ``bioclip2``,
+    ``simple`` ("a photo of {}."), ``none`` (the bare name), or a list of ``{}`` format strings / callables, as
+    callables ``name -> text`` (:func:`bioclip_fast.templates.resolve_templates`)."""
+    from bioclip_fast.templates import resolve_templates as resolve
 
-        return list(OPENAI_IMAGENET_TEMPLATES)
-    if templates == "simple":
-        return [lambda c: f"a photo of {c}."]
-    if templates == "none":
-        return [lambda c: c]
-    if isinstance(templates, str):
-        if "{}" not in templates:
-            raise ValueError(f"templates={templates!r}: not openai, simple or none and has no '{{}}' placeholder")
-        templates = [templates]
-    out = [t if callable(t) else (lambda c, t=t: t.format(c)) for t in templates]
-    if not out:
-        raise ValueError("templates is empty")
-    return out
+    return resolve(templates, default="openai", callables=True)
 
 
 def _check_device(device: str | torch.device | None) -> torch.device:

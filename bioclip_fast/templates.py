@@ -1,7 +1,7 @@
 """Zero-shot text templates: the named sets (``bioclip2``, ``openai``, ``simple``, ``none``) and their resolver."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -26,20 +26,32 @@ TEMPLATE_SETS: dict[str, Any] = {
 DEFAULT_TEMPLATES = "bioclip2"
 
 
-def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
-    """A template set name (``bioclip2``, ``openai``, ``simple``, ``none``) or an explicit list of ``{}`` format strings."""
+def resolve_templates(templates: str | Sequence[str | Callable[[str], str]] | None, *,
+                      default: str = DEFAULT_TEMPLATES, callables: bool = False) -> list:
+    """A template set name (``bioclip2``, ``openai``, ``simple``, ``none``), one ``{}`` format string, or a list of
+    them; ``None`` is ``default`` (evaluation: ``bioclip2``; pybioclip's custom labels: ``openai``).
+
+    ``callables=False`` gives ``str.format`` strings; ``callables=True`` gives functions ``name -> text``
+    (pybioclip's form) and also accepts functions in the list.
+    """
     if templates is None:
-        templates = DEFAULT_TEMPLATES
+        templates = default
     if isinstance(templates, str):
         if templates in TEMPLATE_SETS:
-            return list(TEMPLATE_SETS[templates]())
-        if "{}" in templates:
-            return [templates]
-        raise ValueError(f"templates={templates!r}: not one of {sorted(TEMPLATE_SETS)} and has no '{{}}' placeholder")
-    out = list(templates)
-    if not out:
-        raise ValueError("templates is empty")
-    bad = [t for t in out if not isinstance(t, str) or "{}" not in t]
-    if bad:
-        raise ValueError(f"templates must be str.format strings with one '{{}}' placeholder; bad: {bad[:3]}")
-    return out
+            out = list(TEMPLATE_SETS[templates]())
+        elif "{}" in templates:
+            out = [templates]
+        else:
+            raise ValueError(f"templates={templates!r}: not one of {sorted(TEMPLATE_SETS)} and has no '{{}}' "
+                             f"placeholder")
+    else:
+        out = list(templates)
+        if not out:
+            raise ValueError("templates is empty")
+        bad = [t for t in out if not (callables and callable(t)) and not (isinstance(t, str) and "{}" in t)]
+        if bad:
+            raise ValueError(f"templates must be str.format strings with one '{{}}' placeholder"
+                             f"{' or functions name -> text' if callables else ''}; bad: {bad[:3]}")
+    if not callables:
+        return out
+    return [t if callable(t) else (lambda c, t=t: t.format(c)) for t in out]

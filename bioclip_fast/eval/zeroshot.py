@@ -21,8 +21,15 @@ import torch
 from torch import nn
 
 from bioclip_fast.eval.naming import EVAL_TEXT_TYPES, canonical_text_type
-from bioclip_fast.templates import DEFAULT_TEMPLATES, TEMPLATE_SETS, resolve_templates  # noqa: F401 - public here
+from bioclip_fast.templates import DEFAULT_TEMPLATES, TEMPLATE_SETS  # noqa: F401 - public here too
+from bioclip_fast.templates import resolve_templates as _resolve_templates
 from bioclip_fast.taxonomy import RANKS, TEXT_TYPES
+
+
+def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
+    """A template set name (``bioclip2``, the default, ``openai``, ``simple``, ``none``) or an explicit list of ``{}``
+    format strings, as format strings (:func:`bioclip_fast.templates.resolve_templates`)."""
+    return _resolve_templates(templates, default=DEFAULT_TEMPLATES)
 
 
 def resolve_text_types(text_types: str | Sequence[str] | None) -> list[str]:
