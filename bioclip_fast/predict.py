@@ -200,12 +200,6 @@ def resolve_templates(templates: str | Sequence[str] | None) -> list:
     return resolve(templates, default="openai", callables=True)
 
 
-def _check_device(device: str | torch.device | None) -> torch.device:
-    from bioclip_fast.devices import resolve_device
-
-    return resolve_device(device)
-
-
 class BaseClassifier:
     """Loads a model (see :mod:`bioclip_fast.model` for what ``model_str`` accepts) and turns images into features.
 
@@ -233,6 +227,7 @@ class BaseClassifier:
         preprocess_mode: str = "auto",
         precision: str = "fp32",
     ):
+        from bioclip_fast.devices import resolve_device
         from bioclip_fast.model import get_tokenizer, image_transform, resolve_model
         from bioclip_fast.preprocess import squash_preprocess
 
@@ -246,7 +241,7 @@ class BaseClassifier:
             raise ValueError(f"preprocess={preprocess_mode!r}; choose auto, squash or model")
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision={precision!r}; choose fp32, bf16 or fp16")
-        self.device = _check_device(device)
+        self.device = resolve_device(device)
         self.tol_repo = None
         if model is not None:
             if model_str is not None:

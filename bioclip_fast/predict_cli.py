@@ -225,7 +225,7 @@ def _open_text_output(path: str | None) -> tuple[TextIO, bool]:
 
 def _validate_common(args: argparse.Namespace) -> None:
     """Checks that need no model: run before any work."""
-    from bioclip_fast.predict import _check_device
+    from bioclip_fast.devices import resolve_device as _check_device
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
