@@ -116,7 +116,8 @@ def class_name(cls: Any) -> str:
     return sci or class_text(cls, "scientific")
 
 
-def _autocast(device: torch.device):
+def inference_autocast(device: torch.device):
+    """bf16 autocast on CUDA (how the reference evaluates), none on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -172,7 +173,7 @@ def encode_texts(
     out = torch.empty(0)
     for i in range(0, len(texts), batch_size):
         idx = order[i : i + batch_size]
-        with _autocast(device):
+        with inference_autocast(device):
             feats = encode_text_trimmed(model, tokens[idx].to(device))
         feats = nn.functional.normalize(feats.float(), dim=-1)
         if i == 0:
@@ -243,7 +244,7 @@ def encode_images(
         if batch["image"] is None:  # every image of the batch was unreadable
             continue
         images = batch["image"].to(device, non_blocking=True)
-        with _autocast(device):
+        with inference_autocast(device):
             f = model.encode_image(images)
         f = f.float()
         feats.append((nn.functional.normalize(f, dim=-1) if normalize else f).cpu())
