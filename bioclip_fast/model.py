@@ -1,6 +1,21 @@
 """open_clip models for BioCLIP-2-style training: creation by name, a `logit_scale` of shape [1] (DeepSpeed cannot
 shard 0-dim parameters), the optional `visual.continual_proj` used for experience-replay samples, gradient
-checkpointing, and a self-describing checkpoint format that needs no hub access to load.
+checkpointing, a self-describing checkpoint format that needs no hub access to load, and the one resolver of model
+strings (what ``--model`` / ``model_str`` accept; pybioclip's and open_clip's forms and ours):
+
+* ``hf-hub:ORG/NAME`` (default ``hf-hub:imageomics/bioclip-2``): the Hugging Face cache first (no network), then a
+  download; without either, one line saying so.
+* ``local-dir:PATH`` or a plain path to an open_clip hub-snapshot folder (``open_clip_config.json`` +
+  ``open_clip_model.safetensors`` and/or ``open_clip_pytorch_model.bin``): loaded by open_clip itself, exactly as
+  pybioclip does, with ``weights_only=True`` for ``.bin`` (:mod:`bioclip_fast.hub` reads and writes snapshots).
+* an open_clip architecture name (``ViT-B-16``, or our ``bioclip-tiny`` ...) with ``pretrained`` a file or a tag.
+* our checkpoints (``model.pt``) and run directories: they describe their architecture.
+
+:func:`parse_model_str` parses a string (nothing loaded), :func:`resolve_model` loads any of them,
+:func:`load_model` the paths to weights (checkpoints and snapshots) as ``(model, preprocess, tokenizer, meta)``.
+TreeOfLife models (``hf-hub:imageomics/bioclip`` and ``-2``, or snapshots of them in the HF cache) get pybioclip's
+squash-to-224 preprocessing and their species table from the matching TreeOfLife dataset repo (see
+:mod:`bioclip_fast.predict`).
 """
 from __future__ import annotations
 
@@ -8,14 +23,22 @@ import copy
 import logging
 import math
 import os
-import pickle
-import tempfile
-from pathlib import Path
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from bioclip_fast.errors import CheckpointError, UsageError
+from bioclip_fast.fileio import atomic_save
+from bioclip_fast.hub import (  # noqa: F401 - HUB_CONFIG, export_open_clip: public as bioclip_fast.model.*
+    BIOCLIP_MODEL_STR, HUB_CONFIG, TOL_MODELS, LoadedModel, export_open_clip, hf_offline, hf_snapshot,
+    is_hub_snapshot, load_hub_snapshot, quiet_open_clip,
+)
+from bioclip_fast.preprocess import get_tokenizer, image_mean_std, image_transform  # noqa: F401 - public here too
+from bioclip_fast.weights import plain_data, read_weights_file
 
 CHECKPOINT_FORMAT = "bioclip_fast/model/1"
 
@@ -143,37 +166,6 @@ def encode_image(model: nn.Module, images: torch.Tensor, *, replay: bool = False
     return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _plain(obj: Any) -> Any:
-    """Meta as plain containers and scalars, so the checkpoint loads with ``torch.load(weights_only=True)``."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted(_plain(v) for v in obj)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy scalar
-        return obj.item()
-    if hasattr(obj, "to_dict"):
-        return _plain(obj.to_dict())
-    return str(obj)  # Path, Enum, ...: their text
-
-
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
     """Write a self-describing checkpoint (config + weights + meta such as class names), atomically.
 
@@ -181,117 +173,15 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] |
     """
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "model_name": getattr(model, "model_name", None),
-            "model_cfg": _plain(getattr(model, "model_cfg", None)),
-            "continual_proj": getattr(model.visual, "continual_proj", None) is not None,
-            "state_dict": state,
-            "meta": _plain(dict(meta or {})),
-        },
-        path,
-    )
-    return path
-
-
-def read_weights_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
-    """A weights file as a dict, never unpickling arbitrary objects: ``.safetensors`` via safetensors, anything else
-    through ``torch.load(weights_only=True)`` (tensors, plain containers and scalars only)."""
-    from bioclip_fast.errors import CheckpointError
-
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a weights file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(path), device="cpu"))
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise CheckpointError(f"could not read {path}: {_first_line(e)}") from e
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - unsafe pickle, truncated zip, garbage bytes, ...
-        if mmap and not isinstance(e, pickle.UnpicklingError):  # e.g. a legacy (non-zip) torch.save file
-            return read_weights_file(path, mmap=False)
-        raise CheckpointError(_unreadable_weights(path, e)) from e
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
-    return ckpt
-
-
-def unpickled_objects(e: BaseException) -> str | None:
-    """For torch.load(weights_only=True)'s refusal of a pickle that holds objects other than tensors: the object's
-    name (or ""); None when the error says something else (random bytes, text, a truncated archive)."""
-    import re
-
-    text = str(e)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return found.group(1)
-    if "unrecognized function" in text or "Unsupported class" in text:
-        return ""
-    return None
-
-
-def _pickled_objects_in(path: str | os.PathLike) -> str | None:
-    """For a file torch's weights-only loader could not parse: when it is a complete pickle stream (read with
-    pickletools, which executes nothing), the first global it imports outside torch/collections (or ""); None when it
-    is not a pickle at all (random bytes, text)."""
-    import pickletools
-
-    try:
-        with open(path, "rb") as f:
-            if f.read(1) != b"\x80":  # PROTO: every pickle of protocol >= 2 (torch.save's) starts with it
-                return None
-            f.seek(0)
-            strings: list[str] = []
-            names: list[str] = []
-            for op, arg, _ in pickletools.genops(f):
-                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                    strings.append(str(arg))
-                elif op.name == "GLOBAL":
-                    names.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-    except Exception:  # noqa: BLE001 - not a (complete) pickle
-        return None
-    foreign = [n for n in names if not n.startswith(("torch.", "collections."))]
-    return foreign[0] if foreign else ""
-
-
-def _unreadable_weights(path: Path, e: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused a file: objects it will not unpickle (named), or not a weights file
-    at all (random bytes, text, a truncated archive)."""
-    import re
-
-    text = str(e)
-    found = unpickled_objects(e)
-    if found is None:
-        found = _pickled_objects_in(path)
-    if found is not None:
-        what = f" ({found})" if found else ""
-        return (f"refusing to load {path}: it holds Python objects other than tensors and plain containers{what}, and "
-                f"weights are never unpickled blindly; re-save it as a state dict or .safetensors")
-    reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    reason = reason.group(1).strip() if reason else _first_line(e)
-    try:
-        size = f"{path.stat().st_size} bytes"
-    except OSError:
-        size = "size unknown"
-    return (f"{path} is not a readable checkpoint or weights file (not a torch.save archive of tensors, nor "
-            f".safetensors; {size}; torch.load: {type(e).__name__}: {reason})")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-_read_checkpoint = read_weights_file  # older name
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": getattr(model, "model_name", None),
+        "model_cfg": plain_data(getattr(model, "model_cfg", None)),
+        "continual_proj": getattr(model.visual, "continual_proj", None) is not None,
+        "state_dict": state,
+        "meta": plain_data(dict(meta or {})),
+    }
+    return atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -404,7 +294,73 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ckpt: Mapping[str, A
 def _arch_key(cfg: Mapping[str, Any]) -> str:
     import json
 
-    return json.dumps(_plain(cfg), sort_keys=True)
+    return json.dumps(plain_data(cfg), sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model strings: one parser, one resolver
+# --------------------------------------------------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model string names (:func:`parse_model_str`).
+
+    ``kind``: ``hf-hub`` (``location`` = the repo id), ``snapshot`` (an open_clip hub-snapshot folder),
+    ``checkpoint`` (a weights file: our ``model.pt`` or a plain state dict / ``.safetensors``) or ``architecture``
+    (an open_clip / bioclip_fast architecture name). ``spec`` is the string as given (error messages name it).
+    """
+
+    kind: str
+    spec: str
+    location: str
+
+
+def parse_model_str(model_str: str | os.PathLike | None, *, architectures: bool = True) -> ModelSource:
+    """The one place a model string is parsed; nothing is loaded. ``None`` is ``hf-hub:imageomics/bioclip-2``.
+
+    ``hf-hub:ORG/NAME``; ``local-dir:PATH``; a folder holding ``model.pt`` (our run; it wins over a hub snapshot in
+    the same folder) or ``open_clip_config.json`` (a hub snapshot); a file; else an architecture name (``ViT-B/16``
+    is ``ViT-B-16``). ``architectures=False`` (paths to weights, :func:`load_model`): whatever is not a hub source
+    or snapshot folder is a checkpoint path, and reading it says what is wrong with it.
+    """
+    spec = os.fspath(model_str) if model_str is not None else BIOCLIP_MODEL_STR
+    spec = str(spec)
+    if spec.startswith("hf-hub:"):
+        return ModelSource("hf-hub", spec, spec.removeprefix("hf-hub:"))
+    if spec.startswith("local-dir:"):
+        return ModelSource("snapshot", spec, str(Path(spec.removeprefix("local-dir:")).expanduser()))
+    path = Path(spec).expanduser() if architectures else Path(spec)
+    if path.is_dir():
+        if (path / "model.pt").is_file():
+            return ModelSource("checkpoint", spec, str(path / "model.pt"))
+        if is_hub_snapshot(path):
+            return ModelSource("snapshot", spec, str(path))
+        if architectures:
+            raise UsageError(f"--model {spec}: the directory holds neither open_clip_config.json (a hub snapshot) "
+                             f"nor model.pt (a bioclip_fast run)")
+    if path.is_file() or not architectures:
+        return ModelSource("checkpoint", spec, str(path))
+    if os.sep in spec or spec.endswith(WEIGHT_SUFFIXES):
+        raise UsageError(f"--model {spec}: no such file or directory")
+    name = spec.replace("/", "-")
+    if name not in set(list_models()):
+        raise UsageError(f"--model {spec}: not a file, folder, hf-hub:/local-dir: source or known architecture "
+                         f"(see bioclip-fast list-models)")
+    return ModelSource("architecture", spec, name)
+
+
+def resolve_model(model_str: str | os.PathLike | None = None, pretrained: str | None = None, *,
+                  device: str | torch.device = "cpu", model_name: str | None = None) -> LoadedModel:
+    """Any model string (:func:`parse_model_str`; ``pretrained`` a file or an open_clip tag for an architecture
+    name) as a model in eval mode with its preprocess and tokenizer. ``model_name`` is the architecture of a plain
+    state dict. TreeOfLife models (``hf-hub:imageomics/bioclip`` and ``-2``, or their snapshots in the HF cache)
+    carry ``tol_repo``, the dataset repo of their species table."""
+    source = parse_model_str(model_str)
+    if source.kind == "architecture":
+        return _load_architecture(source, pretrained, device)
+    return _load_source(source, device, model_name)
 
 
 def load_model(
@@ -419,16 +375,25 @@ def load_model(
     hub snapshot (``local-dir:DIR``, a folder with ``open_clip_config.json``, or ``hf-hub:ORG/NAME`` from the local
     HF cache); a plain open_clip state dict (``.pt``/``.bin``/``.safetensors``) needs ``model_name``.
     """
-    from bioclip_fast.errors import CheckpointError
+    loaded = _load_source(parse_model_str(path, architectures=False), device, model_name)
+    return loaded.model, loaded.preprocess, loaded.tokenizer, loaded.meta
 
-    spec = str(path)
-    if spec.startswith(("local-dir:", "hf-hub:")) or (Path(spec).is_dir() and not (Path(spec) / "model.pt").exists()
-                                                      and (Path(spec) / "open_clip_config.json").is_file()):
-        from bioclip_fast import hub  # released weights as open_clip hub snapshots (pybioclip's model strings)
 
-        loaded = hub.load(spec, device=device)
-        return loaded.model, loaded.preprocess, loaded.tokenizer, loaded.meta
-    path = checkpoint_path(path)
+def _load_source(source: ModelSource, device: str | torch.device, model_name: str | None) -> LoadedModel:
+    if source.kind == "hf-hub":
+        loaded = load_hub_snapshot(hf_snapshot(source.location), device, source.spec)
+        loaded.tol_repo = TOL_MODELS.get(source.spec, loaded.tol_repo)
+        return loaded
+    if source.kind == "snapshot":
+        return load_hub_snapshot(Path(source.location), device, source.spec)
+    model, meta = _load_checkpoint(Path(source.location), model_name)
+    model = model.to(device).eval()
+    return LoadedModel(model, image_transform(model, train=False), get_tokenizer(model), source.spec, "checkpoint",
+                       meta)
+
+
+def _load_checkpoint(path: Path, model_name: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Our checkpoint builds the architecture it describes; a plain state dict needs ``model_name``."""
     ckpt = read_weights_file(path)
     if is_our_checkpoint(ckpt):
         name = ckpt.get("model_name") or model_name or "bioclip-tiny"
@@ -443,78 +408,47 @@ def load_model(
         load_weights(model, path, ckpt)
         meta = {}
     del ckpt
-    model = model.to(device).eval()
-    return model, image_transform(model, train=False), get_tokenizer(model), meta
+    return model, meta
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# open_clip hub-snapshot export
-# --------------------------------------------------------------------------------------------------------------------
-HUB_CONFIG = "open_clip_config.json"
-HUB_WEIGHTS = "open_clip_model.safetensors"
-META_FILE = "bioclip_fast_meta.json"  # our extra: the label set etc., ignored by open_clip
+def _load_architecture(source: ModelSource, pretrained: str | None, device: str | torch.device) -> LoadedModel:
+    """An architecture name with a pretrained file (ours or a plain state dict), an open_clip tag, or neither."""
+    import open_clip
 
+    name, model_str = source.location, source.spec
+    if pretrained and Path(pretrained).expanduser().exists():
+        model, meta = _load_checkpoint(checkpoint_path(Path(pretrained).expanduser()), name)
+        model = model.to(device).eval()
+        wanted = get_model_config(name)
+        if _arch_key(getattr(model, "model_cfg", wanted)) != _arch_key(wanted):  # our checkpoint says another one
+            raise CheckpointError(f"checkpoint {pretrained} is "
+                                  f"{describe_architecture(getattr(model, 'model_name', None), model.model_cfg)}, "
+                                  f"model is {describe_architecture(name, wanted)}")
+        return LoadedModel(model, image_transform(model, train=False), get_tokenizer(model), model_str, "checkpoint",
+                           meta)
+    tags = [] if name not in open_clip.list_models() else open_clip.list_pretrained_tags_by_model(name)
+    if pretrained is None and len(tags) > 1:
+        raise UsageError(f"--model {model_str}: multiple pretrained tags available {tags}; pass --pretrained TAG "
+                         f"or --pretrained FILE")
+    tag = pretrained or (tags[0] if tags else None)
+    if tag is None:
+        logging.getLogger(__name__).warning("--model %s without --pretrained: randomly initialised weights", name)
+        model = create_model(name).to(device).eval()
+        return LoadedModel(model, image_transform(model), get_tokenizer(model), model_str, "open_clip")
+    if tag not in tags:
+        raise UsageError(f"--pretrained {tag}: neither a file nor a tag of {name} (tags: {tags or 'none'})")
+    import huggingface_hub.constants as hf_constants
 
-def export_open_clip(model: nn.Module, out: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``out/`` as an open_clip hub snapshot: ``open_clip_config.json`` (the full ``model_cfg`` and the
-    preprocess config, so no registration is needed) and ``open_clip_model.safetensors``. ``visual.continual_proj``
-    (a training-only replay projection plain open_clip does not know) is dropped; ``logit_scale`` is saved 0-dim as
-    open_clip creates it. Loads with ``open_clip.create_model_from_pretrained("local-dir:OUT")``."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    cfg = getattr(model, "model_cfg", None)
-    if not cfg:
-        raise ValueError("the model has no model_cfg to export (create it with bioclip_fast.model.create_model)")
-    mean, std = image_mean_std(model)
-    size = model.visual.image_size
-    pp = {"mean": list(mean), "std": list(std), "interpolation": "bicubic", "resize_mode": "shortest",
-          "size": list(size) if isinstance(size, (tuple, list)) else int(size)}
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
-             if k != "visual.continual_proj"}
-    for key in ("logit_scale", "logit_bias"):
-        if key in state and state[key].numel() == 1:
-            state[key] = state[key].reshape(())
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+    was_offline = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = was_offline or hf_offline()  # read at import; honour a later HF_HUB_OFFLINE=1
     try:
-        save_file(state, str(tmp / HUB_WEIGHTS), metadata={"format": "pt"})
-        (tmp / HUB_CONFIG).write_text(json.dumps({"model_cfg": _plain(cfg), "preprocess_cfg": pp}, indent=2) + "\n")
-        if meta:
-            (tmp / META_FILE).write_text(json.dumps(
-                {"model_name": getattr(model, "model_name", None), **_plain(dict(meta))}, indent=1) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
+        with quiet_open_clip():
+            model, preprocess = open_clip.create_model_from_pretrained(name, pretrained=tag, device=device,
+                                                                       return_transform=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - no network
+        raise CheckpointError(f"--model {name} --pretrained {tag}: cannot download the weights "
+                              f"({' '.join(str(e).split())[:160]}); pass --pretrained FILE") from None
     finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def image_transform(model: nn.Module, train: bool = False):
-    """torchvision transform matching the model's image size and normalization."""
-    import open_clip
-
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
-    std = pp.get("std", open_clip.OPENAI_DATASET_STD)
-    return open_clip.image_transform(size, is_train=train, mean=mean, std=std)
-
-
-def get_tokenizer(model: nn.Module):
-    """The open_clip tokenizer for the model's text tower (CLIP BPE, no hub access)."""
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
-
-
-def image_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    import open_clip
-
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    return tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        hf_constants.HF_HUB_OFFLINE = was_offline
+    model.model_name, model.model_cfg = name, open_clip.get_model_config(name)
+    return LoadedModel(model.eval(), preprocess, open_clip.get_tokenizer(name), model_str, "open_clip")

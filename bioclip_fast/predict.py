@@ -192,34 +192,16 @@ def _chunks(images: Iterable[ImageInput], size: int) -> Iterator[list]:
 
 
 def resolve_templates(templates: str | Sequence[str] | None) -> list:
-    """``openai`` (the 80 CLIP ImageNet templates pybioclip uses for custom labels), ``simple`` ("a photo of {}."),
-    ``none`` (the bare name), or a list of ``{}`` format strings / callables."""
-    if templates is None or templates == "openai":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    """``openai`` (the default: the 80 CLIP ImageNet templates pybioclip uses for custom labels), ``bioclip2``,
+    ``simple`` ("a photo of {}."), ``none`` (the bare name), or a list of ``{}`` format strings / callables, as
+    callables ``name -> text`` (:func:`bioclip_fast.templates.resolve_templates`)."""
+    from bioclip_fast.templates import resolve_templates as resolve
 
-        return list(OPENAI_IMAGENET_TEMPLATES)
-    if templates == "simple":
-        return [lambda c: f"a photo of {c}."]
-    if templates == "none":
-        return [lambda c: c]
-    if isinstance(templates, str):
-        if "{}" not in templates:
-            raise ValueError(f"templates={templates!r}: not openai, simple or none and has no '{{}}' placeholder")
-        templates = [templates]
-    out = [t if callable(t) else (lambda c, t=t: t.format(c)) for t in templates]
-    if not out:
-        raise ValueError("templates is empty")
-    return out
-
-
-def _check_device(device: str | torch.device | None) -> torch.device:
-    from bioclip_fast.devices import resolve_device
-
-    return resolve_device(device)
+    return resolve(templates, default="openai", callables=True)
 
 
 class BaseClassifier:
-    """Loads a model (see :mod:`bioclip_fast.hub` for what ``model_str`` accepts) and turns images into features.
+    """Loads a model (see :mod:`bioclip_fast.model` for what ``model_str`` accepts) and turns images into features.
 
     pybioclip's constructor: ``BaseClassifier(model_str=..., pretrained_str=..., device=...)``. Also accepted: an
     already loaded ``model=`` (with optional ``preprocess`` / ``tokenizer``), and ``checkpoint=`` (= model_str).
@@ -245,8 +227,9 @@ class BaseClassifier:
         preprocess_mode: str = "auto",
         precision: str = "fp32",
     ):
-        from bioclip_fast import hub
-        from bioclip_fast.model import get_tokenizer, image_transform
+        from bioclip_fast.devices import resolve_device
+        from bioclip_fast.model import get_tokenizer, image_transform, resolve_model
+        from bioclip_fast.preprocess import squash_preprocess
 
         if checkpoint is not None:
             if model_str is not None:
@@ -258,7 +241,7 @@ class BaseClassifier:
             raise ValueError(f"preprocess={preprocess_mode!r}; choose auto, squash or model")
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision={precision!r}; choose fp32, bf16 or fp16")
-        self.device = _check_device(device)
+        self.device = resolve_device(device)
         self.tol_repo = None
         if model is not None:
             if model_str is not None:
@@ -270,7 +253,7 @@ class BaseClassifier:
             self.meta = dict(meta or {})
             self.kind = "module"
         else:
-            loaded = hub.load(None if model_str is None else os.fspath(model_str), pretrained_str,
+            loaded = resolve_model(None if model_str is None else os.fspath(model_str), pretrained_str,
                               device=self.device, model_name=model_name)
             self.model = loaded.model.to(self.device).eval()
             self.preprocess, self.tokenizer = preprocess or loaded.preprocess, tokenizer or loaded.tokenizer
@@ -279,7 +262,7 @@ class BaseClassifier:
         self.pretrained_str = pretrained_str
         self.preprocess_mode = preprocess_mode
         if preprocess_mode == "squash" or (preprocess_mode == "auto" and self.tol_repo and preprocess is None):
-            self.preprocess = hub.squash_preprocess(self.image_size())
+            self.preprocess = squash_preprocess(self.image_size())
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.templates = templates
@@ -290,10 +273,10 @@ class BaseClassifier:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def _use_squash_for_table(self) -> None:
-        from bioclip_fast import hub
+        from bioclip_fast.preprocess import squash_preprocess
 
         if self.preprocess_mode == "auto":
-            self.preprocess = hub.squash_preprocess(self.image_size())
+            self.preprocess = squash_preprocess(self.image_size())
 
     def _autocast(self):
         if self.precision == "fp32":

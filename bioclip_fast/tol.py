@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bioclip_fast.errors import DataError, UsageError
+from bioclip_fast.fileio import atomic_save, atomic_write_text
 
 EMB_FILE = "txt_emb_species.npy"
 NAMES_FILE = "txt_emb_species.json"
@@ -187,12 +188,9 @@ class TaxaNames:
 
     def _write_cache(self, d: Path) -> None:
         try:
-            d.mkdir(parents=True, exist_ok=True)
             for n in ("codes", "offsets", "blob"):
-                tmp = d / f".{n}.tmp.npy"
-                np.save(tmp, getattr(self, n))
-                os.replace(tmp, d / f"{n}.npy")
-            (d / "done").write_text("ok\n")
+                atomic_save(d / f"{n}.npy", lambda tmp, a=getattr(self, n): np.save(tmp, a))
+            atomic_write_text(d / "done", "ok\n")
         except OSError:
             pass  # a read-only cache is only slower
 

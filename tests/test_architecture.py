@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 # nothing imports it but the entry points.
 LAYERS: dict[str, int] = {
     "errors": 0, "sysinfo": 0, "fileio": 0,
-    "taxonomy": 1, "kernels": 1, "devices": 1,
-    "ops": 2, "distributed": 2,
+    "taxonomy": 1, "kernels": 1, "devices": 1, "templates": 1,
+    "ops": 2, "distributed": 2, "weights": 2, "preprocess": 2,
     "loss": 3, "data": 3, "tol": 3, "model": 3, "hub": 3,
     "integrations": 4,
     "predict": 5,
@@ -32,9 +32,7 @@ LAYERS: dict[str, int] = {
     "cli": 7, "__main__": 7,
 }
 
-KNOWN_CIRCLES = {
-    frozenset({"bioclip_fast.hub", "bioclip_fast.model"}),
-}
+KNOWN_CIRCLES: set[frozenset[str]] = set()
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 

@@ -326,6 +326,40 @@ def test_export_open_clip_snapshot_loads_in_open_clip_and_predict(ckpts, tmp_pat
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
 
 
+def test_one_parser_names_every_model_string(ckpts, tmp_path):
+    """parse_model_str is the one place a model string is read: each form maps to its source kind, nothing loads;
+    load_model (paths to weights) leaves what is not a hub source to the weights reader and its one-line errors."""
+    from bioclip_fast.model import load_model, parse_model_str
+
+    snap = write_hub_snapshot(small_open_clip_model(), tmp_path / "snap")
+    both = tmp_path / "both"  # a run folder that also holds a snapshot config: the run's model.pt wins
+    shutil.copytree(ckpts / "run", both)
+    (both / "open_clip_config.json").write_text("{}")
+    cases = {
+        None: ("hf-hub", "imageomics/bioclip-2"),
+        "hf-hub:org/name": ("hf-hub", "org/name"),
+        f"local-dir:{snap}": ("snapshot", str(snap)),
+        str(snap): ("snapshot", str(snap)),
+        str(ckpts / "run"): ("checkpoint", str(ckpts / "run" / "model.pt")),
+        str(both): ("checkpoint", str(both / "model.pt")),
+        str(ckpts / "run" / "model.pt"): ("checkpoint", str(ckpts / "run" / "model.pt")),
+        "ViT-B-16": ("architecture", "ViT-B-16"),
+        "bioclip-micro": ("architecture", "bioclip-micro"),
+    }
+    for spec, (kind, location) in cases.items():
+        src = parse_model_str(spec)
+        assert (src.kind, src.location) == (kind, location), spec
+    for spec, msg in ((str(tmp_path / "missing.pt"), "no such file or directory"),
+                      ("not-a-model", "known architecture"),
+                      (str(tmp_path), "neither open_clip_config.json")):
+        with pytest.raises(UsageError, match=msg):
+            parse_model_str(spec)
+    assert parse_model_str("not-a-model", architectures=False).kind == "checkpoint"
+    with pytest.raises(CheckpointError, match="checkpoint not found: not-a-model"):
+        load_model("not-a-model")
+    assert load_model(both)[3]["classes"][0]["genus"] == "Danaus"
+
+
 def test_list_models(capsys):
     assert main(["list-models"]) == 0
     out = capsys.readouterr().out.split()
@@ -358,7 +392,7 @@ def test_our_checkpoint_with_a_species_table(ckpts, tmp_path, capsys, monkeypatc
     # the same scores by hand: squash to the model's 32 px, softmax over the 72 species, summed per order
     from PIL import Image
 
-    from bioclip_fast.hub import squash_preprocess
+    from bioclip_fast.preprocess import squash_preprocess
 
     model = load_model(ckpts / "run")[0]
     with torch.no_grad():

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 
-def _features(x: Any, normalize: bool) -> np.ndarray:
+def feature_matrix(x: Any, normalize: bool) -> np.ndarray:
+    """Features as a finite, non-empty N x D float64 array, rows L2-normalized when ``normalize``."""
     a = np.asarray(x.detach().float().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] == 0:
         raise ValueError(f"features must be a non-empty N x D array, got shape {a.shape}")
@@ -60,7 +61,7 @@ def _labels(y: Any, n: int, name: str) -> np.ndarray:
 
 def species_means(features: Any, species: Any, *, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(species names in sorted order, S x D means, per-image species index)."""
-    x = _features(features, normalize)
+    x = feature_matrix(features, normalize)
     s = _labels(species, x.shape[0], "species")
     names, inv = np.unique(s.astype(str), return_inverse=True)
     counts = np.bincount(inv, minlength=len(names)).astype(np.float64)
@@ -123,7 +124,7 @@ def intra_species_metrics(
     in the full space (``fdr_full``). Images whose attribute is in ``missing`` are left out of the FDR.
     """
     names, means, inv = species_means(features, species, normalize=normalize)
-    x = _features(features, normalize)
+    x = feature_matrix(features, normalize)
     u, ratio = inter_species_subspace(means, var_threshold)
     r = x - means[inv]
     total = float((r**2).sum())
@@ -192,7 +193,8 @@ def species_attribute(species: Any, attribute: Any) -> tuple[dict[str, Any], flo
     return values, (agree / n if n else float("nan"))
 
 
-def _try_numeric(values: Sequence[Any]) -> np.ndarray | None:
+def try_numeric(values: Sequence[Any]) -> np.ndarray | None:
+    """The values as finite floats, or None when any is not a finite number."""
     try:
         a = np.array([float(v) for v in values])
     except (TypeError, ValueError):
@@ -208,7 +210,7 @@ def attribute_distances(values: Sequence[Any], kind: str = "auto") -> tuple[np.n
     """
     if kind not in ("auto", "numeric", "categorical"):
         raise ValueError(f"kind={kind!r}; choose auto, numeric or categorical")
-    num = _try_numeric(values) if kind != "categorical" else None
+    num = try_numeric(values) if kind != "categorical" else None
     if kind == "numeric" and num is None:
         raise ValueError("attribute kind 'numeric' but some values are not finite numbers")
     if num is not None:

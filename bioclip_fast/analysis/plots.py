@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,10 +55,10 @@ def plot_projection(
 
     Numeric attributes get a colour bar; categorical ones a legend. The projection is fitted on all images.
     """
-    from bioclip_fast.analysis.emergent import _features, _try_numeric
+    from bioclip_fast.analysis.emergent import feature_matrix, try_numeric
 
-    plt = _plt()
-    x = _features(features, True)
+    plt = pyplot()
+    x = feature_matrix(features, True)
     sp = np.asarray([str(s) for s in species], dtype=object)
     att = list(attribute)
     if len(sp) != len(x) or len(att) != len(x):
@@ -72,7 +73,7 @@ def plot_projection(
         vals = [att[j] for j in np.flatnonzero(inv == i)]
         sp_att.append(max(set(vals), key=vals.count))
     fig, ax = plt.subplots(figsize=(8, 6.5))
-    num = _try_numeric(att)
+    num = try_numeric(att)
     if num is not None:
         sc = ax.scatter(pts[:, 0], pts[:, 1], c=num, cmap="viridis", s=8, alpha=0.45, linewidths=0)
         ax.scatter(mxy[:, 0], mxy[:, 1], c=np.array([float(v) for v in sp_att]), cmap="viridis", s=160,
@@ -110,7 +111,7 @@ def plot_comparison(
 ) -> Path:
     """One panel per metric, one bar per model: ``results`` is ``{model: {metric: value}}``; missing values are
     left empty."""
-    plt = _plt()
+    plt = pyplot()
     models = list(results)
     if not models:
         raise ValueError("results is empty")

@@ -182,9 +182,9 @@ def plot_species_plane_3d(features: Any, species: Sequence[str], path: str | os.
     """Species means and images in (species-plane PC1, PC2, orthogonal axis); with ``variant``, one line per
     species from its first-variant mean to its second-variant mean."""
     from bioclip_fast.analysis.emergent import species_means
-    from bioclip_fast.analysis.plots import _plt
+    from bioclip_fast.analysis.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     x = np.asarray(features, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     sp = np.asarray([str(s) for s in species], dtype=object)

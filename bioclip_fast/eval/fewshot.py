@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 
-def _as_2d(x: Any, name: str) -> np.ndarray:
+def as_feature_matrix(x: Any, name: str) -> np.ndarray:
+    """``x`` (array or tensor) as a finite, non-empty N x D float64 array; ValueError naming ``name`` otherwise."""
     a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty N x D array, got shape {a.shape}")
@@ -37,7 +38,8 @@ def _as_2d(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _as_labels(y: Any, n: int, name: str) -> np.ndarray:
+def as_label_vector(y: Any, n: int, name: str) -> np.ndarray:
+    """``y`` as a 1-D array of ``n`` labels; ValueError naming ``name`` otherwise."""
     a = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y)
     if a.ndim != 1 or a.shape[0] != n:
         raise ValueError(f"{name} must be a 1-D array of {n} labels, got shape {a.shape}")
@@ -56,11 +58,11 @@ def simpleshot_predict(support: Any, support_labels: Any, query: Any) -> np.ndar
 
     Returns labels drawn from ``support_labels`` (any hashable/sortable values).
     """
-    s = _as_2d(support, "support")
-    q = _as_2d(query, "query")
+    s = as_feature_matrix(support, "support")
+    q = as_feature_matrix(query, "query")
     if s.shape[1] != q.shape[1]:
         raise ValueError(f"support has dim {s.shape[1]} but query has dim {q.shape[1]}")
-    y = _as_labels(support_labels, s.shape[0], "support_labels")
+    y = as_label_vector(support_labels, s.shape[0], "support_labels")
     mean = s.mean(axis=0)
     s, q = cl2n(s, mean), cl2n(q, mean)
     classes = np.unique(y)
@@ -95,13 +97,13 @@ def few_shot_eval(
     given; otherwise every example of ``features`` not in the fold's support set (so each class needs > k examples).
     Returns ``{"1-shot": {"top1": mean, "std": std, "folds": [...], "n_query": [...]}, ...}`` (fractions).
     """
-    x = _as_2d(features, "features")
-    y = _as_labels(labels, x.shape[0], "labels")
+    x = as_feature_matrix(features, "features")
+    y = as_label_vector(labels, x.shape[0], "labels")
     if (query_features is None) != (query_labels is None):
         raise ValueError("pass both query_features and query_labels, or neither")
     if query_features is not None:
-        xq = _as_2d(query_features, "query_features")
-        yq = _as_labels(query_labels, xq.shape[0], "query_labels")
+        xq = as_feature_matrix(query_features, "query_features")
+        yq = as_label_vector(query_labels, xq.shape[0], "query_labels")
         if xq.shape[1] != x.shape[1]:
             raise ValueError(f"features have dim {x.shape[1]} but query_features have dim {xq.shape[1]}")
     shots = _check_protocol(y, folds, shots)
@@ -177,8 +179,8 @@ def reference_few_shot_eval(features: Any, labels: Any, *, shots: Sequence[int] 
     """
     if rare_classes not in ("error", "leave_out"):
         raise ValueError(f"rare_classes={rare_classes!r}; choose error or leave_out")
-    x = _as_2d(features, "features")
-    y = _as_labels(labels, x.shape[0], "labels")
+    x = as_feature_matrix(features, "features")
+    y = as_label_vector(labels, x.shape[0], "labels")
     shots = _check_protocol(y, folds, shots)
     names, counts = np.unique(y, return_counts=True)
     out: dict[str, Any] = {}

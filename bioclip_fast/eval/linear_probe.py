@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .fewshot import _as_2d, _as_labels
+from .fewshot import as_feature_matrix, as_label_vector
 
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -47,10 +47,10 @@ def linear_probe(
     Returns ``{"top1", "top5", "C", "n_train", "n_test", "val_top1_by_C"}`` (accuracies as fractions) plus
     ``"probabilities"`` (n_test x n_classes) and ``"classes"`` (the label values, column order of probabilities).
     """
-    xtr = _normalize(_as_2d(train_features, "train_features"))
-    ytr = _as_labels(train_labels, xtr.shape[0], "train_labels")
-    xte = _normalize(_as_2d(test_features, "test_features"))
-    yte = _as_labels(test_labels, xte.shape[0], "test_labels")
+    xtr = _normalize(as_feature_matrix(train_features, "train_features"))
+    ytr = as_label_vector(train_labels, xtr.shape[0], "train_labels")
+    xte = _normalize(as_feature_matrix(test_features, "test_features"))
+    yte = as_label_vector(test_labels, xte.shape[0], "test_labels")
     if xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"train_features have dim {xtr.shape[1]} but test_features have dim {xte.shape[1]}")
     classes = np.unique(ytr)

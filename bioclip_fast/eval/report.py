@@ -1,7 +1,6 @@
 """Result files: JSON (numpy-safe), Markdown tables, and a confusion-matrix PNG."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bioclip_fast.fileio import atomic_write_json
 
 
 def _jsonable(obj: Any) -> Any:
@@ -31,12 +32,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, _jsonable(obj), indent=2, allow_nan=False)
 
 
 def _fmt(v: Any, pct: bool) -> str:

@@ -21,47 +21,15 @@ import torch
 from torch import nn
 
 from bioclip_fast.eval.naming import EVAL_TEXT_TYPES, canonical_text_type
+from bioclip_fast.templates import DEFAULT_TEMPLATES, TEMPLATE_SETS  # noqa: F401 - public here too
+from bioclip_fast.templates import resolve_templates as _resolve_templates
 from bioclip_fast.taxonomy import RANKS, TEXT_TYPES
 
 
-def _openai_templates() -> list[str]:
-    # open_clip stores them as lambdas; formatting with "{}" turns them back into str.format templates
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-
-
-def _bioclip2_templates() -> list[str]:
-    # the reference list starts with the training caption, then the 80 (order does not change the mean)
-    return ["a photo of {}."] + _openai_templates()
-
-
-TEMPLATE_SETS: dict[str, Any] = {
-    "bioclip2": _bioclip2_templates,  # 81 templates (BioCLIP 2 reference evaluation)
-    "openai": _openai_templates,  # 80 templates (CLIP)
-    "simple": lambda: ["a photo of {}."],  # the single template BioCLIP trains with
-    "none": lambda: ["{}"],
-}
-DEFAULT_TEMPLATES = "bioclip2"
-
-
 def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
-    """A template set name (``bioclip2``, ``openai``, ``simple``, ``none``) or an explicit list of ``{}`` format strings."""
-    if templates is None:
-        templates = DEFAULT_TEMPLATES
-    if isinstance(templates, str):
-        if templates in TEMPLATE_SETS:
-            return list(TEMPLATE_SETS[templates]())
-        if "{}" in templates:
-            return [templates]
-        raise ValueError(f"templates={templates!r}: not one of {sorted(TEMPLATE_SETS)} and has no '{{}}' placeholder")
-    out = list(templates)
-    if not out:
-        raise ValueError("templates is empty")
-    bad = [t for t in out if not isinstance(t, str) or "{}" not in t]
-    if bad:
-        raise ValueError(f"templates must be str.format strings with one '{{}}' placeholder; bad: {bad[:3]}")
-    return out
+    """A template set name (``bioclip2``, the default, ``openai``, ``simple``, ``none``) or an explicit list of ``{}``
+    format strings, as format strings (:func:`bioclip_fast.templates.resolve_templates`)."""
+    return _resolve_templates(templates, default=DEFAULT_TEMPLATES)
 
 
 def resolve_text_types(text_types: str | Sequence[str] | None) -> list[str]:
@@ -148,7 +116,8 @@ def class_name(cls: Any) -> str:
     return sci or class_text(cls, "scientific")
 
 
-def _autocast(device: torch.device):
+def inference_autocast(device: torch.device):
+    """bf16 autocast on CUDA (how the reference evaluates), none on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -204,7 +173,7 @@ def encode_texts(
     out = torch.empty(0)
     for i in range(0, len(texts), batch_size):
         idx = order[i : i + batch_size]
-        with _autocast(device):
+        with inference_autocast(device):
             feats = encode_text_trimmed(model, tokens[idx].to(device))
         feats = nn.functional.normalize(feats.float(), dim=-1)
         if i == 0:
@@ -275,7 +244,7 @@ def encode_images(
         if batch["image"] is None:  # every image of the batch was unreadable
             continue
         images = batch["image"].to(device, non_blocking=True)
-        with _autocast(device):
+        with inference_autocast(device):
             f = model.encode_image(images)
         f = f.float()
         feats.append((nn.functional.normalize(f, dim=-1) if normalize else f).cpu())

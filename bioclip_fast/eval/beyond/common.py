@@ -60,7 +60,7 @@ def extract_features(
     from tqdm.auto import tqdm
 
     from bioclip_fast.eval.datasets import collate_skipping
-    from bioclip_fast.eval.zeroshot import _autocast
+    from bioclip_fast.eval.zeroshot import inference_autocast
 
     device = torch.device(device)
     if targets is None:
@@ -76,7 +76,7 @@ def extract_features(
             skipped.extend(batch["skipped"])
             if batch["image"] is None:
                 continue
-            with _autocast(device):
+            with inference_autocast(device):
                 f = model.encode_image(batch["image"].to(device)).float()
             if normalize:
                 f = torch.nn.functional.normalize(f, dim=-1)
@@ -91,7 +91,7 @@ def extract_features(
             "skipped": skipped}
 
 
-def _loader_order(n: int, shuffle: bool) -> torch.Tensor:
+def dataloader_order(n: int, shuffle: bool) -> torch.Tensor:
     """The sample order of one pass over ``torch.utils.data.DataLoader(dataset, shuffle=shuffle)`` (no generator,
     no workers), drawing from torch's global generator exactly as the DataLoader does: ``iter()`` draws the
     iterator's base seed, then a shuffling sampler draws its own seed and permutes with a fresh generator."""
@@ -152,7 +152,7 @@ def mlp_probe_predict(
         loss_fn = torch.nn.BCEWithLogitsLoss()
 
         def score() -> torch.Tensor:
-            _loader_order(len(xte), shuffle=False)
+            dataloader_order(len(xte), shuffle=False)
             clf.train(not eval_mode)
             with torch.no_grad():
                 logits = torch.cat([clf(b.to(device)).float().cpu() for b in xte.split(batch_size)])
@@ -161,7 +161,7 @@ def mlp_probe_predict(
 
         for epoch in range(epochs):
             clf.train()
-            for idx in _loader_order(len(xtr), shuffle=True).split(batch_size):
+            for idx in dataloader_order(len(xtr), shuffle=True).split(batch_size):
                 loss = loss_fn(clf(xtr[idx].to(device)), ytr[idx].to(device))
                 opt.zero_grad()
                 loss.backward()

@@ -63,11 +63,11 @@ def reference_train_order(n: int, seed: int = 0) -> np.ndarray:
     without touching the caller's random state."""
     import torch
 
-    from bioclip_fast.eval.beyond.common import _loader_order
+    from bioclip_fast.eval.beyond.common import dataloader_order
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _loader_order(n, shuffle=True).numpy()
+        return dataloader_order(n, shuffle=True).numpy()
 
 
 def choose_k_per_class(labels: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
