@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from bioclip_fast.errors import CheckpointError, UsageError
-from bioclip_fast.fileio import atomic_save, atomic_write_json
+from bioclip_fast.fileio import atomic_write_json, replace_file
 from bioclip_fast.preprocess import image_mean_std
 from bioclip_fast.weights import pickled_objects_in, plain_data, unpickled_objects
 
@@ -179,10 +181,20 @@ def export_open_clip(model: nn.Module, out: str | os.PathLike, meta: Mapping[str
     for key in ("logit_scale", "logit_bias"):
         if key in state and state[key].numel() == 1:
             state[key] = state[key].reshape(())
-    # Each file is replaced atomically; the config, which makes the folder a snapshot, is written last.
-    atomic_save(out / HUB_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    if meta:
-        atomic_write_json(out / META_FILE, {"model_name": getattr(model, "model_name", None),
-                                            **plain_data(dict(meta))}, indent=1)
-    atomic_write_json(out / HUB_CONFIG, {"model_cfg": plain_data(cfg), "preprocess_cfg": pp}, indent=2)
+    # Every file is written into a staging folder beside OUT first, so a failure there (a full disk) leaves an
+    # existing snapshot untouched; then each file is renamed in, the config (which makes OUT a snapshot) last.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_file(state, str(stage / HUB_WEIGHTS), metadata={"format": "pt"})
+        if meta:
+            atomic_write_json(stage / META_FILE, {"model_name": getattr(model, "model_name", None),
+                                                  **plain_data(dict(meta))}, indent=1)
+        atomic_write_json(stage / HUB_CONFIG, {"model_cfg": plain_data(cfg), "preprocess_cfg": pp}, indent=2)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (HUB_WEIGHTS, META_FILE, HUB_CONFIG):
+            if (stage / name).exists():
+                replace_file(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out

@@ -326,6 +326,31 @@ def test_export_open_clip_snapshot_loads_in_open_clip_and_predict(ckpts, tmp_pat
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
 
 
+def test_export_that_fails_midway_keeps_the_existing_snapshot(ckpts, tmp_path, monkeypatch):
+    """A full disk while writing an export over an existing snapshot (--overwrite) leaves the old snapshot whole:
+    every file is staged beside OUT first and only renamed in once all are written."""
+    import safetensors.torch
+
+    from bioclip_fast.hub import export_open_clip
+    from bioclip_fast.model import load_model
+
+    out = tmp_path / "snap"
+    model = load_model(ckpts / "run")[0]
+    export_open_clip(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    with pytest.raises(OSError, match="No space"):
+        export_open_clip(model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]  # no staging folder left behind
+
+
 def test_one_parser_names_every_model_string(ckpts, tmp_path):
     """parse_model_str is the one place a model string is read: each form maps to its source kind, nothing loads;
     load_model (paths to weights) leaves what is not a hub source to the weights reader and its one-line errors."""
