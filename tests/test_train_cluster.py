@@ -74,8 +74,8 @@ WORKER_OK = """
     first = Trainer(resolve_config(ck))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # training steps, checkpoints and the final export warn about nothing ...
-        from bioclip_fast.train.engine import _quiet_deepspeed_deprecations
-        _quiet_deepspeed_deprecations()  # ... but DeepSpeed's own calls of torch's renamed collectives (silenced)
+        from bioclip_fast.train.engine import quiet_deepspeed_deprecations
+        quiet_deepspeed_deprecations()  # ... but DeepSpeed's own calls of torch's renamed collectives (silenced)
         first.fit()
     dist.barrier()
     if rank == 0:

@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bioclip_fast.distributed import DistInfo, dist_info_from_env
+from bioclip_fast.distributed import (
+    DistInfo,
+    all_gather_objects,
+    any_rank,
+    broadcast_object,
+    dist_info_from_env,
+    rank0_value,
+)
+from bioclip_fast.devices import resolve_device
 from bioclip_fast.errors import CheckpointError, DataError, one_line
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import rundir, runlock
@@ -29,7 +37,6 @@ from bioclip_fast.train.engine import (
     ClipTrainModule,
     build_engine,
     init_distributed,
-    resolve_device,
     resolve_engine_kind,
 )
 from bioclip_fast.train.failures import mark_every_rank
@@ -76,14 +83,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _broadcast_str(value: str | None, info: DistInfo) -> str | None:
-    if not info.distributed:
-        return value
-    obj = [value]
-    torch.distributed.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 def _params_finite(module: torch.nn.Module) -> bool:
     for p in module.parameters():
         t = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
@@ -102,7 +101,7 @@ class Trainer:
         self.batches = resolve_batches(cfg, self.info.world_size)  # per-GPU figures -> global batch sizes
         validate_runtime(cfg, world_size=self.info.world_size)
         rundir.validate_run_dir(cfg, rank=self.info.rank)  # before the process group: nothing written yet
-        self.device = resolve_device(cfg.device, self.info)
+        self.device = resolve_device(cfg.device, local_rank=self.info.local_rank)  # checked by validate_static
         self.engine_kind = resolve_engine_kind(cfg, self.info, self.device)
         if self.device.type == "cpu":
             self.threads = cfg.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -184,7 +183,7 @@ class Trainer:
         out = self.cfg.out
         if out is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-            out = _broadcast_str(str(Path("runs") / stamp), self.info)
+            out = broadcast_object(str(Path("runs") / stamp), self.info)
         run_dir = Path(out)
         err = None
         if self.info.is_main:
@@ -196,7 +195,7 @@ class Trainer:
                     log.warning("%s", note)
             except (ConfigError, OSError) as e:
                 err = one_line(e)
-        err = _broadcast_str(err, self.info)  # every rank stops alike: no rank waits in a collective
+        err = broadcast_object(err, self.info)  # every rank stops alike: no rank waits in a collective
         if err is not None:
             raise mark_every_rank(ConfigError(err))
         if self.info.is_main:
@@ -467,18 +466,11 @@ class Trainer:
             return True
         if budget_s is None:
             return False
-        flag = torch.tensor([1.0 if self._elapsed() >= budget_s else 0.0])
-        if self.info.distributed:  # rank 0's clock decides for everyone
-            flag = flag.to(self.device)
-            torch.distributed.broadcast(flag, src=0)
-        return bool(flag.item())
+        # rank 0's clock decides for everyone
+        return bool(rank0_value(1.0 if self._elapsed() >= budget_s else 0.0, self.info, self.device))
 
     def _time_progress(self, budget_s: float) -> float:
-        p = torch.tensor([min(self._elapsed() / budget_s, 1.0)], dtype=torch.float64)
-        if self.info.distributed:
-            p = p.to(self.device)
-            torch.distributed.broadcast(p, src=0)
-        return float(p.item())
+        return rank0_value(min(self._elapsed() / budget_s, 1.0), self.info, self.device, torch.float64)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to a stop signal), then export and evaluate. With a signal the summary has
@@ -606,10 +598,7 @@ class Trainer:
 
     def _agree_stop(self) -> bool:
         """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
-        flag = torch.tensor([1.0 if (self._stop_agreed or self._stop_requested_here()) else 0.0], device=self.device)
-        if self.info.distributed:
-            torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return any_rank(self._stop_agreed or self._stop_requested_here(), self.info, self.device)
 
     def _stopped(self, train_seconds: float, signame: str | None) -> dict[str, Any]:
         """Stopped by a signal: the checkpoint is written; no export or evaluation (that is for the resumed run)."""
@@ -723,11 +712,7 @@ class Trainer:
             return None
         mine = {**self.loader.stats, "bad_samples": dict(self.loader.stats["bad_samples"]),
                 "damaged_shards": dict(self.loader.bad_shards)}
-        if not self.info.distributed:
-            parts = [mine]
-        else:
-            parts = [None] * self.info.world_size
-            torch.distributed.all_gather_object(parts, mine)
+        parts = all_gather_objects(mine, self.info)
         out: dict[str, Any] = {k: v for k, v in mine.items() if not isinstance(v, (int, float, dict))}
         for k, v in mine.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):

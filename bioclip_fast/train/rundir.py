@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from bioclip_fast.fileio import atomic_write_text
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import runlock
 from bioclip_fast.train.config import ConfigError, TrainConfig
@@ -206,7 +207,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> dict[str, list[str]]:
                 p.unlink()
                 done["overwritten"].append(name)
     done["stale_temp"] = [str(p) for p in ckpt.remove_stale_temp(run_dir / "checkpoints")]
-    for p in run_dir.glob(".*.jsonl.tmp-*"):
+    for p in run_dir.glob(".*.jsonl.*tmp*"):
         p.unlink(missing_ok=True)
     return done
 
@@ -229,7 +230,5 @@ def truncate_jsonl(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
     return dropped
