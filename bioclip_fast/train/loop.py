@@ -29,9 +29,9 @@ from bioclip_fast.distributed import (
     rank0_value,
 )
 from bioclip_fast.devices import resolve_device
-from bioclip_fast.errors import CheckpointError, DataError, one_line
-from bioclip_fast.train import checkpoint as ckpt
+from bioclip_fast.errors import DataError, one_line
 from bioclip_fast.train import rundir, runlock
+from bioclip_fast.train.checkpointer import Checkpointer
 from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note
 from bioclip_fast.train.engine import (
     ClipTrainModule,
@@ -116,10 +116,9 @@ class Trainer:
             # is no such barrier when it already exists (several Trainers in one process)
             torch.distributed.barrier()
         self.run_dir = self._make_run_dir()
-        self.config_fingerprint = rundir.config_fingerprint(cfg.to_dict(), self.engine_kind)
-        self.resume_skipped: list[tuple[Path, str]] = []
+        self.checkpointer = Checkpointer(cfg, self.info, self.run_dir, self.engine_kind)
         # pick (and verify) the checkpoint and compare settings before building anything big
-        self.resume_from = self._select_resume(cfg.resume) if cfg.resume else None
+        self.resume_from = self.checkpointer.select_for_resume(cfg.resume) if cfg.resume else None
         seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
         from bioclip_fast.model import create_model, get_tokenizer, image_mean_std
 
@@ -158,9 +157,6 @@ class Trainer:
         self.elapsed_before = 0.0  # training seconds spent before a resume (time-clocked schedules)
         self.consecutive_skips = 0
         self.skipped_steps = 0
-        self.last_saved_step = -1
-        self.last_checkpoint: Path | None = None
-        self._ckpt_bytes: int | None = None  # size of the last checkpoint: the next one's expected size
         self.history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
@@ -170,7 +166,7 @@ class Trainer:
         self._launcher_pid = os.getppid() if launched and os.getppid() > 1 else None
         self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
         self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
-        self.fingerprint = {**self.config_fingerprint, **rundir.data_fingerprint(self.loader)}
+        self.checkpointer.set_data(self.loader)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif cfg.resume == "auto" and self.info.is_main:  # nothing to resume: a fresh run keeps no stale records
@@ -356,81 +352,10 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "collapse": self.collapse.state_dict(),
         }
-        meta = {"config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
-                "time": datetime.now(timezone.utc).isoformat()}
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.engine, step=self.step,
-                                    trainer_state=trainer_state, meta=meta, keep=self.cfg.keep_checkpoints,
-                                    expected_bytes=self._ckpt_bytes or self._estimate_ckpt_bytes())
-        self.last_saved_step = self.step
-        self.last_checkpoint = path
-        if self.info.is_main:
-            self._ckpt_bytes = ckpt.checkpoint_bytes(path)
-        return path
-
-    def _estimate_ckpt_bytes(self) -> int:
-        """Expected size of the first checkpoint: weights + AdamW moments (+ fp32 master weights under DeepSpeed)."""
-        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
-        if self.engine.kind == "deepspeed":
-            return n * ((2 if self.cfg.precision == "bf16" else 4) + 12)
-        return n * 12
-
-    def _select_resume(self, spec: str) -> Path | None:
-        """The checkpoint to resume from: the newest intact one (skipping corrupt ones, each named with its reason),
-        whose settings match this run's. Collective; None for `--resume auto` in a directory without checkpoints."""
-        where = self.run_dir if spec == "auto" else Path(spec)
-        found, skipped = ckpt.select_checkpoint(
-            where, self.info, log=(lambda m: log.warning("%s", m)) if self.info.is_main else None)
-        if found is None:
-            if skipped:
-                listed = "; ".join(f"{d.name}: {why}" for d, why in skipped)
-                raise mark_every_rank(CheckpointError(
-                    f"resume: no intact checkpoint under {where} ({listed}); start over with --overwrite or another "
-                    f"--out"))
-            if spec == "auto":
-                return None
-            raise mark_every_rank(ConfigError(f"resume: no complete checkpoint under {spec}"))
-        self.resume_skipped = skipped
-        meta = ckpt.read_meta(found)
-        old = meta.get("fingerprint") or rundir.config_fingerprint(meta.get("config") or {}, meta.get("engine"))
-        self._check_changes(old, self.config_fingerprint, found)
-        self._resume_meta_fingerprint = old
-        root = self.run_dir / "checkpoints"
-        if self.info.is_main and found.parent.resolve() == root.resolve():
-            # corrupt ones, and newer ones of an abandoned timeline (an explicit older --resume), are moved aside:
-            # kept, but never resumed from or counted by retention again
-            step = ckpt.ckpt_step(found)
-            aside = [(d, ckpt.CORRUPT_PREFIX) for d, _ in skipped]
-            aside += [(d, ckpt.SUPERSEDED_PREFIX) for d in ckpt.list_checkpoints(root)
-                      if ckpt.ckpt_step(d) > step and d not in {s for s, _ in skipped}]
-            for d, prefix in aside:
-                target = d.with_name(prefix + d.name)
-                k = 1
-                while target.exists():
-                    target, k = d.with_name(f"{prefix}{d.name}.{k}"), k + 1
-                os.rename(d, target)
-                log.warning("moved %s aside to %s", d.name, target.name)
-        return found
-
-    def _check_changes(self, old: dict[str, Any], new: dict[str, Any], found: Path) -> list[str]:
-        changed = rundir.fingerprint_changes(old, new)
-        allowed = {k.replace("-", "_") for k in (self.cfg.allow_changed or [])}
-        refused = [k for k in changed if k not in allowed]
-        if refused:
-            raise mark_every_rank(ConfigError(
-                f"resume: checkpoint {found} was written with other settings: "
-                f"{rundir.describe_changes(old, new, refused)}. Exact resume needs the same settings; to change them "
-                f"on purpose add --allow-changed {' '.join(refused)}, or start a new run with another --out"
-            ))
-        if changed and self.info.is_main:
-            log.warning("resuming with changed settings (--allow-changed): %s", rundir.describe_changes(old, new, changed))
-        return changed
+        return self.checkpointer.save(self.engine, step=self.step, trainer_state=trainer_state)
 
     def _resume(self, found: Path) -> None:
-        old = getattr(self, "_resume_meta_fingerprint", {})
-        keys = rundir.DATA_KEYS  # the config keys were compared in _select_resume, before any build
-        data_changed = self._check_changes({k: old[k] for k in keys if k in old},
-                                           {k: self.fingerprint[k] for k in keys if k in self.fingerprint}, found)
-        state = ckpt.load_checkpoint(found, self.engine)
+        state = self.checkpointer.load_for_resume(found, self.engine)
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -438,23 +363,15 @@ class Trainer:
             self.collapse.load_state_dict(state["collapse"])
             if self.collapse.warning is not None:
                 self.warnings.append(self.collapse.warning)
-        self.last_saved_step = self.step
-        self.last_checkpoint = found
-        self._ckpt_bytes = ckpt.checkpoint_bytes(found)
-        if self.loader is not None and state.get("loader") is not None:
-            if {"data", "replay_data"} & set(data_changed):  # other files, names or counts: a new order
-                log.warning("the training data changed (--allow-changed %s): the data order restarts at epoch 0",
-                            " ".join(data_changed))
-            else:
-                self.loader.load_state_dict(state["loader"])
+        if self.loader is not None and state.get("loader") is not None:  # None: the data changed, a new order
+            self.loader.load_state_dict(state["loader"])
         if self.info.is_main:
             for name in ("metrics.jsonl", "evals.jsonl"):  # every step appears once
                 dropped = rundir.truncate_jsonl(self.run_dir / name, self.step)
                 if dropped:
                     log.info("%s: dropped %d record(s) after step %d (re-done from the checkpoint)", name, dropped,
                              self.step)
-            skipped = "".join(f"; skipped {d.name} ({why})" for d, why in self.resume_skipped)
-            log.info("resumed from %s at step %d%s", found, self.step, skipped)
+            log.info("%s", self.checkpointer.resumed_note(found, self.step))
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _elapsed(self) -> float:
@@ -568,7 +485,7 @@ class Trainer:
                     if info.is_main:
                         log.warning("%s", warning)
             bar.update(1)
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            if self.checkpointer.should_save(self.step):
                 self.save()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not (self._stop_agreed or
                                                                            self._data_stop_agreed):
@@ -577,7 +494,7 @@ class Trainer:
         bar.close()
         train_seconds = self._elapsed()
         stop = self._agree_stop()  # a signal that landed after the last step's reduction
-        if self.last_saved_step != self.step:
+        if self.checkpointer.should_save(self.step, final=True):
             self.save()
         return train_seconds, stop
 
@@ -585,9 +502,10 @@ class Trainer:
         """The data stopped the run: --max-bad-fraction passed (agreed by all ranks in the step's reduction; the
         checkpoint is written), or a loader error at once (then a checkpoint is written here by a single process;
         with several the other ranks are inside a collective and cannot join one). Says how to continue."""
-        where = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
-        if self.last_checkpoint is not None and self.last_saved_step == self.step:
-            where = f"checkpoint {self.last_checkpoint} written"
+        last = self.checkpointer.last_checkpoint
+        where = f"the last checkpoint is {last}" if last else "no checkpoint yet"
+        if last is not None and not self.checkpointer.should_save(self.step, final=True):
+            where = f"checkpoint {last} written"
         elif not self.info.distributed and self.step > 0:
             try:
                 where = f"checkpoint {self.save()} written"
@@ -604,11 +522,11 @@ class Trainer:
         """Stopped by a signal: the checkpoint is written; no export or evaluation (that is for the resumed run)."""
         signame = signame or "a stop signal on another rank"
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "train_seconds": train_seconds,
-                   "preempted": signame, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "preempted": signame, "checkpoint": str(self.checkpointer.last_checkpoint) if self.checkpointer.last_checkpoint else None,
                    "warnings": list(self.warnings)}
         if self.info.is_main:
             log.warning("stopped by %s after step %d; checkpoint %s; continue with --resume auto", signame,
-                        self.step, self.last_checkpoint)
+                        self.step, self.checkpointer.last_checkpoint)
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
