@@ -20,18 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bioclip_fast.distributed import (
-    DistInfo,
-    all_gather_objects,
-    any_rank,
-    broadcast_object,
-    dist_info_from_env,
-    rank0_value,
-)
 from bioclip_fast.devices import resolve_device
+from bioclip_fast.distributed import DistInfo, any_rank, broadcast_object, dist_info_from_env
 from bioclip_fast.errors import DataError, one_line
 from bioclip_fast.train import rundir, runlock
 from bioclip_fast.train.checkpointer import Checkpointer
+from bioclip_fast.train.collapse import CollapseMonitor
 from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note
 from bioclip_fast.train.engine import (
     ClipTrainModule,
@@ -41,8 +35,9 @@ from bioclip_fast.train.engine import (
 )
 from bioclip_fast.train.failures import mark_every_rank
 from bioclip_fast.train.gradcache import grad_cache_step
-from bioclip_fast.train.metrics import CollapseMonitor, ThroughputMeter, model_flops, peak_memory_gb, peak_tflops_for
+from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_tflops_for
 from bioclip_fast.train.preflight import validate_runtime, validate_static
+from bioclip_fast.train.progress import RunClock, append_jsonl, loader_stats_all_ranks, read_jsonl, step_record
 from bioclip_fast.train.signals import StopSignals
 
 log = logging.getLogger("bioclip_fast.train")
@@ -154,7 +149,7 @@ class Trainer:
                                      peak_tflops=peak, grad_checkpointing=cfg.grad_checkpointing,
                                      grad_cache=bool(cfg.grad_cache_chunk))
         self.step = 0
-        self.elapsed_before = 0.0  # training seconds spent before a resume (time-clocked schedules)
+        self.clock = RunClock(self.info, self.device)  # training seconds, also those before a resume
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
@@ -348,7 +343,7 @@ class Trainer:
         trainer_state = {
             "step": self.step,
             "loader": self.loader.state_dict() if self.loader is not None else None,
-            "elapsed_s": self._elapsed(),
+            "elapsed_s": self.clock.elapsed(),
             "skipped_steps": self.skipped_steps,
             "collapse": self.collapse.state_dict(),
         }
@@ -357,7 +352,7 @@ class Trainer:
     def _resume(self, found: Path) -> None:
         state = self.checkpointer.load_for_resume(found, self.engine)
         self.step = int(state["step"])
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.clock.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("collapse") is not None:  # absent in checkpoints of older versions: the count restarts
             self.collapse.load_state_dict(state["collapse"])
@@ -374,20 +369,12 @@ class Trainer:
             log.info("%s", self.checkpointer.resumed_note(found, self.step))
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def _elapsed(self) -> float:
-        start = getattr(self, "_t_start", None)
-        return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
-
     def _should_stop(self, budget_s: float | None) -> bool:
         if self.step >= (self.total_steps or math.inf):
             return True
         if budget_s is None:
             return False
-        # rank 0's clock decides for everyone
-        return bool(rank0_value(1.0 if self._elapsed() >= budget_s else 0.0, self.info, self.device))
-
-    def _time_progress(self, budget_s: float) -> float:
-        return rank0_value(min(self._elapsed() / budget_s, 1.0), self.info, self.device, torch.float64)
+        return self.clock.over_budget(budget_s)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to a stop signal), then export and evaluate. With a signal the summary has
@@ -435,7 +422,7 @@ class Trainer:
         bar = tqdm(total=show_total,
                    initial=self.step, disable=not (info.is_main and cfg.progress), desc="train", unit="step",
                    dynamic_ncols=True)
-        self._t_start = time.perf_counter()
+        self.clock.start()
         it = iter(self.loader)
         if info.is_main:
             log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s: %s", cfg.model,
@@ -453,7 +440,7 @@ class Trainer:
                 raise self._data_stop(e) from None
             t1 = time.perf_counter()
             if cfg.schedule_clock == "time":
-                self.engine.scheduler.set_time_progress(self._time_progress(budget))
+                self.engine.scheduler.set_time_progress(self.clock.progress(budget))
             lr = self.engine.lr
             inputs, tt = self.batch_inputs(batch, self.step)
             res = self.train_step(inputs)
@@ -464,7 +451,10 @@ class Trainer:
             self.step += 1
             rates = self.meter.record(t1 - t0, t2 - t1, self.module.last_text_fraction)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                rec = self._record(res, rates, lr, tt, t2 - t1 + t1 - t0)
+                rec = step_record(step=self.step, res=res, rates=rates, lr=lr, text_type=tt, step_s=t2 - t1 + t1 - t0,
+                                  elapsed_s=self.clock.elapsed(), engine=self.engine, loader=self.loader,
+                                  device=self.device, info=info,
+                                  bad_samples_all_ranks=getattr(self, "_bad_samples_all_ranks", None))
                 if info.is_main:
                     append_jsonl(jsonl, rec)
                     if self._trackers is not None:
@@ -474,7 +464,7 @@ class Trainer:
                 self.history.append(rec)
                 post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
                 if budget:
-                    post["left"] = f"{max(budget - self._elapsed(), 0):.0f}s"
+                    post["left"] = f"{max(budget - self.clock.elapsed(), 0):.0f}s"
                 if rec.get("bad_samples"):
                     post["bad"] = rec["bad_samples"]
                 bar.set_postfix(post, refresh=False)
@@ -492,7 +482,7 @@ class Trainer:
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
         bar.close()
-        train_seconds = self._elapsed()
+        train_seconds = self.clock.elapsed()
         stop = self._agree_stop()  # a signal that landed after the last step's reduction
         if self.checkpointer.should_save(self.step, final=True):
             self.save()
@@ -530,36 +520,6 @@ class Trainer:
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
-
-    def _record(self, res, rates, lr, tt, step_s) -> dict[str, Any]:
-        mem, mem_kind = peak_memory_gb(self.device)
-        rec = {
-            "step": self.step,
-            "epoch": self.loader.epoch if self.loader is not None else None,
-            "loss": res["loss"],
-            **{k: v for k, v in res.items() if k.startswith("loss_")},
-            "skipped": res["skipped"],
-            "lr": lr,
-            "logit_scale": math.exp(self.engine.logit_scale_value()),
-            "text_type": tt,
-            "step_time_s": step_s,
-            **rates,
-            "peak_mem_gb": mem,
-            "peak_mem_kind": mem_kind,
-            "elapsed_s": self._elapsed(),
-        }
-        if self.engine.last_grad_norm is not None:
-            rec["grad_norm"] = self.engine.last_grad_norm
-        if self.loader is not None:  # this rank's counts so far (host-side dicts the batches fed: no sync); the
-            # sum over ranks came with the step's loss all-reduce
-            st = self.loader.stats
-            rec["bad_samples"] = st["skipped_corrupt"]
-            rec["bad_shards"] = st["bad_shards"]
-            if self.info.distributed:
-                rec["bad_samples_all_ranks"] = getattr(self, "_bad_samples_all_ranks", None)
-            if st["bad_samples"]:
-                rec["bad_by_reason"] = dict(st["bad_samples"])
-        return rec
 
     # ------------------------------------------------------------------------------------------------ the end
     def export_model(self) -> Path | None:
@@ -623,34 +583,6 @@ class Trainer:
             append_jsonl(self.run_dir / "evals.jsonl", {k: v for k, v in res.items() if k != "per_class"})
         return res
 
-    def _loader_stats_all_ranks(self) -> dict[str, Any] | None:
-        """The loader's counts summed over every rank (collective: one all_gather_object, once per run): bad samples
-        by reason, damaged shards (each named once, whichever ranks met it), and each rank's own counts."""
-        if self.loader is None:
-            return None
-        mine = {**self.loader.stats, "bad_samples": dict(self.loader.stats["bad_samples"]),
-                "damaged_shards": dict(self.loader.bad_shards)}
-        parts = all_gather_objects(mine, self.info)
-        out: dict[str, Any] = {k: v for k, v in mine.items() if not isinstance(v, (int, float, dict))}
-        for k, v in mine.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[k] = sum(p.get(k, 0) for p in parts)
-        reasons: dict[str, int] = {}
-        shards: dict[str, str] = {}
-        for p in parts:
-            for reason, n in p["bad_samples"].items():
-                reasons[reason] = reasons.get(reason, 0) + n
-            for shard, why in p["damaged_shards"].items():
-                shards.setdefault(shard, why)
-        out["bad_samples"] = reasons
-        out["bad_shards"] = len(shards)  # a shard damaged for several ranks counts once
-        out["damaged_shards"] = dict(sorted(shards.items())[:100])  # the first 100 named; bad_shards counts all
-        if self.info.distributed:
-            out["per_rank"] = [{"rank": r, "samples": p.get("samples", 0), "skipped_corrupt": p["skipped_corrupt"],
-                                "bad_samples": p["bad_samples"], "bad_shards": len(p["damaged_shards"])}
-                               for r, p in enumerate(parts)]
-        return out
-
     def _finish(self, train_seconds: float) -> dict[str, Any]:
         from bioclip_fast.train.plots import plot_metrics
 
@@ -666,7 +598,7 @@ class Trainer:
             "device": str(self.device),
             "model": self.cfg.model,
             "model_path": str(model_path) if model_path else None,
-            "loader_stats": self._loader_stats_all_ranks(),
+            "loader_stats": loader_stats_all_ranks(self.loader, self.info),
             "warnings": list(self.warnings),
         }
         if self.history:
@@ -680,7 +612,7 @@ class Trainer:
                 summary["zero_shot"] = ev
                 summary["eval_seconds"] = time.perf_counter() - t
         if self.info.is_main:
-            records = _read_jsonl(self.run_dir / "metrics.jsonl")
+            records = read_jsonl(self.run_dir / "metrics.jsonl")
             if records:
                 summary["plot"] = str(plot_metrics(records, self.run_dir / "loss.png",
                                                    title=f"{self.cfg.model} · {self.engine.kind} · "
@@ -691,35 +623,8 @@ class Trainer:
         return summary
 
 
-def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    """Append one JSON record; a failed write (full disk, file size limit) names the file."""
-    try:
-        with path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-    except OSError as e:
-        raise OSError(e.errno, f"appending a record to {path.name} failed: {e.strerror or e}; the checkpoints are "
-                               f"intact: free space, then continue with --resume auto", str(path)) from e
-
-
 def _text_types_arg(types: list[str]):
     return "all" if list(types) == ["all"] else list(types)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Metrics records, keeping the last record per step (a resumed run re-logs the steps after its checkpoint)."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-        by_step[int(rec["step"])] = rec
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
