@@ -13,7 +13,6 @@ import math
 import os
 import random
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ import numpy as np
 import torch
 
 from bioclip_fast.devices import resolve_device
-from bioclip_fast.distributed import DistInfo, any_rank, broadcast_object, dist_info_from_env
-from bioclip_fast.errors import DataError, one_line
+from bioclip_fast.distributed import DistInfo, any_rank, dist_info_from_env
+from bioclip_fast.errors import DataError
 from bioclip_fast.train import rundir, runlock
 from bioclip_fast.train.checkpointer import Checkpointer
 from bioclip_fast.train.collapse import CollapseMonitor
-from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note
+from bioclip_fast.train.config import TrainConfig, duration_note
 from bioclip_fast.train.engine import (
     ClipTrainModule,
     build_engine,
@@ -110,7 +109,7 @@ class Trainer:
             # every rank has validated --out (above) before rank 0 writes into it; the process group's own start-up
             # is no such barrier when it already exists (several Trainers in one process)
             torch.distributed.barrier()
-        self.run_dir = self._make_run_dir()
+        self.run_dir, self.lock_path = rundir.open_run_dir(cfg, self.info)
         self.checkpointer = Checkpointer(cfg, self.info, self.run_dir, self.engine_kind)
         # pick (and verify) the checkpoint and compare settings before building anything big
         self.resume_from = self.checkpointer.select_for_resume(cfg.resume) if cfg.resume else None
@@ -169,37 +168,6 @@ class Trainer:
                 rundir.truncate_jsonl(self.run_dir / name, 0)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _make_run_dir(self) -> Path:
-        self.lock_path: Path | None = None
-        out = self.cfg.out
-        if out is None:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-            out = broadcast_object(str(Path("runs") / stamp), self.info)
-        run_dir = Path(out)
-        err = None
-        if self.info.is_main:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                # one run per run directory, taken before anything is written into it (runlock.py)
-                self.lock_path, notes = runlock.acquire(run_dir)
-                for note in notes:
-                    log.warning("%s", note)
-            except (ConfigError, OSError) as e:
-                err = one_line(e)
-        err = broadcast_object(err, self.info)  # every rank stops alike: no rank waits in a collective
-        if err is not None:
-            raise mark_every_rank(ConfigError(err))
-        if self.info.is_main:
-            done = rundir.prepare_run_dir(run_dir, self.cfg)
-            if done["overwritten"]:
-                log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(done["overwritten"]),
-                            run_dir)
-            if done["stale_temp"]:
-                log.warning("removed %d unfinished checkpoint write(s) left by an interrupted run: %s",
-                            len(done["stale_temp"]), ", ".join(done["stale_temp"]))
-            (run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        return run_dir
-
     def _shards(self, specs: list[str] | None, split: str) -> list[str] | None:
         if not specs:
             return None
