@@ -1,4 +1,6 @@
-"""Atomic, verified, resumable training checkpoints for both engines.
+"""Atomic, verified, resumable training checkpoints for both engines: the on-disk format, writing, verification,
+selection and loading. When to save, what to keep and what to resume from is the run's
+:class:`~bioclip_fast.train.checkpointer.Checkpointer`.
 
 Layout of a run directory::
 

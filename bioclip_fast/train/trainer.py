@@ -1,6 +1,12 @@
-"""The training loop: data -> ClipTrainModule -> fused CLIP loss (+ replay loss) -> engine step, with logging,
-atomic verified checkpoints, exact resume (with a fallback past corrupt checkpoints and a guard against changed
-settings), a graceful stop on SIGTERM/SIGINT/SIGUSR1, wall-clock budgets, and a zero-shot evaluation at the end.
+"""The Trainer: data -> ClipTrainModule -> fused CLIP loss (+ replay loss) -> engine step, with logging, atomic
+verified checkpoints, exact resume (with a fallback past corrupt checkpoints and a guard against changed settings), a
+graceful stop on SIGTERM/SIGINT/SIGUSR1, wall-clock budgets, and a zero-shot evaluation at the end.
+
+It builds the parts and runs the loop; the parts own their concerns: the run directory and its lock
+(:mod:`.rundir`, :mod:`.runlock`), when to checkpoint, what to keep and what to resume from (:class:`.checkpointer.
+Checkpointer`), the engines (:mod:`.engine`), the run's clock and metrics records (:mod:`.progress`,
+:mod:`.metrics`), the collapse warning (:mod:`.collapse`), the stop signals (:mod:`.signals`), and the collectives
+by which ranks agree (:mod:`bioclip_fast.distributed`).
 
     trainer = Trainer(cfg)        # validates the config, builds model, data, engine; resumes if asked
     summary = trainer.fit()       # trains; writes metrics.jsonl, loss.png, model.pt, results.json in the run dir
