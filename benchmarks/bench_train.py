@@ -73,7 +73,7 @@ def run_one(args, mode: str, batch: int) -> dict:
     import torch
 
     from bioclip_fast.train.config import resolve_config
-    from bioclip_fast.train.loop import Trainer
+    from bioclip_fast.train.trainer import Trainer
     from bioclip_fast.train.metrics import ThroughputMeter, peak_memory_gb
 
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -8,13 +8,19 @@ from typing import Any
 from bioclip_fast.errors import UsageError
 
 
-def resolve_device(spec: Any = None, *, flag: str = "--device") -> "torch.device":  # noqa: F821
+def resolve_device(spec: Any = None, *, flag: str = "--device", local_rank: int | None = None
+                   ) -> "torch.device":  # noqa: F821
     """The torch.device `spec` names (None or "auto": cuda when available, else cpu); UsageError naming the flag for
-    a malformed value or a device this machine does not have."""
+    a malformed value or a device this machine does not have.
+
+    `local_rank` (a process of a multi-GPU job): a CUDA device without an index ("auto", "cuda") is that rank's GPU,
+    ``cuda:<local_rank>``; an explicit index is kept."""
     import torch
 
     if spec is None or str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
+        return torch.device("cpu")
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError, TypeError):
@@ -25,6 +31,8 @@ def resolve_device(spec: Any = None, *, flag: str = "--device") -> "torch.device
                              f"use {flag} cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"{flag} {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if dev.index is None and local_rank is not None:
+            dev = torch.device("cuda", local_rank)
     elif dev.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise UsageError(f"{flag} {spec}: MPS is not available here; use {flag} cpu")

@@ -1,9 +1,13 @@
 """torch.distributed helpers below the losses and the trainer: a process's rank info (`DistInfo`, from the launcher's
-environment), rank/world queries and feature all-gathers with open_clip semantics."""
+environment), rank/world queries, the small collectives by which ranks agree (rank 0's object on every rank, every
+rank's object on every rank, the first rank's error on every rank) and feature all-gathers with open_clip semantics.
+
+The agreement helpers take a `DistInfo` and are no-ops (no collective) for a single process."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +37,51 @@ def dist_info_from_env() -> DistInfo:
     )
 
 
+# ------------------------------------------------------------------------------------------ agreement (no-ops alone)
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_error(error: str | None, info: DistInfo) -> str | None:
+    """Collective: the first rank's error (None when no rank has one), the same on every rank, so that every rank
+    stops alike and none is left waiting in the next collective."""
+    errors = [e for e in all_gather_objects(error, info) if e]
+    return errors[0] if errors else None
+
+
+def any_rank(flag: bool, info: DistInfo, device: "torch.device | str" = "cpu") -> bool:
+    """Collective: True on every rank when `flag` is True on any rank (one all-reduce of one number)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if info.distributed:
+        dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def rank0_value(value: float, info: DistInfo, device: "torch.device | str" = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+    """Collective: rank 0's `value` on every rank (e.g. rank 0's clock decides a time budget for everyone)."""
+    t = torch.tensor([value], dtype=dtype)
+    if info.distributed:
+        t = t.to(device)
+        dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+# ------------------------------------------------------------------------------------------ queries and gathers
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

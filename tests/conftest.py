@@ -50,7 +50,7 @@ def trained_model_dir(tmp_path_factory):
     `metrics.jsonl`, `loss.png` and `checkpoints/`. Stable API: returns a pathlib.Path.
     """
     from bioclip_fast.train.config import resolve_config
-    from bioclip_fast.train.loop import Trainer
+    from bioclip_fast.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("trained_model")
     cfg = resolve_config(

@@ -192,7 +192,7 @@ def test_a_data_stop_mid_run_checkpoints_and_resumes_after_repair(indexed, tmp_p
     restored, --resume auto continues from step 3 to the end."""
     from bioclip_fast.train import checkpoint as ckpt
     from bioclip_fast.train.config import resolve_config
-    from bioclip_fast.train.loop import Trainer
+    from bioclip_fast.train.trainer import Trainer
 
     d = _damaged(indexed, tmp_path / "shards", truncate=False, corrupt=False)
     victim = Path(d["truncated"])

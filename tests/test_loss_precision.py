@@ -253,7 +253,7 @@ def test_trainer_call_gets_bf16_tensor_cores_on_cuda():
     fp32 ("ieee") stays available."""
     from bioclip_fast.train.config import TrainConfig
     from bioclip_fast.train.engine import DistInfo
-    from bioclip_fast.train.loop import make_loss
+    from bioclip_fast.train.trainer import make_loss
 
     info = DistInfo(rank=0, world_size=1, local_rank=0)
     loss_bf16 = make_loss(TrainConfig(precision="bf16"), info)

@@ -14,7 +14,7 @@ from bioclip_fast.errors import CheckpointError
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train.config import ConfigError, TrainConfig, resolve_config
 from bioclip_fast.train.preflight import validate_runtime, validate_static
-from bioclip_fast.train.loop import NonFiniteLossError, Trainer
+from bioclip_fast.train.trainer import NonFiniteLossError, Trainer
 
 from tests._tolerances import assert_grad_close
 
@@ -425,7 +425,7 @@ def test_loss_check_is_the_steps_one_collective_with_the_parts(monkeypatch):
     host read of their own per part), next to the stop and bad-data flags."""
     import types
 
-    from bioclip_fast.train.loop import Trainer
+    from bioclip_fast.train.trainer import Trainer
 
     calls = []
 

@@ -61,7 +61,7 @@ WORKER_OK = """
     import torch.distributed as dist
     from bioclip_fast.train import checkpoint as ckpt
     from bioclip_fast.train.config import resolve_config
-    from bioclip_fast.train.loop import Trainer
+    from bioclip_fast.train.trainer import Trainer
 
     out, base = Path(sys.argv[1]), json.loads(sys.argv[2])
     rank = int(os.environ["RANK"])
@@ -74,8 +74,8 @@ WORKER_OK = """
     first = Trainer(resolve_config(ck))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # training steps, checkpoints and the final export warn about nothing ...
-        from bioclip_fast.train.engine import _quiet_deepspeed_deprecations
-        _quiet_deepspeed_deprecations()  # ... but DeepSpeed's own calls of torch's renamed collectives (silenced)
+        from bioclip_fast.train.engine import quiet_deepspeed_deprecations
+        quiet_deepspeed_deprecations()  # ... but DeepSpeed's own calls of torch's renamed collectives (silenced)
         first.fit()
     dist.barrier()
     if rank == 0:
@@ -155,7 +155,7 @@ def test_two_ranks_manifestless_checkpoint_warnings_gradients_and_bad_samples(tm
 WORKER_FAIL = """
     import errno, os, sys
     from bioclip_fast.cli import main
-    from bioclip_fast.train.loop import Trainer
+    from bioclip_fast.train.trainer import Trainer
 
     real = Trainer.batch_inputs
 

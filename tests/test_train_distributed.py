@@ -32,7 +32,7 @@ WORKER = textwrap.dedent(
     import json, os, signal, sys
     import torch
     from bioclip_fast.train.config import resolve_config
-    from bioclip_fast.train.loop import Trainer
+    from bioclip_fast.train.trainer import Trainer
     sys.path.insert(0, os.path.join(os.environ["REPO_ROOT"], "tests"))
     from test_train import fixed_inputs
 

@@ -22,8 +22,8 @@ from bioclip_fast.cli import main
 from bioclip_fast.errors import EXIT_PREEMPTED, CheckpointError
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train.config import ConfigError, resolve_config
-from bioclip_fast.train.loop import Trainer
-from bioclip_fast.train.metrics import CollapseMonitor
+from bioclip_fast.train.trainer import Trainer
+from bioclip_fast.train.collapse import CollapseMonitor
 
 from test_train import MICRO, fixed_inputs, micro_trainer  # tests/ is on sys.path under pytest
 

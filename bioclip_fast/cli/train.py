@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 "replay": (cfg.replay_batch_size_per_gpu or 0) * PAPER_GPUS}
         print(json.dumps(out, indent=1))
         return 0
-    from bioclip_fast.train.loop import NonFiniteLossError, Trainer
+    from bioclip_fast.train.trainer import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(cfg)

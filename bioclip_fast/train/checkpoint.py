@@ -1,4 +1,6 @@
-"""Atomic, verified, resumable training checkpoints for both engines.
+"""Atomic, verified, resumable training checkpoints for both engines: the on-disk format, writing, verification,
+selection and loading. When to save, what to keep and what to resume from is the run's
+:class:`~bioclip_fast.train.checkpointer.Checkpointer`.
 
 Layout of a run directory::
 
@@ -36,7 +38,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from bioclip_fast.distributed import all_gather_objects, broadcast_object, first_error
 from bioclip_fast.errors import CheckpointError
+from bioclip_fast.fileio import atomic_write_text, fsync_path
 
 LATEST = "latest"
 PREFIX = "step_"
@@ -65,29 +69,11 @@ def ckpt_step(path: str | os.PathLike) -> int | None:
         return None
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for f in filenames:
-            _fsync_file(Path(dirpath) / f)
-        _fsync_file(Path(dirpath))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_file(path.parent)
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
 
 
 def rng_state() -> dict[str, Any]:
@@ -110,31 +96,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ collectives (no-ops alone)
-def _broadcast(obj: Any, info) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj: Any, info) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank."""
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def _agree(info, error: str | None) -> None:
     """Collective: raise the first rank's error on every rank (so no rank is left waiting in the next collective)."""
-    errors = [e for e in _gather(error, info) if e]
-    if errors:
+    error = first_error(error, info)
+    if error:
         from bioclip_fast.train.failures import mark_every_rank
 
-        raise mark_every_rank(CheckpointError(errors[0]))
+        raise mark_every_rank(CheckpointError(error))
 
 
 # ------------------------------------------------------------------------------------------ sizes, hashes, disk space
@@ -157,7 +125,7 @@ def _hash_files(root: Path, names: list[str], info) -> dict[str, str]:
             except OSError as e:
                 mine[name] = f"error: {e.strerror or e}"
     out: dict[str, str] = {}
-    for part in _gather(mine, info):
+    for part in all_gather_objects(mine, info):
         out.update(part)
     return out
 
@@ -312,7 +280,7 @@ def save_checkpoint(
         raise
 
     # sizes and checksums of every file, then the manifest (last), fsync, rename, `latest`, retention
-    names = _broadcast(_list_files(tmp) if info.is_main else None, info)
+    names = broadcast_object(_list_files(tmp) if info.is_main else None, info)
     digests = _hash_files(tmp, names, info)
     err = None
     if info.is_main:
@@ -329,8 +297,8 @@ def save_checkpoint(
             if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_file(root)
-            _atomic_write_text(root / LATEST, name + "\n")
+            fsync_path(root)
+            atomic_write_text(root / LATEST, name + "\n", durable=True)
             _prune(root, keep, final)
         except (OSError, RuntimeError) as e:
             if tmp.exists():
@@ -373,7 +341,7 @@ def remove_stale_temp(root: str | os.PathLike) -> list[Path]:
     removed = []
     if not root.is_dir():
         return removed
-    for p in sorted(root.glob(f"{TMP_PREFIX}*")) + sorted(root.glob(f".{LATEST}.tmp-*")):
+    for p in sorted(root.glob(f"{TMP_PREFIX}*")) + sorted(root.glob(f".{LATEST}.*tmp*")):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -419,7 +387,7 @@ def verify_checkpoint(d: str | os.PathLike, info=None) -> str | None:
 
     info = info or DistInfo()
     d = Path(d)
-    reason, names, man = _broadcast(_cheap_check(d) if info.is_main else None, info)
+    reason, names, man = broadcast_object(_cheap_check(d) if info.is_main else None, info)
     if reason or not names:
         return reason
     digests = _hash_files(d, names, info)
@@ -451,7 +419,7 @@ def select_checkpoint(spec: str | os.PathLike, info=None, *, log: Callable[[str]
             cands = list_checkpoints(root)
             if cands:
                 break
-    cands = _broadcast([str(c) for c in cands] if info.is_main else None, info)
+    cands = broadcast_object([str(c) for c in cands] if info.is_main else None, info)
     skipped: list[tuple[Path, str]] = []
     for c in map(Path, cands):
         reason = verify_checkpoint(c, info)

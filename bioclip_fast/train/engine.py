@@ -24,18 +24,6 @@ from bioclip_fast.train.config import ConfigError, TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------- distributed setup
-def resolve_device(spec: str, info: DistInfo) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={spec!r} but no CUDA device is available")
-        if dev.index is None:
-            dev = torch.device("cuda", info.local_rank)
-    return dev
-
-
 def init_distributed(info: DistInfo, device: torch.device, use_deepspeed: bool) -> None:
     if torch.distributed.is_initialized() or not (info.distributed or use_deepspeed):
         return
@@ -416,7 +404,7 @@ def deepspeed_config(cfg: TrainConfig, *, world_size: int, micro_batch: int, mic
 _DEEPSPEED_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
-def _quiet_deepspeed_deprecations() -> None:
+def quiet_deepspeed_deprecations() -> None:
     warnings.filterwarnings("ignore", message=_DEEPSPEED_DEPRECATIONS, category=FutureWarning)
 
 
@@ -427,7 +415,7 @@ class DeepSpeedEngineWrapper(_EngineBase):
                  micro_batch: int, micro_steps: int = 1):
         import deepspeed
 
-        _quiet_deepspeed_deprecations()
+        quiet_deepspeed_deprecations()
         self.cfg, self.device, self.info, self.micro_steps = cfg, device, info, micro_steps
         self.ds_config = deepspeed_config(cfg, world_size=info.world_size, micro_batch=micro_batch,
                                           micro_steps=micro_steps)

@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bioclip_fast.distributed import DistInfo, broadcast_object
+from bioclip_fast.errors import one_line
+from bioclip_fast.fileio import atomic_write_text
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import runlock
 from bioclip_fast.train.config import ConfigError, TrainConfig
+from bioclip_fast.train.failures import mark_every_rank
+
+log = logging.getLogger("bioclip_fast.train")
 
 # Files a run writes into its --out (what --overwrite removes; anything else there is left alone).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "evals.jsonl", "results.json", "model.pt", "loss.png", "config.json",
@@ -193,6 +201,42 @@ def validate_run_dir(cfg: TrainConfig, *, rank: int = 0) -> None:
     )
 
 
+def open_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, Path | None]:
+    """The run directory, on every rank: --out, or runs/<UTC time> as rank 0 names it. Rank 0 creates it, takes its
+    lock (one run per run directory, :mod:`runlock`, before anything is written into it), removes what --overwrite
+    replaces and stale temp files, and writes config.json. A failure to create or lock it is raised on every rank
+    alike (no rank waits in a collective). Returns (run dir, the lock's path on rank 0, else None)."""
+    lock_path: Path | None = None
+    out = cfg.out
+    if out is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = broadcast_object(str(Path("runs") / stamp), info)
+    run_dir = Path(out)
+    err = None
+    if info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # one run per run directory, taken before anything is written into it (runlock.py)
+            lock_path, notes = runlock.acquire(run_dir)
+            for note in notes:
+                log.warning("%s", note)
+        except (ConfigError, OSError) as e:
+            err = one_line(e)
+    err = broadcast_object(err, info)  # every rank stops alike: no rank waits in a collective
+    if err is not None:
+        raise mark_every_rank(ConfigError(err))
+    if info.is_main:
+        done = prepare_run_dir(run_dir, cfg)
+        if done["overwritten"]:
+            log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(done["overwritten"]),
+                        run_dir)
+        if done["stale_temp"]:
+            log.warning("removed %d unfinished checkpoint write(s) left by an interrupted run: %s",
+                        len(done["stale_temp"]), ", ".join(done["stale_temp"]))
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return run_dir, lock_path
+
+
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> dict[str, list[str]]:
     """Rank 0, before anything is written: --overwrite cleanup and removal of stale checkpoint temp dirs."""
     done: dict[str, list[str]] = {"overwritten": [], "stale_temp": []}
@@ -206,7 +250,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> dict[str, list[str]]:
                 p.unlink()
                 done["overwritten"].append(name)
     done["stale_temp"] = [str(p) for p in ckpt.remove_stale_temp(run_dir / "checkpoints")]
-    for p in run_dir.glob(".*.jsonl.tmp-*"):
+    for p in run_dir.glob(".*.jsonl.*tmp*"):
         p.unlink(missing_ok=True)
     return done
 
@@ -229,7 +273,5 @@ def truncate_jsonl(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
     return dropped

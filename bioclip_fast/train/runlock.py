@@ -64,7 +64,14 @@ def describe(holder: dict) -> str:
 
 
 def holder_state(holder: dict, mtime: float) -> tuple[str, str]:
-    """('self' | 'alive' | 'stale', why) for the holder recorded in a lock last refreshed at `mtime`."""
+    """('self' | 'alive' | 'stale', why) for the holder recorded in a lock last refreshed at `mtime`.
+
+    An unreadable lock (`holder` empty: being created right now, or left half-written by a crash) is alive while it
+    is younger than HEARTBEAT_S, stale after."""
+    if not holder:
+        if time.time() - mtime < HEARTBEAT_S:
+            return "alive", "its lock is being written"
+        return "stale", "its lock is unreadable"
     me = my_identity()
     same_host = holder.get("host") == me["host"] and holder.get("boot_id") == me["boot_id"]
     if same_host:
@@ -104,6 +111,7 @@ def _holder(path: Path) -> tuple[dict | None, float]:
 
 
 def _in_use(out: Path, holder: dict, why: str) -> ConfigError:
+    holder = holder or {"host": "?", "pid": "?", "started": "just now"}  # an unreadable lock names no holder
     return ConfigError(
         f"out: {out} is in use by another run ({describe(holder)}; {why}; lock {out / LOCK_NAME}). One run may own a "
         f"run directory at a time: wait for it to end or stop it, or choose another --out (a lock whose holder is "
@@ -115,10 +123,6 @@ def check(out: str | os.PathLike) -> None:
     out = Path(out)
     holder, mtime = _holder(out / LOCK_NAME)
     if holder is None:
-        return
-    if not holder:  # unreadable: being created right now, or left half-written by a crash
-        if time.time() - mtime < HEARTBEAT_S:
-            raise _in_use(out, {"host": "?", "pid": "?", "started": "just now"}, "its lock is being written")
         return
     state, why = holder_state(holder, mtime)
     if state == "alive":
@@ -191,11 +195,9 @@ def acquire(out: str | os.PathLike) -> tuple[Path, list[str]]:
             holder, mtime = _holder(path)
             if holder is None:
                 continue  # removed meanwhile: try again
-            state, why = holder_state(holder, mtime) if holder else (
-                ("alive", "its lock is being written") if time.time() - mtime < HEARTBEAT_S else
-                ("stale", "its lock is unreadable"))
+            state, why = holder_state(holder, mtime)
             if state == "alive":
-                raise _in_use(out, holder or {"host": "?", "pid": "?", "started": "just now"}, why)
+                raise _in_use(out, holder, why)
             if state == "self":
                 path.write_text(text)
                 break

@@ -1,6 +1,12 @@
-"""The training loop: data -> ClipTrainModule -> fused CLIP loss (+ replay loss) -> engine step, with logging,
-atomic verified checkpoints, exact resume (with a fallback past corrupt checkpoints and a guard against changed
-settings), a graceful stop on SIGTERM/SIGINT/SIGUSR1, wall-clock budgets, and a zero-shot evaluation at the end.
+"""The Trainer: data -> ClipTrainModule -> fused CLIP loss (+ replay loss) -> engine step, with logging, atomic
+verified checkpoints, exact resume (with a fallback past corrupt checkpoints and a guard against changed settings), a
+graceful stop on SIGTERM/SIGINT/SIGUSR1, wall-clock budgets, and a zero-shot evaluation at the end.
+
+It builds the parts and runs the loop; the parts own their concerns: the run directory and its lock
+(:mod:`.rundir`, :mod:`.runlock`), when to checkpoint, what to keep and what to resume from (:class:`.checkpointer.
+Checkpointer`), the engines (:mod:`.engine`), the run's clock and metrics records (:mod:`.progress`,
+:mod:`.metrics`), the collapse warning (:mod:`.collapse`), the stop signals (:mod:`.signals`), and the collectives
+by which ranks agree (:mod:`bioclip_fast.distributed`).
 
     trainer = Trainer(cfg)        # validates the config, builds model, data, engine; resumes if asked
     summary = trainer.fit()       # trains; writes metrics.jsonl, loss.png, model.pt, results.json in the run dir
@@ -13,29 +19,30 @@ import math
 import os
 import random
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bioclip_fast.distributed import DistInfo, dist_info_from_env
-from bioclip_fast.errors import CheckpointError, DataError, one_line
-from bioclip_fast.train import checkpoint as ckpt
+from bioclip_fast.devices import resolve_device
+from bioclip_fast.distributed import DistInfo, any_rank, dist_info_from_env
+from bioclip_fast.errors import DataError
 from bioclip_fast.train import rundir, runlock
-from bioclip_fast.train.config import ConfigError, TrainConfig, duration_note
+from bioclip_fast.train.checkpointer import Checkpointer
+from bioclip_fast.train.collapse import CollapseMonitor
+from bioclip_fast.train.config import TrainConfig, duration_note
 from bioclip_fast.train.engine import (
     ClipTrainModule,
     build_engine,
     init_distributed,
-    resolve_device,
     resolve_engine_kind,
 )
 from bioclip_fast.train.failures import mark_every_rank
 from bioclip_fast.train.gradcache import grad_cache_step
-from bioclip_fast.train.metrics import CollapseMonitor, ThroughputMeter, model_flops, peak_memory_gb, peak_tflops_for
+from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_tflops_for
 from bioclip_fast.train.preflight import validate_runtime, validate_static
+from bioclip_fast.train.progress import RunClock, append_jsonl, loader_stats_all_ranks, read_jsonl, step_record
 from bioclip_fast.train.signals import StopSignals
 
 log = logging.getLogger("bioclip_fast.train")
@@ -76,14 +83,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _broadcast_str(value: str | None, info: DistInfo) -> str | None:
-    if not info.distributed:
-        return value
-    obj = [value]
-    torch.distributed.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 def _params_finite(module: torch.nn.Module) -> bool:
     for p in module.parameters():
         t = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
@@ -102,7 +101,7 @@ class Trainer:
         self.batches = resolve_batches(cfg, self.info.world_size)  # per-GPU figures -> global batch sizes
         validate_runtime(cfg, world_size=self.info.world_size)
         rundir.validate_run_dir(cfg, rank=self.info.rank)  # before the process group: nothing written yet
-        self.device = resolve_device(cfg.device, self.info)
+        self.device = resolve_device(cfg.device, local_rank=self.info.local_rank)  # checked by validate_static
         self.engine_kind = resolve_engine_kind(cfg, self.info, self.device)
         if self.device.type == "cpu":
             self.threads = cfg.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -116,11 +115,10 @@ class Trainer:
             # every rank has validated --out (above) before rank 0 writes into it; the process group's own start-up
             # is no such barrier when it already exists (several Trainers in one process)
             torch.distributed.barrier()
-        self.run_dir = self._make_run_dir()
-        self.config_fingerprint = rundir.config_fingerprint(cfg.to_dict(), self.engine_kind)
-        self.resume_skipped: list[tuple[Path, str]] = []
+        self.run_dir, self.lock_path = rundir.open_run_dir(cfg, self.info)
+        self.checkpointer = Checkpointer(cfg, self.info, self.run_dir, self.engine_kind)
         # pick (and verify) the checkpoint and compare settings before building anything big
-        self.resume_from = self._select_resume(cfg.resume) if cfg.resume else None
+        self.resume_from = self.checkpointer.select_for_resume(cfg.resume) if cfg.resume else None
         seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
         from bioclip_fast.model import create_model, get_tokenizer, image_mean_std
 
@@ -156,12 +154,9 @@ class Trainer:
                                      peak_tflops=peak, grad_checkpointing=cfg.grad_checkpointing,
                                      grad_cache=bool(cfg.grad_cache_chunk))
         self.step = 0
-        self.elapsed_before = 0.0  # training seconds spent before a resume (time-clocked schedules)
+        self.clock = RunClock(self.info, self.device)  # training seconds, also those before a resume
         self.consecutive_skips = 0
         self.skipped_steps = 0
-        self.last_saved_step = -1
-        self.last_checkpoint: Path | None = None
-        self._ckpt_bytes: int | None = None  # size of the last checkpoint: the next one's expected size
         self.history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
@@ -171,7 +166,7 @@ class Trainer:
         self._launcher_pid = os.getppid() if launched and os.getppid() > 1 else None
         self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
         self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
-        self.fingerprint = {**self.config_fingerprint, **rundir.data_fingerprint(self.loader)}
+        self.checkpointer.set_data(self.loader)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif cfg.resume == "auto" and self.info.is_main:  # nothing to resume: a fresh run keeps no stale records
@@ -179,37 +174,6 @@ class Trainer:
                 rundir.truncate_jsonl(self.run_dir / name, 0)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _make_run_dir(self) -> Path:
-        self.lock_path: Path | None = None
-        out = self.cfg.out
-        if out is None:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-            out = _broadcast_str(str(Path("runs") / stamp), self.info)
-        run_dir = Path(out)
-        err = None
-        if self.info.is_main:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                # one run per run directory, taken before anything is written into it (runlock.py)
-                self.lock_path, notes = runlock.acquire(run_dir)
-                for note in notes:
-                    log.warning("%s", note)
-            except (ConfigError, OSError) as e:
-                err = one_line(e)
-        err = _broadcast_str(err, self.info)  # every rank stops alike: no rank waits in a collective
-        if err is not None:
-            raise mark_every_rank(ConfigError(err))
-        if self.info.is_main:
-            done = rundir.prepare_run_dir(run_dir, self.cfg)
-            if done["overwritten"]:
-                log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(done["overwritten"]),
-                            run_dir)
-            if done["stale_temp"]:
-                log.warning("removed %d unfinished checkpoint write(s) left by an interrupted run: %s",
-                            len(done["stale_temp"]), ", ".join(done["stale_temp"]))
-            (run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        return run_dir
-
     def _shards(self, specs: list[str] | None, split: str) -> list[str] | None:
         if not specs:
             return None
@@ -353,132 +317,38 @@ class Trainer:
         trainer_state = {
             "step": self.step,
             "loader": self.loader.state_dict() if self.loader is not None else None,
-            "elapsed_s": self._elapsed(),
+            "elapsed_s": self.clock.elapsed(),
             "skipped_steps": self.skipped_steps,
             "collapse": self.collapse.state_dict(),
         }
-        meta = {"config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
-                "time": datetime.now(timezone.utc).isoformat()}
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.engine, step=self.step,
-                                    trainer_state=trainer_state, meta=meta, keep=self.cfg.keep_checkpoints,
-                                    expected_bytes=self._ckpt_bytes or self._estimate_ckpt_bytes())
-        self.last_saved_step = self.step
-        self.last_checkpoint = path
-        if self.info.is_main:
-            self._ckpt_bytes = ckpt.checkpoint_bytes(path)
-        return path
-
-    def _estimate_ckpt_bytes(self) -> int:
-        """Expected size of the first checkpoint: weights + AdamW moments (+ fp32 master weights under DeepSpeed)."""
-        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
-        if self.engine.kind == "deepspeed":
-            return n * ((2 if self.cfg.precision == "bf16" else 4) + 12)
-        return n * 12
-
-    def _select_resume(self, spec: str) -> Path | None:
-        """The checkpoint to resume from: the newest intact one (skipping corrupt ones, each named with its reason),
-        whose settings match this run's. Collective; None for `--resume auto` in a directory without checkpoints."""
-        where = self.run_dir if spec == "auto" else Path(spec)
-        found, skipped = ckpt.select_checkpoint(
-            where, self.info, log=(lambda m: log.warning("%s", m)) if self.info.is_main else None)
-        if found is None:
-            if skipped:
-                listed = "; ".join(f"{d.name}: {why}" for d, why in skipped)
-                raise mark_every_rank(CheckpointError(
-                    f"resume: no intact checkpoint under {where} ({listed}); start over with --overwrite or another "
-                    f"--out"))
-            if spec == "auto":
-                return None
-            raise mark_every_rank(ConfigError(f"resume: no complete checkpoint under {spec}"))
-        self.resume_skipped = skipped
-        meta = ckpt.read_meta(found)
-        old = meta.get("fingerprint") or rundir.config_fingerprint(meta.get("config") or {}, meta.get("engine"))
-        self._check_changes(old, self.config_fingerprint, found)
-        self._resume_meta_fingerprint = old
-        root = self.run_dir / "checkpoints"
-        if self.info.is_main and found.parent.resolve() == root.resolve():
-            # corrupt ones, and newer ones of an abandoned timeline (an explicit older --resume), are moved aside:
-            # kept, but never resumed from or counted by retention again
-            step = ckpt.ckpt_step(found)
-            aside = [(d, ckpt.CORRUPT_PREFIX) for d, _ in skipped]
-            aside += [(d, ckpt.SUPERSEDED_PREFIX) for d in ckpt.list_checkpoints(root)
-                      if ckpt.ckpt_step(d) > step and d not in {s for s, _ in skipped}]
-            for d, prefix in aside:
-                target = d.with_name(prefix + d.name)
-                k = 1
-                while target.exists():
-                    target, k = d.with_name(f"{prefix}{d.name}.{k}"), k + 1
-                os.rename(d, target)
-                log.warning("moved %s aside to %s", d.name, target.name)
-        return found
-
-    def _check_changes(self, old: dict[str, Any], new: dict[str, Any], found: Path) -> list[str]:
-        changed = rundir.fingerprint_changes(old, new)
-        allowed = {k.replace("-", "_") for k in (self.cfg.allow_changed or [])}
-        refused = [k for k in changed if k not in allowed]
-        if refused:
-            raise mark_every_rank(ConfigError(
-                f"resume: checkpoint {found} was written with other settings: "
-                f"{rundir.describe_changes(old, new, refused)}. Exact resume needs the same settings; to change them "
-                f"on purpose add --allow-changed {' '.join(refused)}, or start a new run with another --out"
-            ))
-        if changed and self.info.is_main:
-            log.warning("resuming with changed settings (--allow-changed): %s", rundir.describe_changes(old, new, changed))
-        return changed
+        return self.checkpointer.save(self.engine, step=self.step, trainer_state=trainer_state)
 
     def _resume(self, found: Path) -> None:
-        old = getattr(self, "_resume_meta_fingerprint", {})
-        keys = rundir.DATA_KEYS  # the config keys were compared in _select_resume, before any build
-        data_changed = self._check_changes({k: old[k] for k in keys if k in old},
-                                           {k: self.fingerprint[k] for k in keys if k in self.fingerprint}, found)
-        state = ckpt.load_checkpoint(found, self.engine)
+        state = self.checkpointer.load_for_resume(found, self.engine)
         self.step = int(state["step"])
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.clock.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("collapse") is not None:  # absent in checkpoints of older versions: the count restarts
             self.collapse.load_state_dict(state["collapse"])
             if self.collapse.warning is not None:
                 self.warnings.append(self.collapse.warning)
-        self.last_saved_step = self.step
-        self.last_checkpoint = found
-        self._ckpt_bytes = ckpt.checkpoint_bytes(found)
-        if self.loader is not None and state.get("loader") is not None:
-            if {"data", "replay_data"} & set(data_changed):  # other files, names or counts: a new order
-                log.warning("the training data changed (--allow-changed %s): the data order restarts at epoch 0",
-                            " ".join(data_changed))
-            else:
-                self.loader.load_state_dict(state["loader"])
+        if self.loader is not None and state.get("loader") is not None:  # None: the data changed, a new order
+            self.loader.load_state_dict(state["loader"])
         if self.info.is_main:
             for name in ("metrics.jsonl", "evals.jsonl"):  # every step appears once
                 dropped = rundir.truncate_jsonl(self.run_dir / name, self.step)
                 if dropped:
                     log.info("%s: dropped %d record(s) after step %d (re-done from the checkpoint)", name, dropped,
                              self.step)
-            skipped = "".join(f"; skipped {d.name} ({why})" for d, why in self.resume_skipped)
-            log.info("resumed from %s at step %d%s", found, self.step, skipped)
+            log.info("%s", self.checkpointer.resumed_note(found, self.step))
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def _elapsed(self) -> float:
-        start = getattr(self, "_t_start", None)
-        return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
-
     def _should_stop(self, budget_s: float | None) -> bool:
         if self.step >= (self.total_steps or math.inf):
             return True
         if budget_s is None:
             return False
-        flag = torch.tensor([1.0 if self._elapsed() >= budget_s else 0.0])
-        if self.info.distributed:  # rank 0's clock decides for everyone
-            flag = flag.to(self.device)
-            torch.distributed.broadcast(flag, src=0)
-        return bool(flag.item())
-
-    def _time_progress(self, budget_s: float) -> float:
-        p = torch.tensor([min(self._elapsed() / budget_s, 1.0)], dtype=torch.float64)
-        if self.info.distributed:
-            p = p.to(self.device)
-            torch.distributed.broadcast(p, src=0)
-        return float(p.item())
+        return self.clock.over_budget(budget_s)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to a stop signal), then export and evaluate. With a signal the summary has
@@ -526,7 +396,7 @@ class Trainer:
         bar = tqdm(total=show_total,
                    initial=self.step, disable=not (info.is_main and cfg.progress), desc="train", unit="step",
                    dynamic_ncols=True)
-        self._t_start = time.perf_counter()
+        self.clock.start()
         it = iter(self.loader)
         if info.is_main:
             log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s: %s", cfg.model,
@@ -544,7 +414,7 @@ class Trainer:
                 raise self._data_stop(e) from None
             t1 = time.perf_counter()
             if cfg.schedule_clock == "time":
-                self.engine.scheduler.set_time_progress(self._time_progress(budget))
+                self.engine.scheduler.set_time_progress(self.clock.progress(budget))
             lr = self.engine.lr
             inputs, tt = self.batch_inputs(batch, self.step)
             res = self.train_step(inputs)
@@ -555,7 +425,10 @@ class Trainer:
             self.step += 1
             rates = self.meter.record(t1 - t0, t2 - t1, self.module.last_text_fraction)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                rec = self._record(res, rates, lr, tt, t2 - t1 + t1 - t0)
+                rec = step_record(step=self.step, res=res, rates=rates, lr=lr, text_type=tt, step_s=t2 - t1 + t1 - t0,
+                                  elapsed_s=self.clock.elapsed(), engine=self.engine, loader=self.loader,
+                                  device=self.device, info=info,
+                                  bad_samples_all_ranks=getattr(self, "_bad_samples_all_ranks", None))
                 if info.is_main:
                     append_jsonl(jsonl, rec)
                     if self._trackers is not None:
@@ -565,7 +438,7 @@ class Trainer:
                 self.history.append(rec)
                 post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
                 if budget:
-                    post["left"] = f"{max(budget - self._elapsed(), 0):.0f}s"
+                    post["left"] = f"{max(budget - self.clock.elapsed(), 0):.0f}s"
                 if rec.get("bad_samples"):
                     post["bad"] = rec["bad_samples"]
                 bar.set_postfix(post, refresh=False)
@@ -576,16 +449,16 @@ class Trainer:
                     if info.is_main:
                         log.warning("%s", warning)
             bar.update(1)
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            if self.checkpointer.should_save(self.step):
                 self.save()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not (self._stop_agreed or
                                                                            self._data_stop_agreed):
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
         bar.close()
-        train_seconds = self._elapsed()
+        train_seconds = self.clock.elapsed()
         stop = self._agree_stop()  # a signal that landed after the last step's reduction
-        if self.last_saved_step != self.step:
+        if self.checkpointer.should_save(self.step, final=True):
             self.save()
         return train_seconds, stop
 
@@ -593,9 +466,10 @@ class Trainer:
         """The data stopped the run: --max-bad-fraction passed (agreed by all ranks in the step's reduction; the
         checkpoint is written), or a loader error at once (then a checkpoint is written here by a single process;
         with several the other ranks are inside a collective and cannot join one). Says how to continue."""
-        where = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
-        if self.last_checkpoint is not None and self.last_saved_step == self.step:
-            where = f"checkpoint {self.last_checkpoint} written"
+        last = self.checkpointer.last_checkpoint
+        where = f"the last checkpoint is {last}" if last else "no checkpoint yet"
+        if last is not None and not self.checkpointer.should_save(self.step, final=True):
+            where = f"checkpoint {last} written"
         elif not self.info.distributed and self.step > 0:
             try:
                 where = f"checkpoint {self.save()} written"
@@ -606,53 +480,20 @@ class Trainer:
 
     def _agree_stop(self) -> bool:
         """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
-        flag = torch.tensor([1.0 if (self._stop_agreed or self._stop_requested_here()) else 0.0], device=self.device)
-        if self.info.distributed:
-            torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return any_rank(self._stop_agreed or self._stop_requested_here(), self.info, self.device)
 
     def _stopped(self, train_seconds: float, signame: str | None) -> dict[str, Any]:
         """Stopped by a signal: the checkpoint is written; no export or evaluation (that is for the resumed run)."""
         signame = signame or "a stop signal on another rank"
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "train_seconds": train_seconds,
-                   "preempted": signame, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "preempted": signame, "checkpoint": str(self.checkpointer.last_checkpoint) if self.checkpointer.last_checkpoint else None,
                    "warnings": list(self.warnings)}
         if self.info.is_main:
             log.warning("stopped by %s after step %d; checkpoint %s; continue with --resume auto", signame,
-                        self.step, self.last_checkpoint)
+                        self.step, self.checkpointer.last_checkpoint)
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
-
-    def _record(self, res, rates, lr, tt, step_s) -> dict[str, Any]:
-        mem, mem_kind = peak_memory_gb(self.device)
-        rec = {
-            "step": self.step,
-            "epoch": self.loader.epoch if self.loader is not None else None,
-            "loss": res["loss"],
-            **{k: v for k, v in res.items() if k.startswith("loss_")},
-            "skipped": res["skipped"],
-            "lr": lr,
-            "logit_scale": math.exp(self.engine.logit_scale_value()),
-            "text_type": tt,
-            "step_time_s": step_s,
-            **rates,
-            "peak_mem_gb": mem,
-            "peak_mem_kind": mem_kind,
-            "elapsed_s": self._elapsed(),
-        }
-        if self.engine.last_grad_norm is not None:
-            rec["grad_norm"] = self.engine.last_grad_norm
-        if self.loader is not None:  # this rank's counts so far (host-side dicts the batches fed: no sync); the
-            # sum over ranks came with the step's loss all-reduce
-            st = self.loader.stats
-            rec["bad_samples"] = st["skipped_corrupt"]
-            rec["bad_shards"] = st["bad_shards"]
-            if self.info.distributed:
-                rec["bad_samples_all_ranks"] = getattr(self, "_bad_samples_all_ranks", None)
-            if st["bad_samples"]:
-                rec["bad_by_reason"] = dict(st["bad_samples"])
-        return rec
 
     # ------------------------------------------------------------------------------------------------ the end
     def export_model(self) -> Path | None:
@@ -716,38 +557,6 @@ class Trainer:
             append_jsonl(self.run_dir / "evals.jsonl", {k: v for k, v in res.items() if k != "per_class"})
         return res
 
-    def _loader_stats_all_ranks(self) -> dict[str, Any] | None:
-        """The loader's counts summed over every rank (collective: one all_gather_object, once per run): bad samples
-        by reason, damaged shards (each named once, whichever ranks met it), and each rank's own counts."""
-        if self.loader is None:
-            return None
-        mine = {**self.loader.stats, "bad_samples": dict(self.loader.stats["bad_samples"]),
-                "damaged_shards": dict(self.loader.bad_shards)}
-        if not self.info.distributed:
-            parts = [mine]
-        else:
-            parts = [None] * self.info.world_size
-            torch.distributed.all_gather_object(parts, mine)
-        out: dict[str, Any] = {k: v for k, v in mine.items() if not isinstance(v, (int, float, dict))}
-        for k, v in mine.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[k] = sum(p.get(k, 0) for p in parts)
-        reasons: dict[str, int] = {}
-        shards: dict[str, str] = {}
-        for p in parts:
-            for reason, n in p["bad_samples"].items():
-                reasons[reason] = reasons.get(reason, 0) + n
-            for shard, why in p["damaged_shards"].items():
-                shards.setdefault(shard, why)
-        out["bad_samples"] = reasons
-        out["bad_shards"] = len(shards)  # a shard damaged for several ranks counts once
-        out["damaged_shards"] = dict(sorted(shards.items())[:100])  # the first 100 named; bad_shards counts all
-        if self.info.distributed:
-            out["per_rank"] = [{"rank": r, "samples": p.get("samples", 0), "skipped_corrupt": p["skipped_corrupt"],
-                                "bad_samples": p["bad_samples"], "bad_shards": len(p["damaged_shards"])}
-                               for r, p in enumerate(parts)]
-        return out
-
     def _finish(self, train_seconds: float) -> dict[str, Any]:
         from bioclip_fast.train.plots import plot_metrics
 
@@ -763,7 +572,7 @@ class Trainer:
             "device": str(self.device),
             "model": self.cfg.model,
             "model_path": str(model_path) if model_path else None,
-            "loader_stats": self._loader_stats_all_ranks(),
+            "loader_stats": loader_stats_all_ranks(self.loader, self.info),
             "warnings": list(self.warnings),
         }
         if self.history:
@@ -777,7 +586,7 @@ class Trainer:
                 summary["zero_shot"] = ev
                 summary["eval_seconds"] = time.perf_counter() - t
         if self.info.is_main:
-            records = _read_jsonl(self.run_dir / "metrics.jsonl")
+            records = read_jsonl(self.run_dir / "metrics.jsonl")
             if records:
                 summary["plot"] = str(plot_metrics(records, self.run_dir / "loss.png",
                                                    title=f"{self.cfg.model} · {self.engine.kind} · "
@@ -788,35 +597,8 @@ class Trainer:
         return summary
 
 
-def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    """Append one JSON record; a failed write (full disk, file size limit) names the file."""
-    try:
-        with path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-    except OSError as e:
-        raise OSError(e.errno, f"appending a record to {path.name} failed: {e.strerror or e}; the checkpoints are "
-                               f"intact: free space, then continue with --resume auto", str(path)) from e
-
-
 def _text_types_arg(types: list[str]):
     return "all" if list(types) == ["all"] else list(types)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Metrics records, keeping the last record per step (a resumed run re-logs the steps after its checkpoint)."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-        by_step[int(rec["step"])] = rec
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
