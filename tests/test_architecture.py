@@ -1,4 +1,5 @@
-"""The package's layering, read from its source: no new import circle, no new import from a lower layer to a higher one.
+"""The package's layering, read from its source: no import circle, no import from a lower layer to a higher one, no
+private name imported from another module, every subcommand on one protocol.
 
 The module graph is built from every ``import`` / ``from … import`` statement and every
 ``importlib.import_module("<literal>")`` call in ``bioclip_fast/`` (the Triton kernels included:
@@ -6,9 +7,9 @@ The module graph is built from every ``import`` / ``from … import`` statement 
 dependency). Importing the package root for one of its submodules (``from bioclip_fast import errors``) counts as an
 edge to that submodule, not to the root.
 
-``KNOWN_CIRCLES`` and ``KNOWN_UPWARD`` are what the package had when this test was written (issue 18 removes them).
-Both lists may only shrink: a new circle or upward edge fails, and so does a listed one that is gone (delete it
-from the list, so it cannot come back unnoticed). The layers are drawn in ``docs/architecture.md``.
+``KNOWN_CIRCLES`` and ``KNOWN_UPWARD`` held what the package had when this test was written; issue 18 emptied
+both. They may only shrink: a new circle or upward edge fails, and so does a listed one that is gone. The layers
+are drawn in ``docs/architecture.md``.
 """
 from __future__ import annotations
 
@@ -209,3 +210,46 @@ def test_a_built_package_ships_every_module(tmp_path):
     built = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.py")}
     source = {str(p.relative_to(REPO)) for p in (REPO / "bioclip_fast").rglob("*.py") if "__pycache__" not in p.parts}
     assert source - built == set()
+
+
+EXTENSION_MODULES = {"_C", "_C_avx2"}
+
+
+def private_imports() -> set[tuple[str, str]]:
+    """``from M import _x`` where M is another module of the package (a name private to M used outside it)."""
+    mods = _modules()
+    found = set()
+    for module, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = _targets(node, module, is_pkg)[0]
+            if base not in mods or base == module:
+                continue
+            for alias in node.names:
+                if alias.name in EXTENSION_MODULES:  # the compiled csrc/ extensions (setup.py), modules not names
+                    continue
+                if alias.name.startswith("_") and not alias.name.startswith("__") and f"{base}.{alias.name}" not in mods:
+                    found.add((module, f"{base}.{alias.name}"))
+    return found
+
+
+def test_no_private_name_is_imported_from_another_module():
+    bad = private_imports()
+    assert not bad, "private names imported across modules (make them public or move them): " + "; ".join(
+        f"{a} imports {b}" for a, b in sorted(bad))
+
+
+def test_private_import_finder_sees_one(tmp_path, monkeypatch):
+    pkg = tmp_path / "bioclip_fast"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from ._impl import _ok_inside_a_private_module\n")
+    (pkg / "sub" / "_impl.py").write_text("_ok_inside_a_private_module = 1\n")
+    (pkg / "b.py").write_text("_hidden = 1\npublic = 2\n")
+    (pkg / "a.py").write_text("def f():\n    from bioclip_fast.b import _hidden, public\n"
+                              "from . import b\nfrom bioclip_fast.ops import _C\n")
+    monkeypatch.setitem(globals(), "REPO", tmp_path)
+    assert private_imports() == {("bioclip_fast.a", "bioclip_fast.b._hidden"),
+                                 ("bioclip_fast.sub", "bioclip_fast.sub._impl._ok_inside_a_private_module")}
