@@ -31,7 +31,7 @@ def _run(*args, timeout=300):
 
 
 def _site(tmp_path):
-    """A --site folder as device-pack.sh makes them: an unpacked package tree plus a pure-Python wheel."""
+    """A --site folder as `make offline-bundle` makes them (site.tar.xz unpacked): an unpacked package tree plus a pure-Python wheel."""
     site = tmp_path / "site"
     (site / "tinypkg").mkdir(parents=True)
     (site / "tinypkg" / "__init__.py").write_text("VALUE = 1\n")
@@ -42,7 +42,7 @@ def _site(tmp_path):
 
 def test_readme_dry_run_prints_the_time_boxed_plan(tmp_path):
     site = _site(tmp_path)
-    proc = _run(str(tmp_path / "gpu"), "--site", str(site), "--dry-run")  # README: gpu_check.sh OUT --site DIR --dry-run
+    proc = _run(str(tmp_path / "gpu"), "--site", str(site), "--dry-run")  # docs/gpu-host.md: gpu_check.sh OUT --site DIR --dry-run
     assert proc.returncode == 0, proc.stderr
     for step in ("pytest", "loss", "kernels", "decode", "train"):
         assert f"  {step}" in proc.stdout
@@ -62,7 +62,7 @@ def test_readme_dry_run_prints_the_time_boxed_plan(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: the check would run for real")
 def test_readme_command_without_gpu_exits_3_with_one_line(tmp_path):
-    proc = _run(str(tmp_path / "gpu"), "--site", str(_site(tmp_path)))  # README: gpu_check.sh OUT --site DIR
+    proc = _run(str(tmp_path / "gpu"), "--site", str(_site(tmp_path)))  # docs/gpu-host.md: gpu_check.sh OUT --site DIR
     assert proc.returncode == 3
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "Traceback" not in proc.stderr
