@@ -382,12 +382,16 @@ def test_triton_backward_skips_the_dk_kernel_when_k_needs_no_grad(monkeypatch):
     torch.testing.assert_close(s.grad.double(), ref["dscale"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("launch", ["interpreter-tiles", "gpu-configs"])
 @pytest.mark.parametrize("coretype", ["Haswell", "Zen"])
-def test_near_duplicate_rule_holds_with_other_blas_kernels(coretype):
-    """The interpreter's tl.dot is numpy's OpenBLAS, whose Haswell / Zen sgemm kernels round A @ B^T and
-    (B @ A^T)^T differently: the Triton symmetric dK (logits formed as K @ Q^T against the forward's Q @ K^T LSEs)
-    was 6x torch's error there (1.3e-6 against 2 x 2.2e-7 + 2e-7) and passed only with SkylakeX / Prescott
-    kernels. Run in a child process with those kernels forced, whatever this machine's CPU."""
+def test_near_duplicate_rule_holds_with_other_blas_kernels(coretype, launch):
+    """The interpreter's tl.dot is numpy's OpenBLAS, whose Haswell / Zen sgemm kernels round an entry differently by
+    the product's operand order (A @ B^T against (B @ A^T)^T) and shape (a 64 x 64 block of a 128 x 128 product):
+    the Triton symmetric dK (logits formed as K @ Q^T against the forward's Q @ K^T LSEs) was 6x torch's error
+    there (1.3e-6 against 2 x 2.2e-7 + 2e-7), and with the GPU's configs (``gpu-configs``: the autotuned launch
+    path with the default tiles, forward 128 x 128, fused backward 128 x 64, gradient tile 64 x 64) fused, gemm
+    and gemm2d were 4x (7.9e-7 to 9.4e-7) until every kernel summed its logits in one fixed order
+    (``tiles.fixed_order_dot``). Run in a child process with those kernels forced, whatever this machine's CPU."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("interpreter check (on a GPU the kernels do not use numpy's BLAS)")
     import platform
@@ -395,7 +399,10 @@ def test_near_duplicate_rule_holds_with_other_blas_kernels(coretype):
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("OPENBLAS_CORETYPE names x86 kernels")
-    env = dict(os.environ, OPENBLAS_CORETYPE=coretype, TRITON_INTERPRET="1")
+    env = dict(os.environ, OPENBLAS_CORETYPE=coretype, TRITON_INTERPRET="1",
+               BIOCLIP_FAST_INTERPRET_AUTOTUNED="1" if launch == "gpu-configs" else "0")
+    if launch == "gpu-configs":
+        env["BIOCLIP_FAST_AUTOTUNE"] = "0"  # the default (first) config of each list: deterministic, no benchmarking
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "test_near_duplicate_batch_flash_attention_rule and triton and sym and random"],
                           env=env, capture_output=True, text=True, timeout=600)

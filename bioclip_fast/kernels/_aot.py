@@ -183,14 +183,16 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
     for cfg in fwd:
         for col in (True, False):
             yield (f"clip_fwd {'sym' if col else 'dir'} {tag(cfg)}", clip_fwd_kernel,
-                   dict(D=D, HAS_BIAS=True, COL_STATS=col, PREC=prec, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
-        yield (f"siglip_fwd {tag(cfg)}", siglip_fwd_kernel, dict(D=D, HAS_BIAS=True, PREC=prec, **cfg.kwargs),
+                   dict(D=D, HAS_BIAS=True, COL_STATS=col, PREC=prec, FIXED_ORDER=False, **cfg.kwargs), cfg.num_warps,
+                   cfg.num_stages)
+        yield (f"siglip_fwd {tag(cfg)}", siglip_fwd_kernel,
+               dict(D=D, HAS_BIAS=True, PREC=prec, FIXED_ORDER=False, **cfg.kwargs),
                cfg.num_warps, cfg.num_stages)
     for cfg in (autotune.grad_configs(D) if all_configs else autotune.grad_configs(D)[:1]):
         for mode, name in ((MODE_CLIP_SYM, "sym"), (MODE_CLIP_DIR, "dir"), (MODE_SIGLIP, "siglip")):
             yield (f"grad_tile {name} {tag(cfg)}", grad_tile_kernel,
                    dict(D=D, MODE=mode, HAS_BIAS=True, PREC=prec, GSCALE=gs, ROW_SUMS=mode == MODE_CLIP_DIR,
-                        **cfg.kwargs), cfg.num_warps,
+                        FIXED_ORDER=False, **cfg.kwargs), cfg.num_warps,
                    cfg.num_stages)
     for cfg in bwd:
         for mode, x_is_rows, name in ((MODE_CLIP_SYM, True, "sym dQ"), (MODE_CLIP_SYM, False, "sym dK"),
@@ -198,7 +200,7 @@ def kernel_cases(D: int, dtype: str, all_configs: bool):
                                       (MODE_SIGLIP, True, "siglip dQ"), (MODE_SIGLIP, False, "siglip dK")):
             yield (f"bwd {name} {tag(cfg)}", pairwise_bwd_kernel,
                    dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=True, SCALAR_GRADS=x_is_rows, PREC=prec,
-                        GSCALE=gs, QK_ORDER=False, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+                        GSCALE=gs, QK_ORDER=False, FIXED_ORDER=False, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
 
 
 _COLS = ("D", "dtype", "kernel", "registers", "spill_store_bytes", "hgmma", "mufu_ex2", "mufu_ex2_total",

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from bioclip_fast.kernels.autotune import INTERPRET_BWD_CONFIG, autotuned, bwd_configs, launch, prune_bwd, size_bucket
-from bioclip_fast.kernels.precision import dot_precision, grad_prescale
-from bioclip_fast.kernels.tiles import load_rows, mma, row_probs, sym_probs, tile_dot
+from bioclip_fast.kernels.precision import dot_precision, fixed_order_logits, grad_prescale
+from bioclip_fast.kernels.tiles import fixed_order_dot, load_rows, mma, row_probs, sym_probs, tile_dot
 
 
 @triton.jit
@@ -53,6 +53,7 @@ def pairwise_bwd_kernel(
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, X_IS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     SCALAR_GRADS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr, QK_ORDER: tl.constexpr,
+    FIXED_ORDER: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     NUM_ACC: tl.constexpr,
 ):
@@ -126,16 +127,22 @@ def pairwise_bwd_kernel(
         # does. The interpreter's tl.dot is numpy's BLAS, whose per-element summation order depends on the
         # operands' order (OpenBLAS's Haswell/Zen sgemm): K @ Q^T then rounds the logits differently from the
         # forward that produced the column LSEs (kernels/NOTES.md, "Logits rounded identically in both passes").
+        # FIXED_ORDER (the interpreter) goes further: every kernel, whatever its tile shape and BLOCK_D, sums each
+        # logit in one order (tiles.fixed_order_dot; its products are symmetric in the operands, so X @ Y^T is the
+        # forward's Q @ K^T entry for entry), and QK_ORDER makes no difference.
         if SINGLE_D:
             y_tile = load_rows(Y, offs_y, mask_y, 0, D, BLOCK_D)
+        if FIXED_ORDER:
+            t = fixed_order_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y)
+        elif SINGLE_D:
             if QK_ORDER and not X_IS_ROWS:
                 t = tl.trans(mma(y_tile, tl.trans(x_tile), tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32), PREC))
             else:
                 t = mma(x_tile, tl.trans(y_tile), tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32), PREC)
         elif QK_ORDER and not X_IS_ROWS:
-            t = tl.trans(tile_dot(Y, X, offs_y, mask_y, offs_x, mask_x, D, BLOCK_Y, BLOCK_X, BLOCK_D, PREC))
+            t = tl.trans(tile_dot(Y, X, offs_y, mask_y, offs_x, mask_x, D, BLOCK_Y, BLOCK_X, BLOCK_D, PREC, False))
         else:
-            t = tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, PREC)
+            t = tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, PREC, False)
         s2 = t * scale2 + bias2
 
         if X_IS_ROWS:
@@ -267,7 +274,8 @@ def pairwise_bwd(X: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor, bias: to
             cen_y if cen_y is not None else dummy, grad, dx, ds_part, db_part, Bx, By, int(offset), float(inv_n),
             size_bucket(max(Bx, By)))
     meta = dict(D=D, MODE=mode, X_IS_ROWS=x_is_rows, HAS_BIAS=bias is not None, SCALAR_GRADS=scalar_grads,
-                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype), QK_ORDER=qk_order(X.device))
+                PREC=dot_precision(X.dtype), GSCALE=grad_prescale(X.dtype), QK_ORDER=qk_order(X.device),
+                FIXED_ORDER=fixed_order_logits(X.device))
 
     def grid(META):
         return (triton.cdiv(Bx, META["BLOCK_X"]), triton.cdiv(D, META["NUM_ACC"] * META["BLOCK_DO"]))

@@ -15,7 +15,7 @@ from bioclip_fast.kernels import planner
 from bioclip_fast.kernels.autotune import INTERPRET_FWD_CONFIG, autotuned, grad_configs, launch, prune_grad, size_bucket
 from bioclip_fast.kernels.operands import chunk_pairs, positive_dots
 from bioclip_fast.kernels.planner import clamp_chunks
-from bioclip_fast.kernels.precision import dot_precision, grad_prescale
+from bioclip_fast.kernels.precision import dot_precision, fixed_order_logits, grad_prescale
 from bioclip_fast.kernels.tiles import MODE_CLIP_DIR, MODE_CLIP_SYM, row_probs, sym_probs, tile_dot
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def grad_tile_kernel(
     Bq, Bk, c0, C, offset,
     B_BUCKET,  # autotune key only
     D: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
-    ROW_SUMS: tl.constexpr,
+    ROW_SUMS: tl.constexpr, FIXED_ORDER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """W[i, j - c0] = GSCALE * G[i, j] / coef for rows i of one block and columns j in [c0, c0 + C) of one block,
@@ -46,7 +46,7 @@ def grad_tile_kernel(
     offs_n = c0 + offs_w
     mask_m = offs_m < Bq
     mask_n = (offs_w < C) & (offs_n < Bk)
-    t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
+    t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FIXED_ORDER)
     scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
     if HAS_BIAS:
         bias2 = tl.load(BIAS).to(tl.float32) * 1.4426950408889634
@@ -138,7 +138,7 @@ class _GradTiles:
                                    dtype=torch.float32)
         self.rs = torch.zeros(Bq if self.renorm else 0, device=dev, dtype=torch.float64)
         self.meta = dict(D=q.shape[1], MODE=mode, HAS_BIAS=bias is not None, PREC=dot_precision(op),
-                         GSCALE=self.gscale, ROW_SUMS=self.renorm)
+                         GSCALE=self.gscale, ROW_SUMS=self.renorm, FIXED_ORDER=fixed_order_logits(dev))
 
     def sweep(self, q_r, k_c, r0: int, c0: int) -> torch.Tensor:
         R, C = q_r.shape[0], k_c.shape[0]

@@ -53,8 +53,8 @@ from bioclip_fast.kernels.autotune import (INTERPRET_FWD_CONFIG, autotuned, fwd_
 from bioclip_fast.kernels.backward import pairwise_bwd_both
 from bioclip_fast.kernels.operands import chunk_pairs
 from bioclip_fast.kernels.planner import fwd_chunks, pairwise_flops
-from bioclip_fast.kernels.precision import dot_precision
-from bioclip_fast.kernels.tiles import MODE_CLIP_DIR, MODE_CLIP_SYM, load_rows, mma
+from bioclip_fast.kernels.precision import dot_precision, fixed_order_logits
+from bioclip_fast.kernels.tiles import MODE_CLIP_DIR, MODE_CLIP_SYM, fixed_order_dot, load_rows, mma
 from bioclip_fast.kernels.validation import check_loss_inputs, check_vector, compute_operand, grad_loss_tensor
 
 __all__ = ["clip_sym_fwd", "clip_sym_bwd", "clip_dir_fwd", "clip_dir_bwd", "flops"]
@@ -65,7 +65,7 @@ def clip_fwd_kernel(
     Q, K, SCALE, BIAS, ROW_PART, COL_M, COL_L, POS,
     Bq, Bk, offset, n_groups, n_splits,
     B_BUCKET,  # autotune key only
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, COL_STATS: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, COL_STATS: tl.constexpr, PREC: tl.constexpr, FIXED_ORDER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
@@ -96,7 +96,7 @@ def clip_fwd_kernel(
     for rb in range(rb_start, rb_end):
         offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < Bq
-        if NUM_D == 1:
+        if NUM_D == 1 and not FIXED_ORDER:
             q_tile = load_rows(Q, offs_m, mask_m, 0, D, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -107,7 +107,9 @@ def clip_fwd_kernel(
             n0 = cb * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < Bk
-            if NUM_D == 1:
+            if FIXED_ORDER:  # the interpreter: every kernel sums each logit in the same order (tiles.fixed_order_dot)
+                t = fixed_order_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N)
+            elif NUM_D == 1:
                 k_tile = load_rows(K, offs_n, mask_n, 0, D, BLOCK_D)
                 t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
             else:
@@ -208,7 +210,8 @@ def _clip_fwd_launch(q, k, scale, bias, offset: int, col_stats: bool, pos: torch
         col_m = col_l = pos  # unused
     args = (q, k, scale, bias if bias is not None else scale, row_part, col_m, col_l, pos, Bq, Bk, int(offset),
             max(G, 1), H, size_bucket(max(Bq, Bk)))
-    meta = dict(D=D, HAS_BIAS=bias is not None, COL_STATS=col_stats, PREC=dot_precision(q.dtype))
+    meta = dict(D=D, HAS_BIAS=bias is not None, COL_STATS=col_stats, PREC=dot_precision(q.dtype),
+                FIXED_ORDER=fixed_order_logits(dev))
 
     def grid(META):
         return (G if col_stats else triton.cdiv(Bq, META["BLOCK_M"]), H)

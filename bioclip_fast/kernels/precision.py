@@ -1,6 +1,6 @@
-"""Precision of the kernels' products: the ``tl.dot`` input precision of an operand dtype and the power of two the
-fp16 gradient tiles are scaled by. Imports torch only (no triton): ``bioclip_fast.ops.precision`` builds the
-losses' compute-dtype plan on it.
+"""Precision of the kernels' products: the ``tl.dot`` input precision of an operand dtype, whether the logits are
+summed in a fixed order (the interpreter) and the power of two the fp16 gradient tiles are scaled by. Imports
+torch only (no triton): ``bioclip_fast.ops.precision`` builds the losses' compute-dtype plan on it.
 """
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     (about fp32 accuracy on tensor cores), "medium" -> TF32. "" for bf16/fp16 (always tensor cores). The losses
     cast fp32 features to bf16 first under autocast or ``compute_dtype`` (``bioclip_fast.ops.precision``)."""
     return input_precision(dtype)
+
+
+def fixed_order_logits(device: torch.device) -> bool:
+    """Whether the kernels form their logits tiles with ``tiles.fixed_order_dot`` (``FIXED_ORDER``) instead of
+    ``tl.dot``: off CUDA, i.e. under the interpreter, whose ``tl.dot`` is numpy's BLAS and rounds an entry by the
+    product's shape and operand order, so the forward and backward kernels (different tiles under the autotuned
+    configs) would see different logits. On CUDA each entry of an MMA / FMA tile accumulates over D in the same
+    k order whatever the tile shape, BLOCK_D or operand order: ``tl.dot`` there."""
+    return device.type != "cuda"
 
 
 def grad_prescale(dtype: torch.dtype) -> float:

@@ -21,7 +21,7 @@ from bioclip_fast.kernels.autotune import (INTERPRET_FWD_CONFIG, autotuned, fwd_
 from bioclip_fast.kernels.backward import pairwise_bwd_both
 from bioclip_fast.kernels.operands import chunk_pairs
 from bioclip_fast.kernels.planner import fwd_chunks, pairwise_flops
-from bioclip_fast.kernels.precision import dot_precision
+from bioclip_fast.kernels.precision import dot_precision, fixed_order_logits
 from bioclip_fast.kernels.tiles import MODE_SIGLIP, mma, tile_dot
 from bioclip_fast.kernels.validation import check_loss_inputs, compute_operand, grad_loss_tensor
 
@@ -33,7 +33,7 @@ def siglip_fwd_kernel(
     Q, K, SCALE, BIAS, PART,
     Bq, Bk, offset, n_splits,
     B_BUCKET,  # autotune key only
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, FIXED_ORDER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row block m, column split h) writes sum over its tiles of -logsigmoid(z * S) to PART[m, h]."""
@@ -51,7 +51,7 @@ def siglip_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < Bq
-    if D <= BLOCK_D:
+    if D <= BLOCK_D and not FIXED_ORDER:
         q_tile = tl.load(Q + offs_m.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
                          mask=mask_m[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
     tgt = offs_m + offset
@@ -59,12 +59,12 @@ def siglip_fwd_kernel(
     for cb in range(cb_start, cb_end):
         offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Bk
-        if D <= BLOCK_D:
+        if D <= BLOCK_D and not FIXED_ORDER:
             k_tile = tl.load(K + offs_n.to(tl.int64)[:, None] * D + tl.arange(0, BLOCK_D)[None, :],
                              mask=mask_n[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D), other=0.0)
             t = mma(q_tile, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC)
         else:
-            t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
+            t = tile_dot(Q, K, offs_m, mask_m, offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, PREC, FIXED_ORDER)
         s2 = t * scale2 + bias2
         # -logsigmoid(x) = softplus(-x) = max(-x, 0) + log(1 + exp(-|x|)), x = z * S (log2 units for exp2).
         x2 = tl.where(offs_n[None, :] == tgt[:, None], s2, -s2)
@@ -99,7 +99,7 @@ def _siglip_fwd_launch(q, k, scale32, bias32, offset: int) -> torch.Tensor:
     part = torch.zeros((triton.cdiv(Bq, min_bm), H), device=dev, dtype=torch.float32)
     args = (q, k, scale32, bias32 if bias32 is not None else scale32, part, Bq, Bk, int(offset), H,
             size_bucket(max(Bq, Bk)))
-    meta = dict(D=D, HAS_BIAS=bias32 is not None, PREC=dot_precision(q.dtype))
+    meta = dict(D=D, HAS_BIAS=bias32 is not None, PREC=dot_precision(q.dtype), FIXED_ORDER=fixed_order_logits(dev))
 
     def grid(META):
         return (triton.cdiv(Bq, META["BLOCK_M"]), H)

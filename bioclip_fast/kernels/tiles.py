@@ -3,8 +3,8 @@
 Everything works on two row-major feature matrices, ``Q`` [Bq, D] ("rows") and ``K`` [Bk, D] ("columns"), and the
 logits ``S = scale * Q @ K^T + bias`` that are never materialized: kernels compute ``BLOCK x BLOCK`` tiles of
 ``Q @ K^T`` with fp32 accumulation (looping over D in ``BLOCK_D`` chunks), use them, and drop them. Here: the
-tile product (``mma``, ``load_rows``, ``tile_dot``), the softmax probabilities of a tile against stored
-log-sum-exps (``row_probs``, ``sym_probs``) and the gradient forms (``MODE_*``) of the backward kernels.
+tile product (``mma``, ``load_rows``, ``tile_dot``, ``fixed_order_dot``), the softmax probabilities of a tile
+against stored log-sum-exps (``row_probs``, ``sym_probs``) and the gradient forms (``MODE_*``) of the backward kernels.
 
 Uses only Triton APIs present from 3.0 through 3.8: tl.dot(input_precision=), tl.debug_barrier.
 """
@@ -40,14 +40,37 @@ def load_rows(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
-             BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """fp32 tile ``X[offs_x] @ Y[offs_y]^T`` [BLOCK_X, BLOCK_Y], looping over D in BLOCK_D chunks."""
+def fixed_order_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.constexpr,
+                    BLOCK_Y: tl.constexpr):
+    """fp32 tile ``X[offs_x] @ Y[offs_y]^T`` with every entry summed in one order that depends on neither the tile
+    shape, nor BLOCK_D, nor which operand comes first: 16-wide chunks of D in order, each the sum of its 16 fp32
+    products (``tl.sum``), added to the running entry. For the interpreter (``FIXED_ORDER``), whose ``tl.dot`` is
+    numpy's BLAS: OpenBLAS rounds an entry differently by the product's shape and operand order (Haswell / Zen:
+    ~10-20 % of the entries of a 64 x 64 block of a 128 x 128 product; SkylakeX: at 32 x 32), so kernels with
+    different tiles (the autotuned configs) would round the same logit differently in forward and backward
+    (kernels/NOTES.md, "Logits rounded identically in both passes"). Never used on a GPU."""
+    CHUNK: tl.constexpr = 16
     acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        x = load_rows(X, offs_x, mask_x, d0, D, BLOCK_D)
-        y = load_rows(Y, offs_y, mask_y, d0, D, BLOCK_D)
-        acc = mma(x, tl.trans(y), acc, PREC)
+    for d0 in range(0, D, CHUNK):
+        x = load_rows(X, offs_x, mask_x, d0, D, CHUNK).to(tl.float32)
+        y = load_rows(Y, offs_y, mask_y, d0, D, CHUNK).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * y[None, :, :], 2)
+    return acc
+
+
+@triton.jit
+def tile_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
+             BLOCK_D: tl.constexpr, PREC: tl.constexpr, FIXED_ORDER: tl.constexpr):
+    """fp32 tile ``X[offs_x] @ Y[offs_y]^T`` [BLOCK_X, BLOCK_Y], looping over D in BLOCK_D chunks
+    (``fixed_order_dot`` with ``FIXED_ORDER``)."""
+    if FIXED_ORDER:
+        acc = fixed_order_dot(X, Y, offs_x, mask_x, offs_y, mask_y, D, BLOCK_X, BLOCK_Y)
+    else:
+        acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            x = load_rows(X, offs_x, mask_x, d0, D, BLOCK_D)
+            y = load_rows(Y, offs_y, mask_y, d0, D, BLOCK_D)
+            acc = mma(x, tl.trans(y), acc, PREC)
     return acc
 
 
