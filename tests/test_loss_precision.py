@@ -382,8 +382,11 @@ def test_triton_backward_skips_the_dk_kernel_when_k_needs_no_grad(monkeypatch):
     torch.testing.assert_close(s.grad.double(), ref["dscale"], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("launch", ["interpreter-tiles", "gpu-configs"])
-@pytest.mark.parametrize("coretype", ["Haswell", "Zen"])
+@pytest.mark.parametrize("coretype,launch", [
+    ("Haswell", "interpreter-tiles"), ("Haswell", "gpu-configs"), ("Zen", "interpreter-tiles"), ("Zen", "gpu-configs"),
+    # The GPU's own code (tl.dot for the logits, not fixed_order_dot) with the GPU's configs, where numpy's BLAS
+    # rounds an entry the same whatever the product's shape: the tl.dot branch stays tested under the interpreter.
+    ("Prescott", "gpu-configs-tl-dot")])
 def test_near_duplicate_rule_holds_with_other_blas_kernels(coretype, launch):
     """The interpreter's tl.dot is numpy's OpenBLAS, whose Haswell / Zen sgemm kernels round an entry differently by
     the product's operand order (A @ B^T against (B @ A^T)^T) and shape (a 64 x 64 block of a 128 x 128 product):
@@ -400,10 +403,12 @@ def test_near_duplicate_rule_holds_with_other_blas_kernels(coretype, launch):
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("OPENBLAS_CORETYPE names x86 kernels")
     env = dict(os.environ, OPENBLAS_CORETYPE=coretype, TRITON_INTERPRET="1",
-               BIOCLIP_FAST_INTERPRET_AUTOTUNED="1" if launch == "gpu-configs" else "0")
-    if launch == "gpu-configs":
+               BIOCLIP_FAST_INTERPRET_AUTOTUNED="1" if launch.startswith("gpu-configs") else "0",
+               BIOCLIP_FAST_INTERPRET_TL_DOT="1" if launch.endswith("tl-dot") else "0")
+    if launch.startswith("gpu-configs"):
         env["BIOCLIP_FAST_AUTOTUNE"] = "0"  # the default (first) config of each list: deterministic, no benchmarking
+    which = "triton" if launch.endswith("tl-dot") else "triton and sym and random"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "test_near_duplicate_batch_flash_attention_rule and triton and sym and random"],
+                           f"test_near_duplicate_batch_flash_attention_rule and {which}"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:]

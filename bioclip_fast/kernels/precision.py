@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from bioclip_fast.kernels.settings import interpret_tl_dot
+
 
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for operands of ``dtype``: "" for bf16/fp16 (tensor cores, fp32 accumulation),
@@ -28,8 +30,9 @@ def fixed_order_logits(device: torch.device) -> bool:
     ``tl.dot``: off CUDA, i.e. under the interpreter, whose ``tl.dot`` is numpy's BLAS and rounds an entry by the
     product's shape and operand order, so the forward and backward kernels (different tiles under the autotuned
     configs) would see different logits. On CUDA each entry of an MMA / FMA tile accumulates over D in the same
-    k order whatever the tile shape, BLOCK_D or operand order: ``tl.dot`` there."""
-    return device.type != "cuda"
+    k order whatever the tile shape, BLOCK_D or operand order: ``tl.dot`` there. ``BIOCLIP_FAST_INTERPRET_TL_DOT=1``
+    keeps ``tl.dot`` under the interpreter too, so the GPU's code path is tested on CPU as well."""
+    return device.type != "cuda" and not interpret_tl_dot()
 
 
 def grad_prescale(dtype: torch.dtype) -> float:

@@ -4,6 +4,8 @@
 ``autotune.INTERPRET_*_CONFIG``, or the GPU's launch path with ``BIOCLIP_FAST_INTERPRET_AUTOTUNED=1``);
 ``BIOCLIP_FAST_AUTOTUNE=0`` runs the first (default) config of each autotune list. The backward's strategy and
 memory budget (``BIOCLIP_FAST_BWD``, ``BIOCLIP_FAST_BWD_MEMORY_MB``) are read by ``planner``.
+``BIOCLIP_FAST_INTERPRET_TL_DOT=1`` keeps ``tl.dot`` for the logits under the interpreter (the GPU's code; see
+``precision.fixed_order_logits``).
 """
 from __future__ import annotations
 
@@ -27,3 +29,10 @@ def autotune_enabled() -> bool:
     """``BIOCLIP_FAST_AUTOTUNE=0`` runs the first (default) config of each list without benchmarking the others:
     for huge B (each autotune trial is a full sweep) or reproducible timing of the defaults."""
     return os.environ.get("BIOCLIP_FAST_AUTOTUNE", "1").strip() != "0"
+
+
+def interpret_tl_dot() -> bool:
+    """Under the interpreter, form the logits tiles with ``tl.dot`` as on a GPU instead of ``fixed_order_dot``
+    (``BIOCLIP_FAST_INTERPRET_TL_DOT=1``): the GPU's code, checked where numpy's BLAS rounds an entry the same
+    whatever the product's shape (``OPENBLAS_CORETYPE=Prescott``)."""
+    return interpreting() and os.environ.get("BIOCLIP_FAST_INTERPRET_TL_DOT", "0").strip() == "1"
