@@ -12,11 +12,19 @@ a signal before step N's loss reduction, every rank learns it in that reduction,
 A signal that lands after the last step's reduction is settled by one more all-reduce when the loop ends.
 
 A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once, for a user who does not want to wait.
+
+A worker started by a launcher (torchrun's agent, the deepspeed launcher) also stops like on SIGTERM when that launcher
+dies (e.g. SIGKILLed by the scheduler): nothing supervises it any more, and a requeued job may start on the same
+--out. :class:`StopWatch` holds both for the loop: this rank's request, and what every rank has agreed.
 """
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
+
+log = logging.getLogger("bioclip_fast.train")
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
@@ -58,3 +66,31 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+
+def launcher_pid() -> int | None:
+    """The launcher that started this worker (torchrun, deepspeed): its parent at start; None outside a launcher."""
+    launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    return os.getppid() if launched and os.getppid() > 1 else None
+
+
+class StopWatch:
+    """Why this rank should stop: a stop signal (while :meth:`watching`) or its launcher's death."""
+
+    def __init__(self, rank: int = 0, launcher: int | None = None):
+        self.rank = rank
+        self.launcher_pid = launcher
+        self.signals: StopSignals | None = None
+
+    def requested_here(self) -> bool:
+        if self.signals is None:
+            return False
+        if (not self.signals.requested and self.launcher_pid is not None
+                and os.getppid() != self.launcher_pid):  # one syscall per step, no host sync
+            # the launcher (torchrun's agent, the deepspeed launcher) died, e.g. SIGKILLed by the scheduler: nothing
+            # supervises this worker any more, and a requeued job may start on the same --out. Stop like on SIGTERM:
+            # every rank agrees in the step's reduction, writes the checkpoint and exits.
+            self.signals.received = f"the launcher's exit (parent pid {self.launcher_pid} is gone)"
+            log.warning("rank %d: %s; stopping after this step with a checkpoint", self.rank,
+                        self.signals.received)
+        return self.signals.requested

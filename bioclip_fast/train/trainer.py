@@ -43,7 +43,7 @@ from bioclip_fast.train.gradcache import grad_cache_step
 from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_tflops_for
 from bioclip_fast.train.preflight import validate_runtime, validate_static
 from bioclip_fast.train.progress import RunClock, append_jsonl, loader_stats_all_ranks, read_jsonl, step_record
-from bioclip_fast.train.signals import StopSignals
+from bioclip_fast.train.signals import StopSignals, StopWatch, launcher_pid
 
 log = logging.getLogger("bioclip_fast.train")
 
@@ -160,10 +160,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
-        self._signals: StopSignals | None = None
-        # a worker started by a launcher (torchrun, deepspeed) watches it: its parent at start (see _stop_requested_here)
-        launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-        self._launcher_pid = os.getppid() if launched and os.getppid() > 1 else None
+        # a worker started by a launcher (torchrun, deepspeed) watches it: its parent at start
+        self.stop_watch = StopWatch(self.info.rank, launcher_pid())
         self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
         self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
         self.checkpointer.set_data(self.loader)
@@ -223,19 +221,6 @@ class Trainer:
             total = total + self.cfg.replay_weight * rep
         return total, parts
 
-    def _stop_requested_here(self) -> bool:
-        if self._signals is None:
-            return False
-        if (not self._signals.requested and self._launcher_pid is not None
-                and os.getppid() != self._launcher_pid):  # one syscall per step, no host sync
-            # the launcher (torchrun's agent, the deepspeed launcher) died, e.g. SIGKILLed by the scheduler: nothing
-            # supervises this worker any more, and a requeued job may start on the same --out. Stop like on SIGTERM:
-            # every rank agrees in the step's reduction, writes the checkpoint and exits.
-            self._signals.received = f"the launcher's exit (parent pid {self._launcher_pid} is gone)"
-            log.warning("rank %d: %s; stopping after this step with a checkpoint", self.info.rank,
-                        self._signals.received)
-        return self._signals.requested
-
     def _loss_ok(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
         # The stop-signal flag, the bad-data flag (this rank's loader passed --max-bad-fraction), the rank's bad
@@ -246,7 +231,7 @@ class Trainer:
         bad_data = self.loader is not None and self.loader.bad_limit_error is not None
         bad_count = float(self.loader.stats["skipped_corrupt"]) if self.loader is not None else 0.0
         # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
-        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0),
+        t = torch.stack([value, value.new_full((), 1.0 if self.stop_watch.requested_here() else 0.0),
                          value.new_full((), 1.0 if bad_data else 0.0), value.new_full((), bad_count)]
                         + [parts[k].detach().float().reshape(()) for k in names])
         if self.info.distributed:
@@ -370,11 +355,11 @@ class Trainer:
                                            project=cfg.wandb_project)
         try:
             with StopSignals() as signals:
-                self._signals = signals
+                self.stop_watch.signals = signals
                 try:
                     train_seconds, stop = self._loop(budget, jsonl, show_total)
                 finally:
-                    self._signals = None
+                    self.stop_watch.signals = None
             if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
                 raise mark_every_rank(self._data_stop(DataError(
                     self.loader.bad_limit_error or "another rank's data passed --max-bad-fraction (its log names the "
@@ -480,7 +465,7 @@ class Trainer:
 
     def _agree_stop(self) -> bool:
         """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
-        return any_rank(self._stop_agreed or self._stop_requested_here(), self.info, self.device)
+        return any_rank(self._stop_agreed or self.stop_watch.requested_here(), self.info, self.device)
 
     def _stopped(self, train_seconds: float, signame: str | None) -> dict[str, Any]:
         """Stopped by a signal: the checkpoint is written; no export or evaluation (that is for the resumed run)."""
