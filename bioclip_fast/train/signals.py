@@ -19,10 +19,16 @@ dies (e.g. SIGKILLed by the scheduler): nothing supervises it any more, and a re
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from typing import Iterator
+
+import torch
+
+from bioclip_fast.distributed import DistInfo, any_rank
 
 log = logging.getLogger("bioclip_fast.train")
 
@@ -75,12 +81,43 @@ def launcher_pid() -> int | None:
 
 
 class StopWatch:
-    """Why this rank should stop: a stop signal (while :meth:`watching`) or its launcher's death."""
+    """Should the run stop? This rank's request (a stop signal while :meth:`watching`, or its launcher's death), read
+    into the step's reduction, and what every rank has agreed in it (:meth:`agree`): a stop signal on some rank
+    (`agreed`), a rank's loader past --max-bad-fraction (`data_agreed`)."""
 
     def __init__(self, rank: int = 0, launcher: int | None = None):
         self.rank = rank
         self.launcher_pid = launcher
         self.signals: StopSignals | None = None
+        self.agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
+        self.data_agreed = False  # ... that a rank's loader passed --max-bad-fraction
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[StopSignals]:
+        """The stop signals' handlers installed (the training loop's span); yields them (`.received` names one)."""
+        with StopSignals() as signals:
+            self.signals = signals
+            try:
+                yield signals
+            finally:
+                self.signals = None
+
+    def agree(self, stops: float, data_stops: float) -> None:
+        """The step reduction's sums of the ranks' stop and bad-data flags: every rank records the same."""
+        if stops > 0:
+            self.agreed = True
+        if data_stops > 0:
+            self.data_agreed = True
+
+    @property
+    def stopping(self) -> bool:
+        """Every rank has agreed to stop after this step (a signal or the data)."""
+        return self.agreed or self.data_agreed
+
+    def agree_at_end(self, info: DistInfo, device: torch.device) -> bool:
+        """Collective: did any rank receive a stop signal? (One all-reduce, once per run: a signal that landed after
+        the last step's reduction.)"""
+        return any_rank(self.agreed or self.requested_here(), info, device)
 
     def requested_here(self) -> bool:
         if self.signals is None:

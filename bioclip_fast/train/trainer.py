@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bioclip_fast.devices import resolve_device
-from bioclip_fast.distributed import DistInfo, any_rank, dist_info_from_env
+from bioclip_fast.distributed import DistInfo, dist_info_from_env
 from bioclip_fast.errors import DataError
 from bioclip_fast.train import rundir, runlock
 from bioclip_fast.train.checkpointer import Checkpointer
@@ -43,7 +43,7 @@ from bioclip_fast.train.gradcache import grad_cache_step
 from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_tflops_for
 from bioclip_fast.train.preflight import validate_runtime, validate_static
 from bioclip_fast.train.progress import RunClock, append_jsonl, loader_stats_all_ranks, read_jsonl, step_record
-from bioclip_fast.train.signals import StopSignals, StopWatch, launcher_pid
+from bioclip_fast.train.signals import StopWatch, launcher_pid
 
 log = logging.getLogger("bioclip_fast.train")
 
@@ -162,8 +162,6 @@ class Trainer:
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
         # a worker started by a launcher (torchrun, deepspeed) watches it: its parent at start
         self.stop_watch = StopWatch(self.info.rank, launcher_pid())
-        self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
-        self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
         self.checkpointer.set_data(self.loader)
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -240,10 +238,7 @@ class Trainer:
         self._bad_samples_all_ranks = int(round(bad_all))  # fp32: exact to 2^24
         self._last_parts = {k: v / self.info.world_size for k, v in zip(names, part_sums)}
         self._last_loss = loss_sum / self.info.world_size
-        if stops > 0:
-            self._stop_agreed = True
-        if data_stops > 0:
-            self._data_stop_agreed = True
+        self.stop_watch.agree(stops, data_stops)
         return math.isfinite(self._last_loss)
 
     def train_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -329,6 +324,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _should_stop(self, budget_s: float | None) -> bool:
+        """Before a step: every rank agreed to stop (a signal, the data), the last step is done, or the wall-clock
+        budget is spent (by rank 0's clock). Every rank answers alike."""
+        if self.stop_watch.stopping:
+            return True
         if self.step >= (self.total_steps or math.inf):
             return True
         if budget_s is None:
@@ -354,13 +353,9 @@ class Trainer:
             self._trackers = open_trackers(cfg.report_to, self.run_dir, resume_step=self.step, config=cfg.to_dict(),
                                            project=cfg.wandb_project)
         try:
-            with StopSignals() as signals:
-                self.stop_watch.signals = signals
-                try:
-                    train_seconds, stop = self._loop(budget, jsonl, show_total)
-                finally:
-                    self.stop_watch.signals = None
-            if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
+            with self.stop_watch.watching() as signals:
+                train_seconds, stop = self._loop(budget, jsonl, show_total)
+            if self.stop_watch.data_agreed:  # every rank stopped after the same step and wrote the checkpoint together
                 raise mark_every_rank(self._data_stop(DataError(
                     self.loader.bad_limit_error or "another rank's data passed --max-bad-fraction (its log names the "
                     "damaged shards)")))
@@ -387,7 +382,7 @@ class Trainer:
             log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s: %s", cfg.model,
                      self.device, f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
                      info.world_size, self.engine.kind, self.run_dir, duration_note(cfg, self.total_steps))
-        while not (self._stop_agreed or self._data_stop_agreed or self._should_stop(budget)):
+        while not self._should_stop(budget):
             t0 = time.perf_counter()
             try:
                 try:
@@ -436,13 +431,12 @@ class Trainer:
             bar.update(1)
             if self.checkpointer.should_save(self.step):
                 self.save()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not (self._stop_agreed or
-                                                                           self._data_stop_agreed):
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not self.stop_watch.stopping:
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
         bar.close()
         train_seconds = self.clock.elapsed()
-        stop = self._agree_stop()  # a signal that landed after the last step's reduction
+        stop = self.stop_watch.agree_at_end(self.info, self.device)  # a signal that landed after the last step's reduction
         if self.checkpointer.should_save(self.step, final=True):
             self.save()
         return train_seconds, stop
@@ -462,10 +456,6 @@ class Trainer:
                 log.warning("could not write a checkpoint after the data error: %s", save_err)
         return DataError(f"{err}. Stopped after step {self.step}; {where}; after repairing the data continue with "
                          f"--resume auto")
-
-    def _agree_stop(self) -> bool:
-        """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
-        return any_rank(self._stop_agreed or self.stop_watch.requested_here(), self.info, self.device)
 
     def _stopped(self, train_seconds: float, signame: str | None) -> dict[str, Any]:
         """Stopped by a signal: the checkpoint is written; no export or evaluation (that is for the resumed run)."""
