@@ -42,7 +42,7 @@ from bioclip_fast.train.failures import mark_every_rank
 from bioclip_fast.train.gradcache import grad_cache_step
 from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_tflops_for
 from bioclip_fast.train.preflight import validate_runtime, validate_static
-from bioclip_fast.train.progress import RunClock, append_jsonl, loader_stats_all_ranks, read_jsonl, step_record
+from bioclip_fast.train.progress import RunClock, RunReporter, loader_stats_all_ranks, read_jsonl, step_record
 from bioclip_fast.train.signals import StopWatch, launcher_pid
 
 log = logging.getLogger("bioclip_fast.train")
@@ -157,12 +157,12 @@ class Trainer:
         self.clock = RunClock(self.info, self.device)  # training seconds, also those before a resume
         self.consecutive_skips = 0
         self.skipped_steps = 0
-        self.history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
         # a worker started by a launcher (torchrun, deepspeed) watches it: its parent at start
         self.stop_watch = StopWatch(self.info.rank, launcher_pid())
         self.checkpointer.set_data(self.loader)
+        self.report = RunReporter(cfg, self.info, self.run_dir)  # metrics.jsonl, trackers, progress bar, history
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif cfg.resume == "auto" and self.info.is_main:  # nothing to resume: a fresh run keeps no stale records
@@ -341,20 +341,14 @@ class Trainer:
         if self.loader is None:
             raise RuntimeError("Trainer was built with build_data=False; call train_step() directly")
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-        jsonl = self.run_dir / "metrics.jsonl"
         # a wall-clock-bounded run has no meaningful step total: show steps and the time left instead
         show_total = self.total_steps if (cfg.schedule_clock == "steps" and self.total_steps) else None
-        # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
-        # the main process gracefully instead of killing the workers under it)
-        self._trackers = None
-        if self.info.is_main and cfg.report_to:
-            from bioclip_fast.train.tracking import open_trackers
-
-            self._trackers = open_trackers(cfg.report_to, self.run_dir, resume_step=self.step, config=cfg.to_dict(),
-                                           project=cfg.wandb_project)
+        self.report.open(self.step)
         try:
+            # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
+            # the main process gracefully instead of killing the workers under it)
             with self.stop_watch.watching() as signals:
-                train_seconds, stop = self._loop(budget, jsonl, show_total)
+                train_seconds, stop = self._loop(budget, show_total)
             if self.stop_watch.data_agreed:  # every rank stopped after the same step and wrote the checkpoint together
                 raise mark_every_rank(self._data_stop(DataError(
                     self.loader.bad_limit_error or "another rank's data passed --max-bad-fraction (its log names the "
@@ -363,19 +357,13 @@ class Trainer:
                 return self._stopped(train_seconds, signals.received)
             return self._finish(train_seconds)
         finally:
-            if self._trackers is not None:
-                self._trackers.close()
-                self._trackers = None
+            self.report.close()
             if self.lock_path is not None:  # the run is over (or failed): the run directory is free again
                 runlock.release(self.lock_path)
 
-    def _loop(self, budget: float | None, jsonl: Path, show_total: int | None) -> tuple[float, bool]:
-        from tqdm.auto import tqdm
-
+    def _loop(self, budget: float | None, show_total: int | None) -> tuple[float, bool]:
         cfg, info = self.cfg, self.info
-        bar = tqdm(total=show_total,
-                   initial=self.step, disable=not (info.is_main and cfg.progress), desc="train", unit="step",
-                   dynamic_ncols=True)
+        self.report.start_bar(show_total, self.step)
         self.clock.start()
         it = iter(self.loader)
         if info.is_main:
@@ -409,32 +397,20 @@ class Trainer:
                                   elapsed_s=self.clock.elapsed(), engine=self.engine, loader=self.loader,
                                   device=self.device, info=info,
                                   bad_samples_all_ranks=getattr(self, "_bad_samples_all_ranks", None))
-                if info.is_main:
-                    append_jsonl(jsonl, rec)
-                    if self._trackers is not None:
-                        from bioclip_fast.train.tracking import train_scalars
-
-                        self._trackers.log(train_scalars(rec), self.step)
-                self.history.append(rec)
-                post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
-                if budget:
-                    post["left"] = f"{max(budget - self.clock.elapsed(), 0):.0f}s"
-                if rec.get("bad_samples"):
-                    post["bad"] = rec["bad_samples"]
-                bar.set_postfix(post, refresh=False)
+                self.report.log_step(rec, budget)
             if not res["skipped"]:
                 warning = self.collapse.update(self.step, res.get("loss_bio", res["loss"]))
                 if warning:
                     self.warnings.append(warning)
                     if info.is_main:
                         log.warning("%s", warning)
-            bar.update(1)
+            self.report.step_done()
             if self.checkpointer.should_save(self.step):
                 self.save()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not self.stop_watch.stopping:
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
-        bar.close()
+        self.report.end_bar()
         train_seconds = self.clock.elapsed()
         stop = self.stop_watch.agree_at_end(self.info, self.device)  # a signal that landed after the last step's reduction
         if self.checkpointer.should_save(self.step, final=True):
@@ -524,12 +500,7 @@ class Trainer:
         res["n_classes"] = len(val.classes)
         res["chance_top1"] = 1.0 / max(len(val.classes), 1)
         res["tag"], res["step"] = tag, self.step
-        if getattr(self, "_trackers", None) is not None:
-            from bioclip_fast.train.tracking import eval_scalars
-
-            self._trackers.log(eval_scalars(res), self.step)
-        if tag != "final":
-            append_jsonl(self.run_dir / "evals.jsonl", {k: v for k, v in res.items() if k != "per_class"})
+        self.report.log_eval(res, self.step, tag)
         return res
 
     def _finish(self, train_seconds: float) -> dict[str, Any]:
@@ -541,7 +512,7 @@ class Trainer:
             "steps": self.step,
             "train_seconds": train_seconds,
             "skipped_steps": self.skipped_steps,
-            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "final_loss": self.report.history[-1]["loss"] if self.report.history else None,
             "engine": self.engine.kind,
             "world_size": self.info.world_size,
             "device": str(self.device),
@@ -550,8 +521,8 @@ class Trainer:
             "loader_stats": loader_stats_all_ranks(self.loader, self.info),
             "warnings": list(self.warnings),
         }
-        if self.history:
-            tail = self.history[-min(len(self.history), 20):]
+        if self.report.history:
+            tail = self.report.history[-min(len(self.report.history), 20):]
             summary["img_s"] = sum(r["img_s"] for r in tail) / len(tail)
             summary["data_wait_frac"] = self.meter.total_data_wait / max(self.meter.total_time, 1e-9)
         if self.cfg.eval_at_end:
