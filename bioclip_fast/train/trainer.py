@@ -13,7 +13,6 @@ by which ranks agree (:mod:`bioclip_fast.distributed`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import torch
 from bioclip_fast.devices import resolve_device
 from bioclip_fast.distributed import DistInfo, dist_info_from_env
 from bioclip_fast.errors import DataError
+from bioclip_fast.fileio import atomic_write_json
 from bioclip_fast.train import rundir, runlock
 from bioclip_fast.train.checkpointer import Checkpointer
 from bioclip_fast.train.collapse import CollapseMonitor
@@ -537,7 +537,7 @@ class Trainer:
                 summary["plot"] = str(plot_metrics(records, self.run_dir / "loss.png",
                                                    title=f"{self.cfg.model} · {self.engine.kind} · "
                                                          f"{self.info.world_size} rank(s)"))
-            (self.run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+            atomic_write_json(self.run_dir / "results.json", summary, indent=1, default=str)
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
