@@ -4,9 +4,10 @@ graceful stop on SIGTERM/SIGINT/SIGUSR1, wall-clock budgets, and a zero-shot eva
 
 It builds the parts and runs the loop; the parts own their concerns: the run directory and its lock
 (:mod:`.rundir`, :mod:`.runlock`), when to checkpoint, what to keep and what to resume from (:class:`.checkpointer.
-Checkpointer`), the engines (:mod:`.engine`), the run's clock and metrics records (:mod:`.progress`,
-:mod:`.metrics`), the collapse warning (:mod:`.collapse`), the stop signals (:mod:`.signals`), and the collectives
-by which ranks agree (:mod:`bioclip_fast.distributed`).
+Checkpointer`), the engines (:mod:`.engine`), the run's clock and where each step's record goes: metrics.jsonl, the
+trackers, the progress bar (:class:`.progress.RunReporter`, :mod:`.tracking`, :mod:`.metrics`), the collapse
+warning (:mod:`.collapse`), whether to stop: signals, the launcher's death, what the ranks agreed
+(:class:`.signals.StopWatch`), and the collectives by which ranks agree (:mod:`bioclip_fast.distributed`).
 
     trainer = Trainer(cfg)        # validates the config, builds model, data, engine; resumes if asked
     summary = trainer.fit()       # trains; writes metrics.jsonl, loss.png, model.pt, results.json in the run dir
