@@ -425,6 +425,7 @@ def test_loss_check_is_the_steps_one_collective_with_the_parts(monkeypatch):
     host read of their own per part), next to the stop and bad-data flags."""
     import types
 
+    from bioclip_fast.train.signals import StopWatch
     from bioclip_fast.train.trainer import Trainer
 
     calls = []
@@ -435,8 +436,7 @@ def test_loss_check_is_the_steps_one_collective_with_the_parts(monkeypatch):
 
     monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
     me = types.SimpleNamespace(loader=None, info=types.SimpleNamespace(distributed=True, world_size=2),
-                               _signals=None, _stop_agreed=False, _data_stop_agreed=False)
-    me._stop_requested_here = lambda: False
+                               stop_watch=StopWatch())
     ok = Trainer._loss_ok(me, torch.tensor(3.0), {"loss_bio": torch.tensor(2.5), "loss_replay": torch.tensor(0.5)})
     assert ok and len(calls) == 1 and calls[0].numel() == 6
     assert me._last_loss == 3.0 and me._last_parts == {"loss_bio": 2.5, "loss_replay": 0.5}

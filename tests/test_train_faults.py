@@ -309,6 +309,30 @@ def test_enospc_during_a_write_names_the_path_and_cleans_up(tmp_path, monkeypatc
     assert (root / "latest").read_text().strip() == first.name and ckpt.verify_checkpoint(first) is None
 
 
+def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A job stopped while it writes config.json (here the write fails halfway, as a full disk or a kill leaves it)
+    keeps the previous config.json whole, and leaves no temporary file beside it."""
+    from bioclip_fast.distributed import DistInfo
+    from bioclip_fast.train import rundir, runlock
+
+    out = tmp_path / "run"
+    run_dir, lock = rundir.open_run_dir(resolve_config({**MICRO, "out": str(out)}), DistInfo())
+    runlock.release(lock)
+    before = (run_dir / "config.json").read_text()
+    real_write = Path.write_bytes
+
+    def half_then_fail(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError):
+        rundir.open_run_dir(resolve_config({**MICRO, "out": str(out), "resume": "auto", "lr": 2e-3}), DistInfo())
+    monkeypatch.undo()
+    assert (run_dir / "config.json").read_text() == before and json.loads(before)["lr"] == MICRO["lr"]
+    assert not list(run_dir.glob(".config.json.*"))
+
+
 def test_stale_temp_dirs_are_removed_at_start(tmp_path, caplog):
     tr = micro_trainer(tmp_path)
     tr.step = 1

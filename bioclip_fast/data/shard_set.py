@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from bioclip_fast.data.shardspec import resolve_shards
+from bioclip_fast.distributed import DistInfo, all_gather_objects
 from bioclip_fast.errors import DataError
 from bioclip_fast.taxonomy import Taxon
 
@@ -206,8 +207,7 @@ class ShardSet:
             local[i] = s
         if not split:
             return local
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, local)
+        gathered = all_gather_objects(local, DistInfo(rank=rank, world_size=world_size))
         out: dict[int, dict] = {}
         for part in gathered:
             out.update(part)

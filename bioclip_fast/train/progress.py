@@ -1,8 +1,9 @@
 """What a training run reports about itself, apart from the training: its clock (training seconds across resumes, the
-wall-clock budget that rank 0's clock decides for every rank), the per-step records of ``metrics.jsonl`` (appended
-by rank 0, read back for the plot) and the data loader's counts summed over the ranks for ``results.json``.
-Throughput and FLOPs accounting is :mod:`bioclip_fast.train.metrics`; the collapse warning
-:mod:`bioclip_fast.train.collapse`."""
+wall-clock budget that rank 0's clock decides for every rank), the per-step records and where they go
+(:class:`RunReporter`: ``metrics.jsonl`` and ``evals.jsonl`` appended by rank 0, the trackers of --report-to, the
+progress bar), and the data loader's counts summed over the ranks for ``results.json``.
+Throughput and FLOPs accounting is :mod:`bioclip_fast.train.metrics`; the trackers themselves
+:mod:`bioclip_fast.train.tracking`; the collapse warning :mod:`bioclip_fast.train.collapse`."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import torch
 
 from bioclip_fast.distributed import DistInfo, all_gather_objects, rank0_value
 from bioclip_fast.train.metrics import peak_memory_gb
+from bioclip_fast.train.tracking import Trackers, eval_scalars, open_trackers, train_scalars
 
 
 class RunClock:
@@ -75,6 +77,69 @@ def step_record(*, step: int, res: dict[str, Any], rates: dict[str, Any], lr: fl
         if st["bad_samples"]:
             rec["bad_by_reason"] = dict(st["bad_samples"])
     return rec
+
+
+class RunReporter:
+    """Where a run's records go: the loop hands it each logged step's record (:meth:`log_step`) and each step's end
+    (:meth:`step_done`); the evaluations come through :meth:`log_eval`. Rank 0 appends them to ``metrics.jsonl`` /
+    ``evals.jsonl`` and logs them to the trackers (--report-to); the progress bar shows rank 0's (--progress); every
+    rank keeps its step records in `history` (the summary's final loss and rates)."""
+
+    def __init__(self, cfg, info: DistInfo, run_dir: Path):
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        self.trackers: Trackers | None = None
+        self.bar = None
+
+    def open(self, step: int) -> None:
+        """Start the trackers (rank 0, --report-to) at the run's first step after `step`."""
+        cfg = self.cfg
+        if self.info.is_main and cfg.report_to:
+            self.trackers = open_trackers(cfg.report_to, self.run_dir, resume_step=step, config=cfg.to_dict(),
+                                          project=cfg.wandb_project)
+
+    def start_bar(self, total: int | None, step: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total,
+                        initial=step, disable=not (self.info.is_main and self.cfg.progress), desc="train",
+                        unit="step", dynamic_ncols=True)
+
+    def log_step(self, rec: dict[str, Any], budget: float | None) -> None:
+        """One logged step's record (see :func:`step_record`)."""
+        if self.info.is_main:
+            append_jsonl(self.jsonl, rec)
+            if self.trackers is not None:
+                self.trackers.log(train_scalars(rec), rec["step"])
+        self.history.append(rec)
+        post = {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.2e}", "img_s": f"{rec['img_s']:.0f}"}
+        if budget:
+            post["left"] = f"{max(budget - rec['elapsed_s'], 0):.0f}s"
+        if rec.get("bad_samples"):
+            post["bad"] = rec["bad_samples"]
+        self.bar.set_postfix(post, refresh=False)
+
+    def step_done(self) -> None:
+        self.bar.update(1)
+
+    def end_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def log_eval(self, res: dict[str, Any], step: int, tag: str) -> None:
+        """One zero-shot evaluation (rank 0): to the trackers, and to evals.jsonl unless it is the final one."""
+        if self.trackers is not None:
+            self.trackers.log(eval_scalars(res), step)
+        if tag != "final":
+            append_jsonl(self.run_dir / "evals.jsonl", {k: v for k, v in res.items() if k != "per_class"})
+
+    def close(self) -> None:
+        self.end_bar()
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def append_jsonl(path: Path, rec: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from bioclip_fast.distributed import DistInfo, broadcast_object
 from bioclip_fast.errors import one_line
-from bioclip_fast.fileio import atomic_write_text
+from bioclip_fast.fileio import atomic_write_json, atomic_write_text
 from bioclip_fast.train import checkpoint as ckpt
 from bioclip_fast.train import runlock
 from bioclip_fast.train.config import ConfigError, TrainConfig
@@ -233,7 +233,8 @@ def open_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, Path | None]:
         if done["stale_temp"]:
             log.warning("removed %d unfinished checkpoint write(s) left by an interrupted run: %s",
                         len(done["stale_temp"]), ", ".join(done["stale_temp"]))
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        # atomic and durable: a job killed here leaves the previous config.json or the new one, never half of one
+        atomic_write_json(run_dir / "config.json", cfg.to_dict(), durable=True, indent=1)
     return run_dir, lock_path
 
 

@@ -12,11 +12,25 @@ a signal before step N's loss reduction, every rank learns it in that reduction,
 A signal that lands after the last step's reduction is settled by one more all-reduce when the loop ends.
 
 A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once, for a user who does not want to wait.
+
+A worker started by a launcher (torchrun's agent, the deepspeed launcher) also stops like on SIGTERM when that launcher
+dies (e.g. SIGKILLed by the scheduler): nothing supervises it any more, and a requeued job may start on the same
+--out. :class:`StopWatch` holds both for the loop: this rank's request, and what every rank has agreed.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import signal
 import threading
+from typing import Iterator
+
+import torch
+
+from bioclip_fast.distributed import DistInfo, any_rank
+
+log = logging.getLogger("bioclip_fast.train")
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
@@ -58,3 +72,62 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+
+def launcher_pid() -> int | None:
+    """The launcher that started this worker (torchrun, deepspeed): its parent at start; None outside a launcher."""
+    launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    return os.getppid() if launched and os.getppid() > 1 else None
+
+
+class StopWatch:
+    """Should the run stop? This rank's request (a stop signal while :meth:`watching`, or its launcher's death), read
+    into the step's reduction, and what every rank has agreed in it (:meth:`agree`): a stop signal on some rank
+    (`agreed`), a rank's loader past --max-bad-fraction (`data_agreed`)."""
+
+    def __init__(self, rank: int = 0, launcher: int | None = None):
+        self.rank = rank
+        self.launcher_pid = launcher
+        self.signals: StopSignals | None = None
+        self.agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
+        self.data_agreed = False  # ... that a rank's loader passed --max-bad-fraction
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[StopSignals]:
+        """The stop signals' handlers installed (the training loop's span); yields them (`.received` names one)."""
+        with StopSignals() as signals:
+            self.signals = signals
+            try:
+                yield signals
+            finally:
+                self.signals = None
+
+    def agree(self, stops: float, data_stops: float) -> None:
+        """The step reduction's sums of the ranks' stop and bad-data flags: every rank records the same."""
+        if stops > 0:
+            self.agreed = True
+        if data_stops > 0:
+            self.data_agreed = True
+
+    @property
+    def stopping(self) -> bool:
+        """Every rank has agreed to stop after this step (a signal or the data)."""
+        return self.agreed or self.data_agreed
+
+    def agree_at_end(self, info: DistInfo, device: torch.device) -> bool:
+        """Collective: did any rank receive a stop signal? (One all-reduce, once per run: a signal that landed after
+        the last step's reduction.)"""
+        return any_rank(self.agreed or self.requested_here(), info, device)
+
+    def requested_here(self) -> bool:
+        if self.signals is None:
+            return False
+        if (not self.signals.requested and self.launcher_pid is not None
+                and os.getppid() != self.launcher_pid):  # one syscall per step, no host sync
+            # the launcher (torchrun's agent, the deepspeed launcher) died, e.g. SIGKILLed by the scheduler: nothing
+            # supervises this worker any more, and a requeued job may start on the same --out. Stop like on SIGTERM:
+            # every rank agrees in the step's reduction, writes the checkpoint and exits.
+            self.signals.received = f"the launcher's exit (parent pid {self.launcher_pid} is gone)"
+            log.warning("rank %d: %s; stopping after this step with a checkpoint", self.rank,
+                        self.signals.received)
+        return self.signals.requested

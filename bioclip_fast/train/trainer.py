@@ -4,16 +4,16 @@ graceful stop on SIGTERM/SIGINT/SIGUSR1, wall-clock budgets, and a zero-shot eva
 
 It builds the parts and runs the loop; the parts own their concerns: the run directory and its lock
 (:mod:`.rundir`, :mod:`.runlock`), when to checkpoint, what to keep and what to resume from (:class:`.checkpointer.
-Checkpointer`), the engines (:mod:`.engine`), the run's clock and metrics records (:mod:`.progress`,
-:mod:`.metrics`), the collapse warning (:mod:`.collapse`), the stop signals (:mod:`.signals`), and the collectives
-by which ranks agree (:mod:`bioclip_fast.distributed`).
+Checkpointer`), the engines (:mod:`.engine`), the run's clock and where each step's record goes: metrics.jsonl, the
+trackers, the progress bar (:class:`.progress.RunReporter`, :mod:`.tracking`, :mod:`.metrics`), the collapse
+warning (:mod:`.collapse`), whether to stop: signals, the launcher's death, what the ranks agreed
+(:class:`.signals.StopWatch`), and the collectives by which ranks agree (:mod:`bioclip_fast.distributed`).
 
     trainer = Trainer(cfg)        # validates the config, builds model, data, engine; resumes if asked
     summary = trainer.fit()       # trains; writes metrics.jsonl, loss.png, model.pt, results.json in the run dir
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from bioclip_fast.devices import resolve_device
-from bioclip_fast.distributed import DistInfo, any_rank, dist_info_from_env
+from bioclip_fast.distributed import DistInfo, dist_info_from_env
 from bioclip_fast.errors import DataError
+from bioclip_fast.fileio import atomic_write_json
 from bioclip_fast.train import rundir, runlock
 from bioclip_fast.train.checkpointer import Checkpointer
 from bioclip_fast.train.collapse import CollapseMonitor
@@ -42,8 +43,8 @@ from bioclip_fast.train.failures import mark_every_rank
 from bioclip_fast.train.gradcache import grad_cache_step
 from bioclip_fast.train.metrics import ThroughputMeter, model_flops, peak_tflops_for
 from bioclip_fast.train.preflight import validate_runtime, validate_static
-from bioclip_fast.train.progress import RunClock, append_jsonl, loader_stats_all_ranks, read_jsonl, step_record
-from bioclip_fast.train.signals import StopSignals
+from bioclip_fast.train.progress import RunClock, RunReporter, loader_stats_all_ranks, read_jsonl, step_record
+from bioclip_fast.train.signals import StopWatch, launcher_pid
 
 log = logging.getLogger("bioclip_fast.train")
 
@@ -157,16 +158,12 @@ class Trainer:
         self.clock = RunClock(self.info, self.device)  # training seconds, also those before a resume
         self.consecutive_skips = 0
         self.skipped_steps = 0
-        self.history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.collapse = CollapseMonitor(cfg.batch_size, window=cfg.collapse_window, after_step=cfg.warmup_steps)
-        self._signals: StopSignals | None = None
-        # a worker started by a launcher (torchrun, deepspeed) watches it: its parent at start (see _stop_requested_here)
-        launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-        self._launcher_pid = os.getppid() if launched and os.getppid() > 1 else None
-        self._stop_agreed = False  # every rank has learned (in the same reduction) that a stop signal arrived
-        self._data_stop_agreed = False  # ... that a rank's loader passed --max-bad-fraction
+        # a worker started by a launcher (torchrun, deepspeed) watches it: its parent at start
+        self.stop_watch = StopWatch(self.info.rank, launcher_pid())
         self.checkpointer.set_data(self.loader)
+        self.report = RunReporter(cfg, self.info, self.run_dir)  # metrics.jsonl, trackers, progress bar, history
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif cfg.resume == "auto" and self.info.is_main:  # nothing to resume: a fresh run keeps no stale records
@@ -223,19 +220,6 @@ class Trainer:
             total = total + self.cfg.replay_weight * rep
         return total, parts
 
-    def _stop_requested_here(self) -> bool:
-        if self._signals is None:
-            return False
-        if (not self._signals.requested and self._launcher_pid is not None
-                and os.getppid() != self._launcher_pid):  # one syscall per step, no host sync
-            # the launcher (torchrun's agent, the deepspeed launcher) died, e.g. SIGKILLed by the scheduler: nothing
-            # supervises this worker any more, and a requeued job may start on the same --out. Stop like on SIGTERM:
-            # every rank agrees in the step's reduction, writes the checkpoint and exits.
-            self._signals.received = f"the launcher's exit (parent pid {self._launcher_pid} is gone)"
-            log.warning("rank %d: %s; stopping after this step with a checkpoint", self.info.rank,
-                        self._signals.received)
-        return self._signals.requested
-
     def _loss_ok(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> bool:
         # The mean over ranks is NaN if any rank's loss is, so every rank takes the same decision (no hang).
         # The stop-signal flag, the bad-data flag (this rank's loader passed --max-bad-fraction), the rank's bad
@@ -246,7 +230,7 @@ class Trainer:
         bad_data = self.loader is not None and self.loader.bad_limit_error is not None
         bad_count = float(self.loader.stats["skipped_corrupt"]) if self.loader is not None else 0.0
         # new_full is a fill kernel on the loss's device, not a host-to-device copy (which would sync the stream)
-        t = torch.stack([value, value.new_full((), 1.0 if self._stop_requested_here() else 0.0),
+        t = torch.stack([value, value.new_full((), 1.0 if self.stop_watch.requested_here() else 0.0),
                          value.new_full((), 1.0 if bad_data else 0.0), value.new_full((), bad_count)]
                         + [parts[k].detach().float().reshape(()) for k in names])
         if self.info.distributed:
@@ -255,10 +239,7 @@ class Trainer:
         self._bad_samples_all_ranks = int(round(bad_all))  # fp32: exact to 2^24
         self._last_parts = {k: v / self.info.world_size for k, v in zip(names, part_sums)}
         self._last_loss = loss_sum / self.info.world_size
-        if stops > 0:
-            self._stop_agreed = True
-        if data_stops > 0:
-            self._data_stop_agreed = True
+        self.stop_watch.agree(stops, data_stops)
         return math.isfinite(self._last_loss)
 
     def train_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -344,6 +325,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _should_stop(self, budget_s: float | None) -> bool:
+        """Before a step: every rank agreed to stop (a signal, the data), the last step is done, or the wall-clock
+        budget is spent (by rank 0's clock). Every rank answers alike."""
+        if self.stop_watch.stopping:
+            return True
         if self.step >= (self.total_steps or math.inf):
             return True
         if budget_s is None:
@@ -357,25 +342,15 @@ class Trainer:
         if self.loader is None:
             raise RuntimeError("Trainer was built with build_data=False; call train_step() directly")
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-        jsonl = self.run_dir / "metrics.jsonl"
         # a wall-clock-bounded run has no meaningful step total: show steps and the time left instead
         show_total = self.total_steps if (cfg.schedule_clock == "steps" and self.total_steps) else None
-        # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
-        # the main process gracefully instead of killing the workers under it)
-        self._trackers = None
-        if self.info.is_main and cfg.report_to:
-            from bioclip_fast.train.tracking import open_trackers
-
-            self._trackers = open_trackers(cfg.report_to, self.run_dir, resume_step=self.step, config=cfg.to_dict(),
-                                           project=cfg.wandb_project)
+        self.report.open(self.step)
         try:
-            with StopSignals() as signals:
-                self._signals = signals
-                try:
-                    train_seconds, stop = self._loop(budget, jsonl, show_total)
-                finally:
-                    self._signals = None
-            if self._data_stop_agreed:  # every rank stopped after the same step and wrote the checkpoint together
+            # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
+            # the main process gracefully instead of killing the workers under it)
+            with self.stop_watch.watching() as signals:
+                train_seconds, stop = self._loop(budget, show_total)
+            if self.stop_watch.data_agreed:  # every rank stopped after the same step and wrote the checkpoint together
                 raise mark_every_rank(self._data_stop(DataError(
                     self.loader.bad_limit_error or "another rank's data passed --max-bad-fraction (its log names the "
                     "damaged shards)")))
@@ -383,26 +358,20 @@ class Trainer:
                 return self._stopped(train_seconds, signals.received)
             return self._finish(train_seconds)
         finally:
-            if self._trackers is not None:
-                self._trackers.close()
-                self._trackers = None
+            self.report.close()
             if self.lock_path is not None:  # the run is over (or failed): the run directory is free again
                 runlock.release(self.lock_path)
 
-    def _loop(self, budget: float | None, jsonl: Path, show_total: int | None) -> tuple[float, bool]:
-        from tqdm.auto import tqdm
-
+    def _loop(self, budget: float | None, show_total: int | None) -> tuple[float, bool]:
         cfg, info = self.cfg, self.info
-        bar = tqdm(total=show_total,
-                   initial=self.step, disable=not (info.is_main and cfg.progress), desc="train", unit="step",
-                   dynamic_ncols=True)
+        self.report.start_bar(show_total, self.step)
         self.clock.start()
         it = iter(self.loader)
         if info.is_main:
             log.info("training %s on %s%s (%d per rank x %d ranks), %s engine, run dir %s: %s", cfg.model,
                      self.device, f" ({self.threads} threads)" if self.device.type == "cpu" else "", self.local_batch,
                      info.world_size, self.engine.kind, self.run_dir, duration_note(cfg, self.total_steps))
-        while not (self._stop_agreed or self._data_stop_agreed or self._should_stop(budget)):
+        while not self._should_stop(budget):
             t0 = time.perf_counter()
             try:
                 try:
@@ -429,35 +398,22 @@ class Trainer:
                                   elapsed_s=self.clock.elapsed(), engine=self.engine, loader=self.loader,
                                   device=self.device, info=info,
                                   bad_samples_all_ranks=getattr(self, "_bad_samples_all_ranks", None))
-                if info.is_main:
-                    append_jsonl(jsonl, rec)
-                    if self._trackers is not None:
-                        from bioclip_fast.train.tracking import train_scalars
-
-                        self._trackers.log(train_scalars(rec), self.step)
-                self.history.append(rec)
-                post = {"loss": f"{res['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{rates['img_s']:.0f}"}
-                if budget:
-                    post["left"] = f"{max(budget - self.clock.elapsed(), 0):.0f}s"
-                if rec.get("bad_samples"):
-                    post["bad"] = rec["bad_samples"]
-                bar.set_postfix(post, refresh=False)
+                self.report.log_step(rec, budget)
             if not res["skipped"]:
                 warning = self.collapse.update(self.step, res.get("loss_bio", res["loss"]))
                 if warning:
                     self.warnings.append(warning)
                     if info.is_main:
                         log.warning("%s", warning)
-            bar.update(1)
+            self.report.step_done()
             if self.checkpointer.should_save(self.step):
                 self.save()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not (self._stop_agreed or
-                                                                           self._data_stop_agreed):
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not self.stop_watch.stopping:
                 self.export_model()  # collective under ZeRO-3; also leaves an up-to-date model.pt
                 self.evaluate(tag=f"step{self.step}")
-        bar.close()
+        self.report.end_bar()
         train_seconds = self.clock.elapsed()
-        stop = self._agree_stop()  # a signal that landed after the last step's reduction
+        stop = self.stop_watch.agree_at_end(self.info, self.device)  # a signal that landed after the last step's reduction
         if self.checkpointer.should_save(self.step, final=True):
             self.save()
         return train_seconds, stop
@@ -477,10 +433,6 @@ class Trainer:
                 log.warning("could not write a checkpoint after the data error: %s", save_err)
         return DataError(f"{err}. Stopped after step {self.step}; {where}; after repairing the data continue with "
                          f"--resume auto")
-
-    def _agree_stop(self) -> bool:
-        """Collective: did any rank receive a stop signal? (One all-reduce, once per run.)"""
-        return any_rank(self._stop_agreed or self._stop_requested_here(), self.info, self.device)
 
     def _stopped(self, train_seconds: float, signame: str | None) -> dict[str, Any]:
         """Stopped by a signal: the checkpoint is written; no export or evaluation (that is for the resumed run)."""
@@ -549,12 +501,7 @@ class Trainer:
         res["n_classes"] = len(val.classes)
         res["chance_top1"] = 1.0 / max(len(val.classes), 1)
         res["tag"], res["step"] = tag, self.step
-        if getattr(self, "_trackers", None) is not None:
-            from bioclip_fast.train.tracking import eval_scalars
-
-            self._trackers.log(eval_scalars(res), self.step)
-        if tag != "final":
-            append_jsonl(self.run_dir / "evals.jsonl", {k: v for k, v in res.items() if k != "per_class"})
+        self.report.log_eval(res, self.step, tag)
         return res
 
     def _finish(self, train_seconds: float) -> dict[str, Any]:
@@ -566,7 +513,7 @@ class Trainer:
             "steps": self.step,
             "train_seconds": train_seconds,
             "skipped_steps": self.skipped_steps,
-            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "final_loss": self.report.history[-1]["loss"] if self.report.history else None,
             "engine": self.engine.kind,
             "world_size": self.info.world_size,
             "device": str(self.device),
@@ -575,8 +522,8 @@ class Trainer:
             "loader_stats": loader_stats_all_ranks(self.loader, self.info),
             "warnings": list(self.warnings),
         }
-        if self.history:
-            tail = self.history[-min(len(self.history), 20):]
+        if self.report.history:
+            tail = self.report.history[-min(len(self.report.history), 20):]
             summary["img_s"] = sum(r["img_s"] for r in tail) / len(tail)
             summary["data_wait_frac"] = self.meter.total_data_wait / max(self.meter.total_time, 1e-9)
         if self.cfg.eval_at_end:
@@ -591,7 +538,7 @@ class Trainer:
                 summary["plot"] = str(plot_metrics(records, self.run_dir / "loss.png",
                                                    title=f"{self.cfg.model} · {self.engine.kind} · "
                                                          f"{self.info.world_size} rank(s)"))
-            (self.run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+            atomic_write_json(self.run_dir / "results.json", summary, indent=1, default=str)
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
