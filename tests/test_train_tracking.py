@@ -104,3 +104,19 @@ def test_report_to_is_validated_before_any_work(tmp_path, capsys, monkeypatch):
     assert main(["train", *CLI_MICRO, "--out", str(out), "--report-to", "tensorboard", "wandb"]) == 2
     _one_error_line(capsys, "report_to: wandb is not installed (pip install wandb_package_that_is_not_installed)")
     assert not out.exists()
+
+
+def test_a_tracker_that_fails_to_start_frees_the_run_directory(tmp_path, monkeypatch):
+    """The lock on --out is released however fit() ends, a tracker failing to start included."""
+    from bioclip_fast.train import progress
+
+    def broken(*a, **k):
+        raise OSError(13, "Permission denied: tensorboard/")
+
+    monkeypatch.setattr(progress, "open_trackers", broken)
+    out = tmp_path / "run"
+    tr = data_trainer(out, max_steps=1, report_to=["tensorboard"])
+    assert tr.lock_path is not None and tr.lock_path.exists()
+    with pytest.raises(OSError, match="Permission denied"):
+        tr.fit()
+    assert not tr.lock_path.exists()

@@ -344,8 +344,8 @@ class Trainer:
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         # a wall-clock-bounded run has no meaningful step total: show steps and the time left instead
         show_total = self.total_steps if (cfg.schedule_clock == "steps" and self.total_steps) else None
-        self.report.open(self.step)
         try:
+            self.report.open(self.step)  # inside: a tracker that fails to start still frees the run directory
             # handlers first: loader workers forked afterwards inherit them (a Ctrl-C to the process group then stops
             # the main process gracefully instead of killing the workers under it)
             with self.stop_watch.watching() as signals:
