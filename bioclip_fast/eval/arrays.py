@@ -7,13 +7,16 @@ from typing import Any
 import numpy as np
 
 
-def as_feature_matrix(x: Any, name: str) -> np.ndarray:
-    """``x`` (array or tensor) as a finite, non-empty N x D float64 array; ValueError naming ``name`` otherwise."""
-    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
+def as_feature_matrix(x: Any, name: str = "features", *, normalize: bool = False) -> np.ndarray:
+    """``x`` (array or tensor, bf16/fp16 included) as a finite, non-empty N x D float64 array, rows L2-normalized when
+    ``normalize``; ValueError naming ``name`` otherwise."""
+    a = np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty N x D array, got shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or inf")
+    if normalize:
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     return a
 
 
