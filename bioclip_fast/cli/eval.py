@@ -16,12 +16,12 @@ from typing import Any
 
 from bioclip_fast.cli.args import add_checkpoint_arguments, add_data_arguments, resolve_checkpoints
 from bioclip_fast.devices import resolve_device
+from bioclip_fast.eval.options import EvalOptions
 from bioclip_fast.eval.report import skipped_markdown, skipped_summary, warn_skipped
 from bioclip_fast.eval.runner import (
     TASKS,
     check_class_counts,
     evaluate_checkpoint,
-    parse_shots,
     report_notes,
     summary_row,
 )
@@ -74,6 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="eval_results", help="output directory")
 
 
+def parse_shots(text: str) -> list[int]:
+    from bioclip_fast.errors import UsageError
+
+    try:
+        shots = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--shots {text!r}: expected a comma list of positive integers") from None
+    if not shots or min(shots) < 1:
+        raise UsageError(f"--shots {text!r}: expected a comma list of positive integers")
+    return shots
+
+
 def validate(args: argparse.Namespace) -> list[str]:
     """Check every flag before any model is loaded; returns the task list."""
     from bioclip_fast.errors import UsageError
@@ -112,30 +124,43 @@ def validate(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    """The library's settings from the checked flags."""
+    return EvalOptions(
+        data=args.data, split=args.split, root=args.root, image_column=args.image_column,
+        label_column=args.label_column, batch_size=args.batch_size, workers=args.workers, model_name=args.model_name,
+        progress=not args.no_progress, debug=getattr(args, "debug", False), train_data=args.train_data,
+        text_types=args.text_types, templates=args.templates, shots=tuple(parse_shots(args.shots)), folds=args.folds,
+        fewshot_protocol=args.fewshot_protocol, seed=args.seed, data_root=args.data_root, runs=args.runs,
+        epochs=args.epochs, probe_batch_size=args.probe_batch_size, lr_fishnet=args.lr_fishnet, lr_awa2=args.lr_awa2,
+        probe_eval_mode=args.probe_eval_mode, plantdoc_protocol=args.plantdoc_protocol, svm_iter=args.svm_iter)
+
+
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.errors import EXIT_USAGE, UsageError, one_line
     from bioclip_fast.eval.report import confusion_matrix, markdown_table, plot_confusion, write_json
 
     tasks = validate(args)
+    options = options_from_args(args)
     ckpts, labels = resolve_checkpoints(args.checkpoints)
     from bioclip_fast.eval.datasets import check_data_source
 
     check_data_source(args.data)  # a shard spec that matches nothing fails before any model is loaded
     if not args.suite:
-        check_class_counts(args, tasks)
+        check_class_counts(options, tasks)
     device = str(resolve_device(args.device))  # a device this machine lacks fails before any work too
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.suite:
         from bioclip_fast.eval.suite import run_suite
 
-        return run_suite(args, ckpts, labels, device, out)
+        return run_suite(options, ckpts, labels, device, out, args_record=vars(args))
     results: dict[str, Any] = {}
     rows = []
     t0 = time.time()
     for name, ckpt in zip(labels, ckpts):
         try:
-            r = evaluate_checkpoint(ckpt, args, tasks, device)
+            r = evaluate_checkpoint(ckpt, options, tasks, device)
         except (UsageError, OSError, ValueError) as e:
             if len(ckpts) == 1 or getattr(args, "debug", False):
                 raise

@@ -3,13 +3,13 @@
 and notes of its report."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bioclip_fast.eval.options import EvalOptions
 from bioclip_fast.eval.report import skipped_summary
 
 TASKS = ("zeroshot", "fewshot", "linear")
@@ -27,11 +27,11 @@ def _split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.array(tr, dtype=np.int64)), np.sort(np.array(te, dtype=np.int64))
 
 
-def _task_failure(args: argparse.Namespace, errors: dict[str, str], task: str, exc: BaseException) -> None:
+def _task_failure(options: EvalOptions, errors: dict[str, str], task: str, exc: BaseException) -> None:
     """Record a task that could not run (one line; the other tasks go on); ``--debug`` re-raises."""
     from bioclip_fast.errors import one_line
 
-    if getattr(args, "debug", False):
+    if options.debug:
         raise exc
     errors[task] = one_line(exc)
     print(f"warning: {task} not computed: {errors[task]}", file=sys.stderr)
@@ -47,7 +47,7 @@ def topk_notes(n_classes: int) -> list[str]:
             f"(k ≥ the number of classes)"]
 
 
-def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[str], device: str) -> dict[str, Any]:
+def evaluate_checkpoint(ckpt: Path | str, options: EvalOptions, tasks: list[str], device: str) -> dict[str, Any]:
     """Every task in ``tasks`` for one model. A task that cannot run (too few images per class for a k, a class
     absent from the training data, ...) is recorded under ``errors`` with its reason and the other tasks go on."""
     from bioclip_fast.eval.datasets import load_eval_data
@@ -58,19 +58,19 @@ def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[
     from bioclip_fast.model import load_model
 
     expected = (UsageError, OSError, ValueError)
-    model, preprocess, tokenizer, meta = load_model(ckpt, model_name=args.model_name, device=device)
-    common = dict(preprocess=preprocess, model=model, tokenizer=tokenizer, batch_size=args.batch_size,
-                  root=args.root, image_column=args.image_column, label_column=args.label_column,
-                  num_workers=args.workers, device=device)
-    data = load_eval_data(args.data, split=args.split, **common)
+    model, preprocess, tokenizer, meta = load_model(ckpt, model_name=options.model_name, device=device)
+    common = dict(preprocess=preprocess, model=model, tokenizer=tokenizer, batch_size=options.batch_size,
+                  root=options.root, image_column=options.image_column, label_column=options.label_column,
+                  num_workers=options.workers, device=device)
+    data = load_eval_data(options.data, split=options.split, **common)
     names = [class_name(c) for c in data.classes]
     result: dict[str, Any] = {"checkpoint": str(ckpt), "data": data.description, "n_classes": len(names)}
     errors: dict[str, str] = {}
     enc = None
     if "zeroshot" in tasks:
         try:
-            zs = zero_shot_logits(model, tokenizer, data.loader, data.classes, text_types=args.text_types,
-                                  templates=args.templates, device=device, progress=not args.no_progress)
+            zs = zero_shot_logits(model, tokenizer, data.loader, data.classes, text_types=options.text_types,
+                                  templates=options.templates, device=device, progress=options.progress)
             enc = zs
             metrics = classification_metrics(zs["logits"], zs["labels"], data.classes)
             metrics["by_text_type"] = {
@@ -79,27 +79,27 @@ def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[
                 for tt, lg in zs["logits_by_text_type"].items()
             }
             metrics["text_types"] = list(zs["logits_by_text_type"])
-            metrics["templates"] = args.templates
+            metrics["templates"] = options.templates
             metrics["classes"] = len(names)
             metrics["chance_top1"] = 1.0 / len(names)
             metrics["notes"] = topk_notes(len(names))
             result["zeroshot"] = metrics
             result["_confusion"] = (zs["logits"].argmax(1).numpy(), zs["labels"].numpy(), names)
         except expected as e:
-            _task_failure(args, errors, "zeroshot", e)
+            _task_failure(options, errors, "zeroshot", e)
     if enc is None:
-        enc = encode_images(model, data.loader, device=device, desc="eval: images", progress=not args.no_progress)
+        enc = encode_images(model, data.loader, device=device, desc="eval: images", progress=options.progress)
     if enc["labels"] is None:
-        raise ValueError(f"{args.data}: the loader yields no labels")
+        raise ValueError(f"{options.data}: the loader yields no labels")
     skipped = list(enc.get("skipped", []))
     feats = enc["features"].numpy()
     labels = np.array([names[i] for i in enc["labels"].tolist()], dtype=object)
 
-    reference = args.fewshot_protocol == "reference"
+    reference = options.fewshot_protocol == "reference"
     if "fewshot" in tasks and reference:
         try:
-            shots = parse_shots(args.shots)
-            result["fewshot"] = reference_few_shot_eval(feats, labels.astype(str), shots=shots, folds=args.folds,
+            shots = list(options.shots)
+            result["fewshot"] = reference_few_shot_eval(feats, labels.astype(str), shots=shots, folds=options.folds,
                                                         rare_classes="leave_out")
             result["fewshot_protocol"] = ("reference: k per class per fold (random.seed(fold)) from --data, rest "
                                           "queried; classes with fewer than k images left out of that k")
@@ -111,15 +111,15 @@ def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[
                           f"images: {', '.join(v['left_out'][:5])}" + (" ..." if len(v["left_out"]) > 5 else ""),
                           file=sys.stderr)
         except expected as e:
-            _task_failure(args, errors, "fewshot", e)
+            _task_failure(options, errors, "fewshot", e)
     if ("fewshot" in tasks and not reference) or "linear" in tasks:
         # the bundled train split is disjoint from val only; other splits fall back to a held-out half
         try:
-            if args.train_data or (args.data == "butterflies" and args.split == "val"):
-                src = args.train_data or "butterflies"
+            if options.train_data or (options.data == "butterflies" and options.split == "val"):
+                src = options.train_data or "butterflies"
                 tdata = load_eval_data(src, split="train", **common)
                 tenc = encode_images(model, tdata.loader, device=device, desc="eval: support images",
-                                     progress=not args.no_progress)
+                                     progress=options.progress)
                 skipped += tenc.get("skipped", [])
                 tnames = [class_name(c) for c in tdata.classes]
                 tr_x = tenc["features"].numpy()
@@ -127,9 +127,9 @@ def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[
                 te_x, te_y = feats, labels
                 result["train_data"] = tdata.description
             else:
-                tr, te = _split_half(labels.astype(str), args.seed)
+                tr, te = _split_half(labels.astype(str), options.seed)
                 tr_x, tr_y, te_x, te_y = feats[tr], labels[tr], feats[te], labels[te]
-                result["train_data"] = f"stratified half of {data.description} (seed {args.seed})"
+                result["train_data"] = f"stratified half of {data.description} (seed {options.seed})"
             shared = np.isin(te_y.astype(str), np.unique(tr_y.astype(str)))
             if not shared.all():
                 print(f"warning: {int((~shared).sum())} test images of classes absent from the training data are "
@@ -138,47 +138,48 @@ def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[
             tr_y, te_y = tr_y.astype(str), te_y.astype(str)
         except expected as e:
             for task in ("fewshot",) * ("fewshot" in tasks and not reference) + ("linear",) * ("linear" in tasks):
-                _task_failure(args, errors, task, e)
+                _task_failure(options, errors, task, e)
         else:
             if "fewshot" in tasks and not reference:
                 try:
-                    shots = parse_shots(args.shots)
-                    result["fewshot"] = few_shot_eval(tr_x, tr_y, te_x, te_y, shots=shots, folds=args.folds,
-                                                      seed=args.seed)
+                    shots = list(options.shots)
+                    result["fewshot"] = few_shot_eval(tr_x, tr_y, te_x, te_y, shots=shots, folds=options.folds,
+                                                      seed=options.seed)
                     result["fewshot_protocol"] = "split: support from the training data, queries the held-out images"
                 except expected as e:
-                    _task_failure(args, errors, "fewshot", e)
+                    _task_failure(options, errors, "fewshot", e)
             if "linear" in tasks:
                 try:
-                    lp = linear_probe(tr_x, tr_y, te_x, te_y, seed=args.seed)
+                    lp = linear_probe(tr_x, tr_y, te_x, te_y, seed=options.seed)
                     n_cls = len(np.unique(tr_y))
                     result["linear"] = {k: v for k, v in lp.items() if k not in ("probabilities", "classes")}
                     result["linear"].update(classes=n_cls, chance_top1=1.0 / n_cls)
                 except expected as e:
-                    _task_failure(args, errors, "linear", e)
+                    _task_failure(options, errors, "linear", e)
     result["skipped_images"] = skipped_summary(skipped)
     if errors:
         result["errors"] = errors
     return result
 
 
-def check_class_counts(args: argparse.Namespace, tasks: list[str]) -> None:
+def check_class_counts(options: EvalOptions, tasks: list[str]) -> None:
     """Before any model is loaded: read the labels of a CSV / image-folder ``--data`` (a bad label or image column
     is an error now) and say which classes are too small for which k, and how to include them."""
     from bioclip_fast.eval.datasets import ImageCsvDataset, image_folder_rows, read_csv_rows
 
-    if "fewshot" not in tasks or args.fewshot_protocol != "reference":
+    if "fewshot" not in tasks or options.fewshot_protocol != "reference":
         return
-    src = str(args.data)
+    src = str(options.data)
     if src.lower().endswith(".csv"):
-        rows, root, label_column = read_csv_rows(src), Path(args.root or Path(src).resolve().parent), args.label_column
+        rows, label_column = read_csv_rows(src), options.label_column
+        root = Path(options.root or Path(src).resolve().parent)
     elif src != "butterflies" and Path(src).is_dir() and not any(Path(src).glob("*.tar")):
-        rows, root, label_column = image_folder_rows(src), Path(src), args.label_column or "label"
+        rows, root, label_column = image_folder_rows(src), Path(src), options.label_column or "label"
     else:
         return
-    ds = ImageCsvDataset(rows, root, image_column=args.image_column, label_column=label_column)
+    ds = ImageCsvDataset(rows, root, image_column=options.image_column, label_column=label_column)
     counts = np.bincount(np.asarray(ds.labels), minlength=len(ds.class_labels))
-    for k in parse_shots(args.shots):
+    for k in options.shots:
         rare = [(ds.class_labels[i], int(counts[i])) for i in np.flatnonzero(counts < k)]
         if rare:
             listed = ", ".join(f"{c} ({n})" for c, n in rare[:5]) + (" ..." if len(rare) > 5 else "")
@@ -203,18 +204,6 @@ def summary_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
         row["linear probe top-1"] = r["linear"]["top1"]
     row["skipped images"] = r.get("skipped_images", {}).get("count", 0)
     return row
-
-
-def parse_shots(text: str) -> list[int]:
-    from bioclip_fast.errors import UsageError
-
-    try:
-        shots = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--shots {text!r}: expected a comma list of positive integers") from None
-    if not shots or min(shots) < 1:
-        raise UsageError(f"--shots {text!r}: expected a comma list of positive integers")
-    return shots
 
 
 def report_notes(results: dict[str, dict[str, Any]]) -> list[str]:
