@@ -3,11 +3,44 @@
 of its report and the paper's claims shown beside it."""
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """The settings of :func:`analyze_checkpoint`, one typed record instead of the command line's namespace.
+    Defaults are `bioclip-fast analyze`'s (which also sets, for the bundled butterflies, ``inter_attribute`` to
+    family and ``descriptions`` to the bundled file)."""
+
+    # the labelled images and how to read them
+    data: str | Path = "butterflies"
+    split: str = "all"
+    root: str | Path | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    batch_size: int = 64
+    workers: int = 0
+    model_name: str | None = None  # open_clip architecture of a plain state dict
+    progress: bool = True
+    # the metrics
+    inter_attribute: Sequence[str] = ()
+    intra_attribute: Sequence[str] = ()
+    attribute_kind: str = "auto"
+    descriptions: str | Path | None = None  # CSV of scientific_name, description
+    var_threshold: float = 0.95
+    permutations: int = 999
+    projection: str = "pca"
+    seed: int = 0
+    # the paper's visual protocols: a dataset folder each, or None
+    fishnet: str | Path | None = None
+    finches: str | Path | None = None
+    newt: str | Path | None = None
+
 
 def read_descriptions(path: str | Path) -> dict[str, str]:
     path = Path(path)
@@ -24,77 +57,79 @@ def read_descriptions(path: str | Path) -> dict[str, str]:
     return out
 
 
-def analyze_checkpoint(ckpt: Path, args: argparse.Namespace, out: Path, name: str, device: str) -> dict[str, Any]:
+def analyze_checkpoint(ckpt: Path | str, options: AnalysisOptions, out: Path, name: str,
+                       device: str) -> dict[str, Any]:
+    """Our metrics, their plots and the visual protocols asked for, for one model; plots are written into ``out``."""
     from bioclip_fast.analysis.emergent import inter_species_alignment, intra_species_metrics
     from bioclip_fast.analysis.plots import plot_projection
     from bioclip_fast.eval.datasets import load_eval_data
     from bioclip_fast.eval.zeroshot import class_name, encode_images, encode_texts
     from bioclip_fast.model import load_model
 
-    model, preprocess, tokenizer, _ = load_model(ckpt, model_name=args.model_name, device=device)
-    data = load_eval_data(args.data, split=args.split, preprocess=preprocess, model=model, tokenizer=tokenizer,
-                          batch_size=args.batch_size, root=args.root, image_column=args.image_column,
-                          label_column=args.label_column, num_workers=args.workers, device=device)
+    model, preprocess, tokenizer, _ = load_model(ckpt, model_name=options.model_name, device=device)
+    data = load_eval_data(options.data, split=options.split, preprocess=preprocess, model=model, tokenizer=tokenizer,
+                          batch_size=options.batch_size, root=options.root, image_column=options.image_column,
+                          label_column=options.label_column, num_workers=options.workers, device=device)
     enc = encode_images(model, data.loader, device=device, desc=f"analyze {name}: images",
-                        progress=not args.no_progress)
+                        progress=options.progress)
     if enc["labels"] is None:
-        raise ValueError(f"{args.data}: no species labels")
+        raise ValueError(f"{options.data}: no species labels")
     names = [class_name(c) for c in data.classes]
     species = [names[i] for i in enc["labels"].tolist()]
     feats = enc["features"].numpy()
     skipped = list(enc.get("skipped", []))
     if data.rows is not None and enc.get("index") is not None:
         data.rows = [data.rows[i] for i in enc["index"]]  # rows of the images that were read, in feature order
-    attrs = list(args.inter_attribute or []) + list(args.intra_attribute or [])
+    attrs = list(options.inter_attribute or []) + list(options.intra_attribute or [])
     if attrs and data.rows is None:
-        raise ValueError(f"{args.data} carries no per-image metadata; attributes need a CSV or the bundled data")
+        raise ValueError(f"{options.data} carries no per-image metadata; attributes need a CSV or the bundled data")
     if data.rows is not None:
         missing = [a for a in attrs if a not in data.rows[0]]
         if missing:
             raise ValueError(f"attribute column(s) {missing} not in the data; columns: {sorted(data.rows[0])}")
     res: dict[str, Any] = {"checkpoint": str(ckpt), "data": data.description}
-    res["intra"] = intra_species_metrics(feats, species, var_threshold=args.var_threshold)
+    res["intra"] = intra_species_metrics(feats, species, var_threshold=options.var_threshold)
     if len(set(species)) >= 3:
         from bioclip_fast.analysis.visual import plot_species_plane_3d
 
-        variant = [r[args.intra_attribute[0]] for r in data.rows] if args.intra_attribute else None
+        variant = [r[options.intra_attribute[0]] for r in data.rows] if options.intra_attribute else None
         png3 = plot_species_plane_3d(feats, species, out / f"species_plane_3d_{_safe(name)}.png", variant=variant,
                                      title=f"{name}: species plane + orthogonal axis"
-                                           + (f" ({args.intra_attribute[0]})" if variant else ""))
+                                           + (f" ({options.intra_attribute[0]})" if variant else ""))
         res["intra"]["species_plane_png"] = png3.name
-    for a in args.intra_attribute or []:
-        m = intra_species_metrics(feats, species, [r[a] for r in data.rows], var_threshold=args.var_threshold)
+    for a in options.intra_attribute or []:
+        m = intra_species_metrics(feats, species, [r[a] for r in data.rows], var_threshold=options.var_threshold)
         res[f"intra:{a}"] = {k: m[k] for k in ("fdr", "fdr_subspace", "fdr_full", "attribute_values",
                                                 "n_attribute_images")}
-    for a in args.inter_attribute or []:
+    for a in options.inter_attribute or []:
         values = [r[a] for r in data.rows]
-        res[f"inter:{a}"] = inter_species_alignment(feats, species, values, attribute_kind=args.attribute_kind,
-                                                    n_permutations=args.permutations, seed=args.seed)
+        res[f"inter:{a}"] = inter_species_alignment(feats, species, values, attribute_kind=options.attribute_kind,
+                                                    n_permutations=options.permutations, seed=options.seed)
         png = plot_projection(feats, species, values, out / f"projection_{_safe(name)}_{_safe(a)}.png",
-                              attribute_name=a, method=args.projection,
+                              attribute_name=a, method=options.projection,
                               title=f"{name}: species coloured by {a} (Mantel ρ_s="
                                     f"{res[f'inter:{a}']['alignment']:.2f})")
         res[f"inter:{a}"]["projection_png"] = png.name
-    if args.descriptions:
-        desc = read_descriptions(args.descriptions)
+    if options.descriptions:
+        desc = read_descriptions(options.descriptions)
         sp = [s for s in names if s in desc]
         if len(sp) < 3:
-            print(f"warning: only {len(sp)} species have descriptions in {args.descriptions}; skipped",
+            print(f"warning: only {len(sp)} species have descriptions in {options.descriptions}; skipped",
                   file=sys.stderr)
         else:
             t = encode_texts(model, tokenizer, [desc[s] for s in sp], device=device).cpu().numpy()
             dist = 1.0 - t @ t.T
             res["inter:description"] = inter_species_alignment(
                 feats, species, attribute_distance=dist, attribute_species=sp,
-                n_permutations=args.permutations, seed=args.seed)
+                n_permutations=options.permutations, seed=options.seed)
     from bioclip_fast.analysis.visual import PROTOCOLS, run_protocol
 
     for proto in PROTOCOLS:
-        folder = getattr(args, proto)
+        folder = getattr(options, proto)
         if folder:
-            r = run_protocol(proto, model, preprocess, folder, out, name, device=device, batch_size=args.batch_size,
-                             num_workers=args.workers, permutations=args.permutations, seed=args.seed,
-                             var_threshold=args.var_threshold, progress=not args.no_progress)
+            r = run_protocol(proto, model, preprocess, folder, out, name, device=device, batch_size=options.batch_size,
+                             num_workers=options.workers, permutations=options.permutations, seed=options.seed,
+                             var_threshold=options.var_threshold, progress=options.progress)
             skipped += r.pop("skipped")
             res[f"visual:{proto}"] = r
     from bioclip_fast.eval.report import skipped_summary

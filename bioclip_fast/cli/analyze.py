@@ -68,7 +68,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
-    from bioclip_fast.analysis.runner import PAPER_CLAIMS, analyze_checkpoint, summary_row
+    from bioclip_fast.analysis.runner import PAPER_CLAIMS, AnalysisOptions, analyze_checkpoint, summary_row
     from bioclip_fast.devices import resolve_device
     from bioclip_fast.cli.args import resolve_checkpoints
     from bioclip_fast.eval.datasets import check_data_source
@@ -88,7 +88,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpts, labels = resolve_checkpoints(args.checkpoints)
     t0 = time.time()
-    results = {name: analyze_checkpoint(c, args, out, name, device) for name, c in zip(labels, ckpts)}
+    options = AnalysisOptions(
+        data=args.data, split=args.split, root=args.root, image_column=args.image_column,
+        label_column=args.label_column, batch_size=args.batch_size, workers=args.workers, model_name=args.model_name,
+        progress=not args.no_progress, inter_attribute=tuple(args.inter_attribute or ()),
+        intra_attribute=tuple(args.intra_attribute or ()), attribute_kind=args.attribute_kind,
+        descriptions=args.descriptions, var_threshold=args.var_threshold, permutations=args.permutations,
+        projection=args.projection, seed=args.seed, fishnet=args.fishnet, finches=args.finches, newt=args.newt)
+    results = {name: analyze_checkpoint(c, options, out, name, device) for name, c in zip(labels, ckpts)}
     rows = [summary_row(n, r) for n, r in results.items()]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = markdown_table(rows, columns)
