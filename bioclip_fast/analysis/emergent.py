@@ -40,18 +40,6 @@ from typing import Any
 import numpy as np
 
 
-def feature_matrix(x: Any, normalize: bool) -> np.ndarray:
-    """Features as a finite, non-empty N x D float64 array, rows L2-normalized when ``normalize``."""
-    a = np.asarray(x.detach().float().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty N x D array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError("features contain NaN or inf")
-    if normalize:
-        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    return a
-
-
 def _labels(y: Any, n: int, name: str) -> np.ndarray:
     a = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=object)
     if a.ndim != 1 or a.shape[0] != n:
@@ -61,7 +49,9 @@ def _labels(y: Any, n: int, name: str) -> np.ndarray:
 
 def species_means(features: Any, species: Any, *, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(species names in sorted order, S x D means, per-image species index)."""
-    x = feature_matrix(features, normalize)
+    from bioclip_fast.eval.arrays import as_feature_matrix  # lazy: importing the eval package loads torch
+
+    x = as_feature_matrix(features, "features", normalize=normalize)
     s = _labels(species, x.shape[0], "species")
     names, inv = np.unique(s.astype(str), return_inverse=True)
     counts = np.bincount(inv, minlength=len(names)).astype(np.float64)
@@ -124,7 +114,9 @@ def intra_species_metrics(
     in the full space (``fdr_full``). Images whose attribute is in ``missing`` are left out of the FDR.
     """
     names, means, inv = species_means(features, species, normalize=normalize)
-    x = feature_matrix(features, normalize)
+    from bioclip_fast.eval.arrays import as_feature_matrix  # lazy: importing the eval package loads torch
+
+    x = as_feature_matrix(features, "features", normalize=normalize)
     u, ratio = inter_species_subspace(means, var_threshold)
     r = x - means[inv]
     total = float((r**2).sum())

@@ -55,10 +55,11 @@ def plot_projection(
 
     Numeric attributes get a colour bar; categorical ones a legend. The projection is fitted on all images.
     """
-    from bioclip_fast.analysis.emergent import feature_matrix, try_numeric
+    from bioclip_fast.analysis.emergent import try_numeric
+    from bioclip_fast.eval.arrays import as_feature_matrix
 
     plt = pyplot()
-    x = feature_matrix(features, True)
+    x = as_feature_matrix(features, "features", normalize=True)
     sp = np.asarray([str(s) for s in species], dtype=object)
     att = list(attribute)
     if len(sp) != len(x) or len(att) != len(x):

@@ -13,11 +13,8 @@ skipped, counted and listed.
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,141 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="analysis_results", help="output directory")
 
 
-def read_descriptions(path: str | Path) -> dict[str, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"descriptions CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "description" not in cols or "scientific_name" not in cols:
-            raise ValueError(f"{path}: needs columns scientific_name and description, has {cols}")
-        out = {r["scientific_name"].strip(): r["description"].strip() for r in reader if r.get("description")}
-    if not out:
-        raise ValueError(f"{path}: no descriptions")
-    return out
-
-
-def analyze_checkpoint(ckpt: Path, args: argparse.Namespace, out: Path, name: str, device: str) -> dict[str, Any]:
-    from bioclip_fast.analysis.emergent import inter_species_alignment, intra_species_metrics
-    from bioclip_fast.analysis.plots import plot_projection
-    from bioclip_fast.eval.datasets import load_eval_data
-    from bioclip_fast.eval.zeroshot import class_name, encode_images, encode_texts
-    from bioclip_fast.model import load_model
-
-    model, preprocess, tokenizer, _ = load_model(ckpt, model_name=args.model_name, device=device)
-    data = load_eval_data(args.data, split=args.split, preprocess=preprocess, model=model, tokenizer=tokenizer,
-                          batch_size=args.batch_size, root=args.root, image_column=args.image_column,
-                          label_column=args.label_column, num_workers=args.workers, device=device)
-    enc = encode_images(model, data.loader, device=device, desc=f"analyze {name}: images",
-                        progress=not args.no_progress)
-    if enc["labels"] is None:
-        raise ValueError(f"{args.data}: no species labels")
-    names = [class_name(c) for c in data.classes]
-    species = [names[i] for i in enc["labels"].tolist()]
-    feats = enc["features"].numpy()
-    skipped = list(enc.get("skipped", []))
-    if data.rows is not None and enc.get("index") is not None:
-        data.rows = [data.rows[i] for i in enc["index"]]  # rows of the images that were read, in feature order
-    attrs = list(args.inter_attribute or []) + list(args.intra_attribute or [])
-    if attrs and data.rows is None:
-        raise ValueError(f"{args.data} carries no per-image metadata; attributes need a CSV or the bundled data")
-    if data.rows is not None:
-        missing = [a for a in attrs if a not in data.rows[0]]
-        if missing:
-            raise ValueError(f"attribute column(s) {missing} not in the data; columns: {sorted(data.rows[0])}")
-    res: dict[str, Any] = {"checkpoint": str(ckpt), "data": data.description}
-    res["intra"] = intra_species_metrics(feats, species, var_threshold=args.var_threshold)
-    if len(set(species)) >= 3:
-        from bioclip_fast.analysis.visual import plot_species_plane_3d
-
-        variant = [r[args.intra_attribute[0]] for r in data.rows] if args.intra_attribute else None
-        png3 = plot_species_plane_3d(feats, species, out / f"species_plane_3d_{_safe(name)}.png", variant=variant,
-                                     title=f"{name}: species plane + orthogonal axis"
-                                           + (f" ({args.intra_attribute[0]})" if variant else ""))
-        res["intra"]["species_plane_png"] = png3.name
-    for a in args.intra_attribute or []:
-        m = intra_species_metrics(feats, species, [r[a] for r in data.rows], var_threshold=args.var_threshold)
-        res[f"intra:{a}"] = {k: m[k] for k in ("fdr", "fdr_subspace", "fdr_full", "attribute_values",
-                                                "n_attribute_images")}
-    for a in args.inter_attribute or []:
-        values = [r[a] for r in data.rows]
-        res[f"inter:{a}"] = inter_species_alignment(feats, species, values, attribute_kind=args.attribute_kind,
-                                                    n_permutations=args.permutations, seed=args.seed)
-        png = plot_projection(feats, species, values, out / f"projection_{_safe(name)}_{_safe(a)}.png",
-                              attribute_name=a, method=args.projection,
-                              title=f"{name}: species coloured by {a} (Mantel ρ_s="
-                                    f"{res[f'inter:{a}']['alignment']:.2f})")
-        res[f"inter:{a}"]["projection_png"] = png.name
-    if args.descriptions:
-        desc = read_descriptions(args.descriptions)
-        sp = [s for s in names if s in desc]
-        if len(sp) < 3:
-            print(f"warning: only {len(sp)} species have descriptions in {args.descriptions}; skipped",
-                  file=sys.stderr)
-        else:
-            t = encode_texts(model, tokenizer, [desc[s] for s in sp], device=device).cpu().numpy()
-            dist = 1.0 - t @ t.T
-            res["inter:description"] = inter_species_alignment(
-                feats, species, attribute_distance=dist, attribute_species=sp,
-                n_permutations=args.permutations, seed=args.seed)
-    from bioclip_fast.analysis.visual import PROTOCOLS, run_protocol
-
-    for proto in PROTOCOLS:
-        folder = getattr(args, proto)
-        if folder:
-            r = run_protocol(proto, model, preprocess, folder, out, name, device=device, batch_size=args.batch_size,
-                             num_workers=args.workers, permutations=args.permutations, seed=args.seed,
-                             var_threshold=args.var_threshold, progress=not args.no_progress)
-            skipped += r.pop("skipped")
-            res[f"visual:{proto}"] = r
-    from bioclip_fast.eval.report import skipped_summary
-
-    res["skipped_images"] = skipped_summary(skipped)
-    return res
-
-
-def _safe(s: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
-
-
-def summary_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name, "species": r["intra"]["n_species"], "images": r["intra"]["n_images"],
-                           "k": r["intra"]["k"], "ρ (intra in inter)": r["intra"]["rho"],
-                           "ρ random": r["intra"]["rho_random"]}
-    for key, v in r.items():
-        if key.startswith("intra:"):
-            row[f"FDR⊥ {key[6:]}"] = v["fdr"]
-        elif key.startswith("inter:"):
-            row[f"align {key[6:]}"] = v["alignment"]
-            row[f"p {key[6:]}"] = v["p_value"]
-    if "visual:fishnet" in r:
-        row["align habitat (FishNet)"] = r["visual:fishnet"]["alignment"]
-        row["NN same habitat (FishNet)"] = r["visual:fishnet"]["nn_habitat_agreement"]
-    if "visual:finches" in r:
-        row["|ρ_s| beak~PC1 (finches)"] = r["visual:finches"]["beak_pc1_spearman"]
-    if "visual:newt" in r:
-        row["ρ life stage (NeWT)"] = r["visual:newt"]["rho"]
-        row["FDR⊥ life stage (NeWT)"] = r["visual:newt"]["fdr"]
-        row["contrast ⊥ share (NeWT)"] = r["visual:newt"]["contrast_orthogonal_share"]
-    row["skipped images"] = r.get("skipped_images", {}).get("count", 0)
-    return row
-
-
-PAPER_CLAIMS = [
-    "Inter-species: the embedding distribution of species aligns with functional and ecological meaning — e.g. "
-    "Darwin's finches arrange by beak size, FishNet freshwater and marine species separate (Fig. 1, habitat "
-    "t-SNE). Evidence in the paper: plots. Ours: `align …` (Mantel ρ_s of species-mean distances vs attribute "
-    "distances), `NN same habitat`, `|ρ_s| beak~PC1`.",
-    "Intra-species: variation within a species (life stages, sexes) is preserved, not collapsed, and lies in "
-    "subspaces orthogonal to inter-species distinctions, where it is better separated (NeWT life stages in 3-D). "
-    "Ours: `ρ` (share of intra-species variance inside the inter-species subspace; lower = more orthogonal, read "
-    "against `ρ random`), `FDR⊥` (separability in the orthogonal complement), `contrast ⊥ share`.",
-    "Both properties grow with training-data scale (the paper compares models trained on more data). Compare your "
-    "checkpoints in one table; the paper reports no values of our metrics to compare with.",
-]
-
-
 def validate(args: argparse.Namespace) -> None:
     from bioclip_fast.errors import UsageError
 
@@ -206,6 +68,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
+    from bioclip_fast.analysis.runner import PAPER_CLAIMS, AnalysisOptions, analyze_checkpoint, summary_row
     from bioclip_fast.devices import resolve_device
     from bioclip_fast.cli.args import resolve_checkpoints
     from bioclip_fast.eval.datasets import check_data_source
@@ -225,7 +88,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpts, labels = resolve_checkpoints(args.checkpoints)
     t0 = time.time()
-    results = {name: analyze_checkpoint(c, args, out, name, device) for name, c in zip(labels, ckpts)}
+    options = AnalysisOptions(
+        data=args.data, split=args.split, root=args.root, image_column=args.image_column,
+        label_column=args.label_column, batch_size=args.batch_size, workers=args.workers, model_name=args.model_name,
+        progress=not args.no_progress, inter_attribute=tuple(args.inter_attribute or ()),
+        intra_attribute=tuple(args.intra_attribute or ()), attribute_kind=args.attribute_kind,
+        descriptions=args.descriptions, var_threshold=args.var_threshold, permutations=args.permutations,
+        projection=args.projection, seed=args.seed, fishnet=args.fishnet, finches=args.finches, newt=args.newt)
+    results = {name: analyze_checkpoint(c, options, out, name, device) for name, c in zip(labels, ckpts)}
     rows = [summary_row(n, r) for n, r in results.items()]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = markdown_table(rows, columns)

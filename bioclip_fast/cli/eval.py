@@ -14,13 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bioclip_fast.cli.args import add_checkpoint_arguments, add_data_arguments, resolve_checkpoints
 from bioclip_fast.devices import resolve_device
+from bioclip_fast.eval.options import EvalOptions
 from bioclip_fast.eval.report import skipped_markdown, skipped_summary, warn_skipped
-
-TASKS = ("zeroshot", "fewshot", "linear")
+from bioclip_fast.eval.runner import (
+    TASKS,
+    check_class_counts,
+    evaluate_checkpoint,
+    report_notes,
+    summary_row,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,196 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--suite: NeWT random-search iterations per task (reference 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval_results", help="output directory")
-
-
-def _split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified 50/50 split of indices (train, test); singleton classes go to train."""
-    rng = np.random.default_rng(seed)
-    tr, te = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        h = (len(idx) + 1) // 2
-        tr.extend(idx[:h])
-        te.extend(idx[h:])
-    return np.sort(np.array(tr, dtype=np.int64)), np.sort(np.array(te, dtype=np.int64))
-
-
-def _task_failure(args: argparse.Namespace, errors: dict[str, str], task: str, exc: BaseException) -> None:
-    """Record a task that could not run (one line; the other tasks go on); ``--debug`` re-raises."""
-    from bioclip_fast.errors import one_line
-
-    if getattr(args, "debug", False):
-        raise exc
-    errors[task] = one_line(exc)
-    print(f"warning: {task} not computed: {errors[task]}", file=sys.stderr)
-
-
-def topk_notes(n_classes: int) -> list[str]:
-    """What a reader must know beside top-k accuracies on few classes: k >= classes makes top-k 100% by design."""
-    trivial = [k for k in (3, 5) if k >= n_classes]
-    if not trivial:
-        return []
-    ks = " and ".join(f"top-{k}" for k in trivial)
-    return [f"{ks} {'are' if len(trivial) > 1 else 'is'} 100% by construction: only {n_classes} classes "
-            f"(k ≥ the number of classes)"]
-
-
-def evaluate_checkpoint(ckpt: Path | str, args: argparse.Namespace, tasks: list[str], device: str) -> dict[str, Any]:
-    """Every task in ``tasks`` for one model. A task that cannot run (too few images per class for a k, a class
-    absent from the training data, ...) is recorded under ``errors`` with its reason and the other tasks go on."""
-    from bioclip_fast.eval.datasets import load_eval_data
-    from bioclip_fast.eval.fewshot import few_shot_eval, reference_few_shot_eval
-    from bioclip_fast.eval.linear_probe import linear_probe
-    from bioclip_fast.eval.zeroshot import class_name, classification_metrics, encode_images, zero_shot_logits
-    from bioclip_fast.errors import UsageError
-    from bioclip_fast.model import load_model
-
-    expected = (UsageError, OSError, ValueError)
-    model, preprocess, tokenizer, meta = load_model(ckpt, model_name=args.model_name, device=device)
-    common = dict(preprocess=preprocess, model=model, tokenizer=tokenizer, batch_size=args.batch_size,
-                  root=args.root, image_column=args.image_column, label_column=args.label_column,
-                  num_workers=args.workers, device=device)
-    data = load_eval_data(args.data, split=args.split, **common)
-    names = [class_name(c) for c in data.classes]
-    result: dict[str, Any] = {"checkpoint": str(ckpt), "data": data.description, "n_classes": len(names)}
-    errors: dict[str, str] = {}
-    enc = None
-    if "zeroshot" in tasks:
-        try:
-            zs = zero_shot_logits(model, tokenizer, data.loader, data.classes, text_types=args.text_types,
-                                  templates=args.templates, device=device, progress=not args.no_progress)
-            enc = zs
-            metrics = classification_metrics(zs["logits"], zs["labels"], data.classes)
-            metrics["by_text_type"] = {
-                tt: {k: v for k, v in classification_metrics(lg, zs["labels"], data.classes).items()
-                     if k in ("top1", "top3", "top5")}
-                for tt, lg in zs["logits_by_text_type"].items()
-            }
-            metrics["text_types"] = list(zs["logits_by_text_type"])
-            metrics["templates"] = args.templates
-            metrics["classes"] = len(names)
-            metrics["chance_top1"] = 1.0 / len(names)
-            metrics["notes"] = topk_notes(len(names))
-            result["zeroshot"] = metrics
-            result["_confusion"] = (zs["logits"].argmax(1).numpy(), zs["labels"].numpy(), names)
-        except expected as e:
-            _task_failure(args, errors, "zeroshot", e)
-    if enc is None:
-        enc = encode_images(model, data.loader, device=device, desc="eval: images", progress=not args.no_progress)
-    if enc["labels"] is None:
-        raise ValueError(f"{args.data}: the loader yields no labels")
-    skipped = list(enc.get("skipped", []))
-    feats = enc["features"].numpy()
-    labels = np.array([names[i] for i in enc["labels"].tolist()], dtype=object)
-
-    reference = args.fewshot_protocol == "reference"
-    if "fewshot" in tasks and reference:
-        try:
-            shots = parse_shots(args.shots)
-            result["fewshot"] = reference_few_shot_eval(feats, labels.astype(str), shots=shots, folds=args.folds,
-                                                        rare_classes="leave_out")
-            result["fewshot_protocol"] = ("reference: k per class per fold (random.seed(fold)) from --data, rest "
-                                          "queried; classes with fewer than k images left out of that k")
-            for k, v in result["fewshot"].items():
-                if v.get("error"):
-                    errors[f"fewshot {k}"] = v["error"]
-                if v.get("left_out"):
-                    print(f"warning: {k}: left out {len(v['left_out'])} class(es) with fewer than {k.split('-')[0]} "
-                          f"images: {', '.join(v['left_out'][:5])}" + (" ..." if len(v["left_out"]) > 5 else ""),
-                          file=sys.stderr)
-        except expected as e:
-            _task_failure(args, errors, "fewshot", e)
-    if ("fewshot" in tasks and not reference) or "linear" in tasks:
-        # the bundled train split is disjoint from val only; other splits fall back to a held-out half
-        try:
-            if args.train_data or (args.data == "butterflies" and args.split == "val"):
-                src = args.train_data or "butterflies"
-                tdata = load_eval_data(src, split="train", **common)
-                tenc = encode_images(model, tdata.loader, device=device, desc="eval: support images",
-                                     progress=not args.no_progress)
-                skipped += tenc.get("skipped", [])
-                tnames = [class_name(c) for c in tdata.classes]
-                tr_x = tenc["features"].numpy()
-                tr_y = np.array([tnames[i] for i in tenc["labels"].tolist()], dtype=object)
-                te_x, te_y = feats, labels
-                result["train_data"] = tdata.description
-            else:
-                tr, te = _split_half(labels.astype(str), args.seed)
-                tr_x, tr_y, te_x, te_y = feats[tr], labels[tr], feats[te], labels[te]
-                result["train_data"] = f"stratified half of {data.description} (seed {args.seed})"
-            shared = np.isin(te_y.astype(str), np.unique(tr_y.astype(str)))
-            if not shared.all():
-                print(f"warning: {int((~shared).sum())} test images of classes absent from the training data are "
-                      "left out of few-shot / linear probe", file=sys.stderr)
-            te_x, te_y = te_x[shared], te_y[shared]
-            tr_y, te_y = tr_y.astype(str), te_y.astype(str)
-        except expected as e:
-            for task in ("fewshot",) * ("fewshot" in tasks and not reference) + ("linear",) * ("linear" in tasks):
-                _task_failure(args, errors, task, e)
-        else:
-            if "fewshot" in tasks and not reference:
-                try:
-                    shots = parse_shots(args.shots)
-                    result["fewshot"] = few_shot_eval(tr_x, tr_y, te_x, te_y, shots=shots, folds=args.folds,
-                                                      seed=args.seed)
-                    result["fewshot_protocol"] = "split: support from the training data, queries the held-out images"
-                except expected as e:
-                    _task_failure(args, errors, "fewshot", e)
-            if "linear" in tasks:
-                try:
-                    lp = linear_probe(tr_x, tr_y, te_x, te_y, seed=args.seed)
-                    n_cls = len(np.unique(tr_y))
-                    result["linear"] = {k: v for k, v in lp.items() if k not in ("probabilities", "classes")}
-                    result["linear"].update(classes=n_cls, chance_top1=1.0 / n_cls)
-                except expected as e:
-                    _task_failure(args, errors, "linear", e)
-    result["skipped_images"] = skipped_summary(skipped)
-    if errors:
-        result["errors"] = errors
-    return result
-
-
-def check_class_counts(args: argparse.Namespace, tasks: list[str]) -> None:
-    """Before any model is loaded: read the labels of a CSV / image-folder ``--data`` (a bad label or image column
-    is an error now) and say which classes are too small for which k, and how to include them."""
-    from bioclip_fast.eval.datasets import ImageCsvDataset, image_folder_rows, read_csv_rows
-
-    if "fewshot" not in tasks or args.fewshot_protocol != "reference":
-        return
-    src = str(args.data)
-    if src.lower().endswith(".csv"):
-        rows, root, label_column = read_csv_rows(src), Path(args.root or Path(src).resolve().parent), args.label_column
-    elif src != "butterflies" and Path(src).is_dir() and not any(Path(src).glob("*.tar")):
-        rows, root, label_column = image_folder_rows(src), Path(src), args.label_column or "label"
-    else:
-        return
-    ds = ImageCsvDataset(rows, root, image_column=args.image_column, label_column=label_column)
-    counts = np.bincount(np.asarray(ds.labels), minlength=len(ds.class_labels))
-    for k in parse_shots(args.shots):
-        rare = [(ds.class_labels[i], int(counts[i])) for i in np.flatnonzero(counts < k)]
-        if rare:
-            listed = ", ".join(f"{c} ({n})" for c, n in rare[:5]) + (" ..." if len(rare) > 5 else "")
-            print(f"warning: {k}-shot: {len(rare)} of {len(counts)} classes have fewer than {k} images: {listed}; "
-                  f"{k}-shot is computed over the other {len(counts) - len(rare)} classes and the ones left out are "
-                  f"named in the results (to score them, lower --shots to {int(counts.min())} or add images)",
-                  file=sys.stderr)
-
-
-def summary_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name, "classes": r.get("n_classes")}
-    if r.get("n_classes"):
-        row["chance top-1"] = 1.0 / r["n_classes"]
-    if "zeroshot" in r:
-        row.update({"zero-shot top-1": r["zeroshot"]["top1"], "zero-shot top-3": r["zeroshot"]["top3"],
-                    "zero-shot top-5": r["zeroshot"]["top5"], "n": r["zeroshot"]["n"]})
-    for k, v in r.get("fewshot", {}).items():
-        row[f"{k} top-1"] = v["top1"]
-        if v.get("left_out"):
-            row[f"{k} classes"] = v.get("classes")
-    if "linear" in r:
-        row["linear probe top-1"] = r["linear"]["top1"]
-    row["skipped images"] = r.get("skipped_images", {}).get("count", 0)
-    return row
 
 
 def parse_shots(text: str) -> list[int]:
@@ -310,30 +124,43 @@ def validate(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    """The library's settings from the checked flags."""
+    return EvalOptions(
+        data=args.data, split=args.split, root=args.root, image_column=args.image_column,
+        label_column=args.label_column, batch_size=args.batch_size, workers=args.workers, model_name=args.model_name,
+        progress=not args.no_progress, debug=getattr(args, "debug", False), train_data=args.train_data,
+        text_types=args.text_types, templates=args.templates, shots=tuple(parse_shots(args.shots)), folds=args.folds,
+        fewshot_protocol=args.fewshot_protocol, seed=args.seed, data_root=args.data_root, runs=args.runs,
+        epochs=args.epochs, probe_batch_size=args.probe_batch_size, lr_fishnet=args.lr_fishnet, lr_awa2=args.lr_awa2,
+        probe_eval_mode=args.probe_eval_mode, plantdoc_protocol=args.plantdoc_protocol, svm_iter=args.svm_iter)
+
+
 def run(args: argparse.Namespace) -> int:
     from bioclip_fast.errors import EXIT_USAGE, UsageError, one_line
     from bioclip_fast.eval.report import confusion_matrix, markdown_table, plot_confusion, write_json
 
     tasks = validate(args)
+    options = options_from_args(args)
     ckpts, labels = resolve_checkpoints(args.checkpoints)
     from bioclip_fast.eval.datasets import check_data_source
 
     check_data_source(args.data)  # a shard spec that matches nothing fails before any model is loaded
     if not args.suite:
-        check_class_counts(args, tasks)
+        check_class_counts(options, tasks)
     device = str(resolve_device(args.device))  # a device this machine lacks fails before any work too
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.suite:
         from bioclip_fast.eval.suite import run_suite
 
-        return run_suite(args, ckpts, labels, device, out)
+        return run_suite(options, ckpts, labels, device, out, args_record=vars(args))
     results: dict[str, Any] = {}
     rows = []
     t0 = time.time()
     for name, ckpt in zip(labels, ckpts):
         try:
-            r = evaluate_checkpoint(ckpt, args, tasks, device)
+            r = evaluate_checkpoint(ckpt, options, tasks, device)
         except (UsageError, OSError, ValueError) as e:
             if len(ckpts) == 1 or getattr(args, "debug", False):
                 raise
@@ -382,22 +209,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_notes(results: dict[str, dict[str, Any]]) -> list[str]:
-    """The lines a reader needs beside the table: chance level of what was scored, top-k that are trivial, classes
-    left out of a k-shot task, tasks not computed."""
-    notes = []
-    for name, r in results.items():
-        n = r.get("n_classes")
-        if n:
-            notes.append(f"{name}: chance (top-1) = 1/{n} = {100 / n:.1f}% over the {n} classes scored")
-            if "zeroshot" in r:
-                notes += [f"{name}: zero-shot {t}" for t in topk_notes(n)]
-        for k, v in r.get("fewshot", {}).items():
-            if v.get("left_out"):
-                c = v.get("classes")
-                notes.append(f"{name}: {k} scored over {c} classes (chance {100 / c:.1f}%)" if c and v.get("top1")
-                             is not None else f"{name}: {k} not scored")
-                notes[-1] += (f"; left out, fewer than {k.split('-')[0]} images: {', '.join(v['left_out'])}")
-        for task, e in r.get("errors", {}).items():
-            notes.append(f"{name}: {task} not computed: {e}")
-    return notes

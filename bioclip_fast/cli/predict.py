@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="record the run (model, settings, images) as pybioclip does: a new .json file, or "
                              "appended text for any other name")
     parser.add_argument("--templates", default="openai",
-                        help="templates for --cls/--bins/--labels texts: openai (pybioclip), simple, none")
+                        help="templates for --cls/--bins/--labels texts: openai (pybioclip), bioclip2 (81, the "
+                             "evaluation's), simple, none")
 
 
 def parse_cls(value: str) -> list[str]:

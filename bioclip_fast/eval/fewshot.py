@@ -27,23 +27,7 @@ from typing import Any
 
 import numpy as np
 
-
-def as_feature_matrix(x: Any, name: str) -> np.ndarray:
-    """``x`` (array or tensor) as a finite, non-empty N x D float64 array; ValueError naming ``name`` otherwise."""
-    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty N x D array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return a
-
-
-def as_label_vector(y: Any, n: int, name: str) -> np.ndarray:
-    """``y`` as a 1-D array of ``n`` labels; ValueError naming ``name`` otherwise."""
-    a = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y)
-    if a.ndim != 1 or a.shape[0] != n:
-        raise ValueError(f"{name} must be a 1-D array of {n} labels, got shape {a.shape}")
-    return a
+from bioclip_fast.eval.arrays import as_feature_matrix, as_label_vector
 
 
 def cl2n(features: np.ndarray, mean: np.ndarray) -> np.ndarray:

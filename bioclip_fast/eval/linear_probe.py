@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .fewshot import as_feature_matrix, as_label_vector
+from bioclip_fast.eval.arrays import as_feature_matrix, as_label_vector
 
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 

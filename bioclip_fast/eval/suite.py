@@ -18,13 +18,15 @@ beyond-species benchmarks run their reference protocols (:mod:`bioclip_fast.eval
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bioclip_fast.eval.options import EvalOptions
 
 # key, display name, group, text type, folder aliases
 SPECIES = (
@@ -80,7 +82,7 @@ def failure_reason(exc: BaseException) -> str:
     return text if isinstance(exc, (UsageError, OSError, ValueError)) else f"{type(exc).__name__}: {text}"
 
 
-def preflight(key: str, folder: Path, args) -> None:
+def preflight(key: str, folder: Path, options: EvalOptions) -> None:
     """The cheap checks of a benchmark folder (its CSV / list files / class folders), run for every benchmark before
     any model is loaded, so a broken layout is reported at the start (and that benchmark skipped) instead of after
     hours of the others. Raises the reader's one-line error."""
@@ -97,24 +99,25 @@ def preflight(key: str, folder: Path, args) -> None:
         ImageCsvDataset(read_csv_rows(folder / "metadata.csv"), folder)
         return
     mod = importlib.import_module(f"bioclip_fast.eval.beyond.{key}")
-    mod.check_layout(folder, **({"protocol": args.plantdoc_protocol} if key == "plantdoc" else {}))
+    mod.check_layout(folder, **({"protocol": options.plantdoc_protocol} if key == "plantdoc" else {}))
 
 
-def species_benchmark(model, preprocess, tokenizer, folder: Path, text_type: str, args, device: str) -> dict[str, Any]:
+def species_benchmark(model, preprocess, tokenizer, folder: Path, text_type: str, options: EvalOptions,
+                      device: str) -> dict[str, Any]:
     from bioclip_fast.eval.datasets import load_eval_data
     from bioclip_fast.eval.fewshot import reference_few_shot_eval
     from bioclip_fast.eval.zeroshot import class_name, classification_metrics, zero_shot_logits
 
     data = load_eval_data(folder / "metadata.csv", preprocess=preprocess, model=model, tokenizer=tokenizer,
-                          batch_size=args.batch_size, root=folder, num_workers=args.workers, device=device)
+                          batch_size=options.batch_size, root=folder, num_workers=options.workers, device=device)
     zs = zero_shot_logits(model, tokenizer, data.loader, data.classes, text_types=[text_type],
-                          templates=args.templates, device=device, progress=not args.no_progress)
+                          templates=options.templates, device=device, progress=options.progress)
     m = classification_metrics(zs["logits"], zs["labels"], data.classes)
     out: dict[str, Any] = {"zeroshot": {k: m[k] for k in ("top1", "top3", "top5", "n")}, "n_classes": len(data.classes),
                            "text_type": text_type, "skipped": list(zs.get("skipped", []))}
     names = np.asarray([class_name(c) for c in data.classes], dtype=object)[zs["labels"].numpy()].astype(str)
     # a class with fewer than k images is left out of that k (named in the results; the reference would stop)
-    out["fewshot"] = reference_few_shot_eval(zs["features"].numpy(), names, shots=(1, 5), folds=args.folds,
+    out["fewshot"] = reference_few_shot_eval(zs["features"].numpy(), names, shots=(1, 5), folds=options.folds,
                                              rare_classes="leave_out")
     for k, v in out["fewshot"].items():
         if v.get("left_out"):
@@ -123,14 +126,15 @@ def species_benchmark(model, preprocess, tokenizer, folder: Path, text_type: str
     return out
 
 
-def camera_trap(model, preprocess, tokenizer, folder: Path, text_type: str, args, device: str) -> dict[str, Any]:
+def camera_trap(model, preprocess, tokenizer, folder: Path, text_type: str, options: EvalOptions,
+                device: str) -> dict[str, Any]:
     subs: dict[str, dict[str, Any]] = {}
     for s in sorted(folder.iterdir()):
         if s.is_dir() and (s / "metadata.csv").is_file():
             try:
-                subs[s.name] = species_benchmark(model, preprocess, tokenizer, s, text_type, args, device)
+                subs[s.name] = species_benchmark(model, preprocess, tokenizer, s, text_type, options, device)
             except Exception as e:  # noqa: BLE001 - recorded, the other subsets go on
-                if getattr(args, "debug", False):
+                if options.debug:
                     raise
                 subs[s.name] = {"error": failure_reason(e), "skipped": []}
     failed = {n: r["error"] for n, r in subs.items() if "error" in r}
@@ -152,24 +156,26 @@ def camera_trap(model, preprocess, tokenizer, folder: Path, text_type: str, args
     return out
 
 
-def beyond_benchmark(key: str, model, preprocess, folder: Path, args, device: str) -> dict[str, Any]:
+def beyond_benchmark(key: str, model, preprocess, folder: Path, options: EvalOptions, device: str) -> dict[str, Any]:
     import importlib
 
     mod = importlib.import_module(f"bioclip_fast.eval.beyond.{key}")
-    common = dict(device=device, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
-                  progress=not args.no_progress)
+    common = dict(device=device, batch_size=options.batch_size, num_workers=options.workers, seed=options.seed,
+                  progress=options.progress)
     if key in ("fishnet", "awa2"):
-        lr = args.lr_fishnet if key == "fishnet" else args.lr_awa2
-        return mod.evaluate(model, preprocess, folder, runs=args.runs or 3, epochs=args.epochs, lr=lr,
-                            probe_batch_size=args.probe_batch_size, probe_eval_mode=args.probe_eval_mode, **common)
+        lr = options.lr_fishnet if key == "fishnet" else options.lr_awa2
+        return mod.evaluate(model, preprocess, folder, runs=options.runs or 3, epochs=options.epochs, lr=lr,
+                            probe_batch_size=options.probe_batch_size, probe_eval_mode=options.probe_eval_mode,
+                            **common)
     if key == "newt":
-        return mod.evaluate(model, preprocess, folder, runs=args.runs or 3, n_iter=args.svm_iter, **common)
+        return mod.evaluate(model, preprocess, folder, runs=options.runs or 3, n_iter=options.svm_iter, **common)
     if key == "herbarium19":
-        return mod.evaluate(model, preprocess, folder, runs=args.runs or 3, **common)
-    return mod.evaluate(model, preprocess, folder, repeats=args.runs or 5, protocol=args.plantdoc_protocol, **common)
+        return mod.evaluate(model, preprocess, folder, runs=options.runs or 3, **common)
+    return mod.evaluate(model, preprocess, folder, repeats=options.runs or 5, protocol=options.plantdoc_protocol,
+                        **common)
 
 
-def evaluate_model(ckpt, args: argparse.Namespace, found: dict[str, Path], device: str,
+def evaluate_model(ckpt, options: EvalOptions, found: dict[str, Path], device: str,
                    refused: dict[str, str] | None = None) -> dict[str, Any]:
     """Every benchmark in ``found`` for one model. A benchmark that fails is recorded as ``{"error": reason}`` and
     the others go on; ``refused`` holds the benchmarks whose layout check failed before any model was loaded."""
@@ -180,9 +186,9 @@ def evaluate_model(ckpt, args: argparse.Namespace, found: dict[str, Path], devic
     groups = [("species", key, name, text_type) for key, name, _, text_type, _ in SPECIES if key in found] + \
              [("beyond", key, name, None) for key, name, _, _ in BEYOND if key in found]
     try:
-        model, preprocess, tokenizer, _ = load_model(ckpt, model_name=args.model_name, device=device)
+        model, preprocess, tokenizer, _ = load_model(ckpt, model_name=options.model_name, device=device)
     except Exception as e:  # noqa: BLE001 - this model's cells are marked failed; the other models go on
-        if getattr(args, "debug", False):
+        if options.debug:
             raise
         reason = f"model not loaded: {failure_reason(e)}"
         print(f"  error: {reason}", file=sys.stderr)
@@ -197,11 +203,11 @@ def evaluate_model(ckpt, args: argparse.Namespace, found: dict[str, Path], devic
         try:
             if group == "species":
                 fn = camera_trap if key == "camera_trap" else species_benchmark
-                r = fn(model, preprocess, tokenizer, found[key], text_type, args, device)
+                r = fn(model, preprocess, tokenizer, found[key], text_type, options, device)
             else:
-                r = beyond_benchmark(key, model, preprocess, found[key], args, device)
+                r = beyond_benchmark(key, model, preprocess, found[key], options, device)
         except Exception as e:  # noqa: BLE001 - recorded with its reason; the other benchmarks go on
-            if getattr(args, "debug", False):
+            if options.debug:
                 raise
             r = {"error": failure_reason(e), "skipped": []}
         res[group][key] = r
@@ -341,25 +347,30 @@ def plot_suite(results: dict[str, dict[str, Any]], found: dict[str, Path], path:
     return path
 
 
-def run_suite(args: argparse.Namespace, ckpts: list, labels: list[str], device: str, out: Path) -> int:
-    """Every model on every benchmark found; all results are written (``suite.json``, ``suite.md``, ``suite.png``)
-    even when some benchmarks fail, each failed cell with its reason; the exit status is 2 when any failed."""
-    from bioclip_fast.errors import EXIT_USAGE, DataError
+def run_suite(options: EvalOptions, ckpts: list, labels: list[str], device: str, out: Path, *,
+              args_record: dict[str, Any] | None = None) -> int:
+    """Every model on every benchmark under ``options.data_root``; all results are written (``suite.json``,
+    ``suite.md``, ``suite.png``) even when some benchmarks fail, each failed cell with its reason; the exit status is
+    2 when any failed. ``args_record`` is what ``suite.json`` records as the run's arguments (the command's flags;
+    default: ``options``)."""
+    from bioclip_fast.errors import EXIT_USAGE, DataError, UsageError
     from bioclip_fast.eval.report import skipped_markdown, skipped_summary, warn_skipped
     from bioclip_fast.eval.report import write_json
 
-    found, absent = discover(args.data_root)
+    if options.data_root is None:
+        raise UsageError("the suite needs data_root (--data-root DIR): the folder holding the benchmark folders")
+    found, absent = discover(options.data_root)
     if not found:
         names = ", ".join(k for k, *_ in SPECIES + BEYOND)
-        raise DataError(f"--data-root {args.data_root}: no benchmark folder found; expected some of: {names} "
+        raise DataError(f"--data-root {options.data_root}: no benchmark folder found; expected some of: {names} "
                         "(layout: docs/evaluation.md)")
     print(f"benchmarks found: {', '.join(found)}; absent (skipped): {', '.join(absent) or 'none'}", file=sys.stderr)
     refused: dict[str, str] = {}
     for key, folder in found.items():
         try:
-            preflight(key, folder, args)
+            preflight(key, folder, options)
         except Exception as e:  # noqa: BLE001 - reported now, marked failed for every model, the others run
-            if getattr(args, "debug", False):
+            if options.debug:
                 raise
             refused[key] = failure_reason(e)
             print(f"error: {key} ({folder}): {refused[key]}; this benchmark is not run, the others are",
@@ -368,7 +379,7 @@ def run_suite(args: argparse.Namespace, ckpts: list, labels: list[str], device: 
     results = {}
     for name, ckpt in zip(labels, ckpts):
         print(f"{name}:", file=sys.stderr)
-        r = evaluate_model(ckpt, args, found, device, refused)
+        r = evaluate_model(ckpt, options, found, device, refused)
         r["skipped_images"] = skipped_summary([s for b in (*r["species"].values(), *r["beyond"].values())
                                                for s in b.get("skipped", [])])
         warn_skipped(name, r["skipped_images"])
@@ -376,11 +387,12 @@ def run_suite(args: argparse.Namespace, ckpts: list, labels: list[str], device: 
     md_tables, rows = tables(results, found)
     png = plot_suite(results, found, out / "suite.png")
     failed = failures(results)
-    meta = {"suite": "bioclip2", "data_root": str(args.data_root), "found": {k: str(v) for k, v in found.items()},
-            "absent": absent, "device": device, "seconds": round(time.time() - t0, 2), "templates": args.templates,
-            "failed": [{"model": m, "benchmark": k, "error": e} for m, k, e in failed], "args": vars(args)}
+    meta = {"suite": "bioclip2", "data_root": str(options.data_root), "found": {k: str(v) for k, v in found.items()},
+            "absent": absent, "device": device, "seconds": round(time.time() - t0, 2), "templates": options.templates,
+            "failed": [{"model": m, "benchmark": k, "error": e} for m, k, e in failed],
+            "args": dict(args_record) if args_record is not None else asdict(options)}
     write_json(out / "suite.json", {"meta": meta, "tables": rows, "results": results})
-    md = ["# BioCLIP 2 evaluation suite", "", f"Data root: `{args.data_root}`. Absent benchmarks (skipped): "
+    md = ["# BioCLIP 2 evaluation suite", "", f"Data root: `{options.data_root}`. Absent benchmarks (skipped): "
           f"{', '.join(absent) or 'none'}.", "", md_tables, f"![suite]({png.name})", ""]
     md += skipped_markdown({n: r["skipped_images"] for n, r in results.items()})
     (out / "suite.md").write_text("\n".join(md))
