@@ -170,6 +170,23 @@ def test_library_never_imports_train_eval_or_analysis():
     assert not bad, f"library modules import the application layer: {bad}"
 
 
+def test_only_command_lines_parse_arguments():
+    """The library, training, evaluation and analysis take typed settings (`TrainConfig`, `EvalOptions`,
+    `AnalysisOptions`), never the command line's namespace: only `cli/` and the script `kernels/_aot.py` (run as
+    ``python -m``) import argparse."""
+    scripts = {"bioclip_fast.kernels._aot"}
+    bad = []
+    for module, path in _modules().items():
+        if ("." in module and layer(module) == LAYERS["cli"]) or module in scripts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "argparse" for n in names):
+                bad.append(module)
+    assert not bad, f"modules below the command line import argparse: {sorted(set(bad))}"
+
+
 def test_circle_finder_finds_a_circle():
     graph = collections.defaultdict(set, {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
     for n in "abcd":
