@@ -10,23 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bioclip_fast.eval.options import ImageSetOptions
+
 
 @dataclass(frozen=True)
-class AnalysisOptions:
+class AnalysisOptions(ImageSetOptions):
     """The settings of :func:`analyze_checkpoint`, one typed record instead of the command line's namespace.
     Defaults are `bioclip-fast analyze`'s (which also sets, for the bundled butterflies, ``inter_attribute`` to
     family and ``descriptions`` to the bundled file)."""
 
-    # the labelled images and how to read them
-    data: str | Path = "butterflies"
+    # the labelled images and how to read them: ImageSetOptions, all of them by default
     split: str = "all"
-    root: str | Path | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    batch_size: int = 64
-    workers: int = 0
-    model_name: str | None = None  # open_clip architecture of a plain state dict
-    progress: bool = True
     # the metrics
     inter_attribute: Sequence[str] = ()
     intra_attribute: Sequence[str] = ()

@@ -9,8 +9,11 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class EvalOptions:
-    # the labelled images (one data set; the suite reads its benchmarks from data_root instead) and how to read them
+class ImageSetOptions:
+    """The labelled images a model is run over and how to read them (what
+    :func:`bioclip_fast.eval.datasets.load_eval_data` takes), and how the model is loaded; shared by
+    :class:`EvalOptions` and :class:`bioclip_fast.analysis.runner.AnalysisOptions`."""
+
     data: str | Path = "butterflies"
     split: str = "val"
     root: str | Path | None = None
@@ -20,6 +23,11 @@ class EvalOptions:
     workers: int = 0
     model_name: str | None = None  # open_clip architecture of a plain state dict
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalOptions(ImageSetOptions):
+    # the labelled images: ImageSetOptions (one data set; the suite reads its benchmarks from data_root instead)
     debug: bool = False  # re-raise a failing task / benchmark instead of recording it and going on
     # the tasks
     train_data: str | Path | None = None
