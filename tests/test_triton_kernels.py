@@ -360,6 +360,96 @@ print(json.dumps(plans))
 """
 
 
+_GUARDED_BWD = r"""
+import ctypes, mmap, sys
+import torch
+from bioclip_fast.kernels.backward_fused import pairwise_bwd
+from bioclip_fast.kernels.operands import positive_dots
+from bioclip_fast.kernels.tiles import MODE_CLIP_DIR, MODE_CLIP_SYM, MODE_SIGLIP
+
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+
+
+def guarded(t):
+    # a copy of t whose last byte is followed by a page that cannot be read (PROT_NONE): a read past it segfaults
+    nbytes = t.numel() * t.element_size()
+    pages = -(-nbytes // PAGE) + 1
+    m = mmap.mmap(-1, pages * PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(addr + (pages - 1) * PAGE, PAGE, 0) == 0, ctypes.get_errno()
+    g = torch.frombuffer(m, dtype=t.dtype, count=t.numel(), offset=(pages - 1) * PAGE - nbytes).view(t.shape)
+    g.copy_(t)
+    keep.append(m)
+    return g
+
+
+B, D = int(sys.argv[1]), int(sys.argv[2])
+gen = torch.Generator().manual_seed(3)
+q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1)
+k = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1)
+scale, grad = torch.tensor(10.0), torch.tensor(1.0)
+S = scale * q @ k.T
+lr, lc, cen = S.logsumexp(1), S.logsumexp(0), positive_dots(q, k, 0)
+cases = [(MODE_CLIP_SYM, True, lr, lc, True), (MODE_CLIP_SYM, False, lc, lr, False),
+         (MODE_CLIP_DIR, True, lr, None, True), (MODE_CLIP_DIR, False, None, lr, False),
+         (MODE_SIGLIP, True, None, None, True)]
+for mode, rows, lx, ly, scalars in cases:
+    def run(a, b):
+        X, Y = (a, b) if rows else (b, a)
+        return pairwise_bwd(X, Y, scale, torch.tensor(-5.0) if mode == MODE_SIGLIP else None, lx, ly, grad,
+                            offset=0, inv_n=1.0 / B, mode=mode, x_is_rows=rows, scalar_grads=scalars,
+                            cen_x=cen if scalars else None, cen_y=cen if mode == MODE_CLIP_SYM and scalars else None)
+    plain, fenced = run(q, k), run(guarded(q), guarded(k))
+    for a, b in zip(plain, fenced):
+        assert (a is None and b is None) or torch.equal(a, b), (mode, rows)
+
+# the whole losses, forward and every backward strategy
+import os
+from bioclip_fast.kernels import clip_loss as CL, siglip_loss as SL
+
+def losses(a, b):
+    bias = torch.tensor(-5.0)
+    _, lr, lc = out = CL.clip_sym_fwd(a, b, scale)
+    yield from out
+    yield from CL.clip_sym_bwd(a, b, scale, None, lr, lc, grad)
+    loss, lse = out = CL.clip_dir_fwd(a, b, scale, None, 0)
+    yield from out
+    yield from CL.clip_dir_bwd(a, b, scale, None, lse, 0, grad)
+    yield SL.siglip_fwd(a, b, scale, bias, 0)
+    yield from SL.siglip_bwd(a, b, scale, bias, 0, grad)
+
+qg, kg = guarded(q), guarded(k)
+for strategy in ("fused", "gemm", "gemm2d"):
+    os.environ["BIOCLIP_FAST_BWD"] = strategy
+    for i, (a, b) in enumerate(zip(losses(q, k), losses(qg, kg))):
+        assert (a is None and b is None) or torch.equal(a, b), (strategy, i)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.name != "posix", reason="mprotect guard pages: POSIX only")
+@pytest.mark.parametrize("B,D,gpu_configs", [(50, 32, False), (40, 640, True)])
+def test_fused_backward_reads_nothing_past_its_operands(B, D, gpu_configs):
+    """The fused backward's D slices (``NUM_ACC * BLOCK_DO`` columns per program) overhang D where they do not
+    divide it: the interpreter's 2 x 32 at D = 32, the GPU's 3 x 128 per program at D = 640. Those slices must
+    mask their columns (``tiles.load_slice``): unmasked they read the next row and, for the last row, past the
+    tensor (an illegal address on a GPU, a segfault here). Every mode runs on operands that end right before an
+    unreadable page, under the interpreter (the GPU's first config with ``gpu_configs``), and must give exactly
+    the results it gives on ordinary tensors; so must every loss's forward and each backward strategy."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", BIOCLIP_FAST_AUTOTUNE="0",
+               BIOCLIP_FAST_INTERPRET_AUTOTUNED="1" if gpu_configs else "0")
+    proc = subprocess.run([sys.executable, "-c", _GUARDED_BWD, str(B), str(D)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
+        f"exit {proc.returncode} (-11: a read past the operands)\n{proc.stderr[-3000:]}")
+
+
 def test_memory_planner_plans_without_triton_or_torch(monkeypatch):
     """``kernels.planner`` is pure Python: in a process where importing triton or torch fails it imports and makes
     the same plans (strategy, chunks, forward chunks, FLOPs) as here, where both are loaded."""

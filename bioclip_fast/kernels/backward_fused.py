@@ -16,13 +16,14 @@ import triton.language as tl
 
 from bioclip_fast.kernels.autotune import INTERPRET_BWD_CONFIG, autotuned, bwd_configs, launch, prune_bwd, size_bucket
 from bioclip_fast.kernels.precision import dot_precision, fixed_order_logits, grad_prescale
-from bioclip_fast.kernels.tiles import fixed_order_dot, load_rows, mma, row_probs, sym_probs, tile_dot
+from bioclip_fast.kernels.tiles import fixed_order_dot, load_rows, load_slice, mma, row_probs, sym_probs, tile_dot
 
 
 @triton.jit
-def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
+def _acc_slice(acc, g, Y, offs_y, mask_y, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr,
+               EXACT: tl.constexpr):
     # g arrives pre-scaled (GSCALE) and already cast to the operand dtype.
-    y = load_rows(Y, offs_y, mask_y, d0, D, BLOCK_DO)
+    y = load_slice(Y, offs_y, mask_y, d0, D, BLOCK_DO, EXACT)
     return mma(g, y, acc, PREC)
 
 
@@ -34,15 +35,17 @@ def _store_slice(DX, acc, offs_x, mask_x, d0, factor, D: tl.constexpr, BLOCK_DO:
 
 
 @triton.jit
-def _recentre_slice(acc, corr, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr):
-    ypos = load_rows(Y, offs_pos, mask_x, d0, D, BLOCK_DO).to(tl.float32)
+def _recentre_slice(acc, corr, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                    EXACT: tl.constexpr):
+    ypos = load_slice(Y, offs_pos, mask_x, d0, D, BLOCK_DO, EXACT).to(tl.float32)
     return acc + corr[:, None] * ypos
 
 
 @triton.jit
-def _normalize_slice(acc, inv_rs, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr):
+def _normalize_slice(acc, inv_rs, Y, offs_pos, mask_x, d0, D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                     EXACT: tl.constexpr):
     """acc / rowsum - Y[positive rows]: the row softmax renormalized, then its -onehot (see RENORM)."""
-    ypos = load_rows(Y, offs_pos, mask_x, d0, D, BLOCK_DO).to(tl.float32)
+    ypos = load_slice(Y, offs_pos, mask_x, d0, D, BLOCK_DO, EXACT).to(tl.float32)
     return acc * inv_rs[:, None] - ypos
 
 
@@ -107,6 +110,9 @@ def pairwise_bwd_kernel(
     # near-duplicate case, where the error matters), never larger than the error it corrects otherwise.
     RECENTRE: tl.constexpr = MODE == 0
     REUSE_Y: tl.constexpr = SINGLE_D and (BLOCK_DO == BLOCK_D) and (NUM_ACC == 1)
+    # Whether the programs' D slices tile D exactly; if not, the last program's last slices start at or past D and
+    # their loads mask the columns (tiles.load_slice; their accumulators are never stored).
+    SLICES_EXACT: tl.constexpr = D % (NUM_ACC * BLOCK_DO) == 0
     if SINGLE_D:
         x_tile = load_rows(X, offs_x, mask_x, 0, D, BLOCK_D)
     d_base = pid_s * (NUM_ACC * BLOCK_DO)
@@ -188,25 +194,28 @@ def pairwise_bwd_kernel(
         if REUSE_Y:
             acc0 = mma(gq, y_tile, acc0, PREC)
         else:
-            acc0 = _acc_slice(acc0, gq, Y, offs_y, mask_y, d_base, D, BLOCK_DO, PREC)
+            acc0 = _acc_slice(acc0, gq, Y, offs_y, mask_y, d_base, D, BLOCK_DO, PREC, SLICES_EXACT)
             if NUM_ACC > 1:
-                acc1 = _acc_slice(acc1, gq, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, PREC)
+                acc1 = _acc_slice(acc1, gq, Y, offs_y, mask_y, d_base + BLOCK_DO, D, BLOCK_DO, PREC, SLICES_EXACT)
             if NUM_ACC > 2:
-                acc2 = _acc_slice(acc2, gq, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, PREC)
+                acc2 = _acc_slice(acc2, gq, Y, offs_y, mask_y, d_base + 2 * BLOCK_DO, D, BLOCK_DO, PREC, SLICES_EXACT)
             if NUM_ACC > 3:
-                acc3 = _acc_slice(acc3, gq, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC)
+                acc3 = _acc_slice(acc3, gq, Y, offs_y, mask_y, d_base + 3 * BLOCK_DO, D, BLOCK_DO, PREC, SLICES_EXACT)
 
     factor = scale * coef / GSCALE
     if RENORM:
         inv_rs = 1.0 / (tl.where(mask_x, rs_acc, 1.0) * GSCALE)
         offs_pos = offs_x + offset
-        acc0 = _normalize_slice(acc0, inv_rs, Y, offs_pos, mask_x, d_base, D, BLOCK_DO) * GSCALE
+        acc0 = _normalize_slice(acc0, inv_rs, Y, offs_pos, mask_x, d_base, D, BLOCK_DO, SLICES_EXACT) * GSCALE
         if NUM_ACC > 1:
-            acc1 = _normalize_slice(acc1, inv_rs, Y, offs_pos, mask_x, d_base + BLOCK_DO, D, BLOCK_DO) * GSCALE
+            acc1 = _normalize_slice(acc1, inv_rs, Y, offs_pos, mask_x,
+                                    d_base + BLOCK_DO, D, BLOCK_DO, SLICES_EXACT) * GSCALE
         if NUM_ACC > 2:
-            acc2 = _normalize_slice(acc2, inv_rs, Y, offs_pos, mask_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO) * GSCALE
+            acc2 = _normalize_slice(acc2, inv_rs, Y, offs_pos, mask_x,
+                                    d_base + 2 * BLOCK_DO, D, BLOCK_DO, SLICES_EXACT) * GSCALE
         if NUM_ACC > 3:
-            acc3 = _normalize_slice(acc3, inv_rs, Y, offs_pos, mask_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO) * GSCALE
+            acc3 = _normalize_slice(acc3, inv_rs, Y, offs_pos, mask_x,
+                                    d_base + 3 * BLOCK_DO, D, BLOCK_DO, SLICES_EXACT) * GSCALE
         if SCALAR_GRADS:
             ds_acc = ds_acc / tl.where(mask_x, rs_acc, 1.0) - tp_acc
     if RECENTRE:
@@ -215,13 +224,13 @@ def pairwise_bwd_kernel(
             offs_pos = offs_x + offset
         else:
             offs_pos = offs_x - offset
-        acc0 = _recentre_slice(acc0, corr, Y, offs_pos, mask_x, d_base, D, BLOCK_DO)
+        acc0 = _recentre_slice(acc0, corr, Y, offs_pos, mask_x, d_base, D, BLOCK_DO, SLICES_EXACT)
         if NUM_ACC > 1:
-            acc1 = _recentre_slice(acc1, corr, Y, offs_pos, mask_x, d_base + BLOCK_DO, D, BLOCK_DO)
+            acc1 = _recentre_slice(acc1, corr, Y, offs_pos, mask_x, d_base + BLOCK_DO, D, BLOCK_DO, SLICES_EXACT)
         if NUM_ACC > 2:
-            acc2 = _recentre_slice(acc2, corr, Y, offs_pos, mask_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO)
+            acc2 = _recentre_slice(acc2, corr, Y, offs_pos, mask_x, d_base + 2 * BLOCK_DO, D, BLOCK_DO, SLICES_EXACT)
         if NUM_ACC > 3:
-            acc3 = _recentre_slice(acc3, corr, Y, offs_pos, mask_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO)
+            acc3 = _recentre_slice(acc3, corr, Y, offs_pos, mask_x, d_base + 3 * BLOCK_DO, D, BLOCK_DO, SLICES_EXACT)
     _store_slice(DX, acc0, offs_x, mask_x, d_base, factor, D, BLOCK_DO)
     if NUM_ACC > 1:
         _store_slice(DX, acc1, offs_x, mask_x, d_base + BLOCK_DO, factor, D, BLOCK_DO)

@@ -3,8 +3,9 @@
 Everything works on two row-major feature matrices, ``Q`` [Bq, D] ("rows") and ``K`` [Bk, D] ("columns"), and the
 logits ``S = scale * Q @ K^T + bias`` that are never materialized: kernels compute ``BLOCK x BLOCK`` tiles of
 ``Q @ K^T`` with fp32 accumulation (looping over D in ``BLOCK_D`` chunks), use them, and drop them. Here: the
-tile product (``mma``, ``load_rows``, ``tile_dot``, ``fixed_order_dot``), the softmax probabilities of a tile
-against stored log-sum-exps (``row_probs``, ``sym_probs``) and the gradient forms (``MODE_*``) of the backward kernels.
+tile product (``mma``, ``load_rows``, ``load_slice``, ``tile_dot``, ``fixed_order_dot``), the softmax probabilities
+of a tile against stored log-sum-exps (``row_probs``, ``sym_probs``) and the gradient forms (``MODE_*``) of the
+backward kernels.
 
 Uses only Triton APIs present from 3.0 through 3.8: tl.dot(input_precision=), tl.debug_barrier.
 """
@@ -36,6 +37,21 @@ def load_rows(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr):
     if D % BLOCK_D == 0:
         return tl.load(ptrs, mask=mask_r[:, None], other=0.0)
     else:
+        return tl.load(ptrs, mask=mask_r[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def load_slice(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr, SLICES_EXACT: tl.constexpr):
+    """``load_rows`` for a column block that may start at or past D: the fused backward's D slices
+    (``NUM_ACC * BLOCK_DO`` columns per program) overhang D when they do not divide it, e.g. D = 640 with three
+    128-wide slices per program, or the interpreter's 2 x 32 slices at D = 32. ``load_rows`` leaves the columns
+    unmasked when BLOCK_D divides D, which there would read the next row (and, for the last row, past the tensor's
+    end); with ``SLICES_EXACT`` (the slices tile D exactly) that shortcut holds and this is ``load_rows``."""
+    if SLICES_EXACT:
+        return load_rows(ptr, offs_r, mask_r, d0, D, BLOCK_D)
+    else:
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        ptrs = ptr + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :]
         return tl.load(ptrs, mask=mask_r[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
