@@ -31,8 +31,9 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], *, durable
     """Replace ``path`` by what ``save(tmp)`` writes to a temporary path beside it (``torch.save``, ``np.save`` …).
 
     The new file gets the mode a plain ``open(path, "w")`` would (0666 less the umask). ``save`` must write
-    exactly the path it is given (``np.save`` adds ``.npy`` to a name without it: the temporary
-    name keeps ``path``'s suffix for that reason).
+    exactly the path it is given: numpy's savers add ``.npy`` / ``.npz`` to a name without it, so for those two
+    suffixes the temporary name keeps it. Every other temporary name ends in ``.tmp``, so a file left by a killed
+    job is never taken for a finished one by a scan by extension (a directory of ``.tar`` shards).
     """
     path = Path(path)
     if mkdir:
@@ -40,7 +41,7 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], *, durable
     # Not tempfile.mkstemp: its 0600 mode would make every index, manifest and checkpoint unreadable to the other
     # users of a shared cluster filesystem. O_EXCL with 0666 & ~umask gives what a plain open() would.
     while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{_kept_suffix(path)}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             break
@@ -53,6 +54,10 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], *, durable
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _kept_suffix(path: Path) -> str:
+    return path.suffix if path.suffix in (".npy", ".npz") else ""
 
 
 def replace_file(tmp: str | os.PathLike, path: str | os.PathLike, *, durable: bool = False) -> Path:

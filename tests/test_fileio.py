@@ -60,3 +60,23 @@ def test_mode_follows_the_umask_like_a_plain_open(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.txt": 0o644, "b.npy": 0o644, "plain.txt": 0o644}
+
+
+def test_a_temporary_tar_is_never_listed_as_a_shard(tmp_path):
+    """A temporary file left by a killed write (no ``finally`` runs on SIGKILL) must not look like a finished file
+    to a scan by extension: while a shard is being written, the directory lists only the finished shard."""
+    import tarfile
+
+    from bioclip_fast.data.shardspec import resolve_shards
+
+    with tarfile.open(tmp_path / "shard-000000.tar", "w"):
+        pass
+    listed = []
+
+    def write(tmp):
+        with tarfile.open(tmp, "w"):
+            pass
+        listed.append(resolve_shards(str(tmp_path)))
+
+    atomic_save(tmp_path / "shard-000001.tar", write)
+    assert listed == [[str(tmp_path / "shard-000000.tar")]]
