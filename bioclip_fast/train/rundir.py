@@ -168,13 +168,12 @@ def _describe_run(out: Path) -> str:
     return ", ".join(bits)
 
 
-def validate_run_dir(cfg: TrainConfig, *, rank: int = 0) -> None:
+def validate_run_dir(cfg: TrainConfig) -> None:
     """Refuse an --out that is a file, cannot be written, or already holds something (unless resuming/overwriting).
 
-    Runs on every rank before the process group exists, so no rank can have written into --out yet. The run lock is
-    rank 0's (it takes it), so only rank 0 asks whether another run holds it: another rank of this same job may
-    still see the lock of the job's previous run in this directory (several Trainers in one process, rank 0 still
-    finishing the last one); when rank 0 refuses, the launcher stops the other ranks."""
+    Runs on every rank before the process group exists, so no rank can have written into --out yet; every rank
+    asks whether another run holds its lock, so all refuse alike. (A job's previous Trainer in the same process
+    released its lock on rank 0 before its last barrier: ``Trainer._end_run``.)"""
     if cfg.out is None:
         return
     out = Path(cfg.out)
@@ -189,8 +188,7 @@ def validate_run_dir(cfg: TrainConfig, *, rank: int = 0) -> None:
         raise ConfigError(f"out: cannot write {out}: {probe} is not writable")
     if not out.is_dir():
         return
-    if rank == 0:
-        runlock.check(out)  # another run still owns it: say so (not "already holds a run")
+    runlock.check(out)  # another run still owns it: say so (not "already holds a run")
     if not any(p.name != runlock.LOCK_NAME for p in out.iterdir()):  # empty, or only a stale lock
         return
     if cfg.overwrite or cfg.resume == "auto" or (cfg.resume and _inside(cfg.resume, out)):

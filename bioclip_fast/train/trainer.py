@@ -101,7 +101,7 @@ class Trainer:
 
         self.batches = resolve_batches(cfg, self.info.world_size)  # per-GPU figures -> global batch sizes
         validate_runtime(cfg, world_size=self.info.world_size)
-        rundir.validate_run_dir(cfg, rank=self.info.rank)  # before the process group: nothing written yet
+        rundir.validate_run_dir(cfg)  # before the process group: nothing written yet
         self.device = resolve_device(cfg.device, local_rank=self.info.local_rank)  # checked by validate_static
         self.engine_kind = resolve_engine_kind(cfg, self.info, self.device)
         if self.device.type == "cpu":
@@ -358,9 +358,15 @@ class Trainer:
                 return self._stopped(train_seconds, signals.received)
             return self._finish(train_seconds)
         finally:
-            self.report.close()
-            if self.lock_path is not None:  # the run is over (or failed): the run directory is free again
-                runlock.release(self.lock_path)
+            self._end_run()
+
+    def _end_run(self) -> None:
+        """The run is over (or failed): close its records and free the run directory (rank 0's lock). The normal
+        ends call it before their last barrier, so no rank of this job leaves the run (and starts another Trainer
+        on the same --out) while rank 0 still holds the lock."""
+        self.report.close()
+        if self.lock_path is not None:
+            runlock.release(self.lock_path)  # a no-op once released
 
     def _loop(self, budget: float | None, show_total: int | None) -> tuple[float, bool]:
         cfg, info = self.cfg, self.info
@@ -443,6 +449,7 @@ class Trainer:
         if self.info.is_main:
             log.warning("stopped by %s after step %d; checkpoint %s; continue with --resume auto", signame,
                         self.step, self.checkpointer.last_checkpoint)
+        self._end_run()
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
@@ -539,6 +546,7 @@ class Trainer:
                                                    title=f"{self.cfg.model} · {self.engine.kind} · "
                                                          f"{self.info.world_size} rank(s)"))
             atomic_write_json(self.run_dir / "results.json", summary, indent=1, default=str)
+        self._end_run()
         if self.info.distributed:
             torch.distributed.barrier()
         return summary
