@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from bioclip_fast.analysis.plots import plot_comparison
     from bioclip_fast.analysis.runner import PAPER_CLAIMS, AnalysisOptions, analyze_checkpoint, summary_row
     from bioclip_fast.devices import resolve_device
-    from bioclip_fast.cli.args import resolve_checkpoints
+    from bioclip_fast.cli.args import image_set_options, resolve_checkpoints
     from bioclip_fast.eval.datasets import check_data_source
     from bioclip_fast.eval.report import markdown_table, write_json
 
@@ -89,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
     ckpts, labels = resolve_checkpoints(args.checkpoints)
     t0 = time.time()
     options = AnalysisOptions(
-        data=args.data, split=args.split, root=args.root, image_column=args.image_column,
-        label_column=args.label_column, batch_size=args.batch_size, workers=args.workers, model_name=args.model_name,
-        progress=not args.no_progress, inter_attribute=tuple(args.inter_attribute or ()),
+        **image_set_options(args), inter_attribute=tuple(args.inter_attribute or ()),
         intra_attribute=tuple(args.intra_attribute or ()), attribute_kind=args.attribute_kind,
         descriptions=args.descriptions, var_threshold=args.var_threshold, permutations=args.permutations,
         projection=args.projection, seed=args.seed, fishnet=args.fishnet, finches=args.finches, newt=args.newt)

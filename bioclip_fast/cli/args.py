@@ -41,6 +41,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
+def image_set_options(args: argparse.Namespace) -> dict:
+    """The fields of :class:`bioclip_fast.eval.options.ImageSetOptions` from the flags of
+    :func:`add_data_arguments` and :func:`add_checkpoint_arguments` (shared by eval's and analyze's options)."""
+    return dict(data=args.data, split=args.split, root=args.root, image_column=args.image_column,
+                label_column=args.label_column, batch_size=args.batch_size, workers=args.workers,
+                model_name=args.model_name, progress=not args.no_progress)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """predict / embed / list-tol-taxa: pybioclip's ``--model`` (our ``--checkpoint`` too) and ``--pretrained``."""
     parser.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="MODEL",

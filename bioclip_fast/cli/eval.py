@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bioclip_fast.cli.args import add_checkpoint_arguments, add_data_arguments, resolve_checkpoints
+from bioclip_fast.cli.args import (
+    add_checkpoint_arguments,
+    add_data_arguments,
+    image_set_options,
+    resolve_checkpoints,
+)
 from bioclip_fast.devices import resolve_device
 from bioclip_fast.eval.options import EvalOptions
 from bioclip_fast.eval.report import skipped_markdown, skipped_summary, warn_skipped
@@ -127,9 +132,7 @@ def validate(args: argparse.Namespace) -> list[str]:
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
     """The library's settings from the checked flags."""
     return EvalOptions(
-        data=args.data, split=args.split, root=args.root, image_column=args.image_column,
-        label_column=args.label_column, batch_size=args.batch_size, workers=args.workers, model_name=args.model_name,
-        progress=not args.no_progress, debug=getattr(args, "debug", False), train_data=args.train_data,
+        **image_set_options(args), debug=getattr(args, "debug", False), train_data=args.train_data,
         text_types=args.text_types, templates=args.templates, shots=tuple(parse_shots(args.shots)), folds=args.folds,
         fewshot_protocol=args.fewshot_protocol, seed=args.seed, data_root=args.data_root, runs=args.runs,
         epochs=args.epochs, probe_batch_size=args.probe_batch_size, lr_fishnet=args.lr_fishnet, lr_awa2=args.lr_awa2,
