@@ -86,7 +86,7 @@ def sass_loop_stats(sass: str) -> dict:
     labels = {}
     pending = []
     for line in sass.splitlines():
-        lab = re.match(r"^\s*(\.L_x_\d+):", line)
+        lab = _LABEL.match(line)
         if lab:
             pending.append(lab.group(1))
             continue

@@ -113,7 +113,7 @@ def pairwise_bwd_kernel(
     # Whether the programs' D slices tile D exactly; if not, the last program's last slices start at or past D and
     # their loads mask the columns (tiles.load_slice; their accumulators are never stored).
     SLICES_EXACT: tl.constexpr = D % (NUM_ACC * BLOCK_DO) == 0
-    if SINGLE_D:
+    if SINGLE_D and not FIXED_ORDER:  # FIXED_ORDER forms the logits from X itself (tiles.fixed_order_dot)
         x_tile = load_rows(X, offs_x, mask_x, 0, D, BLOCK_D)
     d_base = pid_s * (NUM_ACC * BLOCK_DO)
 

@@ -30,29 +30,30 @@ def mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``offs_r`` x columns ``d0 : d0 + BLOCK_D`` of a row-major [*, D] matrix, zero-padded."""
+def _load_block(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_COLS: tl.constexpr):
     offs_d = d0 + tl.arange(0, BLOCK_D)
     ptrs = ptr + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :]
-    if D % BLOCK_D == 0:
-        return tl.load(ptrs, mask=mask_r[:, None], other=0.0)
-    else:
+    if MASK_COLS:
         return tl.load(ptrs, mask=mask_r[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        return tl.load(ptrs, mask=mask_r[:, None], other=0.0)
+
+
+@triton.jit
+def load_rows(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``offs_r`` x columns ``d0 : d0 + BLOCK_D`` of a row-major [*, D] matrix, zero-padded. For blocks that
+    start below D: the columns are left unmasked when BLOCK_D divides D."""
+    return _load_block(ptr, offs_r, mask_r, d0, D, BLOCK_D, D % BLOCK_D != 0)
 
 
 @triton.jit
 def load_slice(ptr, offs_r, mask_r, d0, D: tl.constexpr, BLOCK_D: tl.constexpr, SLICES_EXACT: tl.constexpr):
     """``load_rows`` for a column block that may start at or past D: the fused backward's D slices
     (``NUM_ACC * BLOCK_DO`` columns per program) overhang D when they do not divide it, e.g. D = 640 with three
-    128-wide slices per program, or the interpreter's 2 x 32 slices at D = 32. ``load_rows`` leaves the columns
-    unmasked when BLOCK_D divides D, which there would read the next row (and, for the last row, past the tensor's
-    end); with ``SLICES_EXACT`` (the slices tile D exactly) that shortcut holds and this is ``load_rows``."""
-    if SLICES_EXACT:
-        return load_rows(ptr, offs_r, mask_r, d0, D, BLOCK_D)
-    else:
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        ptrs = ptr + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :]
-        return tl.load(ptrs, mask=mask_r[:, None] & (offs_d[None, :] < D), other=0.0)
+    128-wide slices per program, or the interpreter's 2 x 32 slices at D = 32. ``load_rows``' unmasked columns would
+    there read the next row (and, for the last row, past the tensor's end), so the columns are masked unless
+    ``SLICES_EXACT`` (the slices tile D exactly), where this is ``load_rows``."""
+    return _load_block(ptr, offs_r, mask_r, d0, D, BLOCK_D, (D % BLOCK_D != 0) or (not SLICES_EXACT))
 
 
 @triton.jit
