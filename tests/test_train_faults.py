@@ -346,6 +346,22 @@ def test_stale_temp_dirs_are_removed_at_start(tmp_path, caplog):
     assert "unfinished checkpoint write" in caplog.text and str(stale) in caplog.text
 
 
+def test_temporary_files_of_a_killed_runs_writes_are_removed_at_start(tmp_path):
+    """An atomic write killed before its rename (SIGKILL: no cleanup runs) leaves .<name>.<pid>-<hex>.tmp beside
+    the run's outputs; the next start in that run directory removes them, and nothing else."""
+    tr = micro_trainer(tmp_path)
+    tr.step = 1
+    tr.save()
+    leftovers = [tr.run_dir / f".{name}.123-abcd0123.tmp" for name in ("config.json", "results.json", "model.pt",
+                                                                           "metrics.jsonl")]
+    for p in leftovers:
+        p.write_text("partial")
+    mine = tr.run_dir / ".notes.txt.tmp"
+    mine.write_text("the user's")
+    micro_trainer(tmp_path, resume="auto")
+    assert not [p for p in leftovers if p.exists()] and mine.read_text() == "the user's"
+
+
 # ------------------------------------------------------------------------------------------------ 6/7. validation
 @pytest.mark.parametrize("argv, needle", [
     (["--eval-templates", "a photo of {} and {}."], "eval_templates"),

@@ -249,8 +249,10 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> dict[str, list[str]]:
                 p.unlink()
                 done["overwritten"].append(name)
     done["stale_temp"] = [str(p) for p in ckpt.remove_stale_temp(run_dir / "checkpoints")]
-    for p in run_dir.glob(".*.jsonl.*tmp*"):
-        p.unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:  # temporary files of atomic writes a killed run left (fileio: .<name>.<pid>-<hex>.tmp)
+        for p in run_dir.glob(f".{name}.*tmp*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
     return done
 
 
