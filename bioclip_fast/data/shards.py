@@ -202,7 +202,10 @@ def _tar_errors(path):
 
 
 def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> Path:
-    """Write the DALI `fn.readers.webdataset` index (same format as DALI's `wds2idx`) for a tar shard."""
+    """Write the DALI `fn.readers.webdataset` index (same format as DALI's `wds2idx`) for a tar shard.
+
+    A damaged tar raises :class:`~bioclip_fast.errors.DataError` (from :func:`tar.tar_samples`, the one tar walker);
+    a tar DALI cannot index (no samples, a member name with a space) raises ``ValueError``."""
     tar_path = Path(tar_path)
     idx_path = Path(idx_path) if idx_path is not None else tar_path.with_suffix(".idx")
     samples = tar_samples(tar_path)
