@@ -321,8 +321,9 @@ def parse_model_str(model_str: str | os.PathLike | None, *, architectures: bool 
     """The one place a model string is parsed; nothing is loaded. ``None`` is ``hf-hub:imageomics/bioclip-2``.
 
     ``hf-hub:ORG/NAME``; ``local-dir:PATH``; a folder holding ``model.pt`` (our run; it wins over a hub snapshot in
-    the same folder) or ``open_clip_config.json`` (a hub snapshot); a file; else an architecture name (``ViT-B/16``
-    is ``ViT-B-16``). ``architectures=False`` (paths to weights, :func:`load_model`): whatever is not a hub source
+    the same folder) or ``open_clip_config.json`` (a hub snapshot); a file; else an architecture name
+    (``ViT-B-16``; open_clip's older ``ViT-B/16`` spelling holds a path separator and is refused as a missing
+    path, as before the resolvers were merged). ``architectures=False`` (paths to weights, :func:`load_model`): whatever is not a hub source
     or snapshot folder is a checkpoint path, and reading it says what is wrong with it.
     """
     spec = os.fspath(model_str) if model_str is not None else BIOCLIP_MODEL_STR
