@@ -323,8 +323,8 @@ def parse_model_str(model_str: str | os.PathLike | None, *, architectures: bool 
     ``hf-hub:ORG/NAME``; ``local-dir:PATH``; a folder holding ``model.pt`` (our run; it wins over a hub snapshot in
     the same folder) or ``open_clip_config.json`` (a hub snapshot); a file; else an architecture name
     (``ViT-B-16``; open_clip's older ``ViT-B/16`` spelling holds a path separator and is refused as a missing
-    path, as before the resolvers were merged). ``architectures=False`` (paths to weights, :func:`load_model`): whatever is not a hub source
-    or snapshot folder is a checkpoint path, and reading it says what is wrong with it.
+    path, as before the resolvers were merged). ``architectures=False`` (paths to weights, :func:`load_model`):
+    whatever is not a hub source or snapshot folder is a checkpoint path, and reading it says what is wrong with it.
     """
     spec = os.fspath(model_str) if model_str is not None else BIOCLIP_MODEL_STR
     spec = str(spec)
